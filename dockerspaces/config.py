@@ -1,0 +1,216 @@
+"""Configuration values: :class:`Config` (every option) and :class:`HostConfig` (one engine)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+
+from .spec import HostTarget, SpecError, parse_host_target
+
+ENGINE_SCHEMES = ("unix", "ssh", "http", "https", "tcp")
+PULL_POLICIES = ("always", "missing", "never")
+LOG_FORMATS = ("text", "json")
+GIB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the option and why."""
+
+
+@frozen
+class ImageProfile:
+    """Run options for images matching ``pattern`` (fnmatch on ``name:tag``)."""
+
+    pattern: str
+    volumes: tuple[str, ...] = ()
+    shm_size: str | None = None
+    mem_limit: str | None = None
+    cpus: float | None = None
+    network: str | None = None
+    ready_path: str = "/"
+    start_timeout: float | None = None
+    gpu: bool = True
+
+
+@frozen
+class HostConfig:
+    """One Docker engine with its slots: ports ``start_port .. start_port+slots-1``."""
+
+    name: str
+    url: str
+    start_port: int
+    slots: int
+    gpus: int = 0
+    publish_ip: str = "127.0.0.1"
+
+    @property
+    def local(self) -> bool:
+        """True for a ``unix://`` engine (containers reached on loopback)."""
+        return self.url.startswith("unix://")
+
+    @property
+    def address(self) -> str:
+        """Where slot ports of this host are reached from here."""
+        if self.local:
+            return "127.0.0.1" if self.publish_ip in ("0.0.0.0", "::") else self.publish_ip
+        host = urlsplit(self.url).hostname or "127.0.0.1"
+        return host
+
+    def gpu_for(self, index: int) -> int | None:
+        """GPU device id of slot ``index`` (round-robin), or None without GPUs."""
+        return index % self.gpus if self.gpus > 0 else None
+
+
+def validate_engine_url(url: str, option: str = "--docker") -> str:
+    """Check an engine URL's scheme and port; return it unchanged."""
+    parts = urlsplit(url)
+    if parts.scheme not in ENGINE_SCHEMES:
+        raise ConfigError(
+            f"{option}: {url!r} has scheme {parts.scheme!r}; use one of "
+            + ", ".join(s + "://" for s in ENGINE_SCHEMES)
+        )
+    if parts.scheme == "unix":
+        if not (parts.path or parts.netloc):
+            raise ConfigError(f"{option}: {url!r} names no socket path")
+        return url
+    if not parts.hostname:
+        raise ConfigError(f"{option}: {url!r} names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{option}: {url!r} has a bad port") from None
+    if parts.scheme in ("tcp", "http", "https") and port is None:
+        raise ConfigError(f"{option}: {url!r} needs a port ({parts.scheme}://HOST:PORT)")
+    return url
+
+
+def parse_cluster(text: str) -> tuple[int, int, str]:
+    """Parse ``PORT:SLOTS:URL`` into its three parts, validated."""
+    bits = text.split(":", 2)
+    if len(bits) != 3:
+        raise ConfigError(f"--cluster {text!r}: expected PORT:SLOTS:URL")
+    port_s, slots_s, url = bits
+    try:
+        port, slots = int(port_s), int(slots_s)
+    except ValueError:
+        raise ConfigError(f"--cluster {text!r}: PORT and SLOTS must be whole numbers") from None
+    if slots < 0:
+        raise ConfigError(f"--cluster {text!r}: SLOTS must be >= 0")
+    if not 1 <= port or port + max(slots, 1) - 1 > 65535:
+        raise ConfigError(f"--cluster {text!r}: ports {port}..{port + slots - 1} out of 1-65535")
+    validate_engine_url(url, "--cluster")
+    return port, slots, url
+
+
+def host_name_for(url: str, taken: set[str]) -> str:
+    """A short, unique display name for an engine URL (``local`` for a unix socket)."""
+    parts = urlsplit(url)
+    base = "local" if parts.scheme == "unix" else (parts.netloc.rpartition("@")[2] or url)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}#{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def parse_allow_host(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    """``--allow-host``: a CIDR/address becomes a network, anything else a host name."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        if not text or any(c in text for c in "/ "):
+            raise ConfigError(f"--allow-host {text!r}: not a host name, address or CIDR") from None
+        return text.lower()
+
+
+@frozen
+class Config:
+    """Every option of dockerspaces, validated (defaults as SPEC's table)."""
+
+    ports: tuple[str, ...] = ("tcp:8888",)
+    docker: str = "unix:///var/run/docker.sock"
+    target: int = 5
+    start_port: int = 9100
+    cluster: tuple[tuple[int, int, str], ...] = ()
+    gpu: int = 0
+    source: int = 15
+    queue: int = 1000
+    queue_timeout: float = 300.0
+    start_timeout: float = 600.0
+    worker_timeout: float = 1800.0
+    release: float = 1800.0
+    stop: float = 0.0
+    pull: str = "missing"
+    registry: str | None = None
+    user: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    email: str | None = None
+    auths: str | None = None
+    allow_image: tuple[str, ...] = ()
+    publish_ip: str | None = None
+    instance: str | None = None
+    keep_containers: bool = False
+    cors: bool = False
+    root: HostTarget | None = None
+    allow_host: tuple[str, ...] = ()
+    docker_api: bool = False
+    docker_api_allow: tuple[str, ...] = ("127.0.0.0/8",)
+    docker_api_token_file: str | None = None
+    config: str | None = None
+    log_format: str = "text"
+    max_body: int = 8 * GIB
+    profiles: tuple[ImageProfile, ...] = ()
+
+    def hosts(self) -> list[HostConfig]:
+        """The engines and their slots: ``--cluster`` entries, else the single ``--docker``."""
+        taken: set[str] = set()
+        entries = list(self.cluster) or [(self.start_port, self.target, self.docker)]
+        out = []
+        for port, slots, url in entries:
+            local = url.startswith("unix://")
+            ip = self.publish_ip or ("127.0.0.1" if local else "0.0.0.0")
+            out.append(
+                HostConfig(
+                    name=host_name_for(url, taken),
+                    url=url,
+                    start_port=port,
+                    slots=slots,
+                    gpus=self.gpu,
+                    publish_ip=ip,
+                )
+            )
+        return out
+
+    def instance_name(self) -> str:
+        """``--instance``, else hostname + first listening port."""
+        if self.instance:
+            return self.instance
+        first = self.ports[0] if self.ports else "tcp:8888"
+        port = next((p for p in first.split(":")[1:] if p.isdigit()), "0")
+        return f"{socket.gethostname()}-{port}"
+
+    def read_password(self) -> str | None:
+        """The registry password: ``--password``, else the first line of ``--password-file``."""
+        if self.password is not None:
+            return self.password
+        if self.password_file:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        return None
+
+
+def parse_root(text: str) -> HostTarget:
+    """``--root HOST[:PORT]`` (or ``https://HOST[:PORT]`` for TLS)."""
+    tls = False
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            tls = scheme == "https://"
+            text = text[len(scheme) :].rstrip("/")
+    try:
+        return parse_host_target(text, tls=tls)
+    except SpecError as e:
+        raise ConfigError(f"--root: {e}") from None

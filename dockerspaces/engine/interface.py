@@ -1,0 +1,169 @@
+"""The engine interface the broker drives, and the values that cross it.
+
+Everything here is pure data or a ``Protocol``; the real engine
+(:mod:`dockerspaces.engine.engine`) runs docker-py in a thread pool, the fake
+(:mod:`dockerspaces.engine.fake`) keeps state in memory for tests and benchmarks.
+Every method returning a Deferred fires on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Mapping, Protocol
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred
+
+from ..spec import JobSpec
+
+# Labels put on every container this instance creates.
+LABEL_INSTANCE = "dockerspaces.instance"
+LABEL_HOST = "dockerspaces.host"
+LABEL_SLOT = "dockerspaces.slot"
+LABEL_KEY = "dockerspaces.key"
+LABEL_DISPLAY = "dockerspaces.display"
+LABEL_SPEC = "dockerspaces.spec"
+
+
+@frozen
+class SlotInfo:
+    """One container place on a host: its published host port and optional GPU id."""
+
+    host: str
+    port: int
+    gpu: int | None = None
+
+
+@frozen
+class RunOptions:
+    """Per-image run options resolved from configuration profiles."""
+
+    volumes: tuple[str, ...] = ()  # "src:dst[:ro]" docker bind/volume syntax
+    shm_size: str | None = None
+    mem_limit: str | None = None
+    nano_cpus: int | None = None
+    network: str | None = None
+    ready_path: str = "/"
+    start_timeout: float | None = None
+    gpu: bool = True  # False: never attach the slot's GPU
+
+
+@frozen
+class ContainerHandle:
+    """A container created by an engine for one slot and one spec."""
+
+    id: str
+    name: str
+    host: str
+    slot: SlotInfo
+    key: str
+    spec: JobSpec
+
+
+@frozen
+class PullProgress:
+    """A pull progress report: a status line and, when known, bytes done/total."""
+
+    ref: str
+    status: str
+    current: int | None = None
+    total: int | None = None
+
+
+EventKind = Literal["die", "oom", "stop", "destroy"]
+
+
+@frozen
+class ContainerEvent:
+    """A container lifecycle event from the engine's event stream."""
+
+    kind: EventKind
+    container_id: str
+    exit_code: int | None = None
+
+
+@frozen
+class OwnedContainer:
+    """A container found on the engine carrying this instance's and host's labels."""
+
+    id: str
+    name: str
+    running: bool
+    slot_port: int | None
+    labels: Mapping[str, str] = field(factory=dict)
+    spec: JobSpec | None = None
+
+
+class EngineError(Exception):
+    """Base of engine errors; ``str()`` is a message an operator understands."""
+
+
+class EngineUnreachable(EngineError):
+    """The Docker engine does not answer."""
+
+
+class ImageNotFound(EngineError):
+    """The image (or tag) does not exist in its registry, or locally with pull=never."""
+
+
+class Unauthorized(EngineError):
+    """The registry refused the credentials (or their absence)."""
+
+
+class PortAllocated(EngineError):
+    """The slot's host port is already in use by something else."""
+
+
+class ContainerExited(EngineError):
+    """The container exited while starting; ``log_tail`` holds its last lines."""
+
+    def __init__(self, message: str, exit_code: int | None = None, log_tail: str = ""):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+class NotReady(EngineError):
+    """The container did not become ready before the deadline."""
+
+
+class IEngine(Protocol):
+    """What the broker needs from one Docker host."""
+
+    name: str
+
+    def ensure_image(
+        self, ref: str, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> Deferred[None]:
+        """Make ``ref`` present per the pull policy; progress arrives on the reactor."""
+
+    def create(
+        self, spec: JobSpec, slot: SlotInfo, options: RunOptions
+    ) -> Deferred[ContainerHandle]:
+        """Create (not start) a labelled container for ``spec`` in ``slot``."""
+
+    def start(self, handle: ContainerHandle) -> Deferred[None]:
+        """Start a created container."""
+
+    def wait_ready(
+        self, handle: ContainerHandle, deadline: float, options: RunOptions
+    ) -> Deferred[None]:
+        """Fire when ready (HTTP status line / healthy / worker still running after 2 s).
+
+        ``deadline`` is an absolute time on the engine's clock.  Fails with
+        :class:`ContainerExited` or :class:`NotReady`.
+        """
+
+    def stop(self, handle: ContainerHandle | OwnedContainer, grace: float) -> Deferred[None]:
+        """SIGTERM, SIGKILL after ``grace`` seconds (0: kill at once), then remove."""
+
+    def watch(self, callback: Callable[[ContainerEvent], None]) -> None:
+        """Deliver container events (die, oom, ...) to ``callback`` on the reactor thread."""
+
+    def list_own(self) -> Deferred[list[OwnedContainer]]:
+        """Running and stopped containers with this instance's and this host's labels."""
+
+    def ping(self) -> Deferred[bool]:
+        """True when the engine answers."""
+
+    def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
+        """Client endpoint description (e.g. ``tcp:127.0.0.1:9100``) for a slot's container."""
