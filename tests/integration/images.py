@@ -1,0 +1,328 @@
+"""Small local test images, built ``FROM scratch`` with Debian's static busybox.
+
+Docker Hub is not reachable from the test machines, so every image a test needs is
+built here from ``/usr/bin/busybox`` (package ``busybox-static``).  Call
+:func:`ensure_test_images` (blocking; idempotent, cached by a content hash label,
+safe from many tests and from parallel ``trial -j`` workers thanks to a file lock)
+in ``setUp``/``setUpClass`` before using the names below.
+
+Every HTTP image runs ``/bin/ds-serve``: it sleeps ``$DELAY`` seconds (default 0; during
+that time docker's published port accepts and then closes -- "not ready"), writes
+``/www/index.html`` and then runs ``busybox httpd -f -p $PORT -h /www``.  The index page
+(``text/html``, a ``<pre>``) holds lines ``hostname=<container hostname>``,
+``image=<image name>`` and then the container's environment, one ``NAME=VALUE`` per
+line.  CGIs (every HTTP image has them):
+
+- ``/cgi-bin/env``      -- ``text/plain``: hostname, then the CGI env (container env
+  plus ``REQUEST_METHOD``, ``REQUEST_URI``, ``QUERY_STRING``, ``HTTP_*`` headers).
+- ``/cgi-bin/echo``     -- ``text/plain``: method, URI, then the request body verbatim.
+- ``/cgi-bin/sleep?N``  -- sleeps N seconds (default ``$SLEEP`` or 5), then ``slept N``.
+- ``/cgi-bin/stream?N`` -- N lines (default 5), one per second: ``line i``.
+- ``/cgi-bin/status?C`` -- answers with HTTP status C (default 500).
+
+Images (constants below):
+
+=======================================  =================================================
+:data:`TTS` ``selmaproject/tts:777``      httpd on 5002 (like the real TTS image's port)
+:data:`WEB` ``dockerspaces-test/web:1``   httpd on 8080; ``DELAY`` env delays listening
+:data:`SLOWHTTP` ``...slowhttp:1``        httpd on 8080, ``SLEEP`` default 5 for ``sleep``
+:data:`HEALTH` ``...health:1``            httpd on 8080 at once, HEALTHCHECK (1 s) turns
+                                          healthy ``HEALTH_DELAY`` s (default 2) after start
+:data:`EXIT` ``dockerspaces-test/exit:1`` prints ``exit-image: starting``, ``exit-image:
+                                          fatal error, exiting with 3`` and exits with 3
+                                          (``EXIT_CODE`` env overrides the code)
+:data:`DEAF` ``dockerspaces-test/deaf:1`` runs forever, never listens (exits on SIGTERM)
+:data:`WORKER` ``...worker:1``            prints ``worker: started``, its env, then
+                                          sleeps; on SIGTERM prints ``worker: got SIGTERM``
+                                          and exits 0 after ``TERM_DELAY`` s (default 0);
+                                          with ``IGNORE_TERM=1`` it ignores SIGTERM (only
+                                          SIGKILL stops it)
+=======================================  =================================================
+
+All carry the label ``dockerspaces.test.image=1`` and a content hash label.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from .dockerutil import docker_client
+
+BUSYBOX = os.environ.get("DOCKERSPACES_TEST_BUSYBOX", "/usr/bin/busybox")
+
+BASE = "dockerspaces-test/base:1"
+TTS = "selmaproject/tts:777"
+WEB = "dockerspaces-test/web:1"
+SLOWHTTP = "dockerspaces-test/slowhttp:1"
+HEALTH = "dockerspaces-test/health:1"
+EXIT = "dockerspaces-test/exit:1"
+DEAF = "dockerspaces-test/deaf:1"
+WORKER = "dockerspaces-test/worker:1"
+
+TTS_PORT = 5002
+WEB_PORT = 8080
+
+ALL_IMAGES = (BASE, TTS, WEB, SLOWHTTP, HEALTH, EXIT, DEAF, WORKER)
+
+_SERVE = r"""#!/bin/sh
+# ds-serve: optional start delay, generated index, busybox httpd in the foreground
+trap 'echo "ds-serve: got SIGTERM"; exit 0' TERM
+if [ -n "$DELAY" ] && [ "$DELAY" != 0 ]; then
+  echo "ds-serve: sleeping $DELAY s before listening"
+  sleep "$DELAY" &
+  wait $!
+fi
+mkdir -p /www
+{
+  echo "<html><body><pre>"
+  echo "hostname=$(hostname)"
+  echo "image=$DS_IMAGE"
+  env | sort
+  echo "</pre></body></html>"
+} > /www/index.html
+echo "ds-serve: listening on ${PORT:-8080}"
+httpd -f -p "${PORT:-8080}" -h /www &
+wait $!
+"""
+
+_CGI_ENV = r"""#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "hostname=$(hostname)"
+env | sort
+"""
+
+_CGI_ECHO = r"""#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "method=$REQUEST_METHOD"
+echo "uri=$REQUEST_URI"
+echo "length=${CONTENT_LENGTH:-0}"
+echo "--"
+if [ -n "$CONTENT_LENGTH" ] && [ "$CONTENT_LENGTH" -gt 0 ]; then
+  head -c "$CONTENT_LENGTH"
+fi
+"""
+
+_CGI_SLEEP = r"""#!/bin/sh
+n="${QUERY_STRING:-${SLEEP:-5}}"
+sleep "$n"
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "slept $n"
+echo "hostname=$(hostname)"
+"""
+
+_CGI_STREAM = r"""#!/bin/sh
+n="${QUERY_STRING:-5}"
+printf 'Content-Type: text/plain\r\n\r\n'
+i=1
+while [ "$i" -le "$n" ]; do
+  echo "line $i"
+  i=$((i + 1))
+  [ "$i" -le "$n" ] && sleep 1
+done
+"""
+
+_CGI_STATUS = r"""#!/bin/sh
+c="${QUERY_STRING:-500}"
+printf 'Status: %s Test\r\nContent-Type: text/plain\r\n\r\n' "$c"
+echo "status $c"
+"""
+
+_EXIT = r"""#!/bin/sh
+echo "exit-image: starting"
+echo "exit-image: fatal error, exiting with ${EXIT_CODE:-3}" >&2
+exit "${EXIT_CODE:-3}"
+"""
+
+_DEAF = r"""#!/bin/sh
+trap 'echo "deaf: got SIGTERM"; exit 0' TERM
+echo "deaf: running, never listening"
+while :; do sleep 1000000 & wait $!; done
+"""
+
+_WORKER = r"""#!/bin/sh
+if [ "$IGNORE_TERM" = 1 ]; then
+  trap 'echo "worker: got SIGTERM, ignoring it"' TERM
+else
+  trap 'echo "worker: got SIGTERM"; sleep "${TERM_DELAY:-0}"; echo "worker: exiting"; exit 0' TERM
+fi
+echo "worker: started on $(hostname)"
+env | sort
+while :; do sleep 1000000 & wait $!; done
+"""
+
+_HEALTH_SERVE = r"""#!/bin/sh
+trap 'echo "health: got SIGTERM"; exit 0' TERM
+( sleep "${HEALTH_DELAY:-2}"; touch /tmp/healthy; echo "health: now healthy" ) &
+exec /bin/ds-serve
+"""
+
+_FILES = {
+    "busybox": None,  # copied from BUSYBOX
+    "ds-serve": _SERVE,
+    "cgi-env": _CGI_ENV,
+    "cgi-echo": _CGI_ECHO,
+    "cgi-sleep": _CGI_SLEEP,
+    "cgi-stream": _CGI_STREAM,
+    "cgi-status": _CGI_STATUS,
+    "ds-exit": _EXIT,
+    "ds-deaf": _DEAF,
+    "ds-worker": _WORKER,
+    "ds-health": _HEALTH_SERVE,
+}
+
+_LABELS = 'LABEL dockerspaces.test.image="1"\n'
+
+_HTTP_COMMON = (
+    "COPY ds-serve /bin/ds-serve\n"
+    "COPY cgi-env /www/cgi-bin/env\n"
+    "COPY cgi-echo /www/cgi-bin/echo\n"
+    "COPY cgi-sleep /www/cgi-bin/sleep\n"
+    "COPY cgi-stream /www/cgi-bin/stream\n"
+    "COPY cgi-status /www/cgi-bin/status\n"
+    'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-serve", "/www/cgi-bin/env",'
+    ' "/www/cgi-bin/echo", "/www/cgi-bin/sleep", "/www/cgi-bin/stream",'
+    ' "/www/cgi-bin/status"]\n'
+)
+
+_DOCKERFILES: dict[str, str] = {
+    BASE: (
+        "FROM scratch\n"
+        "COPY busybox /bin/busybox\n"
+        'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        'RUN ["/bin/busybox", "mkdir", "-p", "/tmp", "/www/cgi-bin", "/etc"]\n'
+        "ENV PATH=/bin\n" + _LABELS + 'CMD ["/bin/sh"]\n'
+    ),
+    TTS: (
+        f"FROM {BASE}\n" + _HTTP_COMMON
+        + f"ENV PORT={TTS_PORT} DS_IMAGE={TTS}\nEXPOSE {TTS_PORT}\n"
+        + 'CMD ["/bin/ds-serve"]\n'
+    ),
+    WEB: (
+        f"FROM {BASE}\n" + _HTTP_COMMON
+        + f"ENV PORT={WEB_PORT} DS_IMAGE={WEB}\nEXPOSE {WEB_PORT}\n"
+        + 'CMD ["/bin/ds-serve"]\n'
+    ),
+    SLOWHTTP: (
+        f"FROM {BASE}\n" + _HTTP_COMMON
+        + f"ENV PORT={WEB_PORT} SLEEP=5 DS_IMAGE={SLOWHTTP}\nEXPOSE {WEB_PORT}\n"
+        + 'CMD ["/bin/ds-serve"]\n'
+    ),
+    HEALTH: (
+        f"FROM {BASE}\n" + _HTTP_COMMON
+        + "COPY ds-health /bin/ds-health\n"
+        + 'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-health"]\n'
+        + f"ENV PORT={WEB_PORT} DS_IMAGE={HEALTH}\nEXPOSE {WEB_PORT}\n"
+        + "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD test -f /tmp/healthy\n"
+        + 'CMD ["/bin/ds-health"]\n'
+    ),
+    EXIT: (
+        f"FROM {BASE}\nCOPY ds-exit /bin/ds-exit\n"
+        'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-exit"]\n'
+        'CMD ["/bin/ds-exit"]\n'
+    ),
+    DEAF: (
+        f"FROM {BASE}\nCOPY ds-deaf /bin/ds-deaf\n"
+        'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-deaf"]\n'
+        'CMD ["/bin/ds-deaf"]\n'
+    ),
+    WORKER: (
+        f"FROM {BASE}\nCOPY ds-worker /bin/ds-worker\n"
+        'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-worker"]\n'
+        'CMD ["/bin/ds-worker"]\n'
+    ),
+}
+
+HASH_LABEL = "dockerspaces.test.hash"
+_LOCK_PATH = os.path.join(tempfile.gettempdir(), "dockerspaces-test-images.lock")
+_done: set[str] = set()
+
+
+def _busybox_digest() -> str:
+    with open(BUSYBOX, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _content_hash(tag: str, busybox_digest: str) -> str:
+    h = hashlib.sha256()
+    h.update(busybox_digest.encode())
+    h.update(json.dumps(sorted((k, v or "") for k, v in _FILES.items())).encode())
+    h.update(_DOCKERFILES[tag].encode())
+    if tag != BASE:
+        h.update(_DOCKERFILES[BASE].encode())
+    return h.hexdigest()[:16]
+
+
+def _current_hash(client: Any, tag: str) -> str | None:
+    try:
+        info = client.inspect_image(tag)
+    except Exception:  # noqa: BLE001 - missing image
+        return None
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    return labels.get(HASH_LABEL)
+
+
+def _build(client: Any, context: str, tag: str, digest: str) -> None:
+    dockerfile = _DOCKERFILES[tag] + f'LABEL {HASH_LABEL}="{digest}"\n'
+    name = "Dockerfile." + tag.replace("/", "_").replace(":", "_")
+    with open(os.path.join(context, name), "w") as f:
+        f.write(dockerfile)
+    log = []
+    for chunk in client.build(
+        path=context, dockerfile=name, tag=tag, rm=True, forcerm=True, decode=True, pull=False
+    ):
+        if "error" in chunk:
+            raise RuntimeError(f"building {tag} failed: {chunk['error']}\n" + "".join(log))
+        if "stream" in chunk:
+            log.append(chunk["stream"])
+    if _current_hash(client, tag) != digest:
+        raise RuntimeError(f"building {tag} did not produce the image:\n" + "".join(log))
+
+
+def ensure_test_images(*tags: str) -> None:
+    """Build the named test images (all when none named) unless present and current.
+
+    Blocking; takes a few seconds the first time, milliseconds afterwards.
+    """
+    wanted = [t for t in (tags or ALL_IMAGES) if t not in _done]
+    if not wanted:
+        return
+    for t in wanted:
+        if t not in _DOCKERFILES:
+            raise KeyError(f"unknown test image {t!r}; known: {', '.join(ALL_IMAGES)}")
+    if not os.path.exists(BUSYBOX):
+        raise RuntimeError(f"{BUSYBOX} missing: apt-get install busybox-static")
+    digest = _busybox_digest()
+    client = docker_client(timeout=300)
+    try:
+        with open(_LOCK_PATH, "a") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            try:
+                todo = [BASE] + [t for t in wanted if t != BASE]
+                stale = [t for t in todo if _current_hash(client, t) != _content_hash(t, digest)]
+                if stale:
+                    context = tempfile.mkdtemp(prefix="ds-test-images-")
+                    try:
+                        for fname, text in _FILES.items():
+                            path = os.path.join(context, fname)
+                            if text is None:
+                                shutil.copyfile(BUSYBOX, path)
+                            else:
+                                with open(path, "w") as f:
+                                    f.write(text)
+                            os.chmod(path, 0o755)
+                        for t in stale:
+                            _build(client, context, t, _content_hash(t, digest))
+                    finally:
+                        shutil.rmtree(context, ignore_errors=True)
+            finally:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+    finally:
+        client.close()
+    _done.update(wanted)
+    _done.add(BASE)
