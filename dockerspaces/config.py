@@ -135,7 +135,7 @@ class Config:
     target: int = 5
     start_port: int = 9100
     cluster: tuple[tuple[int, int, str], ...] = ()
-    gpu: int = 0
+    gpu: int = 0  # GPUs per host; -1: one GPU per slot (the original's boolean)
     source: int = 15
     queue: int = 1000
     queue_timeout: float = 300.0
@@ -179,7 +179,7 @@ class Config:
                     url=url,
                     start_port=port,
                     slots=slots,
-                    gpus=self.gpu,
+                    gpus=self.gpu if self.gpu >= 0 else slots,
                     publish_ip=ip,
                 )
             )

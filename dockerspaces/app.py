@@ -1,0 +1,146 @@
+"""Wiring: the one place that builds engines, the broker, the proxy and the site."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from attrs import define
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+
+from .broker.broker import Broker, BrokerSettings
+from .config import Config, HostConfig
+from .engine.auth import RegistryAuth
+from .engine.engine import Engine, EngineService
+from .engine.interface import RunOptions
+from .spec import HostTarget, JobSpec, MonitorRoute
+from .web.errors import ErrorResource
+from .web.jobs import HostResource, JobResource
+from .web.monitor import MonitorResource
+from .web.proxy import Proxy
+from .web.root import Root
+from .web.routing import HostPolicy
+from .web.site import make_site
+
+
+def run_options_for(config: Config) -> Any:
+    """A function mapping a JobSpec to its RunOptions from the first matching profile."""
+
+    def resolve(spec: JobSpec) -> RunOptions:
+        for p in config.profiles:
+            if fnmatch.fnmatchcase(spec.ref, p.pattern) or fnmatch.fnmatchcase(spec.image, p.pattern):
+                return RunOptions(
+                    volumes=p.volumes,
+                    shm_size=p.shm_size,
+                    mem_limit=p.mem_limit,
+                    nano_cpus=int(p.cpus * 1e9) if p.cpus else None,
+                    network=p.network,
+                    ready_path=p.ready_path,
+                    start_timeout=p.start_timeout,
+                    gpu=p.gpu,
+                )
+        return RunOptions()
+
+    return resolve
+
+
+def own_ports(config: Config) -> set[int]:
+    """TCP ports this instance listens on (``host:`` may never reach them)."""
+    ports = set()
+    for desc in config.ports:
+        for part in desc.split(":")[1:2]:
+            if part.isdigit():
+                ports.add(int(part))
+    return ports
+
+
+@define
+class Routes:
+    """Builds the resource for each route kind (see ``web.root.RouteResources``)."""
+
+    config: Config
+    proxy: Proxy
+    broker: Broker
+    policy: HostPolicy
+
+    def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Resource:
+        """x:/y:/worker."""
+        if not self.config.hosts() or all(h.slots == 0 for h in self.config.hosts()):
+            return ErrorResource(503, "this instance has no container slots (--target 0)", 60)
+        return JobResource(spec, prefix, path, broker=self.broker, proxy=self.proxy,
+                           allow_image=self.config.allow_image)
+
+    def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
+        """host:/shost:/--root."""
+        return HostResource(target, prefix, path, proxy=self.proxy, policy=self.policy,
+                            cookie=cookie)
+
+    def monitor(self, route: MonitorRoute) -> Resource:
+        """/monitor:NAME."""
+        if route.name == "broker":
+            return MonitorResource(self.broker.snapshot)
+        return ErrorResource(404, f"/monitor:{route.name} is not available")
+
+    def docker_api(self, path: bytes) -> Resource:
+        """/docker:local."""
+        return ErrorResource(404, "/docker:local is disabled (start with --docker-api)")
+
+
+class BrokerService(Service):
+    """Starts the broker after the engines, drains it at shutdown."""
+
+    def __init__(self, broker: Broker, keep: bool):
+        self.broker, self.keep = broker, keep
+
+    def startService(self) -> None:
+        """Adopt containers, start watching engines."""
+        super().startService()
+        self.broker.start()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop admitting, drain in-flight work, stop containers unless --keep-containers."""
+        super().stopService()
+        return self.broker.shutdown(keep_containers=self.keep)
+
+
+def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[str, Engine]]:
+    """One Engine per configured host."""
+    auth = RegistryAuth.from_config(config)
+    hosts = config.hosts()
+    engines = {
+        h.name: Engine(reactor, h, instance=config.instance_name(), pull=config.pull, auth=auth)
+        for h in hosts
+    }
+    return hosts, engines
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """The whole service tree for ``config``."""
+    top = MultiService()
+    hosts, engines = build_engines(config, reactor)
+    engine_services = MultiService()
+    engine_services.setServiceParent(top)
+    for e in engines.values():
+        EngineService(e).setServiceParent(engine_services)
+    settings = BrokerSettings(
+        source=config.source,
+        queue=config.queue,
+        queue_timeout=config.queue_timeout,
+        start_timeout=config.start_timeout,
+        worker_timeout=config.worker_timeout,
+        release=config.release,
+        stop=config.stop,
+    )
+    broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
+                    run_options_for(config))
+    BrokerService(broker, config.keep_containers).setServiceParent(top)
+    proxy = Proxy(reactor)
+    policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config))
+    root = Root(config, Routes(config, proxy, broker, policy))
+    site = make_site(root, reactor, max_body=config.max_body)
+    for desc in config.ports:
+        strports.service(desc, site).setServiceParent(top)
+    return top

@@ -1,0 +1,305 @@
+"""Turning option values (command line, config file) into a validated :class:`Config`.
+
+One table, :data:`OPTIONS`, lists every option of SPEC's table with its default and
+coercion; ``tap.Options`` (twistd) and ``compat`` (the original's flags) both end in
+:func:`build_config`, so the two command lines cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from typing import Any, Callable
+
+from attrs import frozen
+
+from .config import (
+    LOG_FORMATS,
+    PULL_POLICIES,
+    Config,
+    ConfigError,
+    ImageProfile,
+    parse_allow_host,
+    parse_cluster,
+    parse_root,
+    validate_engine_url,
+)
+
+
+def _int(name: str, low: int = 0, high: int | None = None) -> Callable[[Any], int]:
+    def coerce(v: Any) -> int:
+        try:
+            n = int(str(v).strip())
+        except ValueError:
+            raise ConfigError(f"--{name}: {v!r} is not a whole number") from None
+        if n < low or (high is not None and n > high):
+            rng = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ConfigError(f"--{name}: {n} is out of range ({rng})")
+        return n
+
+    return coerce
+
+
+def _seconds(name: str) -> Callable[[Any], float]:
+    def coerce(v: Any) -> float:
+        try:
+            n = float(str(v).strip())
+        except ValueError:
+            raise ConfigError(f"--{name}: {v!r} is not a number of seconds") from None
+        if not n >= 0 or n == float("inf"):
+            raise ConfigError(f"--{name}: {v!r} must be a finite number >= 0")
+        return n
+
+    return coerce
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def coerce(v: Any) -> str:
+        if v not in choices:
+            raise ConfigError(f"--{name}: {v!r} is not one of {', '.join(choices)}")
+        return str(v)
+
+    return coerce
+
+
+def _str(v: Any) -> str:
+    return str(v)
+
+
+def _size(v: Any) -> int:
+    text = str(v).strip().upper()
+    mult = 1
+    for suffix, m in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("K", 1024),
+                      ("M", 1024**2), ("G", 1024**3), ("B", 1)):
+        if text.endswith(suffix):
+            text, mult = text[: -len(suffix)], m
+            break
+    try:
+        n = int(float(text) * mult)
+    except ValueError:
+        raise ConfigError(f"--max-body: {v!r} is not a size (e.g. 8GiB, 500M, 1048576)") from None
+    if n <= 0:
+        raise ConfigError(f"--max-body: {v!r} must be > 0")
+    return n
+
+
+def parse_gpu(v: Any) -> int:
+    """``--gpu N`` (GPUs per host) or the original's boolean: true = one GPU per slot (-1)."""
+    text = str(v).strip().lower()
+    if text in ("true", "yes", "on"):
+        return -1
+    if text in ("false", "no", "off"):
+        return 0
+    return _int("gpu")(text)
+
+
+def _engine_url(v: Any) -> str:
+    return validate_engine_url(str(v), "--docker")
+
+
+def _ip(v: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(v)))
+    except ValueError:
+        raise ConfigError(f"--publish-ip: {v!r} is not an IP address") from None
+
+
+def _cidr(v: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(str(v), strict=False))
+    except ValueError:
+        raise ConfigError(f"--docker-api-allow: {v!r} is not an address or CIDR") from None
+
+
+def _allow_host(v: Any) -> str:
+    parse_allow_host(str(v))
+    return str(v)
+
+
+def _port_desc(v: Any) -> str:
+    text = str(v)
+    if text.isdigit():
+        return f"tcp:{text}"
+    if ":" not in text:
+        raise ConfigError(f"--port: {text!r} is not an endpoint description (e.g. tcp:8888)")
+    return text
+
+
+@frozen
+class Opt:
+    """One option: name (as on the command line), Config field, default, coercion, help."""
+
+    name: str
+    field: str
+    default: Any
+    coerce: Callable[[Any], Any]
+    help: str
+    flag: bool = False
+    multi: bool = False
+    short: str | None = None
+
+
+OPTIONS: tuple[Opt, ...] = (
+    Opt("port", "ports", ("tcp:8888",), _port_desc,
+        "listening endpoint (strports: tcp:8888, ssl:443:privateKey=K:certKey=C, unix:/p); repeatable",
+        multi=True, short="p"),
+    Opt("docker", "docker", "unix:///var/run/docker.sock", _engine_url,
+        "the single Docker engine (ignored with --cluster)"),
+    Opt("target", "target", 5, _int("target"), "slots on the single engine (0: none)"),
+    Opt("start-port", "start_port", 9100, _int("start-port", 1, 65535),
+        "first host port of the single engine's slots"),
+    Opt("cluster", "cluster", (), parse_cluster,
+        "PORT:SLOTS:URL, one engine each (repeatable)", multi=True),
+    Opt("gpu", "gpu", 0, parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
+    Opt("source", "source", 15, _int("source", 1), "x: requests and worker launches admitted at once"),
+    Opt("queue", "queue", 1000, _int("queue"), "requests waiting for admission beyond --source"),
+    Opt("queue-timeout", "queue_timeout", 300.0, _seconds("queue-timeout"),
+        "longest wait until a container is assigned (s) -> 503"),
+    Opt("start-timeout", "start_timeout", 600.0, _seconds("start-timeout"),
+        "pull + start + ready deadline (s) -> 504"),
+    Opt("worker-timeout", "worker_timeout", 1800.0, _seconds("worker-timeout"),
+        "longest wait of a worker launch for a slot (s) -> 503"),
+    Opt("release", "release", 1800.0, _seconds("release"),
+        "a worker is protected from eviction this long after it starts (s)"),
+    Opt("stop", "stop", 0.0, _seconds("stop"), "grace between SIGTERM and SIGKILL (s)"),
+    Opt("pull", "pull", "missing", _choice("pull", PULL_POLICIES), "always|missing|never"),
+    Opt("registry", "registry", None, _str, "registry URL the credentials belong to (default Docker Hub)"),
+    Opt("user", "user", None, _str, "registry user"),
+    Opt("password", "password", None, _str, "registry password (prefer --password-file)"),
+    Opt("password-file", "password_file", None, _str, "file holding the registry password"),
+    Opt("email", "email", None, _str, "registry e-mail"),
+    Opt("auths", "auths", None, _str, "docker config.json-style credentials for several registries"),
+    Opt("allow-image", "allow_image", (), _str, "only matching images may be started (repeatable)",
+        multi=True),
+    Opt("publish-ip", "publish_ip", None, _ip,
+        "address slot ports are published on (default 127.0.0.1 local, 0.0.0.0 remote)"),
+    Opt("instance", "instance", None, _str, "label marking this instance's containers"),
+    Opt("keep-containers", "keep_containers", False, bool,
+        "leave containers running at shutdown; the next start adopts them", flag=True),
+    Opt("cors", "cors", False, bool, "answer CORS preflights, echo Origin", flag=True),
+    Opt("root", "root", None, parse_root, "default HOST[:PORT] for unmatched requests"),
+    Opt("allow-host", "allow_host", (), _allow_host,
+        "HOST or CIDR that host:/--root may reach even if loopback/link-local (repeatable)",
+        multi=True),
+    Opt("docker-api", "docker_api", False, bool, "enable /docker:local", flag=True),
+    Opt("docker-api-allow", "docker_api_allow", ("127.0.0.0/8",), _cidr,
+        "CIDR allowed to use /docker:local (repeatable)", multi=True),
+    Opt("docker-api-token-file", "docker_api_token_file", None, _str,
+        "file with the token /docker:local callers must present"),
+    Opt("config", "config", None, _str, "TOML file with any of these options"),
+    Opt("log-format", "log_format", "text", _choice("log-format", LOG_FORMATS), "text|json"),
+    Opt("max-body", "max_body", 8 * 1024**3, _size, "largest request body (bytes, or 8GiB, 500M)"),
+)
+
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def _profile(entry: Any, i: int) -> ImageProfile:
+    where = f"profile #{i + 1}"
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise ConfigError(f"config: {where} needs an 'image' pattern")
+    known = {"image", "volumes", "shm-size", "memory", "cpus", "network", "ready-path",
+             "start-timeout", "gpu"}
+    for k in entry:
+        if k.replace("_", "-") not in known:
+            raise ConfigError(f"config: {where}: unknown key {k!r}")
+    e = {k.replace("_", "-"): v for k, v in entry.items()}
+    vols = e.get("volumes", [])
+    if not isinstance(vols, list) or not all(isinstance(v, str) for v in vols):
+        raise ConfigError(f"config: {where}: 'volumes' must be a list of strings")
+    try:
+        return ImageProfile(
+            pattern=str(e["image"]),
+            volumes=tuple(vols),
+            shm_size=None if e.get("shm-size") is None else str(e["shm-size"]),
+            mem_limit=None if e.get("memory") is None else str(e["memory"]),
+            cpus=None if e.get("cpus") is None else float(e["cpus"]),
+            network=None if e.get("network") is None else str(e["network"]),
+            ready_path=str(e.get("ready-path", "/")),
+            start_timeout=None if e.get("start-timeout") is None else float(e["start-timeout"]),
+            gpu=bool(e.get("gpu", True)),
+        )
+    except (TypeError, ValueError) as ex:
+        raise ConfigError(f"config: {where}: {ex}") from None
+
+
+def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...]]:
+    """Read a TOML config file: option values by option name, and image profiles."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from None
+    values: dict[str, Any] = {}
+    profiles: tuple[ImageProfile, ...] = ()
+    for raw_key, value in data.items():
+        key = raw_key.replace("_", "-")
+        if key in ("profile", "profiles"):
+            if not isinstance(value, list):
+                raise ConfigError("config: 'profile' must be an array of tables ([[profile]])")
+            profiles = tuple(_profile(p, i) for i, p in enumerate(value))
+            continue
+        if key == "config" or key not in BY_NAME:
+            raise ConfigError(f"config: unknown key {raw_key!r}")
+        opt = BY_NAME[key]
+        if opt.multi and not isinstance(value, list):
+            value = [value]
+        if opt.flag and not isinstance(value, bool):
+            raise ConfigError(f"config: {raw_key!r} must be true or false")
+        values[key] = value
+    return values, profiles
+
+
+def build_config(given: dict[str, Any]) -> Config:
+    """Build a Config from option values given by name (command line wins over the file).
+
+    ``given`` holds only options that were actually given; multi options as lists.
+    """
+    file_values: dict[str, Any] = {}
+    profiles: tuple[ImageProfile, ...] = ()
+    if given.get("config"):
+        file_values, profiles = load_config_file(str(given["config"]))
+    kwargs: dict[str, Any] = {"profiles": profiles}
+    for opt in OPTIONS:
+        if opt.name in given:
+            raw, origin = given[opt.name], "command line"
+        elif opt.name in file_values:
+            raw, origin = file_values[opt.name], "config"
+        else:
+            kwargs[opt.field] = opt.default
+            continue
+        try:
+            if opt.flag:
+                value: Any = bool(raw)
+            elif opt.multi:
+                value = tuple(opt.coerce(v) for v in raw)
+            else:
+                value = opt.coerce(raw)
+        except ConfigError as e:
+            if origin == "config":
+                raise ConfigError(f"config: key {opt.name!r}: {e}") from None
+            raise
+        kwargs[opt.field] = value
+    config = Config(**kwargs)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if not config.ports:
+        raise ConfigError("--port: at least one listening endpoint is needed")
+    if config.password is not None and config.password_file is not None:
+        raise ConfigError("--password and --password-file: give one, not both")
+    if config.gpu == -1 and not config.cluster and config.target == 0:
+        raise ConfigError("--gpu true: one GPU per slot needs --target > 0")
+    hosts = config.hosts()
+    used: dict[int, str] = {}
+    for h in hosts:
+        if h.start_port + max(h.slots, 1) - 1 > 65535:
+            raise ConfigError(f"--start-port: slots {h.start_port}..{h.start_port + h.slots - 1} exceed 65535")
+        for p in range(h.start_port, h.start_port + h.slots):
+            if p in used and used[p] == h.publish_ip + h.address:
+                raise ConfigError(f"--cluster: port {p} is used by two slots of the same host")
+            used[p] = h.publish_ip + h.address

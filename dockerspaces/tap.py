@@ -1,0 +1,73 @@
+"""twistd entry: ``Options`` (every option of SPEC's table) and ``makeService``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import Config, ConfigError
+from .options import OPTIONS, Opt, build_config
+
+
+def _multi_opt(opt: Opt) -> Any:
+    def handler(self: "Options", value: str) -> None:
+        self.given.setdefault(opt.name, []).append(value)
+
+    handler.__doc__ = opt.help
+    return handler
+
+
+class Options(usage.Options):
+    """``twistd dockerspaces`` options; ``self.config`` is the validated :class:`Config`."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Reverse proxy that starts Docker containers on demand: "
+        "/x:NAME:TAG:PORT/… starts NAME:TAG and proxies to its PORT."
+    )
+    optFlags = [[o.name, None, o.help] for o in OPTIONS if o.flag]
+    optParameters = [
+        [o.name, o.short, None, f"{o.help} [default: {o.default}]"]
+        for o in OPTIONS
+        if not o.flag and not o.multi
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: dict[str, Any] = {}
+        self.config: Config | None = None
+
+    def postOptions(self) -> None:
+        """Collect the given options, read ``--config``, validate into a Config."""
+        for o in OPTIONS:
+            if o.multi:
+                continue
+            v = self[o.name]
+            if o.flag:
+                if v:
+                    self.given[o.name] = True
+            elif v is not None:
+                self.given[o.name] = v
+        try:
+            self.config = build_config(self.given)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+for _o in OPTIONS:
+    if _o.multi:
+        setattr(Options, "opt_" + _o.name.replace("-", "_"), _multi_opt(_o))
+        if _o.short:
+            setattr(Options, "opt_" + _o.short, _multi_opt(_o))
+
+
+def makeService(options: Options) -> IService:
+    """Build the dockerspaces service tree from parsed options (twistd calls this)."""
+    from twisted.internet import reactor
+
+    from .app import build_service
+
+    assert options.config is not None
+    return build_service(options.config, reactor)

@@ -1,0 +1,146 @@
+"""Route resources: x:/y:/worker through the broker, host:/shost: straight to the proxy."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..spec import HostTarget, JobSpec
+from .errors import finish_error, status_of, write_error
+from .proxy import Backend, ExchangeEnd, Proxy
+from .routing import Forbidden, HostPolicy
+
+
+def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
+    """``--allow-image``: True when no pattern is set or one matches ``name:tag`` / ``name``."""
+    if not patterns:
+        return True
+    return any(fnmatch.fnmatchcase(spec.ref, p) or fnmatch.fnmatchcase(spec.image, p)
+               for p in patterns)
+
+
+def _on_gone(request: Request, d: Deferred[Any]) -> None:
+    """Cancel ``d`` if the client goes away before it fires (leaves the queue)."""
+
+    def gone(_: object) -> None:
+        if not d.called:
+            d.cancel()
+
+    request.notifyFinish().addErrback(gone)
+
+
+def _fail(request: Request, f: Failure, what: str) -> None:
+    if f.check(CancelledError):
+        return  # the client left; nothing to answer
+    status, retry = status_of(f.value)
+    finish_error(request, status, f"{what}: {f.getErrorMessage()}", retry)
+
+
+class JobResource(Resource):
+    """An x:/y: request: acquire a lease from the broker, forward, release at the end."""
+
+    isLeaf = True
+
+    def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
+                 proxy: Proxy, allow_image: tuple[str, ...],
+                 on_lease: Callable[[Request, Any], None] | None = None):
+        super().__init__()
+        self.spec, self.prefix, self.path = spec, prefix, path
+        self.broker, self.proxy, self.allow_image = broker, proxy, allow_image
+        self.on_lease = on_lease
+
+    def render(self, request: Request) -> Any:
+        """Start the acquire; the answer comes later."""
+        if not image_allowed(self.allow_image, self.spec):
+            return write_error(request, 403, f"image {self.spec.ref} is not allowed here (--allow-image)")
+        if self.spec.worker:
+            return self._launch(request)
+        d = self.broker.acquire(self.spec)
+        _on_gone(request, d)
+        d.addCallbacks(lambda lease: self._forward(request, lease),
+                       lambda f: _fail(request, f, self.spec.display))
+        return NOT_DONE_YET
+
+    def _forward(self, request: Request, lease: Any) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            lease.release()
+            return
+        if self.on_lease is not None:
+            self.on_lease(request, lease)
+
+        def ended(end: ExchangeEnd) -> None:
+            if end.reason == "backend-error":
+                failed = getattr(lease, "failed", None)
+                if failed is not None:
+                    failed()
+            lease.release()
+
+        self.proxy.forward(
+            request,
+            Backend(lease.endpoint),
+            self.path,
+            prefix=self.prefix,
+            host_header=None,
+            on_end=ended,
+            set_route_cookie=self.prefix[1:].decode("latin-1"),
+        )
+
+    def _launch(self, request: Request) -> Any:
+        d = self.broker.launch_worker(self.spec)
+        _on_gone(request, d)
+
+        def started(_: object) -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            request.setResponseCode(200)
+            request.setHeader(b"content-length", b"0")
+            request.finish()
+
+        d.addCallbacks(started, lambda f: _fail(request, f, self.spec.display))
+        return NOT_DONE_YET
+
+
+class HostResource(Resource):
+    """A host:/shost:/--root request: check the target, then forward."""
+
+    isLeaf = True
+
+    def __init__(self, target: HostTarget, prefix: bytes, path: bytes, *, proxy: Proxy,
+                 policy: HostPolicy, cookie: bool):
+        super().__init__()
+        self.target, self.prefix, self.path = target, prefix, path
+        self.proxy, self.policy, self.cookie = proxy, policy, cookie
+
+    def render(self, request: Request) -> Any:
+        """Resolve and check the host, then forward."""
+        d = self.policy.check(self.target.host, self.target.port)
+        _on_gone(request, d)
+
+        def go(ip: str) -> None:
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            backend = Backend.for_host(self.target.host, ip, self.target.port, self.target.tls)
+            self.proxy.forward(
+                request,
+                backend,
+                self.path,
+                prefix=self.prefix,
+                host_header=self.target.host_header.encode("idna"),
+                set_route_cookie=self.prefix[1:].decode("latin-1") if self.cookie and self.prefix else None,
+            )
+
+        def denied(f: Failure) -> None:
+            if f.check(Forbidden):
+                finish_error(request, 403, f.getErrorMessage())
+            elif f.check(CancelledError):
+                return
+            else:
+                finish_error(request, 502, f"cannot reach {self.target.host}: {f.getErrorMessage()}")
+
+        d.addCallbacks(go, denied)
+        return NOT_DONE_YET

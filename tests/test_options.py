@@ -1,0 +1,278 @@
+"""Options: every option, its default, bad values; compat flags map to the same Config."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerspaces import compat
+from dockerspaces.config import Config, HostConfig
+from dockerspaces.options import OPTIONS
+from dockerspaces.spec import HostTarget
+from dockerspaces.tap import Options
+
+
+def parse(*argv: str) -> Config:
+    o = Options()
+    o.parseOptions(list(argv))
+    assert o.config is not None
+    return o.config
+
+
+def parse_compat(*argv: str) -> Config:
+    return parse(*compat.translate(list(argv)))
+
+
+class Defaults(SynchronousTestCase):
+    """The defaults of SPEC's options table."""
+
+    def test_defaults(self) -> None:
+        c = parse()
+        expected = {
+            "ports": ("tcp:8888",), "docker": "unix:///var/run/docker.sock", "target": 5,
+            "start_port": 9100, "cluster": (), "gpu": 0, "source": 15, "queue": 1000,
+            "queue_timeout": 300.0, "start_timeout": 600.0, "worker_timeout": 1800.0,
+            "release": 1800.0, "stop": 0.0, "pull": "missing", "registry": None,
+            "user": None, "password": None, "password_file": None, "email": None,
+            "auths": None, "allow_image": (), "publish_ip": None, "instance": None,
+            "keep_containers": False, "cors": False, "root": None, "allow_host": (),
+            "docker_api": False, "docker_api_allow": ("127.0.0.0/8",),
+            "docker_api_token_file": None, "config": None, "log_format": "text",
+            "max_body": 8 * 1024**3,
+        }
+        for field, value in expected.items():
+            self.assertEqual(getattr(c, field), value, field)
+        self.assertEqual(c, Config())
+
+    def test_every_option_in_table_exists(self) -> None:
+        names = {o.name for o in OPTIONS}
+        spec_names = {
+            "port", "docker", "target", "start-port", "cluster", "gpu", "source", "queue",
+            "queue-timeout", "start-timeout", "worker-timeout", "release", "stop", "pull",
+            "registry", "user", "password", "password-file", "email", "auths", "allow-image",
+            "publish-ip", "instance", "keep-containers", "cors", "root", "allow-host",
+            "docker-api", "docker-api-allow", "docker-api-token-file", "config",
+            "log-format", "max-body",
+        }
+        self.assertEqual(names, spec_names)
+
+    def test_single_host(self) -> None:
+        (h,) = parse("--target", "2", "--start-port", "9200").hosts()
+        self.assertEqual(h, HostConfig("local", "unix:///var/run/docker.sock", 9200, 2, 0,
+                                       "127.0.0.1"))
+
+
+class Values(SynchronousTestCase):
+    """Each option's value lands in Config."""
+
+    def test_values(self) -> None:
+        c = parse(
+            "--port", "tcp:1234", "--port", "unix:/tmp/s", "--docker", "tcp://h:2375",
+            "--target", "3", "--source", "7", "--queue", "9", "--queue-timeout", "1.5",
+            "--start-timeout", "20", "--worker-timeout", "30", "--release", "40", "--stop",
+            "5", "--pull", "never", "--registry", "https://r.example", "--user", "u",
+            "--password", "p", "--email", "e@x", "--auths", "a.json", "--allow-image",
+            "team/*", "--allow-image", "x:1", "--publish-ip", "0.0.0.0", "--instance", "i1",
+            "--keep-containers", "--cors", "--root", "example.org:81", "--allow-host",
+            "10.0.0.0/8", "--docker-api", "--docker-api-allow", "10.1.0.0/16",
+            "--docker-api-token-file", "t", "--log-format", "json", "--max-body", "1MiB",
+            "--gpu", "2",
+        )
+        self.assertEqual(c.ports, ("tcp:1234", "unix:/tmp/s"))
+        self.assertEqual((c.target, c.source, c.queue), (3, 7, 9))
+        self.assertEqual((c.queue_timeout, c.start_timeout, c.worker_timeout, c.release, c.stop),
+                         (1.5, 20.0, 30.0, 40.0, 5.0))
+        self.assertEqual(c.pull, "never")
+        self.assertEqual((c.registry, c.user, c.password, c.email, c.auths),
+                         ("https://r.example", "u", "p", "e@x", "a.json"))
+        self.assertEqual(c.allow_image, ("team/*", "x:1"))
+        self.assertEqual((c.publish_ip, c.instance_name()), ("0.0.0.0", "i1"))
+        self.assertTrue(c.keep_containers and c.cors and c.docker_api)
+        self.assertEqual(c.root, HostTarget("example.org", 81))
+        self.assertEqual(c.allow_host, ("10.0.0.0/8",))
+        self.assertEqual(c.docker_api_allow, ("10.1.0.0/16",))
+        self.assertEqual((c.docker_api_token_file, c.log_format, c.max_body), ("t", "json", 1024**2))
+        (h,) = c.hosts()
+        self.assertEqual((h.url, h.slots, h.gpus, h.publish_ip), ("tcp://h:2375", 3, 2, "0.0.0.0"))
+        self.assertEqual([h.gpu_for(i) for i in range(3)], [0, 1, 0])
+        self.assertNotIn("p", repr(c).replace("pull", "").split("password")[0][-3:])
+
+    def test_password_not_in_repr(self) -> None:
+        self.assertNotIn("s3cret", repr(parse("--password", "s3cret")))
+
+    def test_cluster(self) -> None:
+        c = parse("--cluster", "19100:5:http://10.0.0.2:7878/docker:local",
+                  "--cluster", "12100:5:unix:///var/run/docker.sock", "--target", "9")
+        hosts = c.hosts()
+        self.assertEqual([(h.name, h.start_port, h.slots) for h in hosts],
+                         [("10.0.0.2:7878", 19100, 5), ("local", 12100, 5)])
+        self.assertEqual([h.publish_ip for h in hosts], ["0.0.0.0", "127.0.0.1"])
+        self.assertEqual(hosts[0].address, "10.0.0.2")
+
+    def test_gpu_true_is_one_per_slot(self) -> None:
+        c = parse("--gpu", "true", "--target", "4")
+        self.assertEqual(c.hosts()[0].gpus, 4)
+        self.assertEqual([c.hosts()[0].gpu_for(i) for i in range(4)], [0, 1, 2, 3])
+
+
+class BadValues(SynchronousTestCase):
+    """A bad value is a usage error naming the option."""
+
+    cases = [
+        (["--target", "-1"], "--target"),
+        (["--target", "x"], "--target"),
+        (["--start-port", "70000"], "--start-port"),
+        (["--source", "0"], "--source"),
+        (["--queue-timeout", "soon"], "--queue-timeout"),
+        (["--stop", "-3"], "--stop"),
+        (["--pull", "sometimes"], "--pull"),
+        (["--docker", "ftp://x"], "--docker"),
+        (["--docker", "tcp://host"], "needs a port"),
+        (["--cluster", "19100:5"], "--cluster"),
+        (["--cluster", "x:5:unix:///s"], "--cluster"),
+        (["--cluster", "19100:-1:unix:///s"], "SLOTS"),
+        (["--cluster", "65535:5:unix:///s"], "out of"),
+        (["--cluster", "1:1:http://h"], "needs a port"),
+        (["--cluster", "1:1:gopher://h:1"], "scheme"),
+        (["--publish-ip", "localhost"], "--publish-ip"),
+        (["--docker-api-allow", "nope"], "--docker-api-allow"),
+        (["--log-format", "xml"], "--log-format"),
+        (["--max-body", "lots"], "--max-body"),
+        (["--gpu", "many"], "--gpu"),
+        (["--root", "a b"], "--root"),
+        (["--password", "a", "--password-file", "f"], "--password"),
+        (["--config", "/nonexistent/ds.toml"], "--config"),
+    ]
+
+    def test_bad(self) -> None:
+        for argv, words in self.cases:
+            with self.subTest(argv=argv):
+                e = self.assertRaises(usage.UsageError, parse, *argv)
+                self.assertIn(words, str(e))
+
+
+class ConfigFile(SynchronousTestCase):
+    """--config: TOML with every option; the command line wins; errors name the key."""
+
+    def write(self, text: str) -> str:
+        fd, path = tempfile.mkstemp(suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def test_file_and_precedence(self) -> None:
+        path = self.write(
+            'port = ["tcp:7000"]\nsource = 3\ntarget = 2\ncors = true\nqueue_timeout = 9\n'
+            'allow-image = "team/*"\n'
+            '[[profile]]\nimage = "selmaproject/*"\nvolumes = ["/models:/models:ro"]\n'
+            'shm-size = "1g"\nmemory = "4g"\ncpus = 1.5\nready-path = "/health"\ngpu = false\n'
+        )
+        c = parse("--config", path, "--source", "5")
+        self.assertEqual(c.ports, ("tcp:7000",))
+        self.assertEqual((c.source, c.target, c.cors, c.queue_timeout), (5, 2, True, 9.0))
+        self.assertEqual(c.allow_image, ("team/*",))
+        (p,) = c.profiles
+        self.assertEqual((p.pattern, p.volumes, p.shm_size, p.mem_limit, p.cpus, p.ready_path, p.gpu),
+                         ("selmaproject/*", ("/models:/models:ro",), "1g", "4g", 1.5, "/health", False))
+
+    def test_unknown_key(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, "--config", self.write("sorce = 3\n"))
+        self.assertIn("sorce", str(e))
+
+    def test_bad_value_names_key(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, "--config", self.write("target = 'many'\n"))
+        self.assertIn("'target'", str(e))
+
+    def test_bad_toml(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, "--config", self.write("target = = 1\n"))
+        self.assertIn("TOML", str(e))
+
+    def test_bad_profile(self) -> None:
+        e = self.assertRaises(usage.UsageError, parse, "--config",
+                              self.write("[[profile]]\nimage='a'\nvolume=['x']\n"))
+        self.assertIn("volume", str(e))
+
+
+class Compat(SynchronousTestCase):
+    """The original's flags give the same Config as the twistd options."""
+
+    def test_seed_cluster(self) -> None:
+        self.assertEqual(
+            parse_compat("-p", "8888", "-source", "10", "-cluster", "19100:5:unix:///var/run/docker.sock"),
+            parse("--port", "tcp:8888", "--source", "10",
+                  "--cluster", "19100:5:unix:///var/run/docker.sock"),
+        )
+
+    def test_registry_user_password(self) -> None:
+        a = parse_compat("-p", "8888", "-registry", "https://registry.example", "--user", "dev",
+                         "--password", "PASSWORD", "-source", "10")
+        b = parse("--port", "tcp:8888", "--registry", "https://registry.example", "--user", "dev",
+                  "--password", "PASSWORD", "--source", "10")
+        self.assertEqual(a, b)
+
+    def test_double_dash_equals_and_port_alias(self) -> None:
+        self.assertEqual(parse_compat("--port=9000", "-target=4"),
+                         parse("--port", "tcp:9000", "--target", "4"))
+
+    def test_gpu_forms(self) -> None:
+        for argv, gpu in [
+            (["-gpu", "-target", "2"], -1),
+            (["-gpu=true", "-target", "2"], -1),
+            (["--gpu", "true", "-target", "2"], -1),
+            (["-gpu", "2", "-target", "4"], 2),
+            (["-gpu=false"], 0),
+        ]:
+            with self.subTest(argv=argv):
+                self.assertEqual(parse_compat(*argv).gpu, gpu)
+
+    def test_tls(self) -> None:
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(tmp)
+        with open("cert.pem", "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        args = compat.translate(["-p", "1100", "-tls", "-cors", "-cert", "cert.pem", "-key",
+                                 "privkey.pem", "--user", "U", "--password", "P", "-gpu", "2",
+                                 "-target", "4"])
+        c = parse(*args)
+        self.assertEqual(c.ports, ("ssl:1100:privateKey=privkey.pem:certKey=cert.pem",))
+        self.assertTrue(c.cors)
+        self.assertEqual((c.gpu, c.target, c.user), (2, 4, "U"))
+        self.assertEqual(compat.translate(["-s", "-p", "1", "-cert", "cert.pem", "-key", "k"])[1][:4], "ssl:")
+
+    def test_full_chain_cert_keeps_chain(self) -> None:
+        fd, path = tempfile.mkstemp(suffix=".pem")
+        block = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        with os.fdopen(fd, "w") as f:
+            f.write(block.replace("AAAA", "LEAF") + block.replace("AAAA", "MID"))
+        self.addCleanup(os.unlink, path)
+        (desc,) = compat.translate(["-tls", "-cert", path, "-key", "k.pem"])[1:]
+        self.assertIn("extraCertChain=", desc)
+        chain = desc.split("extraCertChain=")[1].replace("\\:", ":")
+        self.addCleanup(os.unlink, chain)
+        with open(chain) as f:
+            text = f.read()
+        self.assertIn("MID", text)
+        self.assertNotIn("LEAF", text)
+
+    def test_tls_needs_cert(self) -> None:
+        self.assertRaises(compat.CompatError, compat.translate, ["-tls", "-p", "1"])
+
+    def test_unknown_and_missing(self) -> None:
+        self.assertRaises(compat.CompatError, compat.translate, ["-frobnicate", "1"])
+        self.assertRaises(compat.CompatError, compat.translate, ["-source"])
+        self.assertRaises(compat.CompatError, compat.translate, ["stray"])
+
+    def test_long_options_pass_through(self) -> None:
+        self.assertEqual(parse_compat("--queue", "50", "--keep-containers", "-cors").queue, 50)
+
+    def test_help_lists_flags(self) -> None:
+        for flag in ("-p", "-docker", "-registry", "-user", "-password", "-email", "-source",
+                     "-target", "-cluster", "-gpu", "-stop", "-release", "-tls", "-cert",
+                     "-key", "-cors", "-start-port", "-root"):
+            self.assertIn(flag, compat.USAGE)
