@@ -1,0 +1,115 @@
+"""The installed entry points as real processes: ``twistd -n dockerspaces``, ``docker-spaces``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from .dockerutil import docker_available, free_port, remove_instance_containers, unique_instance
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def get(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> Any:
+    """GET url, retrying while the server comes up; returns (status, headers, body)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                raise AssertionError(f"process exited {proc.returncode}:\n{out[-3000:]}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+
+
+class EntryPoints(TestCase):
+    """Both commands start the same service and serve /monitor:broker/."""
+
+    skip = docker_available()
+    timeout = 120
+
+    def test_twistd_plugin(self) -> None:
+        port = free_port()
+        inst = unique_instance("plugin")
+        self.addCleanup(remove_instance_containers, inst)
+        pid = self.mktemp()
+        proc = spawn([os.path.join(BIN, "twistd"), "-n", "--pidfile", pid, "dockerspaces",
+                      "--port", f"tcp:{port}:interface=127.0.0.1", "--target", "3",
+                      "--start-port", str(free_port()), "--instance", inst])
+        try:
+            status, headers, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
+            self.assertEqual(status, 200)
+            snap = json.loads(body)
+            self.assertEqual(len(snap["TargetSlots"]), 3)
+            self.assertEqual({s["State"] for s in snap["TargetSlots"]}, {"Free"})
+            self.assertEqual(len(snap["SourceSlots"]), 15)
+            status, _, body = get(f"http://127.0.0.1:{port}/x:A:1:80/")
+            self.assertEqual(status, 400)
+            self.assertIn(b"lower-case", body)
+        finally:
+            out = stop(proc)
+        self.assertEqual(proc.returncode, 0, out[-3000:])
+
+    def test_docker_spaces_seed_command(self) -> None:
+        port = free_port()
+        slot = free_port()
+        inst = unique_instance("compat")
+        self.addCleanup(remove_instance_containers, inst)
+        proc = spawn([os.path.join(BIN, "docker-spaces"), "-p", str(port), "-source", "10",
+                      "-cluster", f"{slot}:5:unix:///var/run/docker.sock", "--instance", inst])
+        try:
+            status, _, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
+            self.assertEqual(status, 200)
+            snap = json.loads(body)
+            self.assertEqual(len(snap["SourceSlots"]), 10)
+            self.assertEqual([s["Port"] for s in snap["TargetSlots"]], list(range(slot, slot + 5)))
+        finally:
+            out = stop(proc)
+        self.assertFalse(os.path.exists(os.path.join(REPO, "twistd.pid")), "wrote a pid file")
+        # logs went to stdout (foreground, --logfile=-)
+        self.assertIn(f"starting on {port}", out)
+
+    def test_bad_option_is_a_usage_error(self) -> None:
+        proc = subprocess.run([os.path.join(BIN, "twistd"), "-n", "dockerspaces", "--target", "-2"],
+                              cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                              capture_output=True, timeout=60)
+        self.assertNotEqual(proc.returncode, 0)
+        err = (proc.stdout + proc.stderr).decode()
+        self.assertIn("--target", err)
+        self.assertNotIn("Traceback", err)
+        proc = subprocess.run([os.path.join(BIN, "docker-spaces"), "-frob"], cwd=REPO,
+                              capture_output=True, timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(b"-frob", proc.stderr)
