@@ -1,0 +1,1009 @@
+"""The streaming reverse proxy: one request from a twisted.web ``Request`` to a backend.
+
+:class:`Proxy` forwards a request over a pooled, persistent HTTP/1.1 connection with a
+lean client protocol of its own (:class:`BackendProtocol`) rather than
+``twisted.web.client.Agent``: per request it costs a few method calls, no Deferreds
+once a pooled connection exists, and it gives direct control over the backend
+transport (pause/resume for back-pressure, abort on client disconnect, ``101`` for
+Upgrade tunnelling, see :mod:`dockerspaces.web.tunnel`).
+
+- request bodies are streamed from twisted.web's spool (``request.content``, a file)
+  with a push producer on the backend transport, never read into one bytes object;
+- responses are streamed: the exchange is registered as the producer of the client
+  request, so a paused client transport pauses the backend transport;
+- hop-by-hop headers and those named in ``Connection`` are dropped both ways, repeated
+  headers kept, ``X-Forwarded-*`` added, ``Location`` rewritten under the route prefix;
+- ``on_end`` fires exactly once per :meth:`Proxy.forward` with an :class:`ExchangeEnd`.
+
+Tested with Twisted 26.10 (the tunnel takeover touches ``HTTPChannel`` internals).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import _ChunkedTransferDecoder
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from . import routing
+from .errors import finish_error
+
+log = Logger()
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# request headers we always set ourselves (the client's are dropped or merged)
+_OWN_REQUEST = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-prefix",
+    }
+)
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_MAX_HEAD = 64 * 1024
+_CHUNK = 64 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@frozen
+class ExchangeEnd:
+    """How one forwarded exchange ended (passed to ``on_end`` exactly once).
+
+    ``reason`` is ``finished``, ``client-gone``, ``backend-error``, ``tunnel-closed``
+    or ``refused``; ``status`` the status sent to the client (None if none was);
+    ``bytes_out`` the response body bytes written to the client (tunnel: bytes
+    from the backend to the client).
+    """
+
+    reason: str
+    status: int | None
+    bytes_out: int
+
+
+@frozen
+class Backend:
+    """Where to send a request: an endpoint description (+ the TLS name to verify).
+
+    ``description`` is ``tcp:HOST:PORT``, ``tls:HOST:PORT`` or ``unix:PATH`` (an IPv6
+    HOST may be written in brackets). With ``tls:``, the certificate is verified for
+    ``tls_name`` when given (connect to a resolved address, verify for the name),
+    else for HOST. The pool keys on the whole value.
+    """
+
+    description: str
+    tls_name: str | None = None
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Backend:
+        """Plain TCP to HOST:PORT."""
+        return cls(f"tcp:{_bracket(host)}:{port}")
+
+    @classmethod
+    def tls(cls, name: str, port: int, address: str | None = None) -> Backend:
+        """TLS to ``address`` (default ``name``) on PORT, certificate verified for ``name``."""
+        return cls(f"tls:{_bracket(address or name)}:{port}", tls_name=name)
+
+    @classmethod
+    def unix(cls, path: str) -> Backend:
+        """A UNIX socket."""
+        return cls(f"unix:{path}")
+
+    @property
+    def kind(self) -> str:
+        """``tcp``, ``tls`` or ``unix``."""
+        return self.description.partition(":")[0]
+
+    @property
+    def is_tls(self) -> bool:
+        """True when the connection is wrapped in TLS."""
+        return self.kind == "tls"
+
+    def address(self) -> tuple[str, int]:
+        """HOST and PORT of a ``tcp:``/``tls:`` description (brackets removed)."""
+        rest = self.description.partition(":")[2]
+        host, _, port = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not port.isdigit():
+            raise ValueError(f"bad backend description {self.description!r}")
+        return host, int(port)
+
+    def default_host_header(self) -> bytes:
+        """A ``Host`` value for clients that sent none."""
+        if self.kind == "unix":
+            return b"localhost"
+        host, port = self.address()
+        name = self.tls_name or host
+        default = 443 if self.is_tls else 80
+        text = _bracket(name) if port == default else f"{_bracket(name)}:{port}"
+        return text.encode("idna") if not _is_ip(name) else text.encode("ascii")
+
+    def endpoint(self, reactor: Any, timeout: float, trust: Any = None) -> Any:
+        """The client endpoint for this backend."""
+        kind = self.kind
+        if kind == "unix":
+            return UNIXClientEndpoint(reactor, self.description[5:], timeout=timeout)
+        if kind not in ("tcp", "tls"):
+            raise ValueError(f"unsupported backend {self.description!r}")
+        host, port = self.address()
+        base: Any
+        if _is_ip(host):
+            cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+            base = cls(reactor, host, port, timeout=timeout)
+        else:
+            base = HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
+        if kind == "tls":
+            opts = optionsForClientTLS(self.tls_name or host, trustRoot=trust)
+            return wrapClientTLS(opts, base)
+        return base
+
+    def __str__(self) -> str:
+        return self.description + (f" (TLS name {self.tls_name})" if self.tls_name else "")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# -- headers -------------------------------------------------------------------------
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """Lower-cased tokens of ``Connection`` header values."""
+    out: set[bytes] = set()
+    for v in values:
+        for t in v.split(b","):
+            t = t.strip().lower()
+            if t:
+                out.add(t)
+    return out
+
+
+def drop_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Drop hop-by-hop headers and those named in ``Connection``; keep order and repeats."""
+    headers = list(headers)
+    named = connection_tokens(v for k, v in headers if k.lower() == b"connection")
+    return [
+        (k, v)
+        for k, v in headers
+        if (lk := k.lower()) not in HOP_BY_HOP and lk not in named
+    ]
+
+
+def wants_upgrade(request: Request) -> bytes | None:
+    """The ``Upgrade`` value if the request asks for a protocol upgrade, else None."""
+    up = request.requestHeaders.getRawHeaders(b"upgrade")
+    conn = request.requestHeaders.getRawHeaders(b"connection")
+    if up and conn and b"upgrade" in connection_tokens(conn):
+        return up[0]
+    return None
+
+
+def _client_ip(request: Request) -> bytes | None:
+    addr = request.getClientAddress()
+    host = getattr(addr, "host", None)
+    return host.encode("ascii") if isinstance(host, str) else None
+
+
+def request_head(
+    request: Request,
+    path: bytes,
+    *,
+    prefix: bytes,
+    host_header: bytes | None,
+    backend: Backend,
+    body_length: int | None,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The request head sent to the backend (request line + headers + blank line)."""
+    raw = [
+        (k, v)
+        for k, values in request.requestHeaders.getAllRawHeaders()
+        for v in values
+    ]
+    kept = [(k, v) for k, v in drop_hop_by_hop(raw) if k.lower() not in _OWN_REQUEST]
+    client_host = request.requestHeaders.getRawHeaders(b"host")
+    host = host_header or (client_host[0] if client_host else backend.default_host_header())
+    out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for k, v in kept:
+        out += [k, b": ", v, b"\r\n"]
+    xff = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+    ip = _client_ip(request)
+    if ip is not None:
+        xff = [*xff, ip]
+    if xff:
+        out += [b"X-Forwarded-For: ", b", ".join(xff), b"\r\n"]
+    if client_host:
+        out += [b"X-Forwarded-Host: ", client_host[0], b"\r\n"]
+    out += [b"X-Forwarded-Proto: ", b"https" if request.isSecure() else b"http", b"\r\n"]
+    if prefix:
+        out += [b"X-Forwarded-Prefix: ", prefix, b"\r\n"]
+    if body_length is not None:
+        out += [b"Content-Length: %d\r\n" % body_length]
+    if upgrade is not None:
+        out += [b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def rewrite_location(value: bytes, *, prefix: bytes, backend_host: bytes) -> bytes:
+    """``Location`` under the route prefix: root-relative, or on the backend's own origin.
+
+    ``backend_host`` is the ``Host`` sent to the backend. A value already under the
+    prefix (a backend honouring ``X-Forwarded-Prefix``) is left alone, as is any
+    other origin.
+    """
+    if not prefix:
+        prefix = b""
+    path: bytes | None = None
+    if value.startswith(b"/") and not value.startswith(b"//"):
+        path = value
+    else:
+        low = value.lower()
+        for scheme in (b"http://", b"https://"):
+            if low.startswith(scheme):
+                rest = value[len(scheme) :]
+                cut = min((i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0),
+                          default=len(rest))
+                authority, path_part = rest[:cut], rest[cut:]
+                if authority.lower() == backend_host.lower() or (
+                    scheme == b"http://" and authority.lower() == backend_host.lower() + b":80"
+                ) or (
+                    scheme == b"https://" and authority.lower() == backend_host.lower() + b":443"
+                ):
+                    path = path_part if path_part.startswith(b"/") else b"/" + path_part
+                break
+    if path is None:
+        return value
+    if prefix and (path == prefix or path.startswith((prefix + b"/", prefix + b"?"))):
+        return path
+    return prefix + path
+
+
+# -- the backend client protocol -----------------------------------------------------
+
+_HEAD, _BODY_LEN, _BODY_CHUNKED, _BODY_CLOSE, _IDLE, _TUNNEL, _DONE = range(7)
+
+
+class BackendGone(Exception):
+    """The backend connection ended before the response was complete."""
+
+
+class BadResponse(Exception):
+    """The backend sent something that is not an HTTP/1.x response."""
+
+
+@implementer(IPushProducer)
+class _BodySender:
+    """Streams a request body from a file to the backend transport, pausing with it."""
+
+    def __init__(self, f: Any, transport: Any, length: int, done: Callable[[], None]) -> None:
+        self.f, self.transport, self.left, self.done = f, transport, length, done
+        self.paused = False
+        self.stopped = False
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and not self.stopped:
+            if self.left <= 0:
+                self._finish()
+                return
+            chunk = self.f.read(min(_CHUNK, self.left))
+            if not chunk:
+                # spool shorter than announced: the backend would wait forever
+                self.stopped = True
+                self.transport.unregisterProducer()
+                self.transport.loseConnection()
+                return
+            self.left -= len(chunk)
+            self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def _finish(self) -> None:
+        self.stopped = True
+        self.transport.unregisterProducer()
+        self.done()
+
+
+@implementer(IHalfCloseableProtocol)
+class BackendProtocol(Protocol):
+    """A lean HTTP/1.1 client connection: one exchange at a time, reusable when clean.
+
+    The exchange (``sink``) receives ``response_head``, ``response_data``,
+    ``response_done`` and ``backend_failed`` calls; in tunnel mode bytes go to
+    ``tunnel`` instead.
+    """
+
+    transport: Any
+
+    def __init__(self, pool: _Pool | None, backend: Backend):
+        self.pool = pool
+        self.backend = backend
+        self.sink: Any = None  # the _Exchange being served
+        self.state = _IDLE
+        self.buf = b""
+        self.left = 0
+        self.keep_alive = True
+        self.body_sent = True
+        self.connected = False
+        self.served = 0
+        self.got_bytes = False
+        self.head_request = False
+        self.expect_upgrade = False
+        self.tunnel: Any = None
+        self._decoder: Any = None
+
+    # transport events
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def send(self, sink: _Exchange, head: bytes, body: Any, length: int) -> None:
+        """Write a request; the response goes to ``sink``."""
+        self.sink = sink
+        self.state = _HEAD
+        self.buf = b""
+        self.keep_alive = True
+        self.got_bytes = False
+        self.head_request = sink.request.method == b"HEAD"
+        self.expect_upgrade = sink.upgrade is not None
+        self.transport.write(head)
+        if length > 0:
+            self.body_sent = False
+            _BodySender(body, self.transport, length, self._body_done).start()
+        else:
+            self.body_sent = True
+
+    def _body_done(self) -> None:
+        self.body_sent = True
+        if self.state == _IDLE and self.sink is None:
+            self._release()
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == _BODY_LEN:
+            left = self.left
+            if len(data) < left:
+                self.left = left - len(data)
+                self.sink.response_data(data)
+                return
+            self.left = 0
+            if left:
+                self.sink.response_data(data[:left])
+            if len(data) > left:
+                self.keep_alive = False
+            self._complete()
+            return
+        if state == _TUNNEL:
+            self.tunnel.dataReceived(data)
+            return
+        if state == _BODY_CHUNKED:
+            try:
+                self._decoder.dataReceived(data)
+            except Exception as e:  # noqa: BLE001 - any decoder error is a bad response
+                self._fail(BadResponse(f"bad chunked encoding: {e}"))
+            return
+        if state == _BODY_CLOSE:
+            self.sink.response_data(data)
+            return
+        if state == _HEAD:
+            self.got_bytes = True
+            self.buf += data
+            self._parse_head()
+            return
+        # bytes while idle: the connection is no longer in a known state
+        self.keep_alive = False
+        self.transport.loseConnection()
+
+    def _parse_head(self) -> None:
+        while self.state == _HEAD:
+            buf = self.buf
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._fail(BadResponse("response head too large"))
+                return
+            head, rest = buf[:end], buf[end + 4 :]
+            self.buf = b""
+            try:
+                version, status, reason, headers = _parse_response_head(head)
+            except BadResponse as e:
+                self._fail(e)
+                return
+            if 100 <= status < 200:
+                if status == 101 and self.expect_upgrade:
+                    self.state = _TUNNEL
+                    self.keep_alive = False
+                    self.sink.response_upgraded(self, status, reason, headers, rest)
+                    return
+                if status == 101:
+                    self._fail(BadResponse("101 Switching Protocols without an Upgrade request"))
+                    return
+                self.buf = rest  # 100 Continue / 103 Early Hints: skip
+                continue
+            self._start_body(version, status, reason, headers, rest)
+
+    def _start_body(
+        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: bytes
+    ) -> None:
+        conn: set[bytes] = set()
+        te: list[bytes] = []
+        length: int | None = None
+        for k, v in headers:
+            lk = k.lower()
+            if lk == b"connection":
+                conn |= connection_tokens([v])
+            elif lk == b"transfer-encoding":
+                te.append(v.lower())
+            elif lk == b"content-length":
+                try:
+                    length = int(v.strip())
+                except ValueError:
+                    self._fail(BadResponse(f"bad Content-Length {v!r}"))
+                    return
+        if version != b"HTTP/1.1" or b"close" in conn:
+            self.keep_alive = False
+        no_body = self.head_request or status in (204, 304)
+        chunked = bool(te) and b"chunked" in te[-1]
+        if chunked:
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        self.sink.response_head(status, reason, headers)
+        if self.sink is None or self.state != _HEAD:
+            return  # the exchange ended while handling the head
+        if no_body:
+            if rest:
+                self.keep_alive = False
+            self._complete()
+        elif chunked:
+            self.state = _BODY_CHUNKED
+            self._decoder = _ChunkedTransferDecoder(self._chunk_data, self._chunks_done)
+            if rest:
+                self.dataReceived(rest)
+        elif length is not None:
+            self.state = _BODY_LEN
+            self.left = length
+            if rest or length == 0:
+                self.dataReceived(rest)
+        else:
+            self.state = _BODY_CLOSE
+            self.keep_alive = False
+            if rest:
+                self.sink.response_data(rest)
+
+    def _chunk_data(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_data(data)
+
+    def _chunks_done(self, extra: bytes) -> None:
+        if extra:
+            self.keep_alive = False
+        self._complete()
+
+    def _complete(self) -> None:
+        sink = self.sink
+        self.state = _IDLE
+        self._decoder = None
+        self.sink = None
+        self.served += 1
+        if sink is not None:
+            sink.response_done()
+        if self.body_sent:
+            self._release()
+
+    def _release(self) -> None:
+        if self.keep_alive and self.pool is not None and self.connected:
+            self.pool.put(self)
+        else:
+            self.transport.loseConnection()
+
+    def _fail(self, exc: Exception) -> None:
+        sink, self.sink = self.sink, None
+        self.state = _DONE
+        self.keep_alive = False
+        self.transport.loseConnection()
+        if sink is not None:
+            sink.backend_failed(Failure(exc), self)
+
+    def abort(self) -> None:
+        """Drop the connection now (the client went away); never back to the pool."""
+        self.sink = None
+        self.keep_alive = False
+        self.state = _DONE
+        if self.connected:
+            self.transport.abortConnection()
+
+    def pause(self) -> None:
+        """Stop reading from the backend (client is slow)."""
+        if self.connected:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        """Read from the backend again."""
+        if self.connected:
+            self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:  # IHalfCloseableProtocol (tunnel use)
+        if self.state == _TUNNEL:
+            self.tunnel.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # IHalfCloseableProtocol (tunnel use)
+        if self.state == _TUNNEL:
+            self.tunnel.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.connected = False
+        if self.pool is not None:
+            self.pool.forget(self)
+        state, self.state = self.state, _DONE
+        if state == _TUNNEL:
+            self.tunnel.connectionLost(reason)
+            return
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if state == _BODY_CLOSE:
+            sink.response_done()
+        else:
+            sink.backend_failed(Failure(BackendGone(_reason_text(reason))), self)
+
+
+def _reason_text(reason: Failure | BaseException | None) -> str:
+    if isinstance(reason, Failure):
+        reason = reason.value
+    if reason is None:
+        return "connection closed"
+    text = str(reason).strip()
+    return text or type(reason).__name__
+
+
+def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
+    lines = head.split(b"\r\n")
+    status_line = lines[0]
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise BadResponse(f"not an HTTP/1.x response: {status_line[:80]!r}")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise BadResponse(f"bad status line {status_line[:80]!r}") from None
+    if not 100 <= status <= 999:
+        raise BadResponse(f"bad status {status}")
+    reason = parts[2] if len(parts) > 2 else b""
+    headers: Headers = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and headers:
+            k, v = headers[-1]
+            headers[-1] = (k, v + b" " + line.strip())
+            continue
+        k, sep, v = line.partition(b":")
+        if not sep or not k or k != k.strip():
+            raise BadResponse(f"bad header line {line[:80]!r}")
+        headers.append((k, v.strip()))
+    return parts[0], status, reason, headers
+
+
+# -- the pool ------------------------------------------------------------------------
+
+
+@define
+class _Pool:
+    """Idle persistent connections per backend (at most ``size`` each)."""
+
+    size: int
+    idle: dict[Backend, list[BackendProtocol]] = field(factory=dict)
+
+    def take(self, backend: Backend) -> BackendProtocol | None:
+        conns = self.idle.get(backend)
+        while conns:
+            p = conns.pop()
+            if p.connected:
+                return p
+        return None
+
+    def put(self, p: BackendProtocol) -> None:
+        conns = self.idle.setdefault(p.backend, [])
+        if len(conns) >= self.size:
+            p.transport.loseConnection()
+            return
+        conns.append(p)
+
+    def forget(self, p: BackendProtocol) -> None:
+        conns = self.idle.get(p.backend)
+        if conns and p in conns:
+            conns.remove(p)
+            if not conns:
+                del self.idle[p.backend]
+
+    def count(self) -> int:
+        return sum(len(c) for c in self.idle.values())
+
+
+class _BackendFactory(Factory):
+    def __init__(self, pool: _Pool | None, backend: Backend):
+        self.pool, self.backend = pool, backend
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return BackendProtocol(self.pool, self.backend)
+
+
+# -- one exchange --------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _Exchange:
+    """One forwarded request: connects, sends, streams the answer, reports the end."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: Request,
+        backend: Backend,
+        path: bytes,
+        prefix: bytes,
+        host_header: bytes | None,
+        on_end: Callable[[ExchangeEnd], None] | None,
+        set_route_cookie: str | None,
+    ):
+        self.proxy = proxy
+        self.request = request
+        self.backend = backend
+        self.prefix = prefix
+        self.on_end = on_end
+        self.route_cookie = set_route_cookie
+        self.upgrade = wants_upgrade(request)
+        self.conn: BackendProtocol | None = None
+        self.bytes_out = 0
+        self.status: int | None = None
+        self.ended = False
+        self.paused = False
+        self.producing = False
+        self.retried = False
+        self.connecting: Deferred[Any] | None = None
+        content = request.content
+        length = 0
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0, 0)
+        self.body, self.length = content, length
+        has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or (
+            request.requestHeaders.hasHeader(b"transfer-encoding")
+        )
+        client_host = request.requestHeaders.getRawHeaders(b"host")
+        self.backend_host = host_header or (
+            client_host[0] if client_host else backend.default_host_header()
+        )
+        self.head = request_head(
+            request,
+            path,
+            prefix=prefix,
+            host_header=host_header,
+            backend=backend,
+            body_length=length if has_body else None,
+            upgrade=self.upgrade,
+        )
+
+    # -- start ---------------------------------------------------------------------
+    def start(self) -> None:
+        request = self.request
+        request.notifyFinish().addErrback(self._client_gone)
+        request.defaultContentType = None
+        conn = None if self.upgrade is not None else self.proxy._pool.take(self.backend)
+        if conn is not None:
+            self._send(conn)
+            return
+        self._connect()
+
+    def _connect(self) -> None:
+        proxy = self.proxy
+        pool = None if self.upgrade is not None else proxy._pool
+        try:
+            ep = proxy._endpoint_for(self.backend)
+        except Exception as e:  # noqa: BLE001 - a bad description is a 502, not a crash
+            self._error(502, f"cannot reach backend {self.backend}: {e}", "backend-error")
+            return
+        d = ep.connect(_BackendFactory(pool, self.backend))
+        d.addTimeout(proxy.connect_timeout, proxy.reactor)
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: BackendProtocol) -> None:
+        self.connecting = None
+        if self.ended:
+            conn.transport.loseConnection()
+            return
+        self._send(conn)
+
+    def _connect_failed(self, f: Failure) -> None:
+        self.connecting = None
+        if self.ended:
+            return
+        b = self.backend
+        if f.check(CancelledError, ierror.TimeoutError):
+            msg = (
+                f"backend {b} did not accept a connection within "
+                f"{self.proxy.connect_timeout:g} s"
+            )
+            reason = "backend-error"
+        elif f.check(ierror.ConnectionRefusedError, ierror.ConnectError):
+            msg = f"backend {b} refused the connection ({_reason_text(f)})"
+            reason = "refused"
+        else:
+            msg = f"cannot connect to backend {b}: {_reason_text(f)}"
+            reason = "backend-error"
+        self._error(502, msg, reason)
+
+    def _send(self, conn: BackendProtocol) -> None:
+        self.conn = conn
+        if self.body is not None:
+            self.body.seek(0, 0)
+        conn.send(self, self.head, self.body, self.length)
+
+    # -- backend events ------------------------------------------------------------
+    def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
+        request = self.request
+        self.status = status
+        request.setResponseCode(status, reason or None)
+        rh = request.responseHeaders
+        rh.removeHeader(b"server")
+        rh.removeHeader(b"date")
+        grouped: dict[bytes, list[bytes]] = {}
+        cors = self.proxy.cors
+        html = False
+        for k, v in drop_hop_by_hop(headers):
+            lk = k.lower()
+            if lk == b"location":
+                v = rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host)
+            elif lk == b"content-type":
+                html = v[:9].lower() == b"text/html"
+            elif cors and lk.startswith(b"access-control-"):
+                continue
+            grouped.setdefault(k, []).append(v)
+        for k, vs in grouped.items():
+            rh.setRawHeaders(k, vs)
+        if cors:
+            routing.cors_headers(request)
+        if html and self.route_cookie:
+            rh.addRawHeader(b"set-cookie", routing.route_cookie_header(self.route_cookie))
+        if not self.ended:
+            request.registerProducer(self, True)
+            self.producing = True
+
+    def response_data(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.bytes_out += len(data)
+        self.request.write(data)
+
+    def response_done(self) -> None:
+        if self.ended:
+            return
+        self.conn = None
+        request = self.request
+        self._unregister()
+        if self.status is None:
+            # close-delimited body with no head cannot happen; be safe
+            self._error(502, f"backend {self.backend} sent no response", "backend-error")
+            return
+        self._end("finished")
+        request.finish()
+
+    def backend_failed(self, f: Failure, conn: BackendProtocol) -> None:
+        if self.ended:
+            return
+        self.conn = None
+        if (
+            self.status is None
+            and conn.served > 0
+            and not conn.got_bytes
+            and not self.retried
+            and self.request.method in _IDEMPOTENT
+        ):
+            # a reused connection the backend had closed: try once on a fresh one
+            self.retried = True
+            self._connect()
+            return
+        msg = f"backend {self.backend} failed: {_reason_text(f)}"
+        if self.status is None:
+            self._error(502, msg, "backend-error")
+            return
+        # headers are out: cut the response short so the client sees the truncation
+        self._unregister()
+        self._end("backend-error")
+        request = self.request
+        if request.channel is not None:
+            request.channel.loseConnection()
+
+    def response_upgraded(
+        self, conn: BackendProtocol, status: int, reason: bytes, headers: Headers, rest: bytes
+    ) -> None:
+        from .tunnel import start_tunnel
+
+        self.status = status
+        self.conn = None
+        start_tunnel(self, conn, status, reason, headers, rest)
+
+    # -- client events ----------------------------------------------------------------
+    def _client_gone(self, f: Failure) -> None:
+        if self.ended:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.producing = False
+        self._end("client-gone")
+
+    # IPushProducer (registered on the client request)
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.conn is not None:
+            self.conn.pause()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.conn is not None:
+            self.conn.resume()
+
+    def stopProducing(self) -> None:
+        self._client_gone(Failure(ierror.ConnectionDone("client stopped the response")))
+
+    # -- ending ------------------------------------------------------------------------
+    def _unregister(self) -> None:
+        if self.producing:
+            self.producing = False
+            if self.request.channel is not None:
+                self.request.unregisterProducer()
+
+    def _error(self, status: int, message: str, reason: str) -> None:
+        if self.ended:
+            return
+        log.info("proxy: {message}", message=message)
+        self._unregister()
+        request = self.request
+        sent = None if request.startedWriting else status
+        self._end(reason, status=sent)
+        if not getattr(request, "_disconnected", False) and request.channel is not None:
+            self.proxy.error_page(request, status, message)
+
+    def _end(self, reason: str, status: int | None = -1) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        st = self.status if status == -1 else status
+        if self.on_end is not None:
+            try:
+                self.on_end(ExchangeEnd(reason=reason, status=st, bytes_out=self.bytes_out))
+            except Exception:  # noqa: BLE001 - a broken callback must not break the proxy
+                log.failure("on_end callback failed")
+
+
+# -- the public entry point ----------------------------------------------------------
+
+
+class Proxy:
+    """Forwards requests to backends over pooled persistent HTTP/1.1 connections.
+
+    ``endpoint_factory`` (Backend → client endpoint) replaces the default
+    (:meth:`Backend.endpoint`), e.g. in tests. ``error_page(request, status, message)``
+    answers errors (default :func:`dockerspaces.web.errors.finish_error`). With
+    ``cors`` the backend's ``Access-Control-*`` headers are replaced by
+    :func:`routing.cors_headers`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        connect_timeout: float = 10.0,
+        pool_size: int = 32,
+        tls_trust: Any = None,
+        endpoint_factory: Callable[[Backend], IStreamClientEndpoint] | None = None,
+        error_page: Callable[[Request, int, str], None] | None = None,
+        cors: bool = False,
+    ):
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.tls_trust = tls_trust
+        self.cors = cors
+        self._pool = _Pool(size=pool_size)
+        self._endpoint_factory = endpoint_factory
+        self.error_page = error_page or finish_error
+
+    def _endpoint_for(self, backend: Backend) -> Any:
+        if self._endpoint_factory is not None:
+            return self._endpoint_factory(backend)
+        return backend.endpoint(self.reactor, self.connect_timeout, self.tls_trust)
+
+    def forward(
+        self,
+        request: Request,
+        backend: Backend,
+        path: bytes,
+        *,
+        prefix: bytes,
+        host_header: bytes | None,
+        on_end: Callable[[ExchangeEnd], None] | None = None,
+        set_route_cookie: str | None = None,
+    ) -> Any:
+        """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
+
+        ``prefix`` is the route prefix (``X-Forwarded-Prefix``, Location rewriting);
+        ``host_header`` None forwards the client's Host; ``set_route_cookie`` adds the
+        ``dsroute`` cookie naming that segment to HTML responses.
+        """
+        _Exchange(
+            self, request, backend, path, prefix, host_header, on_end, set_route_cookie
+        ).start()
+        return NOT_DONE_YET
+
+    def idle_connections(self, backend: Backend | None = None) -> int:
+        """Idle pooled connections (to ``backend``, or in all)."""
+        if backend is None:
+            return self._pool.count()
+        return len(self._pool.idle.get(backend, []))
+
+    def close_idle(self) -> None:
+        """Close every idle pooled connection (shutdown)."""
+        for conns in list(self._pool.idle.values()):
+            for p in list(conns):
+                p.transport.loseConnection()
+        self._pool.idle.clear()

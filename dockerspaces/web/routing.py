@@ -1,0 +1,307 @@
+"""Pure routing helpers the root resource calls.
+
+- :func:`route_from_referer`, :func:`route_cookie_header`, :func:`route_from_cookie`:
+  the fallbacks that route a request without a known prefix (absolute asset paths,
+  WebSockets) to the route its page came from;
+- :class:`HostPolicy`: may ``host:``/``shost:`` reach HOST:PORT (and at which address)?
+- :func:`cors_headers`, :func:`is_preflight`, :func:`preflight`: ``--cors``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, unquote
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IResolutionReceiver
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from ..spec import HostTarget, JobSpec, SpecError, parse_route, split_uri
+
+COOKIE_NAME = b"dsroute"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# -- Referer / cookie fallbacks -------------------------------------------------------
+
+
+def _routable(segment: str) -> bool:
+    try:
+        route = parse_route(segment)
+    except SpecError:
+        return False
+    return isinstance(route, (JobSpec, HostTarget))
+
+
+def route_from_referer(referer: bytes | None, host: bytes | None) -> str | None:
+    """The first segment of the Referer's path if it is a job or host route prefix.
+
+    Only when the Referer names no host or the same host as ``host`` (the request's
+    ``Host``); ``None`` otherwise.
+    """
+    if not referer:
+        return None
+    ref = referer.strip()
+    low = ref.lower()
+    if low.startswith((b"http://", b"https://")):
+        after = ref.split(b"//", 1)[1]
+        cut = len(after)
+        for sep in (b"/", b"?", b"#"):
+            i = after.find(sep)
+            if 0 <= i < cut:
+                cut = i
+        authority = after[:cut].rpartition(b"@")[2]
+        if host is None or authority.lower() != host.strip().lower():
+            return None
+        path = after[cut:]
+    elif ref.startswith(b"/") and not ref.startswith(b"//"):
+        path = ref
+    else:
+        return None
+    path = path.split(b"#", 1)[0]
+    if not path.startswith(b"/"):
+        return None
+    segment = split_uri(path).segment
+    return segment if segment and _routable(segment) else None
+
+
+def route_cookie_header(segment: str) -> bytes:
+    """The ``Set-Cookie`` value naming ``segment`` (a raw first path segment)."""
+    value = quote(segment, safe="").encode("ascii")
+    return b"dsroute=" + value + b"; Path=/; HttpOnly; SameSite=Lax"
+
+
+def route_from_cookie(request: Any) -> str | None:
+    """The route segment named by the request's ``dsroute`` cookie, if it is valid."""
+    cookies = getattr(request, "received_cookies", None) or {}
+    raw = cookies.get(COOKIE_NAME)
+    if raw is None:
+        header = request.getHeader(b"cookie") if hasattr(request, "getHeader") else None
+        raw = _cookie_value(header, COOKIE_NAME)
+    if not raw:
+        return None
+    try:
+        segment = unquote(raw.decode("ascii").strip('"'), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return segment if "/" not in segment and _routable(segment) else None
+
+
+def _cookie_value(header: bytes | None, name: bytes) -> bytes | None:
+    if not header:
+        return None
+    for part in header.split(b";"):
+        k, sep, v = part.strip().partition(b"=")
+        if sep and k == name:
+            return v
+    return None
+
+
+# -- host: policy ---------------------------------------------------------------------
+
+
+class Forbidden(Exception):
+    """``host:``/``shost:`` may not reach this target; ``reason`` says why (for a 403)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def local_addresses() -> frozenset[str]:
+    """Best-effort addresses of this machine (its host name's), for :class:`HostPolicy`.
+
+    Blocking (name lookup): call once at startup, not on the data path.
+    """
+    out = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            out.add(str(info[4][0]))
+    except OSError:
+        pass
+    return frozenset(out)
+
+
+@implementer(IResolutionReceiver)
+class _Collect:
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.d: Deferred[list[str]] = Deferred()
+
+    def resolutionBegan(self, resolution: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        self.addresses.append(address.host)
+
+    def resolutionComplete(self) -> None:
+        self.d.callback(self.addresses)
+
+
+def resolver_from(resolver: Any) -> Callable[[str], Deferred[list[str]]]:
+    """Adapt an ``IHostnameResolver`` (e.g. ``reactor.nameResolver``) to a lookup function."""
+
+    def resolve(name: str) -> Deferred[list[str]]:
+        c = _Collect()
+        resolver.resolveHostName(c, name, 0)
+        return c.d
+
+    return resolve
+
+
+@frozen
+class HostPolicy:
+    """Which ``host:``/``shost:`` targets may be reached, and at which address.
+
+    ``allow``: ``--allow-host`` entries (names, addresses or CIDRs) that lift the
+    loopback / link-local ban; ``own_ports``: this instance's listening ports, always
+    refused on this machine's addresses (``local`` plus loopback / unspecified);
+    ``resolve``: name → Deferred list of address strings (e.g.
+    ``resolver_from(reactor.nameResolver)``).
+    """
+
+    allow: tuple[str, ...]
+    own_ports: frozenset[int] | set[int]
+    resolve: Callable[[str], Deferred[list[str]]] | None = None
+    local: frozenset[str] = frozenset()
+    _names: frozenset[str] = field(init=False)
+    _nets: tuple[IPNetwork, ...] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        names, nets = set(), []
+        for entry in self.allow:
+            try:
+                nets.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                names.add(entry.lower().rstrip("."))
+        object.__setattr__(self, "_names", frozenset(names))
+        object.__setattr__(self, "_nets", tuple(nets))
+
+    def check(self, host: str, port: int) -> Deferred[str]:
+        """The address to connect to for HOST:PORT, or a failure with :class:`Forbidden`."""
+        literal = _ip(host)
+        if literal is not None:
+            try:
+                return succeed(self._check_address(host, str(literal), port))
+            except Forbidden as e:
+                return fail(e)
+        if self.resolve is None:
+            return fail(Forbidden(f"cannot resolve {host!r}: no resolver configured"))
+        d = self.resolve(host)
+
+        def got(addresses: list[str]) -> str:
+            if not addresses:
+                raise Forbidden(f"{host!r} does not resolve to any address")
+            # every address must pass (a name must not smuggle in a loopback address);
+            # prefer IPv4 for the connection
+            checked = [self._check_address(host, a, port) for a in addresses]
+            v4 = [a for a in checked if ":" not in a]
+            return (v4 or checked)[0]
+
+        return d.addCallback(got)
+
+    def _allowed(self, host: str, addr: IPAddress) -> bool:
+        if host.lower().rstrip(".") in self._names:
+            return True
+        return any(addr.version == n.version and addr in n for n in self._nets)
+
+    def _check_address(self, host: str, address: str, port: int) -> str:
+        addr = _ip(address)
+        if addr is None:
+            raise Forbidden(f"{host!r} resolved to an unusable address {address!r}")
+        on_this_machine = (
+            addr.is_loopback or addr.is_unspecified or str(addr) in self.local
+        )
+        if port in self.own_ports and on_this_machine:
+            raise Forbidden(
+                f"{host}:{port} is this dockerspaces instance's own port"
+            )
+        if addr.is_unspecified or addr.is_multicast:
+            raise Forbidden(f"{host} ({addr}) is not a host address")
+        if (addr.is_loopback or addr.is_link_local) and not self._allowed(host, addr):
+            kind = "loopback" if addr.is_loopback else "link-local"
+            raise Forbidden(f"{host} ({addr}) is a {kind} address; allow it with --allow-host")
+        return str(addr)
+
+
+# -- CORS -----------------------------------------------------------------------------
+
+
+def _header(request: Any, name: bytes) -> bytes | None:
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[0] if values else None
+
+
+def _add_vary(request: Any, token: bytes) -> None:
+    rh = request.responseHeaders
+    existing = rh.getRawHeaders(b"vary") or []
+    tokens = [t.strip() for v in existing for t in v.split(b",") if t.strip()]
+    if b"*" in tokens or any(t.lower() == token.lower() for t in tokens):
+        return
+    rh.setRawHeaders(b"vary", [b", ".join([*tokens, token])])
+
+
+def _drop_cors(rh: Any) -> None:
+    for name, _ in list(rh.getAllRawHeaders()):
+        if name.lower().startswith(b"access-control-"):
+            rh.removeHeader(name)
+
+
+def cors_headers(request: Any) -> None:
+    """``--cors`` on an answer: echo ``Origin`` with credentials; replace other CORS headers."""
+    rh = request.responseHeaders
+    _drop_cors(rh)
+    _add_vary(request, b"Origin")
+    origin = _header(request, b"origin")
+    if origin is None:
+        return
+    rh.setRawHeaders(b"access-control-allow-origin", [origin])
+    rh.setRawHeaders(b"access-control-allow-credentials", [b"true"])
+
+
+def is_preflight(request: Any) -> bool:
+    """True for a CORS preflight: ``OPTIONS`` with ``Origin`` and a requested method."""
+    return (
+        request.method == b"OPTIONS"
+        and _header(request, b"origin") is not None
+        and _header(request, b"access-control-request-method") is not None
+    )
+
+
+DEFAULT_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+
+
+def preflight(request: Any, max_age: int = 600) -> bytes:
+    """Answer a preflight ``OPTIONS``: 204 echoing the requested method and headers.
+
+    Sets status and headers; returns the (empty) body for ``render`` to return.
+    """
+    request.setResponseCode(204)
+    cors_headers(request)
+    rh = request.responseHeaders
+    method = _header(request, b"access-control-request-method")
+    rh.setRawHeaders(b"access-control-allow-methods", [method or DEFAULT_METHODS])
+    asked = _header(request, b"access-control-request-headers")
+    if asked:
+        rh.setRawHeaders(b"access-control-allow-headers", [asked])
+    rh.setRawHeaders(b"access-control-max-age", [str(max_age).encode()])
+    _add_vary(request, b"Access-Control-Request-Method")
+    _add_vary(request, b"Access-Control-Request-Headers")
+    rh.removeHeader(b"content-type")
+    return b""

@@ -1,0 +1,198 @@
+"""The twisted.web ``Site`` dockerspaces listens with.
+
+:func:`make_site` builds a :class:`ProxySite` whose channel and request add:
+
+- a body limit: a ``Content-Length`` over ``max_body`` is answered ``413`` before
+  anything is spooled, and a chunked body growing past it likewise, then the
+  connection is closed;
+- a request-head deadline (slowloris): a client that has not completed its request
+  head within ``head_timeout`` seconds of the connection start (or of the end of its
+  previous request) is disconnected — ``HTTPChannel.timeOut`` is only an idle timeout
+  that every byte resets;
+- HTTP/1.1 only: the channel is a plain ``HTTPChannel`` (no HTTP/2 negotiation);
+- no access log by default: :meth:`ProxySite.log` calls ``on_request_logged``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+_BODY_413 = "request body of {size} exceeds the limit of {limit} bytes (--max-body)\n"
+
+
+def _too_large(size: str, limit: int) -> bytes:
+    body = ("413 Payload Too Large: " + _BODY_413.format(size=size, limit=limit)).encode()
+    return (
+        b"HTTP/1.1 413 Payload Too Large\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+
+
+class _NullSpool:
+    """Swallows the body of a rejected request."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class LimitedRequest(Request):
+    """A ``Request`` that refuses bodies over the site's ``max_body`` with ``413``."""
+
+    rejected = False
+    _received = 0
+
+    def _limit(self) -> int | None:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_body", None)
+
+    def gotLength(self, length: int | None) -> None:
+        """Refuse a declared length over the limit before spooling anything."""
+        limit = self._limit()
+        if length is not None and limit is not None and length > limit:
+            self._reject(f"{length} bytes", limit)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Spool a body chunk, refusing a (chunked) body that grows past the limit."""
+        if self.rejected:
+            return
+        self._received += len(data)
+        limit = self._limit()
+        if limit is not None and self._received > limit:
+            self._reject(f"more than {limit} bytes", limit)
+            return
+        super().handleContentChunk(data)
+
+    def _reject(self, size: str, limit: int) -> None:
+        self.rejected = True
+        if self.content is not None and not isinstance(self.content, _NullSpool):
+            self.content.close()
+        self.content = _NullSpool()  # type: ignore[assignment]
+        channel: Any = self.channel
+        channel.persistent = False
+        # drop whatever else the client sends on this connection
+        channel.rawDataReceived = lambda data: None
+        channel.lineReceived = lambda line: None
+        channel.transport.write(_too_large(size, limit))
+        channel.transport.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Process the request unless it was refused for its size."""
+        if self.rejected:
+            return
+        super().requestReceived(command, path, version)
+
+
+class HeadDeadlineChannel(HTTPChannel):
+    """An ``HTTPChannel`` that drops clients too slow to send a request head."""
+
+    head_timeout: float | None = 30.0
+    _head_call: Any = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        if self.head_timeout:
+            self._head_call = self.callLater(self.head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        call, self._head_call = self._head_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _head_expired(self) -> None:
+        self._head_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        """Start the head deadline with the connection."""
+        super().connectionMade()
+        self._arm()
+
+    def allHeadersReceived(self) -> None:
+        """The head is complete: stop the deadline."""
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        """Restart the deadline for the next request on a persistent connection."""
+        if self.persistent:
+            self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """Stop the deadline."""
+        self._disarm()
+        super().connectionLost(reason)
+
+
+class ProxySite(Site):
+    """``Site`` with a body limit, a head deadline, HTTP/1.1 only and a log hook."""
+
+    protocol = HeadDeadlineChannel  # type: ignore[assignment]
+    requestFactory = LimitedRequest
+    noisy = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        reactor: Any,
+        *,
+        max_body: int,
+        head_timeout: float = 30.0,
+        on_request_logged: Callable[[Request], None] | None = None,
+    ):
+        super().__init__(resource, reactor=reactor)
+        self.max_body = max_body
+        self.head_timeout = head_timeout
+        self.on_request_logged = on_request_logged
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel with this site's head deadline."""
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            channel.head_timeout = self.head_timeout
+        return channel
+
+    def log(self, request: Any) -> None:
+        """Hand the finished request to ``on_request_logged`` (no log by default)."""
+        if self.on_request_logged is not None:
+            self.on_request_logged(request)
+
+
+def make_site(
+    resource: IResource,
+    reactor: Any,
+    *,
+    max_body: int,
+    head_timeout: float = 30.0,
+    on_request_logged: Callable[[Request], None] | None = None,
+) -> ProxySite:
+    """The site dockerspaces listens with (see the module docstring)."""
+    return ProxySite(
+        resource,
+        reactor,
+        max_body=max_body,
+        head_timeout=head_timeout,
+        on_request_logged=on_request_logged,
+    )

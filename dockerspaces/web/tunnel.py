@@ -1,0 +1,244 @@
+"""Upgrade tunnelling: take the client connection over from twisted.web and splice it.
+
+When a backend answers an ``Upgrade`` request (WebSocket, ``docker attach``…) with
+``101``, :func:`start_tunnel` writes the 101 head to the client, takes the client
+transport away from its ``HTTPChannel`` (:func:`take_over`) and joins it to the
+backend connection with a :class:`Splice`: bytes both ways with flow control (each
+transport is the other's registered producer), half-close honoured where both ends
+are plain sockets (``tcp:``/``unix:``), a full close otherwise (TLS).
+
+Pin awareness: :func:`take_over` touches ``HTTPChannel`` internals (``_dataBuffer``,
+``setTimeout``, the transport's ``protocol`` / a TLS wrapper's ``wrappedProtocol``).
+Tested with Twisted 26.10; setup.cfg pins ``>=24.7,<27`` — re-run
+``tests/test_tunnel.py`` and ``tests/integration/test_proxy.py`` before lifting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from .proxy import HOP_BY_HOP, connection_tokens
+
+if TYPE_CHECKING:
+    from .proxy import BackendProtocol, Headers, _Exchange
+
+log = Logger()
+
+
+class TakeoverError(Exception):
+    """The client transport could not be detached from its HTTP channel."""
+
+
+def can_half_close(transport: Any) -> bool:
+    """True for a plain socket transport (TLS and other wrappers close fully)."""
+    return not isinstance(transport, ProtocolWrapper) and hasattr(
+        type(transport), "loseWriteConnection"
+    )
+
+
+def _slot(transport: Any, channel: HTTPChannel) -> str:
+    """Which attribute of ``transport`` holds the channel (or its generic wrapper)."""
+    attrs = vars(transport)  # not getattr: ProtocolWrapper delegates unknown names
+    for name in ("wrappedProtocol", "protocol"):
+        cur = attrs.get(name)
+        if cur is not None and (cur is channel or getattr(cur, "_channel", None) is channel):
+            return name
+    raise TakeoverError(f"cannot find the HTTP channel on {type(transport).__name__}")
+
+
+def take_over(channel: HTTPChannel, protocol: Protocol) -> bytes:
+    """Detach the transport from ``channel``, attach ``protocol``; return buffered bytes.
+
+    The channel stops being the transport's producer, its timeouts are cancelled and
+    the bytes it read past the request (kept for pipelining) are returned for the
+    caller to pass on. The transport's reading is resumed.
+    """
+    transport: Any = channel.transport
+    if transport is None:
+        raise TakeoverError("the client connection is gone")
+    slot = _slot(transport, channel)
+    channel.setTimeout(None)
+    transport.unregisterProducer()
+    buffered = b"".join(channel._dataBuffer)
+    channel._dataBuffer = []
+    channel._handlingRequest = True  # never parse anything again
+    setattr(transport, slot, protocol)
+    protocol.makeConnection(transport)
+    resume = getattr(transport, "resumeProducing", None)
+    if resume is not None:
+        resume()
+    return buffered
+
+
+@implementer(IHalfCloseableProtocol)
+class _Side(Protocol):
+    """One end of a splice: what it reads goes to the other end's transport."""
+
+    peer: _Side
+    transport: Any
+
+    def __init__(self, splice: Splice, name: str):
+        self.splice = splice
+        self.name = name
+        self.read_eof = False
+        self.write_closed = False
+        self.lost = False
+        self.bytes_in = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if not self.peer.lost:
+            self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.read_eof = True
+        peer = self.peer
+        if peer.lost:
+            self.transport.loseConnection()
+        elif can_half_close(peer.transport):
+            peer.transport.loseWriteConnection()
+        else:
+            self.splice.close()
+        self._maybe_done()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.read_eof and self.write_closed and not self.lost:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.lost = True
+        self.splice.side_lost(self)
+
+
+class Splice:
+    """Joins a client transport and a backend connection, both ways, with flow control."""
+
+    def __init__(self, on_close: Callable[[Splice], None]):
+        self.client = _Side(self, "client")
+        self.backend = _Side(self, "backend")
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.on_close = on_close
+        self.closed = False
+
+    def join(self) -> None:
+        """Register each transport as the other's producer (call once both are attached)."""
+        ct, bt = self.client.transport, self.backend.transport
+        for consumer, producer in ((ct, bt), (bt, ct)):
+            try:
+                consumer.unregisterProducer()
+                consumer.registerProducer(producer, True)
+            except RuntimeError:
+                pass
+
+    @property
+    def bytes_to_client(self) -> int:
+        """Bytes read from the backend (and written to the client)."""
+        return self.backend.bytes_in
+
+    def close(self) -> None:
+        """Close both ends (after flushing what is queued)."""
+        for side in (self.client, self.backend):
+            if not side.lost and side.transport is not None:
+                side.transport.loseConnection()
+
+    def side_lost(self, side: _Side) -> None:
+        """One end is gone: close the other; report once both are gone."""
+        if not side.peer.lost:
+            side.peer.transport.loseConnection()
+            return
+        if not self.closed:
+            self.closed = True
+            self.on_close(self)
+
+
+class _BackendEnd:
+    """Adapts a :class:`BackendProtocol` in tunnel mode to a splice side."""
+
+    def __init__(self, side: _Side, conn: BackendProtocol):
+        self.side = side
+        side.transport = conn.transport
+        side.connected = 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.side.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        self.side.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.side.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.side.connectionLost(reason)
+
+
+def switching_head(reason: bytes, headers: Headers, upgrade: bytes) -> bytes:
+    """The 101 head for the client: the backend's headers minus hop-by-hop ones."""
+    named = connection_tokens(v for k, v in headers if k.lower() == b"connection")
+    named.discard(b"upgrade")
+    out = [b"HTTP/1.1 101 ", reason or b"Switching Protocols", b"\r\n"]
+    up = upgrade
+    for k, v in headers:
+        lk = k.lower()
+        if lk == b"upgrade":
+            up = v
+            continue
+        if lk in HOP_BY_HOP or lk in named:
+            continue
+        out += [k, b": ", v, b"\r\n"]
+    out += [b"Connection: Upgrade\r\nUpgrade: ", up, b"\r\n\r\n"]
+    return b"".join(out)
+
+
+def start_tunnel(
+    ex: _Exchange,
+    conn: BackendProtocol,
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    rest: bytes,
+) -> None:
+    """The backend said 101: answer the client, take its connection over, splice."""
+    request = ex.request
+    channel = request.channel
+    if channel is None or getattr(request, "_disconnected", False):
+        conn.abort()
+        ex._end("client-gone")
+        return
+    ex._unregister()
+
+    def closed(splice: Splice) -> None:
+        ex.bytes_out = splice.bytes_to_client
+        ex._end("tunnel-closed")
+
+    splice = Splice(closed)
+    conn.tunnel = _BackendEnd(splice.backend, conn)
+    transport: Any = channel.transport
+    assert transport is not None
+    transport.write(switching_head(reason, headers, ex.upgrade or b"websocket"))
+    try:
+        buffered = take_over(channel, splice.client)
+    except TakeoverError as e:
+        conn.abort()
+        transport.loseConnection()
+        ex._end("backend-error")
+        log.info("tunnel: {error}", error=str(e))
+        return
+    splice.join()
+    if rest:
+        splice.backend.dataReceived(rest)
+    if buffered:
+        splice.client.dataReceived(buffered)
