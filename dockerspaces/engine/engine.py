@@ -383,11 +383,10 @@ class Engine:
     ) -> Deferred[None]:
         """Make ``ref`` present per the pull policy; concurrent calls share one pull."""
         pull = self._pulls.get(ref)
+        fresh = pull is None
         if pull is None:
             pull = _Pull(ref)
             self._pulls[ref] = pull
-            work = self._run(self._ensure_image_sync, ref, pull)
-            work.addBoth(self._pull_done, pull)
         if on_progress is not None:
             pull.listeners.append(on_progress)
         p = pull
@@ -398,6 +397,9 @@ class Engine:
 
         waiter: Deferred[None] = Deferred(canceller=cancel)
         pull.waiters.append(waiter)
+        if fresh:
+            work = self._run(self._ensure_image_sync, ref, pull)
+            work.addBoth(self._pull_done, pull)
         return waiter
 
     def _pull_done(self, result: Any, pull: _Pull) -> None:
