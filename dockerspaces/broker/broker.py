@@ -1,0 +1,1227 @@
+"""The broker: hands containers to requests, starts, queues, evicts — pure and event driven.
+
+The broker talks to Docker hosts only through :class:`~dockerspaces.engine.interface.IEngine`
+and to time only through an injected ``IReactorTime``, so tests drive it synchronously
+with ``task.Clock`` and :class:`~dockerspaces.engine.fake.FakeEngine`.
+
+Internally every state change is a synchronous *mutation* that leaves the state
+consistent; side effects (firing a caller's Deferred, calling an engine, publishing
+progress) are queued as jobs and run by :meth:`Broker._flush` at the end of the
+outermost entry point, so a caller's callback that re-enters the broker (a lease
+released from inside its own callback) never sees half-updated state and never recurses.
+The scheduling and scale-out rules are described in ``docs/broker.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..config import HostConfig
+from ..engine.interface import (
+    ContainerExited,
+    ContainerHandle,
+    EngineUnreachable,
+    IEngine,
+    NotReady,
+    OwnedContainer,
+    PullProgress,
+    RunOptions,
+    SlotInfo,
+)
+from ..spec import JobSpec
+from . import scaling
+from .errors import (
+    BrokerError,
+    Draining,
+    NoCapacity,
+    Overloaded,
+    QueueTimeout,
+    StartFailed,
+    StartTimeout,
+)
+from .model import (
+    BUSY,
+    GONE,
+    IDLE,
+    STARTING,
+    STOPPING,
+    WORKER,
+    BrokerSettings,
+    Clock,
+    Container,
+    HostState,
+    IDelayedCall,
+    KeyState,
+    Lease,
+    Progress,
+    ProgressCallback,
+    Slot,
+    Waiter,
+)
+
+__all__ = [
+    "Broker",
+    "BrokerSettings",
+    "ContainerView",
+    "Lease",
+    "Progress",
+]
+
+log = Logger()
+
+
+def _warn(fmt: str, **kw: object) -> None:
+    log.warn(fmt, **kw)  # noqa: G010 - twisted.logger spells it warn
+
+Claimant = KeyState | Waiter  # a key needing a container, or a worker launch
+
+_SLOT_STATE = {STARTING: "Starting", IDLE: "Wait", BUSY: "Run", WORKER: "Run", STOPPING: "Stopping"}
+_LOG_TAIL = 2000
+
+
+@frozen
+class ContainerView:
+    """A read-only view of one container the broker knows (tests, dashboards)."""
+
+    id: str
+    host: str
+    port: int
+    key: str
+    display: str
+    state: str
+    inflight: int
+
+
+def _default_run_options(spec: JobSpec) -> RunOptions:
+    return RunOptions()
+
+
+class _TimeoutQueue:
+    """Waiters in deadline order (constant timeout, so arrival order) with one timer."""
+
+    def __init__(self, clock: Clock, on_expired: Callable[[Waiter], None],
+                 flush: Callable[[], None]):
+        self.items: OrderedDict[Waiter, float] = OrderedDict()
+        self._clock = clock
+        self._on_expired = on_expired
+        self._flush = flush
+        self._call: IDelayedCall | None = None
+
+    def add(self, w: Waiter, deadline: float) -> None:
+        self.items[w] = deadline
+        if self._call is None:
+            self._call = self._clock.callLater(max(0.0, deadline - self._clock.seconds()),
+                                               self._fire)
+
+    def discard(self, w: Waiter) -> None:
+        self.items.pop(w, None)
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        while self.items:
+            w, deadline = next(iter(self.items.items()))
+            if deadline > now:
+                break
+            del self.items[w]
+            self._on_expired(w)
+        if self.items and self._call is None:
+            deadline = next(iter(self.items.values()))
+            self._call = self._clock.callLater(max(0.0, deadline - now), self._fire)
+        self._flush()
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+class Broker:
+    """Assigns containers to requests across hosts and slots (SPEC "The broker")."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hosts: list[HostConfig],
+        engines: Mapping[str, IEngine],
+        settings: BrokerSettings,
+        run_options: Callable[[JobSpec], RunOptions] = _default_run_options,
+    ):
+        self.settings = settings
+        self._clock: Clock = cast(Clock, clock)
+        self._run_options = run_options
+        now = self._clock.seconds()
+        self._hosts: list[HostState] = []
+        self._slots: list[Slot] = []
+        self._slot_by_port: dict[tuple[str, int], Slot] = {}
+        for hc in hosts:
+            h = HostState(config=hc, engine=engines[hc.name], since=now)
+            for i in range(hc.slots):
+                s = Slot(SlotInfo(hc.name, hc.start_port + i, hc.gpu_for(i)), h, i, since=now)
+                h.slots.append(s)
+                h.free[s] = None
+                self._slots.append(s)
+                self._slot_by_port[(hc.name, s.info.port)] = s
+            self._hosts.append(h)
+        self._keys: dict[str, KeyState] = {}
+        self._by_id: dict[str, Container] = {}
+        self._lru: OrderedDict[Container, None] = OrderedDict()
+        self._hungry: OrderedDict[Claimant, None] = OrderedDict()
+        self._admission: OrderedDict[Waiter, None] = OrderedDict()
+        self._admission_watchers = 0
+        self._admitted: dict[Waiter, None] = {}
+        self._timeouts = _TimeoutQueue(self._clock, self._queue_timed_out, self._flush)
+        self._worker_timeouts = _TimeoutQueue(self._clock, self._worker_timed_out, self._flush)
+        self._jobs: deque[Callable[[], object]] = deque()
+        self._flushing = False
+        self._pending = 0  # engine operations in flight: starts and stops
+        self._leases = 0  # leases in flight
+        self._draining = False
+        self._drain_waiters: list[Deferred[None]] = []
+        self._ping_loop: LoopingCall | None = None
+        self._pulls: dict[tuple[str, str], PullProgress] = {}
+        self._started_count = 0
+        self.events = 0  # mutations processed (for benchmarks)
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> Deferred[None]:
+        """Adopt our containers (``list_own``), watch engine events, start pinging."""
+        ds: list[Deferred[None]] = []
+        for h in self._hosts:
+            h.engine.watch(self._watcher(h))
+            h.up = False
+            ds.append(self._reconcile(h))
+        if self.settings.ping_interval > 0:
+            self._ping_loop = LoopingCall(self._ping_all)
+            self._ping_loop.clock = cast(IReactorTime, self._clock)
+            self._ping_loop.start(self.settings.ping_interval, now=False)
+        done: Deferred[None] = Deferred()
+        remaining = [len(ds)]
+
+        def one(_: object) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.callback(None)
+
+        if not ds:
+            done.callback(None)
+        for d in ds:
+            d.addBoth(one)
+        return done
+
+    def _watcher(self, h: HostState) -> Callable[[Any], None]:
+        return lambda ev: self._on_event(h, ev)
+
+    def acquire(self, spec: JobSpec, progress: ProgressCallback | None = None) -> Deferred[Lease]:
+        """A lease on a container for ``spec`` (x: exclusive, y: shared).
+
+        Cancelling the Deferred means the client went away while waiting: it leaves
+        the line; a cold start it triggered still finishes and the container stays warm.
+        """
+        if spec.worker:
+            raise ValueError("acquire() is for x:/y: requests; use launch_worker()")
+        w = self._new_waiter(spec, progress)
+        err = self._refuse_reason(w)
+        if err is not None:
+            w.done = True
+            return fail(err)
+        self._timeouts.add(w, w.arrived + self.settings.queue_timeout)
+        if spec.mode == "y":
+            self._enqueue(w)
+        else:
+            self._admit_or_queue(w)
+        self._flush()
+        return w.deferred
+
+    def launch_worker(
+        self, spec: JobSpec, progress: ProgressCallback | None = None
+    ) -> Deferred[ContainerHandle]:
+        """Start one more container of a port-3 spec; fires once it has started."""
+        if not spec.worker:
+            raise ValueError("launch_worker() needs an x: spec with port 3")
+        w = self._new_waiter(spec, progress)
+        err = self._refuse_reason(w)
+        if err is not None:
+            w.done = True
+            return fail(err)
+        self._worker_timeouts.add(w, w.arrived + self.settings.worker_timeout)
+        self._admit_or_queue(w)
+        self._flush()
+        return w.deferred
+
+    def shutdown(self, keep_containers: bool, drain_timeout: float = 30) -> Deferred[None]:
+        """Stop admitting, let leases in flight end (bounded), stop containers unless kept."""
+        self._draining = True
+        if self._ping_loop is not None and self._ping_loop.running:
+            self._ping_loop.stop()
+        waiting = list(self._admission) + [
+            w for k in self._keys.values() for w in k.waiters
+        ] + [c for c in self._hungry if isinstance(c, Waiter)]
+        waiting += [
+            s.container.worker for s in self._slots
+            if s.container is not None and s.container.worker is not None
+            and not s.container.worker.done
+        ]
+        for k in self._keys.values():
+            if k.recheck is not None and k.recheck.active():
+                k.recheck.cancel()
+            k.recheck = None
+        self._hungry.clear()
+        for w in waiting:
+            self._fail(w, Draining("dockerspaces is shutting down"))
+        self._flush()
+        drained: Deferred[None] = Deferred()
+        self._drain_waiters.append(drained)
+        timer = self._clock.callLater(drain_timeout, self._drain_timeout, drained)
+        self._check_drained()
+
+        def after_drain(_: object) -> Deferred[None] | None:
+            if timer.active():
+                timer.cancel()
+            self._timeouts.stop()
+            self._worker_timeouts.stop()
+            if keep_containers:
+                return None
+            return self._stop_everything()
+
+        drained.addCallback(after_drain)
+        return drained
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/monitor:broker/`` JSON (SPEC's shape plus Hosts, Pulls, Admission)."""
+        now = self._clock.seconds()
+        source_slots: list[dict[str, Any]] = []
+        for w in self._admitted:
+            if len(source_slots) >= self.settings.source:
+                break
+            served = w.assigned is not None and not w.spec.worker
+            source_slots.append({
+                "State": "Run" if served else "Wait",
+                "Since": int(w.assigned if served and w.assigned is not None else w.arrived),
+                "SlotType": w.spec.slot_type,
+                "RunInfo": {},
+                "RefInfo": w.endpoint if served else "",
+                "Key": w.spec.display,
+            })
+        while len(source_slots) < self.settings.source:
+            source_slots.append({"State": "Free", "Since": None, "SlotType": "", "RunInfo": {},
+                                 "RefInfo": "", "Key": ""})
+        target_slots = []
+        for s in self._slots:
+            c = s.evicting or s.container
+            state = "Free" if c is None else (
+                "Stopping" if s.evicting is not None else _SLOT_STATE.get(c.state, "Free"))
+            target_slots.append({
+                "State": state,
+                "Since": int(s.since),
+                "SlotType": c.key.spec.slot_type if c is not None else "",
+                "RunInfo": {},
+                "RefInfo": f"{s.host.config.address}:{s.info.port}",
+                "Host": s.host.name,
+                "Port": s.info.port,
+                "Gpu": s.info.gpu,
+                "Container": (c.id or None) if c is not None else None,
+                "Key": c.key.spec.display if c is not None else None,
+                "InFlight": c.inflight if c is not None else 0,
+                "LastError": s.last_error,
+                "HostUp": s.host.up,
+                "ProtectedFor": (
+                    max(0, math.ceil(c.protected_until - now))
+                    if c is not None and c.state == WORKER else None
+                ),
+            })
+        queues: dict[str, int] = {}
+        for k in self._keys.values():
+            if k.waiters:
+                queues[k.spec.display] = queues.get(k.spec.display, 0) + len(k.waiters)
+        for w in self._admission:
+            queues[w.spec.display] = queues.get(w.spec.display, 0) + 1
+        for cl in self._hungry:
+            if isinstance(cl, Waiter):
+                queues[cl.spec.display] = queues.get(cl.spec.display, 0) + 1
+        return {
+            "SourceName": "TCP",
+            "TargetName": "Docker",
+            "LoopSleep": 0,
+            "ReleaseTimeout": self.settings.release,
+            "SourceSlots": source_slots,
+            "TargetSlots": target_slots,
+            "Queues": queues,
+            "Hosts": [
+                {"Name": h.name, "Up": h.up, "Since": int(h.since), "Slots": len(h.slots),
+                 "Free": sum(1 for s in h.slots if s.container is None and s.evicting is None),
+                 "LastError": h.last_error}
+                for h in self._hosts
+            ],
+            "Pulls": [
+                {"Host": host, "Ref": ref, "Status": p.status, "Current": p.current,
+                 "Total": p.total}
+                for (host, ref), p in self._pulls.items()
+            ],
+            "Admission": {"Admitted": len(self._admitted), "Source": self.settings.source,
+                          "Queued": len(self._admission), "Queue": self.settings.queue},
+            "Estimates": {
+                k.spec.display: {"Service": k.service.value, "ColdStart": k.cold.value}
+                for k in self._keys.values()
+                if k.service.value is not None or k.cold.value is not None
+            },
+            "Draining": self._draining,
+        }
+
+    def progress_of(self, spec: JobSpec) -> Progress | None:
+        """The latest pull/start progress of ``spec``'s key (None when nothing is known)."""
+        k = self._keys.get(spec.key)
+        return k.status if k is not None else None
+
+    def containers(self) -> list[ContainerView]:
+        """Every container the broker currently knows (starting ones once created)."""
+        out = []
+        for s in self._slots:
+            for c in (s.evicting, s.container):
+                if c is not None and c.handle is not None:
+                    out.append(ContainerView(c.id, s.host.name, s.info.port, c.key.key,
+                                             c.key.spec.display, c.state, c.inflight))
+        return out
+
+    @property
+    def idle(self) -> bool:
+        """True when no lease is in flight and no engine operation is pending."""
+        return self._leases == 0 and self._pending == 0
+
+    def waiting(self) -> int:
+        """Requests and launches waiting (admission queue, key queues, worker claims)."""
+        return (len(self._admission) + sum(len(k.waiters) for k in self._keys.values())
+                + sum(1 for c in self._hungry if isinstance(c, Waiter)))
+
+    # ------------------------------------------------------------------ job queue
+
+    def _later(self, job: Callable[[], object]) -> None:
+        self._jobs.append(job)
+
+    def _flush(self) -> None:
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._jobs:
+                job = self._jobs.popleft()
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - one bad job must not stop the rest
+                    log.failure("broker job failed")
+        finally:
+            self._flushing = False
+
+    def _fire(self, d: Deferred[Any], result: object) -> None:
+        def job() -> None:
+            if d.called:  # cancelled meanwhile: give a lease straight back
+                if isinstance(result, Lease):
+                    result.release()
+                return
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        self._later(job)
+
+    def _publish(self, w: Waiter, p: Progress) -> None:
+        cb = w.progress
+        if cb is not None:
+            self._later(lambda: cb(p))
+
+    # ------------------------------------------------------------------ arrivals
+
+    def _key_for(self, spec: JobSpec) -> KeyState:
+        k = self._keys.get(spec.key)
+        if k is None:
+            k = self._keys[spec.key] = KeyState(spec.key, spec)
+        return k
+
+    def _new_waiter(self, spec: JobSpec, progress: ProgressCallback | None) -> Waiter:
+        holder: list[Waiter] = []
+        d: Deferred[Any] = Deferred(lambda _d: self._cancel(holder[0]))
+        w = Waiter(spec, self._key_for(spec), d, self._clock.seconds(), progress)
+        holder.append(w)
+        self.events += 1
+        return w
+
+    def _refuse_reason(self, w: Waiter) -> BrokerError | None:
+        if self._draining:
+            return Draining("dockerspaces is shutting down")
+        if not self._slots:
+            return NoCapacity("no container slots are configured (--target 0)")
+        if not any((h.up or h.reconciling) and h.slots for h in self._hosts):
+            return NoCapacity("every Docker host is down")
+        return None
+
+    def _admit_or_queue(self, w: Waiter) -> None:
+        if len(self._admitted) < self.settings.source and not self._admission:
+            self._admit(w)
+        elif len(self._admission) < self.settings.queue:
+            self._admission[w] = None
+            w.queued = True
+            if w.progress is not None:
+                self._admission_watchers += 1
+                self._publish(w, Progress("queued", position=len(self._admission)))
+        else:
+            self._fail(w, Overloaded(
+                f"too many requests: {self.settings.source} being served and "
+                f"{self.settings.queue} waiting (--source/--queue)"))
+
+    def _admit(self, w: Waiter) -> None:
+        w.admitted = True
+        self._admitted[w] = None
+        if w.spec.worker:
+            self._claim_worker(w)
+        else:
+            self._enqueue(w)
+
+    def _unadmit(self, w: Waiter) -> None:
+        if not w.admitted:
+            return
+        w.admitted = False
+        self._admitted.pop(w, None)
+        moved = False
+        while self._admission and len(self._admitted) < self.settings.source:
+            nxt = next(iter(self._admission))
+            del self._admission[nxt]
+            nxt.queued = False
+            if nxt.progress is not None:
+                self._admission_watchers -= 1
+            moved = True
+            self._admit(nxt)
+        if moved and self._admission_watchers:
+            for i, q in enumerate(self._admission, 1):
+                if q.progress is not None:
+                    self._publish(q, Progress("queued", position=i))
+
+    def _enqueue(self, w: Waiter) -> None:
+        k = w.key
+        k.waiters[w] = None
+        w.waiting = True
+        k.hold = False  # a new arrival retries a key whose last start failed
+        if w.progress is not None:
+            k.watchers += 1
+            self._publish(w, Progress("queued", position=len(k.waiters),
+                                      detail=k.status.detail if k.status else None))
+        self._consider(k)
+
+    def _publish_positions(self, k: KeyState) -> None:
+        if k.watchers:
+            for i, q in enumerate(k.waiters, 1):
+                if q.progress is not None:
+                    self._publish(q, Progress("queued", position=i))
+
+    def _leave_line(self, w: Waiter) -> None:
+        """Remove a waiter from every line it stands in (not from admission count)."""
+        if w.queued:
+            self._admission.pop(w, None)
+            w.queued = False
+            if w.progress is not None:
+                self._admission_watchers -= 1
+        if w.waiting:
+            w.waiting = False
+            k = w.key
+            if k.waiters.pop(w, 0) is None and w.progress is not None:
+                k.watchers -= 1
+            self._hungry.pop(w, None)
+        self._timeouts.discard(w)
+        self._worker_timeouts.discard(w)
+
+    def _fail(self, w: Waiter, err: BrokerError) -> None:
+        if w.done:
+            return
+        w.done = True
+        self._leave_line(w)
+        self._unadmit(w)
+        self._publish(w, Progress("failed", detail=str(err)))
+        self._fire(w.deferred, Failure(err))
+
+    def _cancel(self, w: Waiter) -> None:
+        """The caller cancelled its Deferred: leave the line (Deferred errbacks itself)."""
+        if w.done:
+            return
+        self.events += 1
+        w.done = True
+        self._leave_line(w)
+        self._unadmit(w)
+        self._publish_positions(w.key)
+        self._flush()
+
+    def _queue_timed_out(self, w: Waiter) -> None:
+        self.events += 1
+        self._fail(w, QueueTimeout(
+            f"no container for {w.spec.display} within {self.settings.queue_timeout:g} s "
+            "(--queue-timeout)"))
+
+    def _worker_timed_out(self, w: Waiter) -> None:
+        self.events += 1
+        if w.container is None:
+            self._fail(w, NoCapacity(
+                f"no slot for worker {w.spec.display} within "
+                f"{self.settings.worker_timeout:g} s (--worker-timeout)"))
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _mean_age(self, k: KeyState, now: float) -> float:
+        return now - k.lease_start_sum / k.busy if k.busy else 0.0
+
+    def _cold_estimate(self, k: KeyState) -> float:
+        return k.cold.value if k.cold.value is not None else scaling.DEFAULT_COLD_START
+
+    def _wants_more(self, k: KeyState) -> bool:
+        now = self._clock.seconds()
+        service = scaling.service_estimate(k.service.value, self._mean_age(k, now))
+        return scaling.wants_more(len(k.waiters), k.starting, k.busy, service,
+                                  self._cold_estimate(k))
+
+    def _consider(self, k: KeyState) -> None:
+        """Serve, start for, or park key ``k`` according to the rules."""
+        if k.spec.mode == "y":
+            self._consider_y(k)
+            return
+        handed = False
+        while k.waiters and k.idle:
+            c = next(iter(k.idle))
+            w = next(iter(k.waiters))
+            self._assign(w, c)
+            handed = True
+        if handed:
+            self._publish_positions(k)
+        if not k.waiters or k.hold or self._draining:
+            self._hungry.pop(k, None)
+            return
+        while self._wants_more(k):
+            slot = self._take_capacity(k)
+            if slot is None:
+                self._hungry[k] = None
+                return
+            self._start_container(k, slot)
+        self._hungry.pop(k, None)
+        self._schedule_recheck(k)
+
+    def _consider_y(self, k: KeyState) -> None:
+        usable = None
+        pending = False
+        for c in k.containers:
+            if c.state in (IDLE, BUSY) and c.slot.host.up:
+                if c.suspect:
+                    pending = True
+                else:
+                    usable = c
+                    break
+            elif c.state == STARTING:
+                pending = True
+        if usable is not None:
+            while k.waiters:
+                self._assign(next(iter(k.waiters)), usable)
+            self._hungry.pop(k, None)
+            return
+        if not k.waiters or pending or k.hold or self._draining:
+            self._hungry.pop(k, None)
+            return
+        slot = self._take_capacity(k)
+        if slot is None:
+            self._hungry[k] = None
+        else:
+            self._hungry.pop(k, None)
+            self._start_container(k, slot)
+
+    def _schedule_recheck(self, k: KeyState) -> None:
+        if not k.waiters or not k.busy:
+            return
+        t = scaling.time_to_scale(len(k.waiters), k.starting, k.busy, k.service.value,
+                                  k.lease_start_sum / k.busy, self._cold_estimate(k))
+        if t is None:
+            return
+        now = self._clock.seconds()
+        t = max(t + 1e-3, now + 1e-3)
+        if k.recheck is not None and k.recheck.active():
+            if k.recheck.getTime() <= t:
+                return
+            k.recheck.cancel()
+        k.recheck = self._clock.callLater(t - now, self._recheck, k)
+
+    def _recheck(self, k: KeyState) -> None:
+        k.recheck = None
+        self.events += 1
+        self._consider(k)
+        self._flush()
+
+    def _claim_worker(self, w: Waiter) -> None:
+        if self._draining:
+            return
+        slot = self._take_capacity(w.key)
+        if slot is None:
+            w.waiting = True
+            self._hungry[w] = None
+            return
+        self._worker_timeouts.discard(w)
+        w.container = self._start_container(w.key, slot, worker=w)
+
+    def _take_capacity(self, k: KeyState) -> Slot | None:
+        """A slot for a new container of ``k``: a free one, else evict the LRU idle one."""
+        best: HostState | None = None
+        for h in self._hosts:
+            if h.up and h.free and (best is None or len(h.free) > len(best.free)):
+                best = h
+        if best is not None:
+            slot = next(iter(best.free))
+            del best.free[slot]
+            return slot
+        for c in self._lru:
+            if c.key is not k and c.slot.host.up:
+                slot = c.slot
+                self._stop(c, self.settings.stop, evict=True)
+                return slot
+        return None
+
+    def _has_capacity(self) -> bool:
+        return bool(self._lru) or any(h.up and h.free for h in self._hosts)
+
+    def _feed(self) -> None:
+        """Capacity appeared: give it to those waiting for it, oldest first, round robin."""
+        if self._draining:
+            return
+        while self._hungry and self._has_capacity():
+            before = self._started_count
+            for cl in list(self._hungry):
+                if cl not in self._hungry:
+                    continue
+                if not self._has_capacity():
+                    break
+                del self._hungry[cl]
+                if isinstance(cl, Waiter):
+                    if not cl.done:
+                        cl.waiting = False
+                        self._claim_worker(cl)
+                else:
+                    self._consider(cl)
+            if self._started_count == before:
+                break
+
+    # ------------------------------------------------------------------ leases
+
+    def _assign(self, w: Waiter, c: Container) -> None:
+        now = self._clock.seconds()
+        k = w.key
+        w.waiting = False
+        if k.waiters.pop(w, 0) is None and w.progress is not None:
+            k.watchers -= 1
+        self._timeouts.discard(w)
+        w.done = True
+        w.assigned = now
+        c.inflight += 1
+        self._leases += 1
+        c.last_used = now
+        self._lru.pop(c, None)
+        if k.spec.mode == "x":
+            k.idle.pop(c, None)
+            k.busy += 1
+            c.lease_started = now
+            k.lease_start_sum += now
+        c.state = BUSY
+        endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
+        w.endpoint = f"{c.slot.host.config.address}:{c.slot.info.port}"
+        lease = Lease(endpoint, k.spec.display, c.id, now - w.arrived, self._release,
+                      container=c, waiter=w, started=now)
+        self._publish(w, Progress("ready"))
+        self._fire(w.deferred, lease)
+
+    def _release(self, lease: Lease, failed: bool) -> None:
+        self.events += 1
+        w, c = lease.waiter, lease.container
+        if w is not None:
+            self._unadmit(w)
+        if c is not None and c.state == BUSY:
+            now = self._clock.seconds()
+            c.inflight -= 1
+            self._leases -= 1
+            c.last_used = now
+            k = c.key
+            if k.spec.mode == "x":
+                k.busy -= 1
+                k.lease_start_sum -= lease.started
+                if not failed:
+                    k.service.add(now - lease.started)
+            if failed:
+                c.suspect = True
+            if c.inflight == 0:
+                self._became_idle(c)
+        self._check_drained()
+        self._flush()
+
+    def _became_idle(self, c: Container) -> None:
+        k = c.key
+        c.state = IDLE
+        if not c.slot.host.up:
+            self._forget(c)  # re-adopted by label when the host answers again
+            self._consider(k)
+            return
+        if c.suspect:
+            self._stop(c, self.settings.stop)
+            return
+        if k.spec.mode == "x":
+            k.idle[c] = None
+        if self._draining:
+            return
+        self._lru[c] = None
+        self._consider(k)
+        if c.state == IDLE and self._hungry:
+            self._feed()
+
+    # ------------------------------------------------------------------ containers
+
+    def _start_container(self, k: KeyState, slot: Slot, worker: Waiter | None = None
+                         ) -> Container:
+        now = self._clock.seconds()
+        c = Container(k, slot, STARTING, since=now, worker=worker)
+        slot.container = c
+        slot.since = now
+        k.containers[c] = None
+        k.starting += 1
+        self._pending += 1
+        self._started_count += 1
+        opts = self._run_options(k.spec)
+        timeout = opts.start_timeout or self.settings.start_timeout
+        c.timer = self._clock.callLater(timeout, self._start_timed_out, c)
+        deadline = now + timeout
+        if slot.evicting is None:
+            self._later(lambda: self._run_chain(c, opts, deadline))
+        else:
+            c.chain_args = (opts, deadline)
+        return c
+
+    def _run_chain(self, c: Container, opts: RunOptions, deadline: float) -> None:
+        if c.state != STARTING:
+            return
+        d = Deferred.fromCoroutine(self._chain(c, opts, deadline))
+        c.chain = d
+        d.addCallbacks(lambda _: self._chain_ok(c), lambda f: self._chain_failed(c, f))
+        d.addBoth(lambda _: self._flush())
+
+    async def _chain(self, c: Container, opts: RunOptions, deadline: float) -> None:
+        k, slot = c.key, c.slot
+        engine = slot.host.engine
+        pull_key = (slot.host.name, k.spec.ref)
+
+        def on_progress(p: PullProgress) -> None:
+            self._pulls[pull_key] = p
+            prog = Progress("pulling", detail=p.status, current=p.current, total=p.total)
+            self._key_status(c, prog)
+            self._flush()
+
+        try:
+            await engine.ensure_image(k.spec.ref, on_progress)
+        finally:
+            self._pulls.pop(pull_key, None)
+        self._key_status(c, Progress("starting"))
+        self._flush()
+        c.created_at = self._clock.seconds()
+        handle = await engine.create(k.spec, slot.info, opts)
+        c.handle = handle
+        self._by_id[handle.id] = c
+        await engine.start(handle)
+        await engine.wait_ready(handle, deadline, opts)
+
+    def _key_status(self, c: Container, p: Progress) -> None:
+        if c.worker is not None:
+            self._publish(c.worker, p)
+            return
+        k = c.key
+        k.status = p
+        if k.watchers:
+            for w in k.waiters:
+                if w.progress is not None:
+                    self._publish(w, p)
+
+    def _start_timed_out(self, c: Container) -> None:
+        c.timer = None
+        if c.state == STARTING and c.chain is not None:
+            c.timed_out = True
+            c.chain.cancel()
+        elif c.state == STARTING:  # still waiting for the eviction's stop
+            c.timed_out = True
+            self._chain_failed(c, Failure(CancelledError()))
+        self._flush()
+
+    def _end_start(self, c: Container) -> None:
+        if c.timer is not None and c.timer.active():
+            c.timer.cancel()
+        c.timer = None
+        self._pending -= 1
+        c.key.starting -= 1
+
+    def _chain_ok(self, c: Container) -> None:
+        self.events += 1
+        self._end_start(c)
+        k = c.key
+        now = self._clock.seconds()
+        if c.created_at is not None:
+            k.cold.add(now - c.created_at)
+        k.status = None
+        c.slot.since = now
+        c.slot.last_error = None
+        if not c.slot.host.up:
+            self._forget(c)
+            self._consider(k)
+            self._check_drained()
+            return
+        if k.spec.worker:
+            c.state = WORKER
+            c.protected_until = now + self.settings.release
+            c.timer = self._clock.callLater(self.settings.release, self._protection_over, c)
+            w = c.worker
+            if w is not None and not w.done:
+                w.done = True
+                w.assigned = now
+                self._unadmit(w)
+                assert c.handle is not None
+                self._publish(w, Progress("ready"))
+                self._fire(w.deferred, c.handle)
+        else:
+            self._became_idle(c)
+        self._check_drained()
+
+    def _protection_over(self, c: Container) -> None:
+        c.timer = None
+        if c.state == WORKER and c.slot.host.up and not self._draining:
+            self._lru[c] = None
+            self._feed()
+        self._flush()
+
+    def _chain_failed(self, c: Container, f: Failure) -> None:
+        self.events += 1
+        self._end_start(c)
+        k = c.key
+        e = f.value
+        display = k.spec.display
+        err: BrokerError | None
+        if c.timed_out or isinstance(e, NotReady):
+            timeout = self._run_options(k.spec).start_timeout or self.settings.start_timeout
+            err = StartTimeout(f"{display} did not become ready within {timeout:g} s "
+                               "(--start-timeout)")
+        elif isinstance(e, EngineUnreachable):
+            err = None
+            self._host_down(c.slot.host, str(e))
+        elif isinstance(e, ContainerExited):
+            tail = (e.log_tail or "")[-_LOG_TAIL:]
+            err = StartFailed(f"{display} exited while starting: {e}"
+                              + (f"\n--- log tail ---\n{tail}" if tail else ""))
+        elif isinstance(e, CancelledError):
+            err = StartFailed(f"{display}: start cancelled")
+        else:
+            err = StartFailed(f"{display} failed to start: {e}")
+        if err is not None:
+            _warn("start of {display} on {host}:{port} failed: {err}", display=display,
+                     host=c.slot.host.name, port=c.slot.info.port, err=err.message)
+            c.slot.last_error = err.message
+        k.status = None
+        if c.handle is not None and err is not None:
+            self._stop(c, 0)
+        else:
+            self._forget(c)  # unreachable: reconciled by label when the host is back
+        w = c.worker
+        if w is not None and not w.done:
+            if err is None:
+                w.container = None
+                self._worker_timeouts.add(w, self._clock.seconds()
+                                          + self.settings.worker_timeout)
+                self._claim_worker(w)
+            else:
+                self._fail(w, err)
+        elif err is not None:
+            k.hold = True  # the next arrival for the key tries again
+            if not any(o.state in (STARTING, IDLE, BUSY) for o in k.containers):
+                for q in list(k.waiters):
+                    self._fail(q, err)
+        self._consider(k)
+        self._check_drained()
+
+    def _forget(self, c: Container) -> None:
+        """Drop a container from every structure; its slot becomes free."""
+        if c.state == GONE:
+            return
+        k = c.key
+        self._drop_leases(c)
+        c.state = GONE
+        k.containers.pop(c, None)
+        k.idle.pop(c, None)
+        self._lru.pop(c, None)
+        if c.handle is not None and self._by_id.get(c.handle.id) is c:
+            del self._by_id[c.handle.id]
+        if c.timer is not None and c.timer.active():
+            c.timer.cancel()
+        c.timer = None
+        s = c.slot
+        now = self._clock.seconds()
+        if s.evicting is c:
+            s.evicting = None
+            s.since = now
+            nxt = s.container
+            if nxt is not None and nxt.state == STARTING and nxt.chain is None:
+                args = nxt.chain_args
+                if args is not None:
+                    opts, deadline = args
+                    self._later(lambda: self._run_chain(nxt, opts, deadline))
+            elif nxt is None:
+                s.host.free[s] = None
+                if self._hungry:
+                    self._feed()
+        elif s.container is c:
+            s.container = None
+            s.since = now
+            if s.evicting is None:
+                s.host.free[s] = None
+                if self._hungry:
+                    self._feed()
+        self._check_drained()
+
+    def _drop_leases(self, c: Container) -> None:
+        """Forget the leases in flight on a container going away (their release is a no-op)."""
+        if c.state == BUSY:
+            k = c.key
+            self._leases -= c.inflight
+            if k.spec.mode == "x":
+                k.busy -= 1
+                k.lease_start_sum -= c.lease_started
+        c.inflight = 0
+
+    def _stop(self, c: Container, grace: float, evict: bool = False) -> None:
+        """Stop and remove a container; its slot is freed once the engine is done."""
+        k = c.key
+        self._drop_leases(c)
+        c.state = STOPPING
+        k.containers.pop(c, None)
+        k.idle.pop(c, None)
+        self._lru.pop(c, None)
+        if c.timer is not None and c.timer.active():
+            c.timer.cancel()
+        c.timer = None
+        if evict:
+            c.slot.evicting = c
+            c.slot.container = None
+        c.slot.since = self._clock.seconds()
+        self._pending += 1
+        handle = c.handle
+        engine = c.slot.host.engine
+
+        def done(result: object) -> None:
+            self._pending -= 1
+            self.events += 1
+            if isinstance(result, Failure):
+                if isinstance(result.value, EngineUnreachable):
+                    self._host_down(c.slot.host, str(result.value))
+                else:
+                    _warn("stopping {id} failed: {err}", id=c.id, err=result.value)
+            c.state = STOPPING  # _forget expects a live state
+            self._forget(c)
+            self._consider(k)
+            self._check_drained()
+            self._flush()
+
+        if handle is None:
+            self._later(lambda: done(None))
+        else:
+            self._later(lambda: engine.stop(handle, grace).addBoth(done))
+
+    def _remove_owned(self, h: HostState, o: OwnedContainer) -> None:
+        self._pending += 1
+        grace = self.settings.stop if o.running else 0
+
+        def done(result: object) -> None:
+            self._pending -= 1
+            if isinstance(result, Failure):
+                _warn("removing {id} failed: {err}", id=o.id, err=result.value)
+            self._check_drained()
+            self._flush()
+
+        self._later(lambda: h.engine.stop(o, grace).addBoth(done))
+
+    def _lose(self, c: Container, why: str) -> None:
+        """A running container died: forget it, free its slot, remove what is left."""
+        handle = c.handle
+        h = c.slot.host
+        c.last_error = why
+        c.slot.last_error = why
+        k = c.key
+        self._forget(c)
+        if handle is not None:
+            self._pending += 1
+
+            def done(result: object) -> None:
+                self._pending -= 1
+                self._check_drained()
+                self._flush()
+
+            self._later(lambda: h.engine.stop(handle, 0).addBoth(done))
+        self._consider(k)
+
+    # ------------------------------------------------------------------ hosts and events
+
+    def _on_event(self, h: HostState, ev: Any) -> None:
+        if ev.kind not in ("die", "oom"):
+            return
+        c = self._by_id.get(ev.container_id)
+        if c is None or c.state not in (IDLE, BUSY, WORKER):
+            return  # unknown, starting (its start fails with the log tail) or stopping
+        self.events += 1
+        log.info("container {id} of {display} {kind}", id=c.id, display=c.key.spec.display,
+                 kind="was killed (out of memory)" if ev.kind == "oom" else "died")
+        self._lose(c, f"container {'killed (oom)' if ev.kind == 'oom' else 'died'}"
+                   + (f" (exit {ev.exit_code})" if ev.exit_code is not None else ""))
+        self._flush()
+
+    def _ping_all(self) -> None:
+        for h in self._hosts:
+            if h.pinging or h.reconciling:
+                continue
+            h.pinging = True
+            try:
+                d = h.engine.ping()
+            except Exception:  # noqa: BLE001 - any failure means "down"
+                d = succeed(False)
+            d.addBoth(self._pinged, h)
+
+    def _pinged(self, result: object, h: HostState) -> None:
+        ok = result is True
+        h.pinging = False
+        if ok and not h.up:
+            self._reconcile(h)
+        elif not ok and h.up:
+            self._host_down(h, "engine does not answer ping")
+        self._flush()
+
+    def _host_down(self, h: HostState, reason: str) -> None:
+        if not h.up:
+            return
+        _warn("host {host} is down: {reason}", host=h.name, reason=reason)
+        h.up = False
+        h.since = self._clock.seconds()
+        h.last_error = reason
+        touched = set()
+        for s in h.slots:
+            c = s.container
+            if c is not None and c.state in (IDLE, WORKER):
+                touched.add(c.key)
+                self._forget(c)
+        for k in list(self._keys.values()):
+            if k.waiters:
+                self._consider(k)
+
+    def _reconcile(self, h: HostState) -> Deferred[None]:
+        """Adopt or remove the host's labelled containers, then mark it up."""
+        h.reconciling = True
+        try:
+            d = h.engine.list_own()
+        except Exception as e:  # noqa: BLE001 - any failure means "down"
+            d = fail(e)
+
+        def got(owned: list[OwnedContainer]) -> None:  
+            h.reconciling = False
+            self._adopt(h, owned)
+            h.up = True
+            h.since = self._clock.seconds()
+            h.last_error = None
+            for k in list(self._keys.values()):
+                if k.waiters:
+                    self._consider(k)
+            self._feed()
+            self._flush()
+
+        def failed(f: Failure) -> None:
+            h.reconciling = False
+            h.up = False
+            h.last_error = str(f.value)
+            _warn("host {host}: listing containers failed: {err}", host=h.name, err=f.value)
+            self._flush()
+
+        return d.addCallbacks(got, failed)
+
+    def _adopt(self, h: HostState, owned: list[OwnedContainer]) -> None:
+        now = self._clock.seconds()
+        running = {o.id for o in owned if o.running}
+        for s in h.slots:  # known containers that vanished while we were not looking
+            for c in (s.container, s.evicting):
+                if c is not None and c.state in (IDLE, BUSY, WORKER) and c.id not in running:
+                    self._lose(c, "container vanished while the host was down")
+        for o in owned:
+            if o.id in self._by_id:
+                continue
+            slot = self._slot_by_port.get((h.name, o.slot_port or -1))
+            spec = o.spec
+            ok = o.running and spec is not None and slot is not None and (
+                slot.container is None and slot.evicting is None)
+            if ok and spec is not None and spec.mode == "y":
+                ok = not any(c.state != GONE for c in self._key_for(spec).containers)
+            if not ok or spec is None or slot is None:
+                self._remove_owned(h, o)
+                continue
+            k = self._key_for(spec)
+            handle = ContainerHandle(o.id, o.name, h.name, slot.info, spec.key, spec)
+            c = Container(k, slot, IDLE, since=now, handle=handle, last_used=now)
+            slot.container = c
+            slot.since = now
+            h.free.pop(slot, None)
+            self._by_id[o.id] = c
+            k.containers[c] = None
+            log.info("adopted {id} of {display} in {host}:{port}", id=o.id,
+                     display=spec.display, host=h.name, port=slot.info.port)
+            if spec.worker:
+                c.state = WORKER
+                c.protected_until = now + self.settings.release
+                c.timer = self._clock.callLater(self.settings.release,
+                                                self._protection_over, c)
+            else:
+                if spec.mode == "x":
+                    k.idle[c] = None
+                self._lru[c] = None
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _check_drained(self) -> None:
+        if self._draining and self._drain_waiters and self.idle:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                self._later(self._resolver(d))
+
+    @staticmethod
+    def _resolver(d: Deferred[None]) -> Callable[[], None]:
+        def fire() -> None:
+            if not d.called:
+                d.callback(None)
+        return fire
+
+    def _drain_timeout(self, d: Deferred[None]) -> None:
+        if not d.called:
+            _warn("drain timeout: {n} request(s) still in flight", n=self._leases)
+            if d in self._drain_waiters:
+                self._drain_waiters.remove(d)
+            d.callback(None)
+
+    def _stop_everything(self) -> Deferred[None]:
+        for s in self._slots:
+            c = s.container
+            if c is None:
+                continue
+            if c.state == STARTING and c.chain is not None:
+                c.chain.cancel()
+            elif c.state in (IDLE, BUSY, WORKER):
+                self._stop(c, self.settings.stop)
+        done: Deferred[None] = Deferred()
+        self._drain_waiters.append(done)
+        self._check_drained()
+        self._flush()
+        return done

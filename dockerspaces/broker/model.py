@@ -1,0 +1,211 @@
+"""The broker's values and state: settings, progress, leases, slots, containers, waiters.
+
+Values are ``@frozen``; the mutable records (``@define``) are owned and mutated only by
+:class:`dockerspaces.broker.broker.Broker`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+
+from ..config import HostConfig
+from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
+from ..spec import JobSpec
+from .scaling import Ewma
+
+
+class IDelayedCall(Protocol):
+    """What the broker uses of a delayed call (typed without the zope plugin)."""
+
+    def active(self) -> bool:
+        """True until it ran or was cancelled."""
+
+    def cancel(self) -> None:
+        """Do not run it."""
+
+    def getTime(self) -> float:
+        """When it runs."""
+
+
+class Clock(Protocol):
+    """What the broker uses of ``IReactorTime`` (typed without the zope plugin)."""
+
+    def seconds(self) -> float:
+        """Now."""
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> IDelayedCall:
+        """Run ``callable`` after ``delay`` seconds."""
+
+# Container states.
+STARTING = "starting"  # cold start in progress (maybe still waiting for an eviction)
+IDLE = "idle"  # running, no request in flight
+BUSY = "busy"  # running, requests in flight (x: exactly one)
+WORKER = "worker"  # a running worker (no leases)
+STOPPING = "stopping"  # being stopped (eviction, failure, shutdown)
+GONE = "gone"  # forgotten (died, stopped, host lost)
+
+
+@frozen
+class BrokerSettings:
+    """The broker's options (SPEC "Options and defaults")."""
+
+    source: int = 15
+    queue: int = 1000
+    queue_timeout: float = 300
+    start_timeout: float = 600
+    worker_timeout: float = 1800
+    release: float = 1800
+    stop: float = 0
+    ping_interval: float = 5
+
+
+@frozen
+class Progress:
+    """What a waiting request is waiting for, published to its progress callback."""
+
+    state: str  # "queued" | "pulling" | "starting" | "ready" | "failed"
+    position: int | None = None
+    detail: str | None = None
+    current: int | None = None
+    total: int | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@define(eq=False)
+class HostState:
+    """One engine and its slots, with its up/down state."""
+
+    config: HostConfig
+    engine: IEngine
+    slots: list[Slot] = field(factory=list)
+    free: OrderedDict[Slot, None] = field(factory=OrderedDict)
+    up: bool = True
+    since: float = 0.0
+    pinging: bool = False
+    reconciling: bool = False
+    last_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The host's display name (``HostConfig.name``)."""
+        return self.config.name
+
+
+@define(eq=False)
+class Slot:
+    """A container place: fixed port/GPU on one host; at most one container."""
+
+    info: SlotInfo
+    host: HostState
+    index: int
+    container: Container | None = None
+    evicting: Container | None = None  # the previous container, being stopped
+    since: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True when empty and on an up host (a new container may start here)."""
+        return self.container is None and self.evicting is None and self.host.up
+
+
+@define(eq=False)
+class KeyState:
+    """Everything about one key: waiters FIFO, containers, measurements."""
+
+    key: str
+    spec: JobSpec
+    waiters: OrderedDict[Waiter, None] = field(factory=OrderedDict)
+    containers: dict[Container, None] = field(factory=dict)
+    idle: OrderedDict[Container, None] = field(factory=OrderedDict)
+    starting: int = 0
+    busy: int = 0  # x: containers holding a lease
+    lease_start_sum: float = 0.0  # sum of start times of in-flight x leases
+    service: Ewma = field(factory=Ewma)
+    cold: Ewma = field(factory=Ewma)
+    watchers: int = 0  # waiters with a progress callback
+    hold: bool = False  # a start failed: wait for a new arrival before retrying
+    recheck: IDelayedCall | None = None
+    status: Progress | None = None  # latest pull/start progress, for progress_of()
+
+
+@define(eq=False)
+class Container:
+    """A container of one key in one slot, from cold start until forgotten."""
+
+    key: KeyState
+    slot: Slot
+    state: str
+    since: float
+    handle: ContainerHandle | None = None
+    inflight: int = 0
+    last_used: float = 0.0
+    protected_until: float = 0.0
+    suspect: bool = False
+    timed_out: bool = False
+    chain: Deferred[Any] | None = None
+    timer: IDelayedCall | None = None
+    worker: Waiter | None = None  # the launch this worker container was started for
+    created_at: float | None = None
+    last_error: str | None = None
+    lease_started: float = 0.0  # x: when the current lease began
+    chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
+
+    @property
+    def id(self) -> str:
+        """The engine's container id ("" before it is created)."""
+        return self.handle.id if self.handle is not None else ""
+
+
+@define(eq=False)
+class Waiter:
+    """One acquire/launch call until it ends (lease, handle or error)."""
+
+    spec: JobSpec
+    key: KeyState
+    deferred: Deferred[Any]
+    arrived: float
+    progress: ProgressCallback | None = None
+    admitted: bool = False  # counted in --source
+    queued: bool = False  # in the admission queue
+    waiting: bool = False  # in its key's waiters (or hungry, for a worker)
+    done: bool = False
+    container: Container | None = None  # worker: the container started for it
+    assigned: float | None = None
+    endpoint: str = ""  # addr:port once served (for the monitor)
+
+
+@define(eq=False)
+class Lease:
+    """A request's hold on a container, handed to the proxy; release it when done."""
+
+    endpoint: str
+    display: str
+    container_id: str
+    queued_for: float
+    _release: Callable[[Lease, bool], None] = field(repr=False)
+    container: Container | None = field(default=None, repr=False)
+    waiter: Waiter | None = field(default=None, repr=False)
+    started: float = 0.0
+    released: bool = False
+
+    def release(self) -> None:
+        """Give the container back (idempotent): x: the oldest waiter gets it at once."""
+        if not self.released:
+            self.released = True
+            self._release(self, False)
+
+    def failed(self) -> None:
+        """The proxy saw the backend die: release, and have the container checked."""
+        if not self.released:
+            self.released = True
+            self._release(self, True)
