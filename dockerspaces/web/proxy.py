@@ -26,7 +26,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -388,6 +388,7 @@ class BackendProtocol(Protocol):
         self.expect_upgrade = False
         self.tunnel: Any = None
         self._decoder: Any = None
+        self.on_lost: list[Deferred[None]] = []
 
     # transport events
     def connectionMade(self) -> None:
@@ -591,6 +592,9 @@ class BackendProtocol(Protocol):
         self.connected = False
         if self.pool is not None:
             self.pool.forget(self)
+        waiters, self.on_lost = self.on_lost, []
+        for d in waiters:
+            d.callback(None)
         state, self.state = self.state, _DONE
         if state == _TUNNEL:
             self.tunnel.connectionLost(reason)
@@ -1001,9 +1005,14 @@ class Proxy:
             return self._pool.count()
         return len(self._pool.idle.get(backend, []))
 
-    def close_idle(self) -> None:
-        """Close every idle pooled connection (shutdown)."""
+    def close_idle(self) -> Deferred[None]:
+        """Close every idle pooled connection (shutdown); fires once they are all gone."""
+        waits = []
         for conns in list(self._pool.idle.values()):
             for p in list(conns):
+                d: Deferred[None] = Deferred()
+                p.on_lost.append(d)
+                waits.append(d)
                 p.transport.loseConnection()
         self._pool.idle.clear()
+        return DeferredList(waits).addCallback(lambda _: None)
