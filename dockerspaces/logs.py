@@ -1,0 +1,212 @@
+"""Structured log events: one per proxied request, one per container event.
+
+Events go through :mod:`twisted.logger` under the namespaces ``dockerspaces.request``
+and ``dockerspaces.container``; every event carries its fields as keys (``ds_kind``,
+``ds_route``, ``ds_status``, …) and a readable ``log_format``, so twistd's ordinary text
+log shows a line and :func:`json_observer` writes one JSON object per line.
+
+What is logged is safe by construction: a job is shown by ``JobSpec.display`` (env
+names and a hash, never values), a path through :func:`safe_path` (the route's env
+redacted by ``spec.redact_path`` and query *values* replaced by ``…``); credentials and
+env values are never passed in.
+
+``--log-format json``: :func:`setup_logging` returns the observer to use (``None`` for
+text: twistd's own); the app makes it the log observer of the twistd Application with
+:class:`ObservedMultiService` (twistd consults the Application's ``ILogObserver``
+component before ``--logfile``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.application.service import MultiService
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    formatEvent,
+)
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from .spec import redact_path
+
+REQUEST_NS = "dockerspaces.request"
+CONTAINER_NS = "dockerspaces.container"
+
+#: container events (``log_container(event, …)``)
+CONTAINER_EVENTS = (
+    "pull-start", "pull-end", "create", "start", "ready", "stop", "evict", "crash",
+    "adopt", "remove", "fail",
+)
+
+_request_log = Logger(namespace=REQUEST_NS)
+_container_log = Logger(namespace=CONTAINER_NS)
+
+
+def safe_path(uri: bytes) -> str:
+    """A request URI fit for logs: route env redacted, query values replaced by ``…``."""
+    raw, _, query = uri.partition(b"?")
+    path = redact_path(raw)
+    if not query:
+        return path
+    names = []
+    for item in query.split(b"&"):
+        name, eq, _value = item.partition(b"=")
+        names.append(name.decode("latin-1") + ("=…" if eq else ""))
+    return path + "?" + "&".join(names)
+
+
+def log_request(
+    *,
+    kind: str,
+    route: str,
+    method: bytes | str,
+    uri: bytes,
+    status: int,
+    nbytes: int,
+    seconds: float,
+    queue_wait: float | None = None,
+    client: str | None = None,
+    reason: str | None = None,
+    logger: Logger | None = None,
+) -> None:
+    """Log one finished (or abandoned) proxied request.
+
+    ``kind``: ``x``/``y``/``worker``/``host``/``shost``/``root``/``monitor``/``docker``;
+    ``route``: the displayed key (``JobSpec.display``) or host; ``uri``: the raw request
+    URI (it is redacted here); ``reason``: how it ended when not normally
+    (``client-gone``, ``backend-error``, …).
+    """
+    m = method.decode("latin-1") if isinstance(method, bytes) else method
+    qw = "" if queue_wait is None else " queued {ds_queue_wait:.3f}s"
+    why = "" if not reason else " ({ds_reason})"
+    (logger or _request_log).info(
+        "{ds_kind} {ds_route} {ds_method} {ds_path} -> {ds_status} {ds_bytes}B in {ds_seconds:.3f}s"
+        + qw + why,
+        ds_event="request",
+        ds_kind=kind,
+        ds_route=route,
+        ds_method=m,
+        ds_path=safe_path(uri),
+        ds_status=status,
+        ds_bytes=nbytes,
+        ds_seconds=seconds,
+        ds_queue_wait=queue_wait,
+        ds_client=client,
+        ds_reason=reason,
+    )
+
+
+def log_container(
+    event: str,
+    display: str,
+    host: str,
+    slot: int | None = None,
+    *,
+    container: str | None = None,
+    seconds: float | None = None,
+    detail: str | None = None,
+    logger: Logger | None = None,
+) -> None:
+    """Log one container event (``pull-start``, ``ready``, ``evict``, ``crash``, …).
+
+    ``display`` is the key as shown (``JobSpec.display``); ``slot`` the slot's host port;
+    ``container`` the container id (shortened here); ``seconds`` how long the step took;
+    ``detail`` a short free text (an exit code, a log tail -- never env values).
+    """
+    level = LogLevel.warn if event in ("crash", "fail") else LogLevel.info
+    fmt = "container {ds_event} {ds_route} on {ds_host}"
+    if slot is not None:
+        fmt += ":{ds_slot}"
+    if container:
+        fmt += " [{ds_container}]"
+    if seconds is not None:
+        fmt += " after {ds_seconds:.3f}s"
+    if detail:
+        fmt += ": {ds_detail}"
+    (logger or _container_log).emit(
+        level,
+        fmt,
+        ds_event=event,
+        ds_route=display,
+        ds_host=host,
+        ds_slot=slot,
+        ds_container=container[:12] if container else None,
+        ds_seconds=seconds,
+        ds_detail=detail,
+    )
+
+
+def event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready record of a log event: time, level, namespace, message, ``ds_*``."""
+    level = event.get("log_level")
+    rec: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time") or 0, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "level": getattr(level, "name", None) or str(level or "info"),
+        "namespace": event.get("log_namespace", "-"),
+    }
+    for k, v in event.items():
+        if k.startswith("ds_") and v is not None:
+            rec[k[3:]] = v
+    msg = formatEvent(event)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        msg += "\n" + failure.getTraceback()
+    rec["message"] = msg
+    return rec
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """Writes every event as one JSON object per line to ``out`` (see :func:`event_record`)."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Write one event."""
+        line = json.dumps(event_record(event), default=str, ensure_ascii=False)
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+def json_observer(out: IO[str] | None = None) -> JsonLinesObserver:
+    """A JSON-lines observer on ``out`` (stdout by default)."""
+    return JsonLinesObserver(out if out is not None else sys.stdout)
+
+
+def setup_logging(fmt: str, out: IO[str] | None = None) -> JsonLinesObserver | None:
+    """The log observer for ``--log-format fmt``: JSON lines on ``out``, or None for text
+    (twistd's own observer, honouring ``--logfile``)."""
+    if fmt == "json":
+        return json_observer(out)
+    if fmt != "text":
+        raise ValueError(f"unknown log format {fmt!r}")
+    return None
+
+
+class ObservedMultiService(MultiService):
+    """A top-level service that, attached to twistd's Application, makes ``observer`` its
+    log observer (an explicit ``twistd --logger`` still wins)."""
+
+    def __init__(self, observer: JsonLinesObserver | None):
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Register the observer on the Application, then attach as usual."""
+        if (
+            self.observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)

@@ -1,0 +1,259 @@
+"""In-process metrics and their Prometheus text exposition (``/monitor:metrics``).
+
+A tiny registry (:class:`Counter`, :class:`Gauge`, :class:`Histogram` with fixed
+buckets, each with label names) and :class:`Metrics`, the one object the web and
+broker layers report to:
+
+- ``request_started(kind)`` / ``request_done(kind, status, seconds, queue_wait)`` --
+  requests by route kind and status, in flight, request and queue-wait durations;
+- ``container_event(event, host, seconds=...)`` -- container starts, evictions,
+  crashes; ``pull-end``/``ready`` with ``seconds`` feed the pull and start-to-ready
+  histograms;
+- ``render(snapshot)`` -- the Prometheus text, with gauges computed from the broker's
+  ``/monitor:broker/`` snapshot at scrape time (waiting per key, slots by host and
+  state, sources in use).
+
+Labels never carry env values: keys are shown as ``JobSpec.display``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from attrs import define, field
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+#: request/queue durations: 5 ms .. 30 min
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0, 1800.0)
+#: pulls and cold starts: 100 ms .. 1 h
+START_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 3600.0)
+
+Labels = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Labels, values: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    pairs = list(zip(names, values)) + list(extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
+
+
+def _num(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    if v == -math.inf:
+        return "-Inf"
+    if isinstance(v, int) or float(v).is_integer():
+        return str(int(v))
+    return repr(float(v))
+
+
+@define
+class Counter:
+    """A monotonically increasing count per label set."""
+
+    name: str
+    help: str
+    labelnames: Labels = ()
+    values: dict[Labels, float] = field(factory=dict)
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0) to the series ``labels``."""
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        """The current value of one series (0 if never touched)."""
+        return self.values.get(labels, 0.0)
+
+    def lines(self) -> Iterable[str]:
+        """Exposition lines."""
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for labels, v in sorted(self.values.items()):
+            yield f"{self.name}{_labels(self.labelnames, labels)} {_num(v)}"
+
+
+@define
+class Gauge:
+    """A value that goes up and down per label set."""
+
+    name: str
+    help: str
+    labelnames: Labels = ()
+    values: dict[Labels, float] = field(factory=dict)
+
+    def set(self, *labels: str, value: float) -> None:
+        """Set the series ``labels`` to ``value``."""
+        self.values[labels] = value
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        """Add ``amount`` (may be negative) to the series."""
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        """The current value of one series (0 if never set)."""
+        return self.values.get(labels, 0.0)
+
+    def lines(self) -> Iterable[str]:
+        """Exposition lines."""
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        for labels, v in sorted(self.values.items()):
+            yield f"{self.name}{_labels(self.labelnames, labels)} {_num(v)}"
+
+
+@define
+class _HistSeries:
+    counts: list[int]
+    total: float = 0.0
+    count: int = 0
+
+
+@define
+class Histogram:
+    """Observations counted into fixed cumulative buckets, per label set."""
+
+    name: str
+    help: str
+    buckets: tuple[float, ...]
+    labelnames: Labels = ()
+    series: dict[Labels, _HistSeries] = field(factory=dict)
+
+    def observe(self, *labels: str, value: float) -> None:
+        """Record one observation."""
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = _HistSeries([0] * len(self.buckets))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                s.counts[i] += 1
+        s.total += value
+        s.count += 1
+
+    def count(self, *labels: str) -> int:
+        """Number of observations of one series."""
+        s = self.series.get(labels)
+        return s.count if s else 0
+
+    def lines(self) -> Iterable[str]:
+        """Exposition lines (``_bucket`` with ``le``, ``_sum``, ``_count``)."""
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        for labels, s in sorted(self.series.items()):
+            for bound, c in zip(self.buckets, s.counts):
+                le = (("le", repr(float(bound))),)
+                yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {c}"
+            inf = (("le", "+Inf"),)
+            yield f"{self.name}_bucket{_labels(self.labelnames, labels, inf)} {s.count}"
+            yield f"{self.name}_sum{_labels(self.labelnames, labels)} {_num(s.total)}"
+            yield f"{self.name}_count{_labels(self.labelnames, labels)} {s.count}"
+
+
+
+class Metrics:
+    """Every metric of dockerspaces; the web and broker layers report to it."""
+
+    def __init__(self) -> None:
+        p = "dockerspaces_"
+        self.requests = Counter(p + "requests_total", "Requests answered, by route kind and status.",
+                                ("kind", "status"))
+        self.in_flight = Gauge(p + "requests_in_flight", "Requests being served or waiting, by route kind.",
+                               ("kind",))
+        self.request_seconds = Histogram(p + "request_duration_seconds",
+                                         "Whole request time (arrival to last byte), by route kind.",
+                                         DURATION_BUCKETS, ("kind",))
+        self.queue_seconds = Histogram(p + "queue_wait_seconds",
+                                       "Time from arrival until a container was assigned, by route kind.",
+                                       DURATION_BUCKETS, ("kind",))
+        self.pull_seconds = Histogram(p + "pull_duration_seconds", "Image pull time, by host.",
+                                      START_BUCKETS, ("host",))
+        self.ready_seconds = Histogram(p + "start_to_ready_seconds",
+                                       "Container start until ready, by host.", START_BUCKETS, ("host",))
+        self.starts = Counter(p + "container_starts_total", "Containers started, by host.", ("host",))
+        self.evictions = Counter(p + "evictions_total", "Idle containers stopped to make room, by host.",
+                                 ("host",))
+        self.crashes = Counter(p + "container_crashes_total",
+                               "Containers that exited or failed unexpectedly, by host.", ("host",))
+        self.events = Counter(p + "container_events_total", "Container events, by event and host.",
+                              ("event", "host"))
+
+    # --- what the layers call -------------------------------------------------------
+
+    def request_started(self, kind: str) -> None:
+        """A request of route ``kind`` arrived (pair with :meth:`request_done`)."""
+        self.in_flight.inc(kind)
+
+    def request_done(self, kind: str, status: int, seconds: float,
+                     queue_wait: float | None = None) -> None:
+        """A request of route ``kind`` ended with ``status`` after ``seconds``; ``queue_wait``
+        is its wait for a container (x:/y:/worker only)."""
+        if self.in_flight.get(kind) > 0:
+            self.in_flight.inc(kind, amount=-1)
+        self.requests.inc(kind, str(status))
+        self.request_seconds.observe(kind, value=max(0.0, seconds))
+        if queue_wait is not None:
+            self.queue_seconds.observe(kind, value=max(0.0, queue_wait))
+
+    def container_event(self, event: str, host: str = "local", seconds: float | None = None) -> None:
+        """A container event (names as :data:`dockerspaces.logs.CONTAINER_EVENTS`).
+
+        ``start`` counts a start, ``evict`` an eviction, ``crash`` a crash;
+        ``pull-end``/``ready`` with ``seconds`` feed the pull / start-to-ready histograms.
+        """
+        self.events.inc(event, host)
+        if event == "start":
+            self.starts.inc(host)
+        elif event == "evict":
+            self.evictions.inc(host)
+        elif event == "crash":
+            self.crashes.inc(host)
+        elif event == "pull-end" and seconds is not None:
+            self.pull_seconds.observe(host, value=seconds)
+        elif event == "ready" and seconds is not None:
+            self.ready_seconds.observe(host, value=seconds)
+
+    # --- exposition -------------------------------------------------------------------
+
+    def snapshot_gauges(self, snapshot: dict[str, Any] | None) -> list[Gauge]:
+        """Gauges computed from a ``/monitor:broker/`` snapshot: waiting per key, slots by
+        host and state, sources by state."""
+        p = "dockerspaces_"
+        waiting = Gauge(p + "waiting", "Requests waiting for a container, by key.", ("key",))
+        slots = Gauge(p + "slots", "Target slots, by host and state.", ("host", "state"))
+        sources = Gauge(p + "sources", "Admission places (--source), by state.", ("state",))
+        containers = Gauge(p + "slot_in_flight", "Requests in flight through each slot's container.",
+                           ("host", "port"))
+        if snapshot:
+            for key, n in (snapshot.get("Queues") or {}).items():
+                waiting.set(str(key), value=float(n))
+            for s in snapshot.get("TargetSlots") or []:
+                host, state = str(s.get("Host", "local")), str(s.get("State", "Free"))
+                slots.inc(host, state)
+                if s.get("InFlight") is not None and s.get("Port") is not None:
+                    containers.set(host, str(s["Port"]), value=float(s["InFlight"]))
+            for s in snapshot.get("SourceSlots") or []:
+                sources.inc(str(s.get("State", "Free")))
+        return [waiting, slots, sources, containers]
+
+    def render(self, snapshot: dict[str, Any] | None = None) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        metrics: list[Any] = [
+            self.requests, self.in_flight, self.request_seconds, self.queue_seconds,
+            self.pull_seconds, self.ready_seconds, self.starts, self.evictions, self.crashes,
+            self.events,
+        ]
+        metrics += self.snapshot_gauges(snapshot)
+        out: list[str] = []
+        for m in metrics:
+            out.extend(m.lines())
+        return ("\n".join(out) + "\n").encode("utf-8")
