@@ -27,6 +27,7 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -780,7 +781,7 @@ class _Exchange:
         if self.ended:
             return
         b = self.backend
-        if f.check(CancelledError, ierror.TimeoutError):
+        if f.check(CancelledError, ierror.TimeoutError, DeferTimeoutError):
             msg = (
                 f"backend {b} did not accept a connection within "
                 f"{self.proxy.connect_timeout:g} s"
@@ -889,12 +890,12 @@ class _Exchange:
         if self.ended:
             return
         conn, self.conn = self.conn, None
+        self.producing = False
+        self._end("client-gone")
         if conn is not None:
             conn.abort()
         if self.connecting is not None:
             self.connecting.cancel()
-        self.producing = False
-        self._end("client-gone")
 
     # IPushProducer (registered on the client request)
     def pauseProducing(self) -> None:

@@ -137,11 +137,9 @@ class Splice:
         """Register each transport as the other's producer (call once both are attached)."""
         ct, bt = self.client.transport, self.backend.transport
         for consumer, producer in ((ct, bt), (bt, ct)):
-            try:
+            if getattr(consumer, "producer", None) is not None:
                 consumer.unregisterProducer()
-                consumer.registerProducer(producer, True)
-            except RuntimeError:
-                pass
+            consumer.registerProducer(producer, True)
 
     @property
     def bytes_to_client(self) -> int:
