@@ -285,6 +285,7 @@ class Broker:
         self._drain_waiters.append(drained)
         timer = self._clock.callLater(drain_timeout, self._drain_timeout, drained)
         self._check_drained()
+        self._flush()
 
         def after_drain(_: object) -> Deferred[None] | None:
             if timer.active():
