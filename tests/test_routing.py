@@ -1,0 +1,180 @@
+"""Unit tests for the routing helpers: Referer/cookie fallbacks, HostPolicy, CORS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from dockerspaces.web.routing import (
+    Forbidden,
+    HostPolicy,
+    cors_headers,
+    is_preflight,
+    preflight,
+    route_cookie_header,
+    route_from_cookie,
+    route_from_referer,
+)
+
+SEG = "x:selmaproject:tts:777:5002"
+
+
+class RefererTests(SynchronousTestCase):
+    def test_same_host(self) -> None:
+        ref = b"https://ds.example/" + SEG.encode() + b"/index.html?a=b"
+        self.assertEqual(route_from_referer(ref, b"ds.example"), SEG)
+
+    def test_other_host(self) -> None:
+        ref = b"https://evil.example/" + SEG.encode() + b"/"
+        self.assertIsNone(route_from_referer(ref, b"ds.example"))
+
+    def test_path_only(self) -> None:
+        self.assertEqual(route_from_referer(b"/host:example.org:8080/app", None), "host:example.org:8080")
+
+    def test_env_segment_kept_raw(self) -> None:
+        seg = "y:team:app:1:80:A=1%3B2;B=x"
+        self.assertEqual(route_from_referer(b"http://h/" + seg.encode() + b"/p", b"h"), seg)
+
+    def test_not_a_route(self) -> None:
+        for ref in (b"http://h/static/app.js", b"http://h/x:Bad:1", b"http://h/", b"", None,
+                    b"http://h/monitor:broker/"):
+            self.assertIsNone(route_from_referer(ref, b"h"), ref)
+
+
+class CookieTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        seg = "x:team:app:1:80:A=a%3Bb;B=2"
+        header = route_cookie_header(seg)
+        self.assertTrue(header.endswith(b"; Path=/; HttpOnly; SameSite=Lax"))
+        value = header.split(b";", 1)[0].split(b"=", 1)[1]
+        self.assertNotIn(b";", value)
+        req = DummyRequest([b""])
+        req.received_cookies = {b"dsroute": value}
+        self.assertEqual(route_from_cookie(req), seg)
+
+    def test_from_cookie_header(self) -> None:
+        req = DummyRequest([b""])
+        req.requestHeaders.setRawHeaders(b"cookie", [b"a=1; " + route_cookie_header(SEG).split(b";")[0]])
+        self.assertEqual(route_from_cookie(req), SEG)
+
+    def test_invalid_cookie_ignored(self) -> None:
+        for value in (b"x%3ABad", b"%ff%fe", b"monitor%3Abroker", b""):
+            req = DummyRequest([b""])
+            req.received_cookies = {b"dsroute": value}
+            self.assertIsNone(route_from_cookie(req), value)
+
+
+def resolver(table: dict[str, list[str]]) -> Any:
+    def resolve(name: str) -> Deferred[list[str]]:
+        return succeed(table.get(name, []))
+
+    return resolve
+
+
+class HostPolicyTests(SynchronousTestCase):
+    def policy(self, allow: tuple[str, ...] = (), **kw: Any) -> HostPolicy:
+        table = {
+            "example.org": ["93.184.216.34", "2606:2800:220:1::1"],
+            "localhost": ["127.0.0.1", "::1"],
+            "sneaky.example": ["93.184.216.34", "127.0.0.1"],
+            "meta.example": ["169.254.169.254"],
+            "db.internal": ["10.0.0.5"],
+        }
+        return HostPolicy(allow=allow, own_ports={8888}, resolve=resolver(table), **kw)
+
+    def forbidden(self, d: Deferred[str]) -> str:
+        f = self.failureResultOf(d, Forbidden)
+        return str(f.value.reason)
+
+    def test_public_name_resolves_prefer_ipv4(self) -> None:
+        self.assertEqual(self.successResultOf(self.policy().check("example.org", 80)), "93.184.216.34")
+
+    def test_private_network_allowed(self) -> None:
+        self.assertEqual(self.successResultOf(self.policy().check("db.internal", 5432)), "10.0.0.5")
+
+    def test_loopback_refused(self) -> None:
+        self.assertIn("loopback", self.forbidden(self.policy().check("localhost", 80)))
+        self.assertIn("loopback", self.forbidden(self.policy().check("127.0.0.2", 80)))
+        self.assertIn("loopback", self.forbidden(self.policy().check("::1", 80)))
+        self.assertIn("loopback", self.forbidden(self.policy().check("::ffff:127.0.0.1", 80)))
+        self.assertIn("loopback", self.forbidden(self.policy().check("sneaky.example", 80)))
+
+    def test_link_local_refused(self) -> None:
+        self.assertIn("link-local", self.forbidden(self.policy().check("meta.example", 80)))
+        self.assertIn("link-local", self.forbidden(self.policy().check("fe80::1", 80)))
+
+    def test_unspecified_refused(self) -> None:
+        self.forbidden(self.policy().check("0.0.0.0", 80))
+
+    def test_allow_by_name_address_cidr(self) -> None:
+        self.assertEqual(
+            self.successResultOf(self.policy(("localhost",)).check("localhost", 9000)), "127.0.0.1"
+        )
+        self.assertEqual(
+            self.successResultOf(self.policy(("127.0.0.1",)).check("127.0.0.1", 9000)), "127.0.0.1"
+        )
+        self.assertEqual(
+            self.successResultOf(self.policy(("169.254.0.0/16",)).check("meta.example", 80)),
+            "169.254.169.254",
+        )
+
+    def test_own_port_always_refused(self) -> None:
+        p = self.policy(("127.0.0.0/8", "localhost"), local=frozenset({"10.9.9.9"}))
+        self.assertIn("own port", self.forbidden(p.check("127.0.0.1", 8888)))
+        self.assertIn("own port", self.forbidden(p.check("localhost", 8888)))
+        self.assertIn("own port", self.forbidden(p.check("10.9.9.9", 8888)))
+        self.assertEqual(self.successResultOf(p.check("127.0.0.1", 8889)), "127.0.0.1")
+
+    def test_unresolvable(self) -> None:
+        self.assertIn("does not resolve", self.forbidden(self.policy().check("nope.example", 80)))
+
+
+class CorsTests(SynchronousTestCase):
+    def request(self, method: bytes = b"GET", **headers: bytes) -> DummyRequest:
+        req = DummyRequest([b""])
+        req.method = method
+        for k, v in headers.items():
+            req.requestHeaders.setRawHeaders(k.replace("_", "-").encode(), [v])
+        return req
+
+    def test_echo_origin_replacing_backend(self) -> None:
+        req = self.request(origin=b"https://app.example")
+        rh = req.responseHeaders
+        rh.setRawHeaders(b"access-control-allow-origin", [b"*"])
+        rh.setRawHeaders(b"Access-Control-Expose-Headers", [b"X-A"])
+        rh.setRawHeaders(b"vary", [b"Accept-Encoding"])
+        cors_headers(req)
+        cors_headers(req)  # idempotent: nothing duplicated
+        self.assertEqual(rh.getRawHeaders(b"access-control-allow-origin"), [b"https://app.example"])
+        self.assertEqual(rh.getRawHeaders(b"access-control-allow-credentials"), [b"true"])
+        self.assertIsNone(rh.getRawHeaders(b"access-control-expose-headers"))
+        self.assertEqual(rh.getRawHeaders(b"vary"), [b"Accept-Encoding, Origin"])
+
+    def test_no_origin(self) -> None:
+        req = self.request()
+        cors_headers(req)
+        self.assertIsNone(req.responseHeaders.getRawHeaders(b"access-control-allow-origin"))
+        self.assertEqual(req.responseHeaders.getRawHeaders(b"vary"), [b"Origin"])
+
+    def test_preflight(self) -> None:
+        req = self.request(
+            b"OPTIONS",
+            origin=b"https://app.example",
+            access_control_request_method=b"PUT",
+            access_control_request_headers=b"X-Token, Content-Type",
+        )
+        self.assertTrue(is_preflight(req))
+        self.assertEqual(preflight(req), b"")
+        rh = req.responseHeaders
+        self.assertEqual(req.responseCode, 204)
+        self.assertEqual(rh.getRawHeaders(b"access-control-allow-methods"), [b"PUT"])
+        self.assertEqual(rh.getRawHeaders(b"access-control-allow-headers"), [b"X-Token, Content-Type"])
+        self.assertEqual(rh.getRawHeaders(b"access-control-allow-origin"), [b"https://app.example"])
+
+    def test_plain_options_is_not_preflight(self) -> None:
+        self.assertFalse(is_preflight(self.request(b"OPTIONS", origin=b"https://a")))
+        self.assertFalse(is_preflight(self.request(b"GET", origin=b"https://a",
+                                                   access_control_request_method=b"GET")))

@@ -1,0 +1,114 @@
+"""Unit tests for make_site: body limit, request-head deadline, HTTP/1.1 only, log hook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+
+from dockerspaces.web.site import HeadDeadlineChannel, make_site
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes] = []
+
+    def render(self, request: Any) -> bytes:
+        body = request.content.read()
+        self.seen.append(body)
+        return b"got %d" % len(body)
+
+
+class SiteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.logged: list[Any] = []
+        self.resource = Echo()
+        self.site = make_site(
+            self.resource, self.clock, max_body=100, head_timeout=5.0,
+            on_request_logged=self.logged.append,
+        )
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+        t = StringTransport()
+        channel.makeConnection(t)
+        return channel, t
+
+    def test_body_within_limit(self) -> None:
+        ch, t = self.connect()
+        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"a" * 100)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.resource.seen, [b"a" * 100])
+        self.assertEqual(len(self.logged), 1)
+
+    def test_declared_length_over_limit(self) -> None:
+        ch, t = self.connect()
+        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n" + b"a" * 50)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
+        self.assertIn(b"101 bytes exceeds the limit of 100 bytes", t.value())
+        self.assertTrue(t.disconnecting)
+        ch.dataReceived(b"a" * 51 + b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.resource.seen, [])
+        self.assertEqual(t.value().count(b"HTTP/1.1"), 1)
+
+    def test_chunked_body_over_limit(self) -> None:
+        ch, t = self.connect()
+        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        ch.dataReceived(b"40\r\n" + b"a" * 64 + b"\r\n")
+        self.assertEqual(t.value(), b"")
+        ch.dataReceived(b"40\r\n" + b"a" * 64 + b"\r\n0\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.resource.seen, [])
+
+    def test_head_deadline_not_reset_by_bytes(self) -> None:
+        ch, t = self.connect()
+        for _ in range(4):
+            ch.dataReceived(b"G")
+            self.clock.advance(1.0)
+        self.assertFalse(t.disconnected)
+        self.clock.advance(1.0)
+        self.assertTrue(t.disconnected)  # aborted at 5 s though bytes kept coming
+
+    def test_head_deadline_restarts_after_request(self) -> None:
+        ch, t = self.connect()
+        self.clock.advance(4.0)
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "))
+        self.clock.advance(4.0)  # 8 s after connect, 4 s after the request
+        self.assertFalse(t.disconnected)
+        self.clock.advance(1.0)
+        self.assertTrue(t.disconnected)
+
+    def test_deadline_stops_while_handling(self) -> None:
+        """A slow response (not a slow head) is not cut by the head deadline."""
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                return 1  # NOT_DONE_YET
+
+        site = make_site(Slow(), self.clock, max_body=10, head_timeout=5.0)
+        ch = site.buildProtocol(None)
+        t = StringTransport()
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.clock.advance(60)
+        self.assertFalse(t.disconnected)
+        ch.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_http11_only_and_quiet(self) -> None:
+        ch, _ = self.connect()
+        self.assertIsInstance(ch, HeadDeadlineChannel)
+        self.assertIsInstance(ch, HTTPChannel)
+        self.assertFalse(self.site.noisy)
