@@ -39,7 +39,7 @@ class TakeoverTests(SynchronousTestCase):
 
     def test_upgrade_request_head(self) -> None:
         """The Upgrade request keeps Upgrade/Connection and uses a fresh connection."""
-        h, _, _, p, bt = self.upgraded()
+        _, _, _, p, bt = self.upgraded()
         _, headers = head_of(bt.value())
         self.assertEqual(values(headers, b"upgrade"), [b"websocket"])
         self.assertEqual(values(headers, b"connection"), [b"Upgrade"])
@@ -87,7 +87,7 @@ class TakeoverTests(SynchronousTestCase):
         self.assertTrue(bt.disconnecting)  # not pooled
 
     def test_client_gone_before_101(self) -> None:
-        h, channel, _, p, bt = self.upgraded()
+        h, channel, _, _, bt = self.upgraded()
         channel.connectionLost(Failure(ierror.ConnectionLost()))
         self.assertTrue(bt.disconnected)
         self.assertEqual(h.ends, [ExchangeEnd("client-gone", None, 0)])
