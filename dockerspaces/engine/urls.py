@@ -100,6 +100,10 @@ def make_client(
         kwargs["use_ssh_client"] = False
     # Construct with a pinned version (no I/O), fix it up, then ask for the version.
     client = docker.APIClient(base_url=docker_base_url(url), version="1.41", **kwargs)
+    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the session's CA
+    # (psf/requests#3829), which breaks https:// engines with their own CA; proxies
+    # from the environment make no sense for an engine either.
+    client.trust_env = False
     if extra_headers:
         client.headers.update(extra_headers)
     if version == "auto":
