@@ -154,6 +154,8 @@ class LifecycleTests(EngineIntegrationBase):
             self.assertGreaterEqual(took, 1.4)
             self.assertLess(took, 4)
             self.assertIn(str(self.ports[0]), str(cm.exception))
+            # docker-proxy accepted the connection and closed it: that is not ready.
+            self.assertIn("accepted then closed", str(cm.exception))
 
         return ensureDeferred(go())
 
