@@ -38,6 +38,7 @@ from .dockerutil import (
     docker_available,
     docker_client,
     free_port,
+    remove_containers,
     remove_instance_containers,
     unique_instance,
     wait_http_status,
@@ -70,7 +71,7 @@ class ConfFilesTests(unittest.TestCase):
     def test_every_option_is_shown(self) -> None:
         with open(self.toml, encoding="utf-8") as f:
             text = f.read()
-        shown = set(re.findall(r"^#?\s*([a-z][a-z-]*)\s*=", text, re.M))
+        shown = set(re.findall(r"^#?\s*([a-z][a-z-]*)\s*=", text, re.MULTILINE))
         missing = [o.name for o in OPTIONS if o.name != "config" and o.name not in shown]
         self.assertEqual(missing, [], "options missing from conf/dockerspaces.toml")
 
@@ -151,7 +152,7 @@ class ConfFilesTests(unittest.TestCase):
         path = os.path.join(d, "dockerspaces.service")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-        p = subprocess.run([tool, "verify", path], capture_output=True, text=True, timeout=60)
+        p = subprocess.run([tool, "verify", path], check=False, capture_output=True, text=True, timeout=60)
         lines = [x for x in (p.stdout + p.stderr).splitlines()
                  if "dockerspaces.service" in x and "docker.service" not in x.split(":", 1)[-1]]
         self.assertEqual((p.returncode, lines), (0, []), p.stdout + p.stderr)
@@ -187,13 +188,13 @@ def ensure_pybase() -> str:
                     ["debootstrap", "--variant=minbase",
                      "--include=python3,python3-venv,python3-pip,ca-certificates",
                      "bookworm", target, "http://deb.debian.org/debian"],
-                    capture_output=True, text=True, timeout=900)
+                    check=False, capture_output=True, text=True, timeout=900)
                 if p.returncode != 0:
                     raise unittest.SkipTest(f"debootstrap failed: {p.stdout[-2000:]}{p.stderr[-2000:]}")
                 tar = subprocess.Popen(["tar", "-C", target, "-c", "."], stdout=subprocess.PIPE)
                 imp = subprocess.run(
                     ["docker", "import", "-c", "ENV LANG=C.UTF-8", "-c", 'CMD ["/bin/bash"]',
-                     "-", PYBASE], stdin=tar.stdout, capture_output=True, text=True, timeout=600)
+                     "-", PYBASE], stdin=tar.stdout, check=False, capture_output=True, text=True, timeout=600)
                 tar.wait()
                 if imp.returncode != 0:
                     raise RuntimeError(f"docker import failed: {imp.stderr}")
@@ -217,7 +218,7 @@ def ensure_wheels() -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     p = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "-w", tmp, ROOT, "setuptools>=61", "wheel"],
-        capture_output=True, text=True, timeout=600)
+        check=False, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise unittest.SkipTest(f"cannot build dependency wheels (no package index?): {p.stderr[-1500:]}")
     for name in os.listdir(tmp):
@@ -263,6 +264,11 @@ def build_image(tag: str = IMAGE) -> tuple[str, float]:
         shutil.rmtree(ctx, ignore_errors=True)
 
 
+_BUILT: dict[str, Any] = {}
+# not TEST_LABEL: other suites' remove_test_containers() must not stop our running proxy
+OWN_LABEL = "dockerspaces.test.dockerfile"
+
+
 def _gateway_of_bridge(client: Any) -> str:
     net = client.inspect_network("bridge")
     return str(net["IPAM"]["Config"][0]["Gateway"])
@@ -273,23 +279,23 @@ class DockerfileTests(unittest.TestCase):
 
     skip = docker_available()
     timeout = 900
-    image: str | None = None
-    build_seconds = 0.0
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        ensure_test_images(WEB)
-        cls.image, cls.build_seconds = build_image()
 
     def setUp(self) -> None:
+        # trial has no setUpClass: build once per process, on first use
+        if "image" not in _BUILT:
+            ensure_test_images(WEB)
+            _BUILT["image"], _BUILT["seconds"] = build_image()
+        self.image: str | None = str(_BUILT["image"])
+        self.build_seconds = float(_BUILT["seconds"])
         self.client = docker_client(timeout=120)
         self.addCleanup(self.client.close)
+        remove_containers({"label": [OWN_LABEL]})  # leftovers of a crashed run
 
     def run_image(self, args: list[str], **kw: Any) -> str:
         assert self.image is not None
         host_config = self.client.create_host_config(**kw)
         c = self.client.create_container(self.image, command=args, host_config=host_config,
-                                         labels={TEST_LABEL: "1"},
+                                         labels={OWN_LABEL: "1"},
                                          ports=list(kw.get("port_bindings", {}) or []))
         cid = str(c["Id"])
         self.addCleanup(self._remove, cid)
@@ -307,7 +313,10 @@ class DockerfileTests(unittest.TestCase):
             pass
 
     def logs(self, cid: str) -> str:
-        return bytes(self.client.logs(cid)).decode("utf-8", "replace")
+        try:
+            return bytes(self.client.logs(cid)).decode("utf-8", "replace")
+        except Exception as e:  # noqa: BLE001 - gone already
+            return f"(no log: {e})"
 
     def test_build_is_quick(self) -> None:
         """Building (base and wheels cached) takes well under two minutes."""
@@ -315,7 +324,7 @@ class DockerfileTests(unittest.TestCase):
 
     def test_help(self) -> None:
         assert self.image is not None
-        out = self.client.create_container(self.image, command=["--help"], labels={TEST_LABEL: "1"})
+        out = self.client.create_container(self.image, command=["--help"], labels={OWN_LABEL: "1"})
         self.addCleanup(self._remove, out["Id"])
         self.client.start(out["Id"])
         rc = self.client.wait(out["Id"], timeout=60)["StatusCode"]
@@ -330,7 +339,7 @@ class DockerfileTests(unittest.TestCase):
         c = self.client.create_container(
             self.image, entrypoint=["/opt/dockerspaces/bin/python", "-c",
                                     "import glob; print(glob.glob('/opt/dockerspaces/lib/*/site-packages/twisted/plugins/dropin.cache'))"],
-            labels={TEST_LABEL: "1"})
+            labels={OWN_LABEL: "1"})
         self.addCleanup(self._remove, c["Id"])
         self.client.start(c["Id"])
         self.client.wait(c["Id"], timeout=60)
@@ -352,8 +361,8 @@ class DockerfileTests(unittest.TestCase):
         except TimeoutError:
             self.fail("dockerspaces in the container never answered:\n" + self.logs(cid))
         # unprivileged, in the socket's group
-        top = self.client.top(cid, ps_args="-o user,group,args")
-        users = {row[0] for row in top["Processes"]}
+        top = self.client.top(cid, ps_args="-o pid,user,args")
+        users = {row[1] for row in top["Processes"]}
         self.assertNotIn("root", users, top)
         url = f"http://127.0.0.1:{port}/y:dockerspaces-test:web:1:8080/cgi-bin/env?via=image"
         try:
