@@ -1045,6 +1045,7 @@ class Broker:
         def done(result: object) -> None:
             self._pending -= 1
             if isinstance(result, Failure):
+                self._engine_failed(h, result)
                 _warn("removing {id} failed: {err}", id=o.id, err=result.value)
             self._check_drained()
             self._flush()
@@ -1064,6 +1065,8 @@ class Broker:
 
             def done(result: object) -> None:
                 self._pending -= 1
+                if isinstance(result, Failure):
+                    self._engine_failed(h, result)
                 self._check_drained()
                 self._flush()
 
@@ -1104,6 +1107,11 @@ class Broker:
         elif not ok and h.up:
             self._host_down(h, "engine does not answer ping")
         self._flush()
+
+    def _engine_failed(self, h: HostState, f: Failure) -> None:
+        """An engine call failed: EngineUnreachable marks the host down (ping recovers)."""
+        if isinstance(f.value, EngineUnreachable):
+            self._host_down(h, str(f.value))
 
     def _host_down(self, h: HostState, reason: str) -> None:
         if not h.up:
