@@ -1,0 +1,79 @@
+// dockerspaces dashboard: poll /monitor:broker/ (JSON) and render tables.
+(function () {
+  "use strict";
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    if (cls) { e.className = cls; }
+    return e;
+  }
+  function row(tbody, cells) {
+    var tr = document.createElement("tr");
+    cells.forEach(function (c) {
+      var td = document.createElement("td");
+      if (c instanceof Node) { td.appendChild(c); } else { td.textContent = c === null || c === undefined ? "" : String(c); }
+      tr.appendChild(td);
+    });
+    tbody.appendChild(tr);
+  }
+  function ago(since) {
+    if (!since) { return ""; }
+    var s = Math.max(0, Math.round(Date.now() / 1000 - since));
+    if (s < 120) { return s + " s ago"; }
+    if (s < 7200) { return Math.round(s / 60) + " min ago"; }
+    return Math.round(s / 3600) + " h ago";
+  }
+  function body(id) {
+    var tb = document.querySelector("#" + id + " tbody");
+    while (tb.firstChild) { tb.removeChild(tb.firstChild); }
+    return tb;
+  }
+  function render(snap) {
+    var slots = snap.TargetSlots || [], hosts = {}, order = [];
+    var sb = body("ds-slots");
+    slots.forEach(function (s) {
+      var h = s.Host || "local";
+      if (!hosts[h]) { hosts[h] = {n: 0, run: 0, starting: 0, free: 0, inflight: 0}; order.push(h); }
+      var hs = hosts[h];
+      hs.n += 1;
+      if (s.State === "Run") { hs.run += 1; } else if (s.State === "Starting") { hs.starting += 1; }
+      else if (s.State === "Free") { hs.free += 1; }
+      hs.inflight += s.InFlight || 0;
+      row(sb, [h + ":" + (s.Port || ""), el("span", s.State, "pill s-" + s.State), ago(s.Since),
+               el("span", (s.Container || "").slice(0, 12), "mono"), el("span", s.Key || s.SlotType || "", "mono"),
+               s.InFlight, s.Gpu, s.LastError ? el("span", s.LastError, "err") : ""]);
+    });
+    var hb = body("ds-hosts");
+    order.forEach(function (h) {
+      var hs = hosts[h];
+      row(hb, [h, hs.n, hs.run, hs.starting, hs.free, hs.inflight]);
+    });
+    var qb = body("ds-queues"), queues = snap.Queues || {}, keys = Object.keys(queues);
+    keys.forEach(function (k) { row(qb, [el("span", k, "mono"), queues[k]]); });
+    if (!keys.length) { row(qb, [el("span", "nobody is waiting", "muted"), ""]); }
+    var src = snap.SourceSlots || [], busy = src.filter(function (s) { return s.State !== "Free"; }).length;
+    document.getElementById("ds-sources").textContent = busy + " of " + src.length + " admission places in use";
+    document.getElementById("ds-updated").textContent = new Date().toLocaleTimeString();
+  }
+  function poll() {
+    var xhr = new XMLHttpRequest();
+    xhr.open("GET", window.location.pathname, true);
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.onload = function () {
+      var err = document.getElementById("ds-error");
+      if (xhr.status === 200) {
+        err.textContent = "";
+        try { render(JSON.parse(xhr.responseText)); } catch (e) { err.textContent = "bad answer: " + e; }
+      } else {
+        err.textContent = "HTTP " + xhr.status;
+      }
+      setTimeout(poll, 2000);
+    };
+    xhr.onerror = function () {
+      document.getElementById("ds-error").textContent = "dockerspaces does not answer";
+      setTimeout(poll, 4000);
+    };
+    xhr.send();
+  }
+  poll();
+})();
