@@ -219,6 +219,18 @@ class ResponseTests(SynchronousTestCase):
         p.dataReceived(b"y" * 90)
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 100)])
 
+    def test_pooled_while_paused_reads_again(self) -> None:
+        """A response that ends while the client has us paused leaves a reading connection."""
+        h = Harness()
+        channel, _ = h.client(GET)
+        p, bt = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        channel.pauseProducing()
+        self.assertEqual(bt.producerState, "paused")
+        p.dataReceived(b"cd")
+        self.assertEqual(h.proxy.idle_connections(), 1)
+        self.assertEqual(bt.producerState, "producing")
+
     def test_client_gone_aborts_backend(self) -> None:
         h = Harness()
         channel, _ = h.client(GET)

@@ -81,6 +81,7 @@ _OWN_REQUEST = frozenset(
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _MAX_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
+READ_SIZE = 512 * 1024
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -385,6 +386,7 @@ class BackendProtocol(Protocol):
         self.connected = False
         self.served = 0
         self.got_bytes = False
+        self.paused = False
         self.head_request = False
         self.expect_upgrade = False
         self.tunnel: Any = None
@@ -394,6 +396,10 @@ class BackendProtocol(Protocol):
     # transport events
     def connectionMade(self) -> None:
         self.connected = True
+        # read up to READ_SIZE per recv (Twisted's default is 64 KiB): fewer trips
+        # through Python per megabyte of a large response
+        if hasattr(self.transport, "bufferSize") and not hasattr(self.transport, "wrappedProtocol"):
+            self.transport.bufferSize = READ_SIZE
 
     def send(self, sink: _Exchange, head: bytes, body: Any, length: int) -> None:
         """Write a request; the response goes to ``sink``."""
@@ -445,7 +451,7 @@ class BackendProtocol(Protocol):
             return
         if state == _HEAD:
             self.got_bytes = True
-            self.buf += data
+            self.buf = self.buf + data if self.buf else data
             self._parse_head()
             return
         # bytes while idle: the connection is no longer in a known state
@@ -542,6 +548,9 @@ class BackendProtocol(Protocol):
         self._decoder = None
         self.sink = None
         self.served += 1
+        # the response may end while the client had us paused: an idle connection
+        # must read (to notice the backend closing it, and to get the next response)
+        self.resume()
         if sink is not None:
             sink.response_done()
         if self.body_sent:
@@ -571,12 +580,14 @@ class BackendProtocol(Protocol):
 
     def pause(self) -> None:
         """Stop reading from the backend (client is slow)."""
-        if self.connected:
+        if self.connected and not self.paused:
+            self.paused = True
             self.transport.pauseProducing()
 
     def resume(self) -> None:
         """Read from the backend again."""
-        if self.connected:
+        if self.connected and self.paused:
+            self.paused = False
             self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:  # IHalfCloseableProtocol (tunnel use)
@@ -750,6 +761,12 @@ class _Exchange:
         request = self.request
         request.notifyFinish().addErrback(self._client_gone)
         request.defaultContentType = None
+        # let the client transport hold one backend read before it pauses us
+        transport: Any = request.channel.transport if request.channel is not None else None
+        if getattr(transport, "bufferSize", READ_SIZE) < READ_SIZE and not hasattr(
+            transport, "wrappedProtocol"
+        ):
+            transport.bufferSize = READ_SIZE
         conn = None if self.upgrade is not None else self.proxy._pool.take(self.backend)
         if conn is not None:
             self._send(conn)

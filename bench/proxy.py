@@ -1,0 +1,346 @@
+"""Proxy benchmark: our streaming proxy against nginx, configurable-http-proxy and stock Twisted.
+
+In one run, against the same backends on loopback:
+
+  (a) direct   wrk → nginx (static files: a 19-byte page, a 1 MiB file)
+  (b) nginx    wrk → nginx keep-alive reverse proxy → (a)
+  (c) chp      wrk → configurable-http-proxy → (a)
+  (d) twisted  wrk → twisted.web.proxy.ReverseProxyResource → (a)
+  (e) ours     wrk → dockerspaces Proxy.forward in a plain Site → (a)
+
+plus WebSocket echo round trips (a small Python client, N sequential round trips) direct
+to a ``websockets`` echo server and through (b), (c) and (e) (stock Twisted cannot).
+Prints req/s, p50/p99 and the ratio of (e) to each. Bars (same run): small page
+≥ chp and ≥ 1.7× stock Twisted; 1 MiB ≥ nginx.
+
+Needs wrk, nginx (``apt-get install -y wrk nginx``) and ``npm i -g configurable-http-proxy``.
+The backends and proxies are started here with their own temp configs (no system service).
+
+    .venv/bin/python -m bench.proxy [--seconds 5] [--connections 50] [--ws-trips 2000]
+    .venv/bin/python -m bench.proxy --profile   # also cProfile ours under the small-page load
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+NGINX_BACKEND = """
+worker_processes 1;
+daemon off;
+pid {tmp}/backend.pid;
+error_log {tmp}/backend-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/www;
+        default_type text/plain;
+    }}
+}}
+"""
+
+NGINX_PROXY = """
+worker_processes 1;
+daemon off;
+pid {tmp}/proxy.pid;
+error_log {tmp}/proxy-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+    upstream wsbackend {{ server 127.0.0.1:{ws}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+        location /ws {{
+            proxy_pass http://wsbackend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+WS_ECHO = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1]), compression=None):
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+STOCK_TWISTED = """
+import sys
+from twisted.internet import reactor
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.server import Site
+site = Site(ReverseProxyResource("127.0.0.1", int(sys.argv[2]), b""))
+site.noisy = False
+site.log = lambda request: None
+reactor.listenTCP(int(sys.argv[1]), site, interface="127.0.0.1", backlog=1024)
+reactor.run()
+"""
+
+OURS = """
+import sys
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from dockerspaces.web.proxy import Backend, Proxy
+from dockerspaces.web.site import make_site
+
+port, backend_port, ws_port = (int(a) for a in sys.argv[1:4])
+backend = Backend.tcp("127.0.0.1", backend_port)
+ws = Backend.tcp("127.0.0.1", ws_port)
+proxy = Proxy(reactor, pool_size=64)
+
+class Front(Resource):
+    # every request to the backend (the lead will swap this for the real host: route)
+    isLeaf = True
+    def render(self, request):
+        target = ws if request.uri.startswith(b"/ws") else backend
+        return proxy.forward(request, target, request.uri, prefix=b"", host_header=None)
+
+reactor.listenTCP(port, make_site(Front(), reactor, max_body=1 << 30),
+                  interface="127.0.0.1", backlog=1024)
+if len(sys.argv) > 4:
+    import cProfile, pstats
+    prof = cProfile.Profile()
+    def dump():
+        prof.disable()
+        with open(sys.argv[4], "w") as out:
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    reactor.addSystemEventTrigger("before", "shutdown", dump)
+    prof.enable()
+reactor.run()
+"""
+
+
+class Procs:
+    """Started processes, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def wrk(port: int, path: str, seconds: int, conns: int) -> tuple[float, float, float]:
+    """(req/s, p50 ms, p99 ms) from wrk with one thread."""
+    res = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, check=True,
+    )
+    rps = p50 = p99 = float("nan")
+    for line in res.stdout.splitlines():
+        bits = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(bits[1])
+        elif bits[:1] == ["50%"]:
+            p50 = to_ms(bits[1])
+        elif bits[:1] == ["99%"]:
+            p99 = to_ms(bits[1])
+        elif "Non-2xx" in line or "Socket errors" in line:
+            print(f"    wrk :{port}{path}: {line.strip()}")
+    return rps, p50, p99
+
+
+def to_ms(text: str) -> float:
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * f
+    return float(text)
+
+
+def ws_trips(port: int, n: int) -> tuple[float, float, float]:
+    """(round trips/s, p50 ms, p99 ms) of n sequential 64-byte echo round trips."""
+    from websockets.sync.client import connect
+
+    msg = "m" * 64
+    lat = []
+    with connect(f"ws://127.0.0.1:{port}/ws", compression=None) as ws:
+        for _ in range(50):
+            ws.send(msg)
+            ws.recv()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            ws.send(msg)
+            ws.recv()
+            lat.append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+    lat.sort()
+    return n / total, statistics.median(lat) * 1000, lat[int(len(lat) * 0.99)] * 1000
+
+
+def table(title: str, rows: dict[str, tuple[float, float, float]], unit: str = "req/s") -> None:
+    print(f"\n{title}")
+    print(f"  {'target':10} {unit:>10} {'p50 ms':>9} {'p99 ms':>9}   ours/target")
+    ours = rows.get("ours", (float("nan"),))[0]
+    for name, (rps, p50, p99) in rows.items():
+        ratio = "" if name == "ours" else f"{ours / rps:6.2f}x"
+        print(f"  {name:10} {rps:10.0f} {p50:9.2f} {p99:9.2f}   {ratio}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--big-connections", type=int, default=10)
+    ap.add_argument("--ws-trips", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true", help="cProfile ours (small page)")
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            sys.exit(f"{tool} not found: apt-get install -y wrk nginx")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    chp = shutil.which("configurable-http-proxy")
+
+    tmp = tempfile.mkdtemp(prefix="dsbench-")
+    os.chmod(tmp, 0o755)  # nginx workers run as an unprivileged user
+    os.makedirs(f"{tmp}/www")
+    with open(f"{tmp}/www/small", "wb") as f:
+        f.write(b"hello from nginx!!\n")  # 19 bytes
+    with open(f"{tmp}/www/big", "wb") as f:
+        f.write(os.urandom(1 << 20))
+
+    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours")}
+    procs = Procs()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    try:
+        for name, conf in (("backend", NGINX_BACKEND), ("nginx", NGINX_PROXY)):
+            path = f"{tmp}/{name}.conf"
+            with open(path, "w") as f:
+                f.write(conf.format(tmp=tmp, port=ports[name], backend=ports["backend"], ws=ports["ws"]))
+            procs.start([nginx, "-c", path, "-p", tmp, "-e", f"{tmp}/{name}-start.log"])
+        procs.start([PY, "-c", WS_ECHO, str(ports["ws"])], env=env)
+        procs.start([PY, "-c", STOCK_TWISTED, str(ports["twisted"]), str(ports["backend"])], env=env)
+        prof_out = f"{tmp}/ours.prof.txt"
+        ours_args = [PY, "-c", OURS, str(ports["ours"]), str(ports["backend"]), str(ports["ws"])]
+        if args.profile:
+            ours_args.append(prof_out)
+        ours = procs.start(ours_args, env=env)
+        targets = {"direct": ports["backend"], "nginx": ports["nginx"]}
+        if chp:
+            procs.start(
+                [chp, "--ip", "127.0.0.1", "--port", str(ports["chp"]), "--api-ip", "127.0.0.1",
+                 "--api-port", str(ports["chp_api"]), "--default-target",
+                 f"http://127.0.0.1:{ports['backend']}", "--log-level", "error"],
+                env=dict(env, CONFIGPROXY_AUTH_TOKEN="bench"),
+            )
+            targets["chp"] = ports["chp"]
+        else:
+            print("configurable-http-proxy not found (npm i -g configurable-http-proxy): skipped")
+        targets["twisted"] = ports["twisted"]
+        targets["ours"] = ports["ours"]
+        for p in (*targets.values(), ports["ws"]):
+            wait_port(p)
+        if chp:
+            import urllib.request
+
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{ports['chp_api']}/api/routes/ws",
+                data=f'{{"target": "http://127.0.0.1:{ports["ws"]}"}}'.encode(),
+                headers={"Authorization": "token bench"}, method="POST",
+            )
+            urllib.request.urlopen(req, timeout=5).read()
+
+        print(f"proxy bench: {os.cpu_count()} cores, wrk -t1, {args.seconds}s per run")
+        small: dict[str, tuple[float, float, float]] = {}
+        big: dict[str, tuple[float, float, float]] = {}
+        for name, port in targets.items():
+            wrk(port, "/small", 1, args.connections)  # warm up (pools, JIT-less caches)
+            small[name] = wrk(port, "/small", args.seconds, args.connections)
+        for name, port in targets.items():
+            big[name] = wrk(port, "/big", args.seconds, args.big_connections)
+        ws: dict[str, tuple[float, float, float]] = {}
+        ws_targets: dict[str, int] = {"direct": ports["ws"], "nginx": ports["nginx"]}
+        if chp:
+            ws_targets["chp"] = ports["chp"]
+        ws_targets["ours"] = ports["ours"]
+        for name, port in ws_targets.items():
+            ws[name] = ws_trips(port, args.ws_trips)
+
+        table(f"19-byte page, {args.connections} connections", small)
+        table(f"1 MiB file, {args.big_connections} connections", big)
+        table(f"WebSocket echo, {args.ws_trips} sequential round trips", ws, "trips/s")
+        check: list[tuple[str, Callable[[], bool]]] = [
+            ("small page: ours >= 1.7x stock twisted",
+             lambda: small["ours"][0] >= 1.7 * small["twisted"][0]),
+            ("1 MiB: ours >= nginx", lambda: big["ours"][0] >= big["nginx"][0]),
+        ]
+        if chp:
+            check.insert(0, ("small page: ours >= chp", lambda: small["ours"][0] >= small["chp"][0]))
+        print("\nbars:")
+        for text, ok in check:
+            print(f"  [{'ok' if ok() else 'MISSED'}] {text}")
+        if args.profile:
+            ours.terminate()
+            ours.wait(10)
+            print(f"\nprofile of ours (tottime), {prof_out}:")
+            with open(prof_out) as f:
+                print(textwrap.indent(f.read()[:6000], "  "))
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
