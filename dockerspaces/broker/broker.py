@@ -663,6 +663,7 @@ class Broker:
 
     def _claim_worker(self, w: Waiter) -> None:
         if self._draining:
+            self._fail(w, Draining("dockerspaces is shutting down"))
             return
         slot = self._take_capacity(w.key)
         if slot is None:
@@ -671,6 +672,12 @@ class Broker:
             return
         self._worker_timeouts.discard(w)
         w.container = self._start_container(w.key, slot, worker=w)
+
+    def _reclaim_worker(self, w: Waiter) -> None:
+        """A worker's start was lost with its host: look for a slot elsewhere."""
+        w.container = None
+        self._worker_timeouts.add(w, self._clock.seconds() + self.settings.worker_timeout)
+        self._claim_worker(w)
 
     def _take_capacity(self, k: KeyState) -> Slot | None:
         """A slot for a new container of ``k``: a free one, else evict the LRU idle one."""
@@ -876,7 +883,10 @@ class Broker:
         c.slot.since = now
         c.slot.last_error = None
         if not c.slot.host.up:
-            self._forget(c)
+            self._forget(c)  # adopted by label when the host answers again
+            w = c.worker
+            if w is not None and not w.done:
+                self._reclaim_worker(w)
             self._consider(k)
             self._check_drained()
             return
@@ -937,10 +947,7 @@ class Broker:
         w = c.worker
         if w is not None and not w.done:
             if err is None:
-                w.container = None
-                self._worker_timeouts.add(w, self._clock.seconds()
-                                          + self.settings.worker_timeout)
-                self._claim_worker(w)
+                self._reclaim_worker(w)
             else:
                 self._fail(w, err)
         elif err is not None:
