@@ -174,6 +174,7 @@ class Broker:
                 self._slot_by_port[(hc.name, s.info.port)] = s
             self._hosts.append(h)
         self._keys: dict[str, KeyState] = {}
+        self._by_spec: dict[JobSpec, KeyState] = {}  # cache: spec.key hashes the env
         self._by_id: dict[str, Container] = {}
         self._lru: OrderedDict[Container, None] = OrderedDict()
         self._hungry: OrderedDict[Claimant, None] = OrderedDict()
@@ -328,7 +329,7 @@ class Broker:
                 "Since": int(s.since),
                 "SlotType": c.key.spec.slot_type if c is not None else "",
                 "RunInfo": {},
-                "RefInfo": f"{s.host.config.address}:{s.info.port}",
+                "RefInfo": s.ref_info,
                 "Host": s.host.name,
                 "Port": s.info.port,
                 "Gpu": s.info.gpu,
@@ -445,9 +446,14 @@ class Broker:
     # ------------------------------------------------------------------ arrivals
 
     def _key_for(self, spec: JobSpec) -> KeyState:
-        k = self._keys.get(spec.key)
+        k = self._by_spec.get(spec)
         if k is None:
-            k = self._keys[spec.key] = KeyState(spec.key, spec)
+            k = self._keys.get(spec.key)
+            if k is None:
+                k = self._keys[spec.key] = KeyState(spec.key, spec, spec.display)
+            if len(self._by_spec) > 10_000:
+                self._by_spec.clear()
+            self._by_spec[spec] = k
         return k
 
     def _new_waiter(self, spec: JobSpec, progress: ProgressCallback | None) -> Waiter:
@@ -463,9 +469,10 @@ class Broker:
             return Draining("dockerspaces is shutting down")
         if not self._slots:
             return NoCapacity("no container slots are configured (--target 0)")
-        if not any((h.up or h.reconciling) and h.slots for h in self._hosts):
-            return NoCapacity("every Docker host is down")
-        return None
+        for h in self._hosts:
+            if (h.up or h.reconciling) and h.slots:
+                return None
+        return NoCapacity("every Docker host is down")
 
     def _admit_or_queue(self, w: Waiter) -> None:
         if len(self._admitted) < self.settings.source and not self._admission:
@@ -741,9 +748,10 @@ class Broker:
             c.lease_started = now
             k.lease_start_sum += now
         c.state = BUSY
-        endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
-        w.endpoint = f"{c.slot.host.config.address}:{c.slot.info.port}"
-        lease = Lease(endpoint, k.spec.display, c.id, now - w.arrived, self._release,
+        if not c.endpoint:
+            c.endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
+        w.endpoint = c.slot.ref_info
+        lease = Lease(c.endpoint, k.display, c.id, now - w.arrived, self._release,
                       container=c, waiter=w, started=now)
         self._publish(w, Progress("ready"))
         self._fire(w.deferred, lease)

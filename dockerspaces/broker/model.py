@@ -113,6 +113,11 @@ class Slot:
     last_error: str | None = None
 
     @property
+    def ref_info(self) -> str:
+        """``address:port`` of the slot as the monitor shows it."""
+        return f"{self.host.config.address}:{self.info.port}"
+
+    @property
     def usable(self) -> bool:
         """True when empty and on an up host (a new container may start here)."""
         return self.container is None and self.evicting is None and self.host.up
@@ -124,6 +129,7 @@ class KeyState:
 
     key: str
     spec: JobSpec
+    display: str = ""
     waiters: OrderedDict[Waiter, None] = field(factory=OrderedDict)
     containers: dict[Container, None] = field(factory=dict)
     idle: OrderedDict[Container, None] = field(factory=OrderedDict)
@@ -156,6 +162,7 @@ class Container:
     timer: IDelayedCall | None = None
     worker: Waiter | None = None  # the launch this worker container was started for
     created_at: float | None = None
+    endpoint: str = ""  # engine.endpoint_for(slot, spec), once known
     last_error: str | None = None
     lease_started: float = 0.0  # x: when the current lease began
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
