@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     # memory: a separate run under tracemalloc (which slows everything down)
-    clock, broker, specs, held = setup()
+    _clock, broker, specs, held = setup()
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
