@@ -11,7 +11,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 
-from .broker.broker import Broker, BrokerSettings
+from .broker.broker import Broker
+from .broker.model import BrokerSettings
 from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
@@ -22,7 +23,7 @@ from .web.jobs import HostResource, JobResource
 from .web.monitor import MonitorResource
 from .web.proxy import Proxy
 from .web.root import Root
-from .web.routing import HostPolicy
+from .web.routing import HostPolicy, local_addresses, resolver_from
 from .web.site import make_site
 
 
@@ -137,8 +138,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
                     run_options_for(config))
     BrokerService(broker, config.keep_containers).setServiceParent(top)
-    proxy = Proxy(reactor)
-    policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config))
+    proxy = Proxy(reactor, cors=config.cors)
+    policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
+                        resolve=resolver_from(reactor.nameResolver), local=local_addresses())
     root = Root(config, Routes(config, proxy, broker, policy))
     site = make_site(root, reactor, max_body=config.max_body)
     for desc in config.ports:

@@ -809,10 +809,10 @@ class MiscTests(EngineTestCase):
 
     def test_endpoint_for(self) -> None:
         eng = self.make()
-        self.assertEqual(eng.endpoint_for(SlotInfo("local", 9105), SPEC), "tcp:127.0.0.1:9105:timeout=5")
+        self.assertEqual(eng.endpoint_for(SlotInfo("local", 9105), SPEC), "tcp:127.0.0.1:9105")
         v6 = HostConfig(name="v6", url="unix:///s", start_port=9100, slots=1, publish_ip="::1")
         eng6 = self.make(host=v6)
-        self.assertEqual(eng6.endpoint_for(SlotInfo("v6", 9100), SPEC), "tcp6:\\:\\:1:9100:timeout=5")
+        self.assertEqual(eng6.endpoint_for(SlotInfo("v6", 9100), SPEC), "tcp:[::1]:9100")
 
     def test_service_stops_pool_and_closes_streams(self) -> None:
         eng = self.make()

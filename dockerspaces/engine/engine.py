@@ -810,11 +810,12 @@ class Engine:
         return d
 
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
-        """``tcp:<address>:<slot.port>:timeout=5`` (address escaped for IPv6)."""
+        """``tcp:<address>:<slot.port>`` (an IPv6 address in brackets), as the proxy's
+        ``Backend`` takes it; the proxy applies its own connect timeout."""
         addr = self.host.address
         if ":" in addr:
-            return f"tcp6:{addr.replace(':', chr(92) + ':')}:{slot.port}:timeout={self._connect_timeout}"
-        return f"tcp:{addr}:{slot.port}:timeout={self._connect_timeout}"
+            return f"tcp:[{addr}]:{slot.port}"
+        return f"tcp:{addr}:{slot.port}"
 
 
 def event_from_docker(raw: dict[str, Any]) -> ContainerEvent | None:

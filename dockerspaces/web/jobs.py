@@ -124,7 +124,8 @@ class HostResource(Resource):
         def go(ip: str) -> None:
             if request.finished or getattr(request, "_disconnected", False):
                 return
-            backend = Backend.for_host(self.target.host, ip, self.target.port, self.target.tls)
+            t = self.target
+            backend = Backend.tls(t.host, t.port, address=ip) if t.tls else Backend.tcp(ip, t.port)
             self.proxy.forward(
                 request,
                 backend,

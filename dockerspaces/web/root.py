@@ -54,10 +54,9 @@ class Root(Resource):
         """Pick the resource for this request from its raw URI (``path`` is ignored)."""
         child = self._resolve(request)
         if self.config.cors and not isinstance(child, _NoCors):
-            pre = routing.preflight(request)
-            if pre is not None:
-                return pre
-            routing.add_cors_headers(request)
+            if routing.is_preflight(request):
+                return _Preflight()
+            routing.cors_headers(request)
         return child
 
     def render(self, request: Request) -> bytes:  # type: ignore[override]
@@ -116,6 +115,16 @@ class Root(Resource):
             "no route: the path must start with /x:…, /y:…, /host:…, /shost:…, "
             "/monitor:broker or /docker:local",
         )
+
+
+class _Preflight(Resource):
+    """Answers a CORS preflight (``--cors``)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        """The preflight answer."""
+        return routing.preflight(request)
 
 
 class _NoCors(Resource):
