@@ -69,6 +69,30 @@ class WarmAndColdTests(SynchronousTestCase):
         self.assertIn(lb.container_id, h.engine.containers)
         self.assertEqual(h.engine.stops, 1)
 
+    def test_eviction_waits_for_the_stop_grace(self) -> None:
+        """The evicted container gets --stop seconds; the slot shows Stopping meanwhile."""
+        h = Harness(slots=1, stop=5)
+        self.successResultOf(h.acquire(A)).release()
+        db = h.acquire(B)
+        self.assertEqual(h.broker.snapshot()["TargetSlots"][0]["State"], "Stopping")
+        h.clock.advance(4.9)
+        self.assertNoResult(db)
+        self.assertEqual(len(h.engine.running_on(9100)), 1)
+        h.clock.advance(0.1)
+        self.successResultOf(db)
+
+    def test_start_timeout_while_evicting(self) -> None:
+        """The start deadline also covers the wait for the evicted container's stop."""
+        h = Harness(slots=1, stop=100, start_timeout=10)
+        self.successResultOf(h.acquire(A)).release()
+        db = h.acquire(B)
+        h.clock.advance(10)
+        self.failureResultOf(db, StartTimeout)
+        h.clock.advance(90)
+        self.assertEqual(h.engine.own(), {})
+        self.assertEqual(h.broker.snapshot()["TargetSlots"][0]["State"], "Free")
+        self.successResultOf(h.acquire(B))
+
     def test_busy_containers_are_never_evicted(self) -> None:
         """With every container busy, another key waits; it gets the first freed one."""
         h = Harness(slots=1)
