@@ -233,11 +233,13 @@ class LoggingTests(TestCase):
     def test_secret_query_redacted(self) -> None:
         """Build args and the like never reach the log."""
         self.gate.render(make_request(
-            b"/docker:local/v1.41/build?t=app%3A1&buildargs=%7B%22PASSWORD%22%3A%22hunter2%22%7D",
+            b"/docker:local/v1.41/build?t=app%3A1&target=prod"
+            b"&buildargs=%7B%22PASSWORD%22%3A%22hunter2%22%7D",
             method=b"POST"))
         [line] = [formatEvent(e) for e in self.events]
         self.assertNotIn("hunter2", line)
         self.assertIn("t=app:1", line)
+        self.assertIn("target=prod", line)
         self.assertIn("buildargs=…", line)
 
     def test_refusal_logged(self) -> None:
@@ -327,3 +329,41 @@ class HelperTests(TestCase):
                          "/v1.41/images/create?fromImage=busybox&tag=1")
         self.assertEqual(redact_api_path(b"/x?registryAuth=abc&X-Token=q"),
                          "/x?registryAuth=…&X-Token=…")
+
+
+class FlushHeadTests(TestCase):
+    """The response head leaves as soon as the proxy registers as the producer."""
+
+    def test_head_sent_before_body(self) -> None:
+        """A streamed answer (``wait``, quiet ``events``) sends its head without a body byte."""
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel, Request
+
+        from dockerspaces.web.dockerapi import flush_head_when_streaming
+
+        transport = StringTransport()
+        channel = HTTPChannel()
+        channel.makeConnection(transport)
+        request = Request(channel)
+        channel.requests.append(request)
+        request.method, request.clientproto = b"POST", b"HTTP/1.1"
+        flush_head_when_streaming(request)
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        self.assertEqual(transport.value(), b"")
+
+        class Producer:
+            def pauseProducing(self) -> None: ...
+            def resumeProducing(self) -> None: ...
+            def stopProducing(self) -> None: ...
+
+        request.registerProducer(Producer(), True)
+        head = transport.value()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(b"Content-Type: application/json", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+        request.write(b'{"StatusCode":0}')
+        self.assertIn(b'{"StatusCode":0}', transport.value()[len(head):])
+        self.assertIsInstance(request.producer, Producer)
+        request.unregisterProducer()
+        transport.loseConnection()
