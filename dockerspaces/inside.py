@@ -63,6 +63,17 @@ def parse_route_table(text: str) -> str | None:
     return best[1] if best else None
 
 
+def has_docker_bridge(text: str) -> bool:
+    """True when ``/proc/net/route`` text shows a Docker bridge (``docker0``, ``br-…``) in
+    this network namespace: the engine runs beside us (docker-in-docker, a VM), and its
+    published ports are on our own addresses."""
+    for line in text.splitlines()[1:]:
+        iface = line.split("\t", 1)[0].strip()
+        if iface == "docker0" or iface.startswith("br-"):
+            return True
+    return False
+
+
 def default_gateway(path: str = "/proc/net/route") -> str | None:
     """The IPv4 default gateway of this network namespace, or None."""
     try:
@@ -72,16 +83,30 @@ def default_gateway(path: str = "/proc/net/route") -> str | None:
         return None
 
 
+def sibling_gateway(root: str = "/") -> str | None:
+    """The gateway to reach sibling containers' published ports through, or None when
+    this process is not in a container or the engine shares its network namespace."""
+    if not in_container(root):
+        return None
+    try:
+        with open(os.path.join(root, "proc/net/route"), encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    if has_docker_bridge(text):
+        return None
+    return parse_route_table(text)
+
+
 @functools.cache
 def local_slot_address() -> str | None:
-    """Where a local engine's slot ports are published and reached: the gateway in a
-    container (``DOCKERSPACES_LOCAL_ADDRESS`` overrides), else ``None`` (loopback)."""
+    """Where a local engine's slot ports are published and reached: the gateway when in a
+    container beside the engine, else ``None`` (loopback). ``DOCKERSPACES_LOCAL_ADDRESS``
+    overrides (an IP address, or ``none`` for loopback)."""
     override = os.environ.get("DOCKERSPACES_LOCAL_ADDRESS")
     if override:
-        return str(ipaddress.ip_address(override))
-    if not in_container():
-        return None
-    return default_gateway()
+        return None if override.lower() == "none" else str(ipaddress.ip_address(override))
+    return sibling_gateway()
 
 
 # --- the image's entrypoint shim ------------------------------------------------------
