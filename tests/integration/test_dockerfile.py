@@ -269,9 +269,9 @@ _BUILT: dict[str, Any] = {}
 OWN_LABEL = "dockerspaces.test.dockerfile"
 
 
-def _gateway_of_bridge(client: Any) -> str:
-    net = client.inspect_network("bridge")
-    return str(net["IPAM"]["Config"][0]["Gateway"])
+def _gateway_of(client: Any, cid: str) -> str:
+    """The default gateway of container ``cid`` (the host's bridge address)."""
+    return str(client.inspect_container(cid)["NetworkSettings"]["Gateway"])
 
 
 class DockerfileTests(unittest.TestCase):
@@ -377,7 +377,7 @@ class DockerfileTests(unittest.TestCase):
         sib = self.client.containers(filters={"label": [f"dockerspaces.instance={instance}"]})
         self.assertEqual(len(sib), 1, sib)
         bindings = [(p.get("IP"), p.get("PublicPort")) for p in sib[0]["Ports"] if p.get("PublicPort")]
-        self.assertEqual(bindings, [(_gateway_of_bridge(self.client), slot)])
+        self.assertEqual(bindings, [(_gateway_of(self.client, cid), slot)])
         snap = json.loads(urllib.request.urlopen(
             f"http://127.0.0.1:{port}/monitor:broker/", timeout=10).read())
         self.assertNotIn("not-used-here", json.dumps(snap))
