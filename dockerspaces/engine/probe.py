@@ -103,6 +103,7 @@ def probe_status_line(
         return ProbeResult(False, f"no status line within {timeout:g}s")
 
     factory: Any = Factory.forProtocol(lambda: proto)
+    factory.noisy = False
     d: Deferred[Any] = endpoint.connect(factory)
     d.addCallbacks(connected, failed)
     d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)

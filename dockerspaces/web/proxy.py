@@ -692,6 +692,8 @@ class _Pool:
 
 
 class _BackendFactory(Factory):
+    noisy = False  # one connection per backend request: no start/stop log lines
+
     def __init__(self, pool: _Pool | None, backend: Backend):
         self.pool, self.backend = pool, backend
 
