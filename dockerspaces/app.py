@@ -8,7 +8,7 @@ from typing import Any
 from attrs import define
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 
 from .broker.broker import Broker
@@ -93,18 +93,29 @@ class Routes:
 class BrokerService(Service):
     """Starts the broker after the engines, drains it at shutdown."""
 
-    def __init__(self, broker: Broker, keep: bool):
-        self.broker, self.keep = broker, keep
+    def __init__(self, broker: Broker, keep: bool, clock: Any):
+        self.broker, self.keep, self.clock = broker, keep, clock
+        self._started: Deferred[None] | None = None
 
     def startService(self) -> None:
         """Adopt containers, start watching engines."""
         super().startService()
-        self.broker.start()
+        self._started = self.broker.start()
 
     def stopService(self) -> Deferred[None]:
-        """Stop admitting, drain in-flight work, stop containers unless --keep-containers."""
+        """Stop admitting, drain in-flight work, stop containers unless --keep-containers.
+
+        Waits (up to 10 s) for adoption to finish first, so containers found at
+        start-up are stopped too when the process is told to stop right away.
+        """
         super().stopService()
-        return self.broker.shutdown(keep_containers=self.keep)
+        started = self._started if self._started is not None else succeed(None)
+        waited: Deferred[None] = Deferred()
+        started.addBoth(lambda _: None if waited.called else waited.callback(None))
+        timer = self.clock.callLater(10, lambda: None if waited.called else waited.callback(None))
+        waited.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        waited.addCallback(lambda _: self.broker.shutdown(keep_containers=self.keep))
+        return waited
 
 
 def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[str, Engine]]:
@@ -137,7 +148,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     )
     broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
                     run_options_for(config))
-    BrokerService(broker, config.keep_containers).setServiceParent(top)
+    BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
     policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
                         resolve=resolver_from(reactor.nameResolver), local=local_addresses())
