@@ -28,9 +28,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.integration.dockerutil import free_port  # noqa: E402
-from tests.integration.images import TTS, ensure_test_images  # noqa: E402
-from tests.integration.procs import Server  # noqa: E402
+from tests.integration.dockerutil import free_port
+from tests.integration.images import TTS, ensure_test_images
+from tests.integration.procs import Server
 
 PATH = "/index.html"
 

@@ -5,22 +5,27 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 
+from . import logs
 from .broker.broker import Broker
 from .broker.model import BrokerSettings
 from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
 from .engine.interface import RunOptions
+from .metrics import Metrics
 from .spec import HostTarget, JobSpec, MonitorRoute
+from .web.accesslog import Recorder
 from .web.errors import ErrorResource
+from .web.health import HealthResource, MetricsResource
 from .web.jobs import HostResource, JobResource
 from .web.monitor import MonitorResource
+from .web.pages import DashboardResource, ProgressBoard, ProgressResource, WaitingRoom
 from .web.proxy import Proxy
 from .web.root import Root
 from .web.routing import HostPolicy, local_addresses, resolver_from
@@ -66,13 +71,19 @@ class Routes:
     proxy: Proxy
     broker: Broker
     policy: HostPolicy
+    reactor: Any = None
+    engines: dict[str, Any] = field(factory=dict)
+    waiting: WaitingRoom | None = None
+    metrics: Metrics | None = None
+
+    has_slots: bool = True
 
     def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Resource:
         """x:/y:/worker."""
-        if not self.config.hosts() or all(h.slots == 0 for h in self.config.hosts()):
+        if not self.has_slots:
             return ErrorResource(503, "this instance has no container slots (--target 0)", 60)
         return JobResource(spec, prefix, path, broker=self.broker, proxy=self.proxy,
-                           allow_image=self.config.allow_image)
+                           allow_image=self.config.allow_image, waiting=self.waiting)
 
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
         """host:/shost:/--root."""
@@ -82,12 +93,43 @@ class Routes:
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""
         if route.name == "broker":
-            return MonitorResource(self.broker.snapshot)
+            return DashboardResource(MonitorResource(self.broker.snapshot))
+        if route.name == "progress" and self.waiting is not None:
+            return ProgressResource(self.waiting.board)
+        if route.name == "metrics" and self.metrics is not None:
+            return MetricsResource(self.metrics, self.broker.snapshot)
+        if route.name == "health":
+            return HealthResource(self.engines, self.reactor,
+                                  serving=lambda: not self.broker.snapshot().get("Draining"))
         return ErrorResource(404, f"/monitor:{route.name} is not available")
 
     def docker_api(self, path: bytes) -> Resource:
         """/docker:local."""
         return ErrorResource(404, "/docker:local is disabled (start with --docker-api)")
+
+
+def container_hook(metrics: Metrics) -> Any:
+    """The broker's container-event hook: one log line and the metrics per event."""
+
+    def hook(event: str, display: str, host: str, slot: int, *, container: str | None = None,
+             seconds: float | None = None, detail: str | None = None) -> None:
+        logs.log_container(event, display, host, slot, container=container, seconds=seconds,
+                           detail=detail)
+        metrics.container_event(event, host, seconds=seconds)
+
+    return hook
+
+
+class ProxyService(Service):
+    """Closes the proxy's idle backend connections at shutdown."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+
+    def stopService(self) -> Deferred[None]:
+        """Close pooled connections."""
+        super().stopService()
+        return self.proxy.close_idle()
 
 
 class BrokerService(Service):
@@ -131,7 +173,7 @@ def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[
 
 def build_service(config: Config, reactor: Any) -> MultiService:
     """The whole service tree for ``config``."""
-    top = MultiService()
+    top = logs.ObservedMultiService(logs.setup_logging(config.log_format))
     hosts, engines = build_engines(config, reactor)
     engine_services = MultiService()
     engine_services.setServiceParent(top)
@@ -146,14 +188,21 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         release=config.release,
         stop=config.stop,
     )
+    metrics = Metrics()
     broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
-                    run_options_for(config))
+                    run_options_for(config), on_container=container_hook(metrics))
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
+    ProxyService(proxy).setServiceParent(top)
     policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
                         resolve=resolver_from(reactor.nameResolver), local=local_addresses())
-    root = Root(config, Routes(config, proxy, broker, policy))
-    site = make_site(root, reactor, max_body=config.max_body)
+    waiting = WaitingRoom(ProgressBoard(reactor), reactor)
+    routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=engines,
+                    waiting=waiting, metrics=metrics,
+                    has_slots=any(h.slots > 0 for h in hosts))
+    recorder = Recorder(reactor, metrics)
+    root = Root(config, routes, recorder)
+    site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done)
     for desc in config.ports:
         strports.service(desc, site).setServiceParent(top)
     return top

@@ -27,7 +27,7 @@ _ALIASES = {
 }
 _TAKES_VALUE = {o.name for o in OPTIONS if not o.flag} | {"cert", "key"}
 _FLAGS = {o.name for o in OPTIONS if o.flag} | {"tls"}
-_GPU_VALUE = re.compile(r"(?:true|false|yes|no|on|off|\d+)\Z", re.I)
+_GPU_VALUE = re.compile(r"(?:true|false|yes|no|on|off|\d+)\Z", re.IGNORECASE)
 
 USAGE = """Usage: docker-spaces [flags]
 
@@ -67,7 +67,7 @@ def _split_chain(cert_path: str) -> tuple[str, str | None]:
     except OSError as e:
         raise CompatError(f"-cert: cannot read {cert_path!r}: {e.strerror}") from None
     certs = re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S
+        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
     )
     if len(certs) <= 1:
         return cert_path, None

@@ -45,6 +45,7 @@ class HostConfig:
     slots: int
     gpus: int = 0
     publish_ip: str = "127.0.0.1"
+    address_override: str | None = None  # in a container: the bridge gateway (inside.py)
 
     @property
     def local(self) -> bool:
@@ -54,6 +55,8 @@ class HostConfig:
     @property
     def address(self) -> str:
         """Where slot ports of this host are reached from here."""
+        if self.address_override:
+            return self.address_override
         if self.local:
             return "127.0.0.1" if self.publish_ip in ("0.0.0.0", "::") else self.publish_ip
         host = urlsplit(self.url).hostname or "127.0.0.1"
@@ -167,12 +170,16 @@ class Config:
 
     def hosts(self) -> list[HostConfig]:
         """The engines and their slots: ``--cluster`` entries, else the single ``--docker``."""
+        from .inside import local_slot_address
+
         taken: set[str] = set()
         entries = list(self.cluster) or [(self.start_port, self.target, self.docker)]
         out = []
+        inside = local_slot_address()  # None unless dockerspaces runs in a container
         for port, slots, url in entries:
             local = url.startswith("unix://")
-            ip = self.publish_ip or ("127.0.0.1" if local else "0.0.0.0")
+            ip = self.publish_ip or ((inside or "127.0.0.1") if local else "0.0.0.0")
+            override = inside if local and ip in (inside, "0.0.0.0", "::") else None
             out.append(
                 HostConfig(
                     name=host_name_for(url, taken),
@@ -181,6 +188,7 @@ class Config:
                     slots=slots,
                     gpus=self.gpu if self.gpu >= 0 else slots,
                     publish_ip=ip,
+                    address_override=override,
                 )
             )
         return out

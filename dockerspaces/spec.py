@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal, Union
+from typing import Literal
 from urllib.parse import quote, unquote
 
 from attrs import field, frozen
@@ -118,7 +118,7 @@ class JobSpec:
 
     def segment(self) -> str:
         """Format back into a raw path segment that parses to an equal spec."""
-        parts = [self.mode]
+        parts: list[str] = [self.mode]
         parts += [quote(c, safe="") for c in self.name]
         parts.append(quote(self.tag, safe=""))
         parts.append(str(self.port))
@@ -165,7 +165,7 @@ class DockerApiRoute:
     """``/docker:local/…``: the local Docker Engine API, when enabled."""
 
 
-Route = Union[JobSpec, HostTarget, MonitorRoute, DockerApiRoute]
+Route = JobSpec | HostTarget | MonitorRoute | DockerApiRoute
 
 MONITOR_NAMES = frozenset({"broker", "metrics", "health", "progress"})
 
@@ -303,11 +303,11 @@ class RawPath:
 def split_uri(uri: bytes) -> RawPath:
     """Split a raw request URI (``/seg/rest?q``) without percent-decoding anything."""
     path, _, query = uri.partition(b"?")
-    if path.startswith(b"http://") or path.startswith(b"https://"):
+    if path.startswith((b"http://", b"https://")):
         # absolute-form request target: drop scheme and authority
         after = path.split(b"//", 1)[1]
-        slash = after.find(b"/")
-        path = after[slash:] if slash >= 0 else b"/"
+        at = after.find(b"/")
+        path = after[at:] if at >= 0 else b"/"
     path = path.lstrip(b"/")
     seg, slash, rest = path.partition(b"/")
     return RawPath(

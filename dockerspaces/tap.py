@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -12,7 +12,7 @@ from .options import OPTIONS, Opt, build_config
 
 
 def _multi_opt(opt: Opt) -> Any:
-    def handler(self: "Options", value: str) -> None:
+    def handler(self: Options, value: str) -> None:
         self.given.setdefault(opt.name, []).append(value)
 
     handler.__doc__ = opt.help
@@ -27,8 +27,8 @@ class Options(usage.Options):
         "Reverse proxy that starts Docker containers on demand: "
         "/x:NAME:TAG:PORT/… starts NAME:TAG and proxies to its PORT."
     )
-    optFlags = [[o.name, None, o.help] for o in OPTIONS if o.flag]
-    optParameters = [
+    optFlags: ClassVar[list[list[Any]]] = [[o.name, None, o.help] for o in OPTIONS if o.flag]
+    optParameters: ClassVar[list[list[Any]]] = [
         [o.name, o.short, None, f"{o.help} [default: {o.default}]"]
         for o in OPTIONS
         if not o.flag and not o.multi

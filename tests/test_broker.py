@@ -649,3 +649,32 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(seen[-1].position, 2)
         first.release()
         self.assertEqual(seen[-1].position, 1)
+
+
+class ContainerEventHookTests(SynchronousTestCase):
+    """The broker reports container events (for logs and metrics) through its hook."""
+
+    def test_lifecycle_events(self) -> None:
+        h = Harness(slots=1, pull_delay=2, ready_delay=3)
+        d = h.acquire(A)
+        h.clock.advance(2)
+        h.clock.advance(3)
+        lease = self.successResultOf(d)
+        lease.release()
+        events = [e[0] for e in h.container_events]
+        self.assertEqual(events, ["pull-start", "pull-end", "create", "start", "ready"])
+        pull_end = h.container_events[1]
+        self.assertEqual(pull_end[3], 2)
+        ready = h.container_events[4]
+        self.assertEqual((ready[2], ready[3]), (9100, 3))
+        self.assertNoResult(h.acquire(B))  # evicts A's idle container, starts B
+        self.assertIn("evict", [e[0] for e in h.container_events])
+
+    def test_crash_event(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        h.engine.crash(lease.container_id, exit_code=137)
+        crash = [e for e in h.container_events if e[0] == "crash"]
+        self.assertEqual(len(crash), 1)
+        self.assertEqual(crash[0][4], "exit 137")
+        self.assertNotIn("secret", str(h.container_events))

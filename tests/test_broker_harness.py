@@ -39,7 +39,10 @@ class Harness:
             for h in self.hosts
         }
         self.settings = BrokerSettings(**settings)
-        self.broker = Broker(self.clock, self.hosts, self.engines, self.settings)
+        self.container_events: list[tuple[Any, ...]] = []
+        self.broker = Broker(self.clock, self.hosts, self.engines, self.settings,
+                             on_container=lambda *a, **kw: self.container_events.append(
+                                 (a[0], a[1], a[3], kw.get("seconds"), kw.get("detail"))))
         if start:
             started = self.broker.start()
             assert started.called

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import ClassVar
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -121,7 +122,7 @@ class Values(SynchronousTestCase):
 class BadValues(SynchronousTestCase):
     """A bad value is a usage error naming the option."""
 
-    cases = [
+    cases: ClassVar[list[tuple[list[str], str]]] = [
         (["--target", "-1"], "--target"),
         (["--target", "x"], "--target"),
         (["--start-port", "70000"], "--start-port"),

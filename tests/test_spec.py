@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -94,7 +96,7 @@ class Examples(SynchronousTestCase):
 class Errors(SynchronousTestCase):
     """Every 400 case names the bad part and raises SpecError only."""
 
-    cases = {
+    cases: ClassVar[dict[str, str]] = {
         "x:a::1:80": "empty part",
         "x:a:1:80:": "trailing",
         "x:a:1:0": "bad port",

@@ -102,6 +102,11 @@ class ContainerView:
     inflight: int
 
 
+ContainerHook = Callable[..., None]
+"""``hook(event, display, host, slot, container=, seconds=, detail=)`` for logs and metrics;
+events: pull-start, pull-end, create, start, ready, fail, stop, evict, crash."""
+
+
 def _default_run_options(spec: JobSpec) -> RunOptions:
     return RunOptions()
 
@@ -156,8 +161,10 @@ class Broker:
         engines: Mapping[str, IEngine],
         settings: BrokerSettings,
         run_options: Callable[[JobSpec], RunOptions] = _default_run_options,
+        on_container: ContainerHook | None = None,
     ):
         self.settings = settings
+        self._on_container = on_container
         self._clock: Clock = cast(Clock, clock)
         self._run_options = run_options
         now = self._clock.seconds()
@@ -839,18 +846,32 @@ class Broker:
             self._key_status(c, prog)
             self._flush()
 
+        t0 = self._clock.seconds()
+        self._emit("pull-start", c)
         try:
             await engine.ensure_image(k.spec.ref, on_progress)
         finally:
             self._pulls.pop(pull_key, None)
+        self._emit("pull-end", c, seconds=self._clock.seconds() - t0)
         self._key_status(c, Progress("starting"))
         self._flush()
         c.created_at = self._clock.seconds()
         handle = await engine.create(k.spec, slot.info, opts)
         c.handle = handle
         self._by_id[handle.id] = c
+        self._emit("create", c)
         await engine.start(handle)
+        self._emit("start", c)
         await engine.wait_ready(handle, deadline, opts)
+
+    def _emit(self, event: str, c: Container, seconds: float | None = None,
+              detail: str | None = None) -> None:
+        """Tell the container hook (logs, metrics) about a container event."""
+        if self._on_container is None:
+            return
+        self._on_container(event, c.key.spec.display, c.slot.host.name, c.slot.info.port,
+                           container=c.handle.id if c.handle is not None else None,
+                           seconds=seconds, detail=detail)
 
     def _key_status(self, c: Container, p: Progress) -> None:
         if c.worker is not None:
@@ -887,6 +908,7 @@ class Broker:
         now = self._clock.seconds()
         if c.created_at is not None:
             k.cold.add(now - c.created_at)
+        self._emit("ready", c, seconds=None if c.created_at is None else now - c.created_at)
         k.status = None
         c.slot.since = now
         c.slot.last_error = None
@@ -947,6 +969,7 @@ class Broker:
             _warn("start of {display} on {host}:{port} failed: {err}", display=display,
                      host=c.slot.host.name, port=c.slot.info.port, err=err.message)
             c.slot.last_error = err.message
+            self._emit("fail", c, detail=err.message.splitlines()[0][:200])
         k.status = None
         if c.handle is not None and err is not None:
             self._stop(c, 0)
@@ -1026,6 +1049,7 @@ class Broker:
         if c.timer is not None and c.timer.active():
             c.timer.cancel()
         c.timer = None
+        self._emit("evict" if evict else "stop", c)
         if evict:
             c.slot.evicting = c
             c.slot.container = None
@@ -1099,6 +1123,8 @@ class Broker:
         self.events += 1
         log.info("container {id} of {display} {kind}", id=c.id, display=c.key.spec.display,
                  kind="was killed (out of memory)" if ev.kind == "oom" else "died")
+        self._emit("crash", c, detail="oom" if ev.kind == "oom" else
+                   (f"exit {ev.exit_code}" if ev.exit_code is not None else None))
         self._lose(c, f"container {'killed (oom)' if ev.kind == 'oom' else 'died'}"
                    + (f" (exit {ev.exit_code})" if ev.exit_code is not None else ""))
         self._flush()

@@ -8,7 +8,8 @@ Every method returning a Deferred fires on the reactor thread.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Literal, Protocol
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred

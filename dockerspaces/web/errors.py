@@ -31,7 +31,7 @@ def write_error(
     if retry_after is not None:
         request.responseHeaders.setRawHeaders(b"retry-after", [str(int(retry_after)).encode()])
     reason = RESPONSES.get(status, b"Error").decode("latin-1")
-    body = f"{status} {reason}: {message}\n".encode("utf-8")
+    body = f"{status} {reason}: {message}\n".encode()
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
     request.setHeader(b"x-dockerspaces-error", reason.encode("latin-1"))
     return b"" if request.method == b"HEAD" else body

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
@@ -11,7 +12,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..spec import HostTarget, JobSpec
+from .accesslog import route_info
 from .errors import finish_error, status_of, write_error
+from .pages import wants_html
 from .proxy import Backend, ExchangeEnd, Proxy
 from .routing import Forbidden, HostPolicy
 
@@ -48,8 +51,10 @@ class JobResource(Resource):
 
     def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
                  proxy: Proxy, allow_image: tuple[str, ...],
-                 on_lease: Callable[[Request, Any], None] | None = None):
+                 on_lease: Callable[[Request, Any], None] | None = None,
+                 waiting: Any = None):
         super().__init__()
+        self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
         self.spec, self.prefix, self.path = spec, prefix, path
         self.broker, self.proxy, self.allow_image = broker, proxy, allow_image
         self.on_lease = on_lease
@@ -60,6 +65,13 @@ class JobResource(Resource):
             return write_error(request, 403, f"image {self.spec.ref} is not allowed here (--allow-image)")
         if self.spec.worker:
             return self._launch(request)
+        if self.waiting is not None and wants_html(request):
+            d = self.waiting.acquire(request, self.spec.display,
+                                     lambda cb: self.broker.acquire(self.spec, progress=cb))
+            _on_gone(request, d)
+            d.addCallbacks(lambda lease: None if lease is None else self._forward(request, lease),
+                           lambda f: _fail(request, f, self.spec.display))
+            return NOT_DONE_YET
         d = self.broker.acquire(self.spec)
         _on_gone(request, d)
         d.addCallbacks(lambda lease: self._forward(request, lease),
@@ -70,6 +82,9 @@ class JobResource(Resource):
         if request.finished or getattr(request, "_disconnected", False):
             lease.release()
             return
+        info = route_info(request)
+        if info is not None:
+            info.queue_wait = lease.queued_for
         if self.on_lease is not None:
             self.on_lease(request, lease)
 

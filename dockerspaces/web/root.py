@@ -23,6 +23,7 @@ from ..spec import (
     split_uri,
 )
 from . import routing
+from .accesslog import Recorder
 from .errors import ErrorResource, RedirectResource
 
 
@@ -45,10 +46,11 @@ class RouteResources(Protocol):
 class Root(Resource):
     """Dispatches every request by its raw first path segment."""
 
-    def __init__(self, config: Config, routes: RouteResources):
+    def __init__(self, config: Config, routes: RouteResources, recorder: Recorder | None = None):
         super().__init__()
         self.config = config
         self.routes = routes
+        self.recorder = recorder
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
         """Pick the resource for this request from its raw URI (``path`` is ignored)."""
@@ -72,13 +74,26 @@ class Root(Resource):
         if route is None:
             return self._fallback(request, raw.rest, raw.query)
         prefix = b"/" + raw.segment.encode("latin-1")
-        if isinstance(route, (JobSpec, HostTarget)) and not raw.has_slash:
-            if request.method in (b"GET", b"HEAD"):
-                location = prefix + b"/" + (b"?" + raw.query if raw.query else b"")
-                return RedirectResource(location, 308)
-        return self._for_route(route, prefix, raw.forward_path, cookie=True)
+        if (isinstance(route, (JobSpec, HostTarget)) and not raw.has_slash
+                and request.method in (b"GET", b"HEAD")):
+            location = prefix + b"/" + (b"?" + raw.query if raw.query else b"")
+            return RedirectResource(location, 308)
+        return self._for_route(request, route, prefix, raw.forward_path, cookie=True)
 
-    def _for_route(self, route: Route, prefix: bytes, path: bytes, cookie: bool) -> Resource:
+    def _begin(self, request: Request, kind: str, route: str) -> None:
+        if self.recorder is not None:
+            self.recorder.begin(request, kind, route)
+
+    def _for_route(self, request: Request, route: Route, prefix: bytes, path: bytes,
+                   cookie: bool) -> Resource:
+        if isinstance(route, JobSpec):
+            self._begin(request, route.kind, route.display)
+        elif isinstance(route, HostTarget):
+            self._begin(request, "shost" if route.tls else "host", route.host_header)
+        elif isinstance(route, MonitorRoute):
+            self._begin(request, "monitor", route.name)
+        else:
+            self._begin(request, "docker", "local")
         if isinstance(route, JobSpec):
             return self.routes.job(route, prefix, path)
         if isinstance(route, HostTarget):
@@ -107,8 +122,9 @@ class Root(Resource):
                 route = None
             if isinstance(route, (JobSpec, HostTarget)):
                 prefix = b"/" + segment.encode("latin-1")
-                return self._for_route(route, prefix, full, cookie=False)
+                return self._for_route(request, route, prefix, full, cookie=False)
         if self.config.root is not None:
+            self._begin(request, "root", self.config.root.host_header)
             return self.routes.host(self.config.root, b"", full, False)
         return ErrorResource(
             404,

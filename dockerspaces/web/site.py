@@ -122,7 +122,7 @@ class HeadDeadlineChannel(HTTPChannel):
     def _head_expired(self) -> None:
         self._head_call = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         """Start the head deadline with the connection."""

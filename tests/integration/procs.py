@@ -17,7 +17,13 @@ import sys
 import time
 from typing import Any
 
-from .dockerutil import docker_client, free_port, free_ports, remove_instance_containers, unique_instance
+from .dockerutil import (
+    docker_client,
+    free_port,
+    free_ports,
+    remove_instance_containers,
+    unique_instance,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -49,10 +55,10 @@ class Server:
             own += ["--target", str(self.slots), "--start-port", str(self.start_port)]
         return base + own + self.args
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 30.0) -> Server:
         """Start and wait until /monitor:broker/ answers."""
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -14,7 +14,12 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from .dockerutil import docker_available, free_port, remove_instance_containers, unique_instance
+from .dockerutil import (
+    docker_available,
+    free_port,
+    remove_instance_containers,
+    unique_instance,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -69,7 +74,7 @@ class EntryPoints(TestCase):
                       "--port", f"tcp:{port}:interface=127.0.0.1", "--target", "3",
                       "--start-port", str(free_port()), "--instance", inst])
         try:
-            status, headers, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
+            status, _headers, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
             self.assertEqual(status, 200)
             snap = json.loads(body)
             self.assertEqual(len(snap["TargetSlots"]), 3)
@@ -106,12 +111,12 @@ class EntryPoints(TestCase):
     def test_bad_option_is_a_usage_error(self) -> None:
         proc = subprocess.run([os.path.join(BIN, "twistd"), "-n", "dockerspaces", "--target", "-2"],
                               cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                              capture_output=True, timeout=60)
+                              capture_output=True, timeout=60, check=False)
         self.assertNotEqual(proc.returncode, 0)
         err = (proc.stdout + proc.stderr).decode()
         self.assertIn("--target", err)
         self.assertNotIn("Traceback", err)
         proc = subprocess.run([os.path.join(BIN, "docker-spaces"), "-frob"], cwd=REPO,
-                              capture_output=True, timeout=60)
+                              capture_output=True, timeout=60, check=False)
         self.assertEqual(proc.returncode, 2)
         self.assertIn(b"-frob", proc.stderr)

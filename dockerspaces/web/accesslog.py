@@ -1,0 +1,72 @@
+"""One log line and one metrics observation per request, whatever way it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from ..logs import log_request
+from ..metrics import Metrics
+
+_ATTR = "_dockerspaces_route"
+
+
+@define
+class RouteInfo:
+    """What the root learned about a request: route kind, displayed route, timings."""
+
+    kind: str
+    route: str
+    started: float
+    queue_wait: float | None = None
+    reason: str | None = None
+    done: bool = False
+
+
+def route_info(request: Request) -> RouteInfo | None:
+    """The :class:`RouteInfo` attached to ``request`` by :meth:`Recorder.begin`, if any."""
+    return getattr(request, _ATTR, None)
+
+
+@define
+class Recorder:
+    """Attaches route info at dispatch and records the request when it ends."""
+
+    clock: IReactorTime
+    metrics: Metrics | None = None
+    _seen: int = field(default=0)
+
+    def begin(self, request: Request, kind: str, route: str) -> None:
+        """Called by the root once the route is known."""
+        info = RouteInfo(kind, route, self.clock.seconds())
+        setattr(request, _ATTR, info)
+        if self.metrics is not None:
+            self.metrics.request_started(kind)
+        request.notifyFinish().addErrback(lambda _: self.done(request, "client-gone"))
+
+    def done(self, request: Request, reason: str | None = None) -> None:
+        """Log and count the request once (site log hook, or the client going away)."""
+        info = route_info(request)
+        if info is None or info.done:
+            return
+        info.done = True
+        seconds = self.clock.seconds() - info.started
+        status = int(request.code or 0) if reason != "client-gone" else 499
+        client: Any = request.getClientAddress()
+        log_request(
+            kind=info.kind,
+            route=info.route,
+            method=request.method,
+            uri=request.uri,
+            status=status,
+            nbytes=int(getattr(request, "sentLength", 0) or 0),
+            seconds=seconds,
+            queue_wait=info.queue_wait,
+            client=getattr(client, "host", None),
+            reason=reason or info.reason,
+        )
+        if self.metrics is not None:
+            self.metrics.request_done(info.kind, status, seconds, info.queue_wait)
