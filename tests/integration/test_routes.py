@@ -1,0 +1,189 @@
+"""The whole app as a process: host: routing, fallbacks, CORS, limits, logs and metrics."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+from twisted.trial.unittest import TestCase
+
+from .dockerutil import docker_available
+from .images import TTS, ensure_test_images
+from .procs import Server
+
+
+class Backend(BaseHTTPRequestHandler):
+    """A local HTTP server that echoes what it got (and sets CORS headers of its own)."""
+
+    protocol_version = "HTTP/1.1"
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append({"path": self.path, "headers": dict(self.headers)})
+        if self.path.startswith("/redirect"):
+            body = b""
+            self.send_response(302)
+            self.send_header("Location", f"http://{self.headers['Host']}/landed")
+        else:
+            body = f"path={self.path}\nhost={self.headers['Host']}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html" if self.path.endswith(".html") else "text/plain")
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Set-Cookie", "a=1")
+            self.send_header("Set-Cookie", "b=2")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RoutesTestCase(TestCase):
+    """A dockerspaces process plus a plain local backend."""
+
+    skip = docker_available()
+    timeout = 120
+    extra: tuple[str, ...] = ()
+
+    def setUp(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+        self.bport = self.httpd.server_address[1]
+        t = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        t.start()
+        self.addCleanup(self.httpd.server_close)
+        self.addCleanup(self.httpd.shutdown)
+        Backend.seen.clear()
+        self.srv = Server(*self.extra, slots=1)
+        self.addCleanup(self.srv.cleanup)
+        self.srv.start()
+
+
+class HostRoute(RoutesTestCase):
+    """host: to a real local server; refusals; fallbacks."""
+
+    extra = ("--allow-host", "127.0.0.1", "--max-body", "1000", "--cors")
+
+    def test_host_route_forwards(self) -> None:
+        status, headers, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a/b%2F?q=1",
+                                             headers={"Host": "front.example"})
+        self.assertEqual(status, 200)
+        self.assertIn(b"path=/a/b%2F?q=1", body)
+        self.assertIn(f"host=127.0.0.1:{self.bport}".encode(), body)
+        got = Backend.seen[-1]["headers"]
+        self.assertEqual(got["X-Forwarded-Host"], "front.example")
+        self.assertEqual(got["X-Forwarded-Prefix"], f"/host:127.0.0.1:{self.bport}")
+        self.assertEqual(got["X-Forwarded-For"], "127.0.0.1")
+
+    def test_repeated_headers_kept(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=10)
+        conn.request("GET", f"/host:127.0.0.1:{self.bport}/x")
+        r = conn.getresponse()
+        r.read()
+        self.assertEqual(r.msg.get_all("Set-Cookie"), ["a=1", "b=2"])
+        conn.close()
+
+    def test_location_rewritten(self) -> None:
+        status, headers, _ = self.srv.get(f"/host:127.0.0.1:{self.bport}/redirect")
+        self.assertEqual(status, 302)
+        self.assertEqual(headers["location"], f"/host:127.0.0.1:{self.bport}/landed")
+
+    def test_referer_and_cookie_fallbacks(self) -> None:
+        prefix = f"/host:127.0.0.1:{self.bport}"
+        status, headers, _ = self.srv.get(prefix + "/index.html")
+        self.assertEqual(status, 200)
+        cookie = headers.get("set-cookie", "").split(";")[0]
+        self.assertEqual(cookie, "dsroute=" + prefix[1:].replace(":", "%3A"))
+        here = f"http://127.0.0.1:{self.srv.port}"
+        status, _, body = self.srv.get("/static/app.js", headers={"Referer": f"{here}{prefix}/index.html"})
+        self.assertEqual((status, body.splitlines()[0]), (200, b"path=/static/app.js"))
+        status, _, _ = self.srv.get("/static/app.js", headers={"Referer": f"http://other{prefix}/i.html"})
+        self.assertEqual(status, 404)  # a Referer from another host does not route
+        status, _, body = self.srv.get("/ws", headers={"Cookie": "x=1; " + cookie})
+        self.assertEqual((status, body.splitlines()[0]), (200, b"path=/ws"))
+        status, _, body = self.srv.get("/nowhere")
+        self.assertEqual(status, 404)
+        self.assertIn(b"no route", body)
+
+    def test_own_port_refused(self) -> None:
+        status, _, body = self.srv.get(f"/host:127.0.0.1:{self.srv.port}/monitor:broker/")
+        self.assertEqual(status, 403)
+        self.assertIn(b"port", body)
+
+    def test_cors(self) -> None:
+        status, headers, _ = self.srv.request(
+            "OPTIONS", f"/host:127.0.0.1:{self.bport}/x",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        self.assertIn(status, (200, 204))
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+        self.assertEqual(headers["access-control-allow-credentials"], "true")
+        status, headers, _ = self.srv.get(f"/host:127.0.0.1:{self.bport}/x",
+                                          headers={"Origin": "https://app.example"})
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+        self.assertIn("Origin", headers["vary"])
+        status, headers, _ = self.srv.get("/x:A:1:80/", headers={"Origin": "https://app.example"})
+        self.assertEqual(status, 400)
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+
+    def test_body_too_large(self) -> None:
+        status, _, body = self.srv.request("POST", f"/host:127.0.0.1:{self.bport}/up", body=b"x" * 5000)
+        self.assertEqual(status, 413)
+
+    def test_slowloris_cut(self) -> None:
+        s = socket.create_connection(("127.0.0.1", self.srv.port))
+        s.sendall(b"GET /monitor:broker/ HTTP/1.1\r\n")
+        s.settimeout(60)
+        t = time.monotonic()
+        try:
+            self.assertEqual(s.recv(100), b"")  # closed by the head deadline
+        except ConnectionResetError:
+            pass  # aborted: just as closed
+        self.assertLess(time.monotonic() - t, 45)
+        s.close()
+
+
+class LoopbackRefused(RoutesTestCase):
+    """Without --allow-host, host: may not reach loopback."""
+
+    def test_loopback_refused(self) -> None:
+        status, _, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/")
+        self.assertEqual(status, 403)
+        self.assertIn(b"loopback", body.lower())
+        status, _, body = self.srv.get(f"/host:localhost:{self.bport}/")
+        self.assertEqual(status, 403)
+
+
+class LogsAndMetrics(RoutesTestCase):
+    """A known sequence of requests shows up in the log lines and in /monitor:metrics."""
+
+    def test_sequence(self) -> None:
+        ensure_test_images(TTS)
+        for _ in range(3):
+            self.assertEqual(self.srv.get("/x:selmaproject:tts:777:5002:TOKEN=s3cr3t/")[0], 200)
+        self.assertEqual(self.srv.get("/x:A:1:80/")[0], 400)
+        status, _, text = self.srv.get("/monitor:metrics")
+        self.assertEqual(status, 200)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {}
+        for fam in text_string_to_metric_families(text.decode()):
+            for s in fam.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        req = {k: v for k, v in samples.items() if k[0].endswith("requests_total")}
+        x200 = [v for (n, labels), v in req.items() if dict(labels).get("kind") == "x"
+                and dict(labels).get("status") == "200"]
+        self.assertEqual(x200, [3.0])
+        starts = [v for (n, _), v in samples.items() if n.endswith("container_starts_total")]
+        self.assertEqual(sum(starts), 1.0)
+        out = self.srv.output()
+        lines = [ln for ln in out.splitlines() if "x:selmaproject/tts:777:5002" in ln and "-> 200" in ln]
+        self.assertEqual(len(lines), 3, out[-3000:])
+        self.assertTrue(re.search(r"container ready x:selmaproject/tts:777:5002 env\[TOKEN\]#\w+ on local", out),
+                        out[-3000:])
+        self.assertNotIn("s3cr3t", out)
+        self.assertNotIn("s3cr3t", text.decode())
