@@ -16,7 +16,7 @@ from dockerspaces.broker.errors import (
     StartTimeout,
 )
 from dockerspaces.broker.model import Lease, Progress
-from dockerspaces.engine.interface import ContainerExited, ImageNotFound
+from dockerspaces.engine.interface import ContainerExited, ImageNotFound, PortAllocated
 
 from .test_broker_harness import Harness, spec
 
@@ -678,3 +678,23 @@ class ContainerEventHookTests(SynchronousTestCase):
         self.assertEqual(len(crash), 1)
         self.assertEqual(crash[0][4], "exit 137")
         self.assertNotIn("secret", str(h.container_events))
+
+
+class PortTakenTests(SynchronousTestCase):
+    """A slot whose port something else holds is quarantined; waiters go elsewhere."""
+
+    def test_waiter_served_by_another_slot(self) -> None:
+        h = Harness(slots=2)
+        h.engine.fail_next_start(PortAllocated("port 9100 on h0 is already in use by something else"))
+        lease = self.successResultOf(h.acquire(A))
+        self.assertEqual(lease.endpoint, "tcp:127.0.0.1:9101")
+        snap = h.broker.snapshot()
+        self.assertIn("already in use", snap["TargetSlots"][0]["LastError"])
+        lease.release()
+        # while quarantined, a second key evicts rather than using the blocked slot
+        lb = self.successResultOf(h.acquire(B))
+        self.assertEqual(lb.endpoint, "tcp:127.0.0.1:9101")
+        lb.release()
+        h.clock.advance(61)  # quarantine over: the slot is used again
+        la = self.successResultOf(h.acquire(A))
+        self.assertEqual(la.endpoint, "tcp:127.0.0.1:9100")

@@ -33,6 +33,7 @@ from ..engine.interface import (
     EngineUnreachable,
     IEngine,
     NotReady,
+    PortAllocated,
     OwnedContainer,
     PullProgress,
     RunOptions,
@@ -101,6 +102,8 @@ class ContainerView:
     state: str
     inflight: int
 
+
+SLOT_QUARANTINE = 60.0  # seconds a slot whose port is taken by something else is left alone
 
 ContainerHook = Callable[..., None]
 """``hook(event, display, host, slot, container=, seconds=, detail=)`` for logs and metrics;
@@ -957,6 +960,9 @@ class Broker:
         elif isinstance(e, EngineUnreachable):
             err = None
             self._host_down(c.slot.host, str(e))
+        elif isinstance(e, PortAllocated):
+            err = None  # not the image's fault: its waiters try another slot
+            self._quarantine(c.slot, str(e))
         elif isinstance(e, ContainerExited):
             tail = (e.log_tail or "")[-_LOG_TAIL:]
             err = StartFailed(f"{display} exited while starting: {e}"
@@ -988,6 +994,22 @@ class Broker:
                     self._fail(q, err)
         self._consider(k)
         self._check_drained()
+
+    def _quarantine(self, s: Slot, why: str) -> None:
+        """Keep a slot whose port something else holds out of use for a while."""
+        s.blocked_until = self._clock.seconds() + SLOT_QUARANTINE
+        s.last_error = why
+        _warn("slot {host}:{port} is taken by something else; not used for {secs:g} s: {why}",
+              host=s.host.name, port=s.info.port, secs=SLOT_QUARANTINE, why=why)
+
+        def unblock() -> None:
+            s.blocked_until = 0.0
+            if s.container is None and s.evicting is None:
+                s.host.free[s] = None
+                self._feed()
+            self._flush()
+
+        self._clock.callLater(SLOT_QUARANTINE, unblock)
 
     def _forget(self, c: Container) -> None:
         """Drop a container from every structure; its slot becomes free."""
@@ -1022,7 +1044,7 @@ class Broker:
         elif s.container is c:
             s.container = None
             s.since = now
-            if s.evicting is None:
+            if s.evicting is None and s.blocked_until <= now:
                 s.host.free[s] = None
                 if self._hungry:
                     self._feed()

@@ -111,6 +111,7 @@ class Slot:
     evicting: Container | None = None  # the previous container, being stopped
     since: float = 0.0
     last_error: str | None = None
+    blocked_until: float = 0.0  # quarantined (port taken by something else) until then
 
     @property
     def ref_info(self) -> str:
