@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.integration.images import SLOWHTTP, TTS, WEB, ensure_test_images  # noqa: E402
-from tests.integration.procs import Server  # noqa: E402
+from tests.integration.images import SLOWHTTP, TTS, WEB, ensure_test_images
+from tests.integration.procs import Server
 
 ROUTES = [
     ("/x:selmaproject:tts:777:5002/cgi-bin/sleep?0.05", 4),
@@ -71,7 +71,7 @@ def main() -> None:
         text = metrics.decode()
 
         def total(name: str) -> float:
-            return sum(float(m.group(1)) for m in re.finditer(rf"^\w*{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+            return sum(float(m.group(1)) for m in re.finditer(rf"^\w*{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
         waits = [float(m.group(1)) for m in re.finditer(r"queued (\d+\.\d+)s", srv.output())]
         print(f"requests {args.requests} from {args.clients} clients, 3 slots, 4 keys: {took:.1f} s")

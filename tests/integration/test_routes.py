@@ -70,7 +70,7 @@ class HostRoute(RoutesTestCase):
     extra = ("--allow-host", "127.0.0.1", "--max-body", "1000", "--cors")
 
     def test_host_route_forwards(self) -> None:
-        status, headers, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a/b%2F?q=1",
+        status, _, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a/b%2F?q=1",
                                              headers={"Host": "front.example"})
         self.assertEqual(status, 200)
         self.assertIn(b"path=/a/b%2F?q=1", body)
@@ -133,6 +133,7 @@ class HostRoute(RoutesTestCase):
     def test_body_too_large(self) -> None:
         status, _, body = self.srv.request("POST", f"/host:127.0.0.1:{self.bport}/up", body=b"x" * 5000)
         self.assertEqual(status, 413)
+        self.assertIn(b"--max-body", body)
 
     def test_slowloris_cut(self) -> None:
         s = socket.create_connection(("127.0.0.1", self.srv.port))
