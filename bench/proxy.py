@@ -182,6 +182,40 @@ class Procs:
                     p.kill()
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live children (an nginx master and its worker)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def wrk_cpu(
+    port: int, path: str, seconds: int, conns: int, watch: dict[str, int], mib: float
+) -> tuple[tuple[float, float, float], dict[str, float]]:
+    """wrk as :func:`wrk`, plus CPU-seconds per MiB moved of each watched process and wrk."""
+    before = {k: cpu_seconds(p) for k, p in watch.items()}
+    ru0 = os.times()
+    res = wrk(port, path, seconds, conns)
+    ru1 = os.times()
+    moved = max(res[0] * seconds * mib, 1e-9)
+    out = {k: (cpu_seconds(p) - before[k]) / moved for k, p in watch.items()}
+    out["wrk"] = (ru1.children_user + ru1.children_system - ru0.children_user - ru0.children_system) / moved
+    return res, out
+
+
 def wrk(port: int, path: str, seconds: int, conns: int) -> tuple[float, float, float]:
     """(req/s, p50 ms, p99 ms) from wrk with one thread."""
     res = subprocess.run(
@@ -246,12 +280,19 @@ def main() -> None:
     ap.add_argument("--big-connections", type=int, default=10)
     ap.add_argument("--ws-trips", type=int, default=2000)
     ap.add_argument("--profile", action="store_true", help="cProfile ours (small page)")
+    ap.add_argument("--tests", default="small,big,ws", help="comma list of small,big,ws")
+    ap.add_argument("--targets", default="direct,nginx,chp,twisted,ours",
+                    help="comma list of direct,nginx,chp,twisted,ours")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the 1 MiB test this many times, targets interleaved")
     args = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             sys.exit(f"{tool} not found: apt-get install -y wrk nginx")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     chp = shutil.which("configurable-http-proxy")
+    tests = set(args.tests.split(","))
+    wanted = set(args.targets.split(","))
 
     tmp = tempfile.mkdtemp(prefix="dsbench-")
     os.chmod(tmp, 0o755)  # nginx workers run as an unprivileged user
@@ -263,28 +304,34 @@ def main() -> None:
 
     ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours")}
     procs = Procs()
+    pids: dict[str, int] = {}
     env = dict(os.environ, PYTHONPATH=ROOT)
     try:
         for name, conf in (("backend", NGINX_BACKEND), ("nginx", NGINX_PROXY)):
             path = f"{tmp}/{name}.conf"
             with open(path, "w") as f:
                 f.write(conf.format(tmp=tmp, port=ports[name], backend=ports["backend"], ws=ports["ws"]))
-            procs.start([nginx, "-c", path, "-p", tmp, "-e", f"{tmp}/{name}-start.log"])
+            pids[name] = procs.start(
+                [nginx, "-c", path, "-p", tmp, "-e", f"{tmp}/{name}-start.log"]
+            ).pid
         procs.start([PY, "-c", WS_ECHO, str(ports["ws"])], env=env)
-        procs.start([PY, "-c", STOCK_TWISTED, str(ports["twisted"]), str(ports["backend"])], env=env)
+        pids["twisted"] = procs.start(
+            [PY, "-c", STOCK_TWISTED, str(ports["twisted"]), str(ports["backend"])], env=env
+        ).pid
         prof_out = f"{tmp}/ours.prof.txt"
         ours_args = [PY, "-c", OURS, str(ports["ours"]), str(ports["backend"]), str(ports["ws"])]
         if args.profile:
             ours_args.append(prof_out)
         ours = procs.start(ours_args, env=env)
+        pids["ours"] = ours.pid
         targets = {"direct": ports["backend"], "nginx": ports["nginx"]}
         if chp:
-            procs.start(
+            pids["chp"] = procs.start(
                 [chp, "--ip", "127.0.0.1", "--port", str(ports["chp"]), "--api-ip", "127.0.0.1",
                  "--api-port", str(ports["chp_api"]), "--default-target",
                  f"http://127.0.0.1:{ports['backend']}", "--log-level", "error"],
                 env=dict(env, CONFIGPROXY_AUTH_TOKEN="bench"),
-            )
+            ).pid
             targets["chp"] = ports["chp"]
         else:
             print("configurable-http-proxy not found (npm i -g configurable-http-proxy): skipped")
@@ -303,30 +350,56 @@ def main() -> None:
             urllib.request.urlopen(req, timeout=5).read()
 
         print(f"proxy bench: {os.cpu_count()} cores, wrk -t1, {args.seconds}s per run")
+        targets = {k: v for k, v in targets.items() if k in wanted}
         small: dict[str, tuple[float, float, float]] = {}
         big: dict[str, tuple[float, float, float]] = {}
+        big_cpu: dict[str, dict[str, float]] = {}
         for name, port in targets.items():
             wrk(port, "/small", 1, args.connections)  # warm up (pools, JIT-less caches)
-            small[name] = wrk(port, "/small", args.seconds, args.connections)
-        for name, port in targets.items():
-            big[name] = wrk(port, "/big", args.seconds, args.big_connections)
+            if "small" in tests:
+                small[name] = wrk(port, "/small", args.seconds, args.connections)
+        big_runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
+        for _ in range(args.repeat if "big" in tests else 0):
+            for name, port in targets.items():
+                watch = {"backend": pids["backend"]}
+                if name in pids:
+                    watch[name] = pids[name]
+                res, cpu = wrk_cpu(port, "/big", args.seconds, args.big_connections, watch, 1.0)
+                big_runs[name].append(res)
+                for k, v in cpu.items():
+                    big_cpu.setdefault(name, {}).setdefault(k, 0.0)
+                    big_cpu[name][k] += v / args.repeat
+        for name, runs in big_runs.items():
+            if runs:
+                big[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))  # type: ignore[assignment]
+                if len(runs) > 1:
+                    print(f"  1 MiB {name:8} runs: " + " ".join(f"{r[0]:.0f}" for r in runs))
         ws: dict[str, tuple[float, float, float]] = {}
         ws_targets: dict[str, int] = {"direct": ports["ws"], "nginx": ports["nginx"]}
         if chp:
             ws_targets["chp"] = ports["chp"]
         ws_targets["ours"] = ports["ours"]
         for name, port in ws_targets.items():
-            ws[name] = ws_trips(port, args.ws_trips)
+            if "ws" in tests and name in wanted:
+                ws[name] = ws_trips(port, args.ws_trips)
 
-        table(f"19-byte page, {args.connections} connections", small)
-        table(f"1 MiB file, {args.big_connections} connections", big)
-        table(f"WebSocket echo, {args.ws_trips} sequential round trips", ws, "trips/s")
-        check: list[tuple[str, Callable[[], bool]]] = [
-            ("small page: ours >= 1.7x stock twisted",
-             lambda: small["ours"][0] >= 1.7 * small["twisted"][0]),
-            ("1 MiB: ours >= nginx", lambda: big["ours"][0] >= big["nginx"][0]),
-        ]
-        if chp:
+        if small:
+            table(f"19-byte page, {args.connections} connections", small)
+        if big:
+            table(f"1 MiB file, {args.big_connections} connections (median of {args.repeat})", big)
+            print("\n  CPU-seconds per GiB moved (the proxy itself, the backend nginx, wrk)")
+            for name, cpu in big_cpu.items():
+                print("  " + f"{name:10} " + "  ".join(
+                    f"{k}={v * 1024:6.2f}" for k, v in cpu.items()))
+        if ws:
+            table(f"WebSocket echo, {args.ws_trips} sequential round trips", ws, "trips/s")
+        check: list[tuple[str, Callable[[], bool]]] = []
+        if "twisted" in small and "ours" in small:
+            check.append(("small page: ours >= 1.7x stock twisted",
+                          lambda: small["ours"][0] >= 1.7 * small["twisted"][0]))
+        if "nginx" in big and "ours" in big:
+            check.append(("1 MiB: ours >= nginx", lambda: big["ours"][0] >= big["nginx"][0]))
+        if "chp" in small and "ours" in small:
             check.insert(0, ("small page: ours >= chp", lambda: small["ours"][0] >= small["chp"][0]))
         print("\nbars:")
         for text, ok in check:

@@ -26,6 +26,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.endpoints import (
@@ -44,7 +45,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
+from twisted.web.http import NO_BODY_CODES, _ChunkedTransferDecoder
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer  # type: ignore[import-untyped]
 
@@ -82,6 +83,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _MAX_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
 READ_SIZE = 512 * 1024
+_DIRECT_MIN = 16 * 1024  # smaller body writes take twisted.web's ordinary path
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -423,6 +425,10 @@ class BackendProtocol(Protocol):
             self._release()
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the backend (a memoryview for the body bytes read with the head).
+
+        Response body bytes go to ``sink.response_data`` as bytes or memoryview.
+        """
         state = self.state
         if state == _BODY_LEN:
             left = self.left
@@ -432,7 +438,7 @@ class BackendProtocol(Protocol):
                 return
             self.left = 0
             if left:
-                self.sink.response_data(data[:left])
+                self.sink.response_data(data if len(data) == left else memoryview(data)[:left])
             if len(data) > left:
                 self.keep_alive = False
             self._complete()
@@ -466,7 +472,9 @@ class BackendProtocol(Protocol):
                 if len(buf) > _MAX_HEAD:
                     self._fail(BadResponse("response head too large"))
                 return
-            head, rest = buf[:end], buf[end + 4 :]
+            # the body bytes that came with the head: a view, not a copy (the first
+            # read of a large response is mostly body)
+            head, rest = buf[:end], memoryview(buf)[end + 4 :]
             self.buf = b""
             try:
                 version, status, reason, headers = _parse_response_head(head)
@@ -477,17 +485,17 @@ class BackendProtocol(Protocol):
                 if status == 101 and self.expect_upgrade:
                     self.state = _TUNNEL
                     self.keep_alive = False
-                    self.sink.response_upgraded(self, status, reason, headers, rest)
+                    self.sink.response_upgraded(self, status, reason, headers, bytes(rest))
                     return
                 if status == 101:
                     self._fail(BadResponse("101 Switching Protocols without an Upgrade request"))
                     return
-                self.buf = rest  # 100 Continue / 103 Early Hints: skip
+                self.buf = bytes(rest)  # 100 Continue / 103 Early Hints: skip
                 continue
             self._start_body(version, status, reason, headers, rest)
 
     def _start_body(
-        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: bytes
+        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview
     ) -> None:
         conn: set[bytes] = set()
         te: list[bytes] = []
@@ -521,12 +529,12 @@ class BackendProtocol(Protocol):
             self.state = _BODY_CHUNKED
             self._decoder = _ChunkedTransferDecoder(self._chunk_data, self._chunks_done)
             if rest:
-                self.dataReceived(rest)
+                self.dataReceived(bytes(rest))
         elif length is not None:
             self.state = _BODY_LEN
             self.left = length
             if rest or length == 0:
-                self.dataReceived(rest)
+                self.dataReceived(rest)  # type: ignore[arg-type]
         else:
             self.state = _BODY_CLOSE
             self.keep_alive = False
@@ -618,6 +626,39 @@ class BackendProtocol(Protocol):
             sink.response_done()
         else:
             sink.backend_failed(Failure(BackendGone(_reason_text(reason))), self)
+
+
+def _send_through(t: Any, data: bytes | memoryview) -> bool:
+    """Send ``data`` on the TCP transport ``t`` now, after what it has buffered but not
+    yet tried to send; True when the kernel took it all.
+
+    Twisted's ``write`` buffers every piece until the next reactor iteration and then
+    joins the pieces into one bytes object (a copy of each large response chunk);
+    this sends the queued head and ``data`` in one ``sendmsg`` and leaves only the
+    unsent tail — a view into ``data``, not a copy — in the transport's buffer, for
+    its ``doWrite`` to send when the socket is writable. Only for a transport whose
+    ``dataBuffer`` is drained (``t.offset >= len(t.dataBuffer)``).
+    """
+    pending: list[bytes] = t._tempDataBuffer
+    queued = t._tempDataLen
+    try:
+        sent = t.socket.sendmsg([*pending, data]) if pending else t.socket.send(data)
+    except OSError:
+        # would block, or the connection broke: doWrite meets the error and
+        # closes the transport the usual way
+        sent = 0
+    t._tempDataBuffer = []
+    t._tempDataLen = 0
+    t.offset = 0
+    if sent >= queued + len(data):
+        t.dataBuffer = b""
+        return True
+    if sent >= queued:
+        t.dataBuffer = memoryview(data)[sent - queued :]
+    else:  # not even the queued head went out (rare): one copy
+        t.dataBuffer = b"".join([*pending, data])[sent:]
+    t.startWriting()
+    return False
 
 
 def _reason_text(reason: Failure | BaseException | None) -> str:
@@ -734,6 +775,7 @@ class _Exchange:
         self.producing = False
         self.retried = False
         self.connecting: Deferred[Any] | None = None
+        self.direct: Any = None  # the client's tcp.Connection, when plain TCP
         content = request.content
         length = 0
         if content is not None:
@@ -769,6 +811,12 @@ class _Exchange:
             transport, "wrappedProtocol"
         ):
             transport.bufferSize = READ_SIZE
+        # a plain TCP client connection: body bytes can go straight to its socket
+        self.direct = (
+            transport
+            if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
+            else None
+        )
         conn = None if self.upgrade is not None else self.proxy._pool.take(self.backend)
         if conn is not None:
             self._send(conn)
@@ -850,11 +898,13 @@ class _Exchange:
             request.registerProducer(self, True)
             self.producing = True
 
-    def response_data(self, data: bytes) -> None:
+    def response_data(self, data: bytes | memoryview) -> None:
         if self.ended:
             return
         self.bytes_out += len(data)
-        self.request.write(data)
+        if not self.request.startedWriting:
+            self.request.write(b"")  # the head, into the transport's buffer
+        self._write(data)
 
     def response_done(self) -> None:
         if self.ended:
@@ -929,6 +979,32 @@ class _Exchange:
 
     def stopProducing(self) -> None:
         self._client_gone(Failure(ierror.ConnectionDone("client stopped the response")))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """Write body bytes to the client: straight to its socket when we can."""
+        request = self.request
+        t = self.direct
+        if (
+            t is not None
+            and len(data) >= _DIRECT_MIN
+            and request.startedWriting
+            and not request.chunked
+            and request.method != b"HEAD"
+            and request.code not in NO_BODY_CODES
+            and not request._disconnected
+            and t.connected
+            and not t.disconnecting
+            and not t._writeDisconnected
+            and t.offset >= len(t.dataBuffer)
+        ):
+            request.sentLength += len(data)
+            if not _send_through(t, data) and t.producer is not None and t.streamingProducer:
+                # the kernel took only part: Twisted sends the rest when the socket
+                # is writable and resumes us (and so the backend) once it is out
+                t.producerPaused = True
+                t.producer.pauseProducing()
+            return
+        request.write(data if isinstance(data, bytes) else bytes(data))
 
     # -- ending ------------------------------------------------------------------------
     def _unregister(self) -> None:
