@@ -628,16 +628,34 @@ class BackendProtocol(Protocol):
             sink.backend_failed(Failure(BackendGone(_reason_text(reason))), self)
 
 
-def _send_through(t: Any, data: bytes | memoryview) -> bool:
-    """Send ``data`` on the TCP transport ``t`` now, after what it has buffered but not
-    yet tried to send; True when the kernel took it all.
+def is_plain_tcp(transport: Any) -> bool:
+    """True for Twisted's own TCP transport without TLS (:func:`send_now` may be used)."""
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
 
-    Twisted's ``write`` buffers every piece until the next reactor iteration and then
+
+def can_send_now(t: Any) -> bool:
+    """True when :func:`send_now` may write on ``t`` (a :func:`is_plain_tcp` transport):
+    connected, not closing, and Twisted's own buffer drained (no earlier send pending).
+    """
+    return bool(
+        t.connected
+        and not t.disconnecting
+        and not t._writeDisconnecting
+        and not t._writeDisconnected
+        and t.offset >= len(t.dataBuffer)
+    )
+
+
+def send_now(t: Any, data: bytes | memoryview) -> bool:
+    """Send ``data`` on the TCP transport ``t`` now, after what it has queued but not
+    yet tried to send; True when the kernel took it all. Only when :func:`can_send_now`.
+
+    Twisted's ``write`` queues every piece until the next reactor iteration and then
     joins the pieces into one bytes object (a copy of each large response chunk);
-    this sends the queued head and ``data`` in one ``sendmsg`` and leaves only the
+    this sends the queued pieces and ``data`` in one ``sendmsg`` and leaves only the
     unsent tail — a view into ``data``, not a copy — in the transport's buffer, for
-    its ``doWrite`` to send when the socket is writable. Only for a transport whose
-    ``dataBuffer`` is drained (``t.offset >= len(t.dataBuffer)``).
+    its ``doWrite`` to send when the socket is writable (touches ``FileDescriptor``
+    internals: ``dataBuffer``, ``offset``, ``_tempDataBuffer``, ``_tempDataLen``).
     """
     pending: list[bytes] = t._tempDataBuffer
     queued = t._tempDataLen
@@ -812,11 +830,7 @@ class _Exchange:
         ):
             transport.bufferSize = READ_SIZE
         # a plain TCP client connection: body bytes can go straight to its socket
-        self.direct = (
-            transport
-            if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
-            else None
-        )
+        self.direct = transport if is_plain_tcp(transport) else None
         conn = None if self.upgrade is not None else self.proxy._pool.take(self.backend)
         if conn is not None:
             self._send(conn)
@@ -992,13 +1006,10 @@ class _Exchange:
             and request.method != b"HEAD"
             and request.code not in NO_BODY_CODES
             and not request._disconnected
-            and t.connected
-            and not t.disconnecting
-            and not t._writeDisconnected
-            and t.offset >= len(t.dataBuffer)
+            and can_send_now(t)
         ):
             request.sentLength += len(data)
-            if not _send_through(t, data) and t.producer is not None and t.streamingProducer:
+            if not send_now(t, data) and t.producer is not None and t.streamingProducer:
                 # the kernel took only part: Twisted sends the rest when the socket
                 # is writable and resumes us (and so the backend) once it is out
                 t.producerPaused = True
