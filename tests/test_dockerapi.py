@@ -18,6 +18,7 @@ from dockerspaces.web.dockerapi import (
     TOKEN_HEADER,
     DockerApiResource,
     caller_ip,
+    check_config,
     engine_target,
     load_token,
     parse_networks,
@@ -305,6 +306,17 @@ class HelperTests(TestCase):
             e = self.assertRaises(ConfigError, read_token, p)
             self.assertIn("--docker-api-token-file", str(e))
         self.assertIsNone(load_token(Config()))
+
+    def test_check_config(self) -> None:
+        """Start-up validation: a missing token file, an ssh engine with --docker-api."""
+        check_config(Config())
+        check_config(Config(docker="ssh://me@host"))  # not proxied without --docker-api
+        e = self.assertRaises(ConfigError, check_config,
+                              Config(docker="ssh://me@host", docker_api=True))
+        self.assertIn("ssh://", str(e))
+        e = self.assertRaises(ConfigError, check_config,
+                              Config(docker_api_token_file=self.mktemp()))
+        self.assertIn("--docker-api-token-file", str(e))
 
     def test_parse_networks_error(self) -> None:
         """A bad CIDR names the option."""

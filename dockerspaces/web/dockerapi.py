@@ -110,6 +110,17 @@ def load_token(config: Config) -> str | None:
     return read_token(config.docker_api_token_file)
 
 
+def check_config(config: Config) -> None:
+    """Raise :class:`ConfigError` when ``/docker:local`` or the peer token cannot work.
+
+    Meant for option validation (``tap.Options.postOptions``), so that a bad token file or
+    an engine that cannot be proxied is a usage error rather than a traceback.
+    """
+    load_token(config)
+    if config.docker_api:
+        engine_target(config.docker)
+
+
 def engine_target(url: str) -> tuple[Backend, bytes]:
     """Where ``/docker:local`` sends requests for the engine URL ``url``.
 
