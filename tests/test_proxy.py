@@ -1,19 +1,23 @@
-"""Unit tests for the proxy data path: no sockets, a fake endpoint and StringTransports.
+"""Unit tests for the proxy data path: a fake endpoint and StringTransports.
 
 A real ``Request`` is driven through ``make_site``'s channel over a StringTransport
 (the client); the backend is a :class:`BackendProtocol` over another StringTransport.
+``send_now`` (bodies straight to the client socket) is tested on a socketpair, and
+once end to end over loopback sockets with the real reactor.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from dockerspaces.web.proxy import (
@@ -21,8 +25,10 @@ from dockerspaces.web.proxy import (
     BackendProtocol,
     ExchangeEnd,
     Proxy,
+    can_send_now,
     drop_hop_by_hop,
     rewrite_location,
+    send_now,
 )
 from dockerspaces.web.site import make_site
 
@@ -409,3 +415,195 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(b.default_host_header(), b"example.org")
         self.assertTrue(b.is_tls)
         self.assertEqual(Backend.tcp("10.0.0.1", 9100).default_host_header(), b"10.0.0.1:9100")
+
+
+class _Sock:
+    """The part of a tcp.Connection that send_now touches, over one end of a socketpair."""
+
+    def __init__(self, sock: socket.socket):
+        self.socket = sock
+        self.dataBuffer: bytes | memoryview = b""
+        self.offset = 0
+        self._tempDataBuffer: list[bytes] = []
+        self._tempDataLen = 0
+        self.connected = 1
+        self.disconnecting = False
+        self._writeDisconnecting = False
+        self._writeDisconnected = False
+        self.writing = False
+
+    def queue(self, data: bytes) -> None:
+        self._tempDataBuffer.append(data)
+        self._tempDataLen += len(data)
+
+    def startWriting(self) -> None:
+        self.writing = True
+
+
+def _pair(sndbuf: int | None = None) -> tuple[_Sock, socket.socket]:
+    a, b = socket.socketpair()
+    if sndbuf is not None:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    a.setblocking(False)
+    b.setblocking(False)
+    return _Sock(a), b
+
+
+def _drain(s: socket.socket) -> bytes:
+    out = []
+    while True:
+        try:
+            chunk = s.recv(1 << 20)
+        except BlockingIOError:
+            return b"".join(out)
+        if not chunk:
+            return b"".join(out)
+        out.append(chunk)
+
+
+class SendNowTests(SynchronousTestCase):
+    """send_now: the queued pieces and the data in one sendmsg, the unsent tail kept."""
+
+    def test_all_sent_after_queued_head(self) -> None:
+        t, peer = _pair()
+        self.addCleanup(t.socket.close)
+        self.addCleanup(peer.close)
+        t.queue(b"HTTP/1.1 200 OK\r\n")
+        t.queue(b"\r\n")
+        self.assertTrue(can_send_now(t))
+        self.assertTrue(send_now(t, memoryview(b"0123456789")[2:]))
+        self.assertEqual(_drain(peer), b"HTTP/1.1 200 OK\r\n\r\n23456789")
+        self.assertEqual((t.dataBuffer, t.offset, t._tempDataBuffer, t._tempDataLen), (b"", 0, [], 0))
+        self.assertFalse(t.writing)
+
+    def test_partial_keeps_a_view_of_the_tail(self) -> None:
+        t, peer = _pair(sndbuf=4096)
+        self.addCleanup(t.socket.close)
+        self.addCleanup(peer.close)
+        data = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes
+        t.queue(b"head|")
+        self.assertFalse(send_now(t, data))
+        self.assertTrue(t.writing)
+        self.assertIsInstance(t.dataBuffer, memoryview)  # no copy of the tail
+        self.assertEqual(t._tempDataBuffer, [])
+        self.assertEqual(_drain(peer) + bytes(t.dataBuffer), b"head|" + data)
+        self.assertFalse(can_send_now(t))  # Twisted's buffer is not drained
+
+    def test_nothing_sent(self) -> None:
+        t, peer = _pair(sndbuf=4096)
+        self.addCleanup(t.socket.close)
+        self.addCleanup(peer.close)
+        while True:  # fill the socket
+            try:
+                t.socket.send(b"f" * 65536)
+            except BlockingIOError:
+                break
+        t.queue(b"head|")
+        self.assertFalse(send_now(t, b"body"))
+        self.assertEqual(bytes(t.dataBuffer), b"head|body")
+        self.assertEqual((t.offset, t._tempDataLen), (0, 0))
+
+    def test_broken_socket_left_to_twisted(self) -> None:
+        t, peer = _pair()
+        peer.close()
+        t.socket.close()  # send raises: the bytes stay queued for doWrite to fail on
+        self.assertFalse(send_now(t, b"body"))
+        self.assertEqual(bytes(t.dataBuffer), b"body")
+
+    def test_can_send_now(self) -> None:
+        t, peer = _pair()
+        self.addCleanup(t.socket.close)
+        self.addCleanup(peer.close)
+        self.assertTrue(can_send_now(t))
+        for name in ("disconnecting", "_writeDisconnecting", "_writeDisconnected"):
+            setattr(t, name, True)
+            self.assertFalse(can_send_now(t), name)
+            setattr(t, name, False)
+        t.connected = 0
+        self.assertFalse(can_send_now(t))
+
+
+class _Backend(Protocol):
+    """Answers each request head with BODY in one write (head and body together)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
+            )
+
+
+BODY = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB, not a multiple of any read size
+
+
+class _Client(Protocol):
+    """Sends two keep-alive GETs; pauses reading now and then (partial sends)."""
+
+    def __init__(self, done: Deferred[bytes], reactor: Any):
+        self.done, self.reactor = done, reactor
+        self.got: list[bytes] = []
+        self.size = 0
+        self.pauses = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(GET + GET)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got.append(data)
+        self.size += len(data)
+        if self.size > (self.pauses + 1) * 1_000_000 and self.pauses < 4:
+            self.pauses += 1
+            self.transport.pauseProducing()
+            self.reactor.callLater(0.05, self.transport.resumeProducing)
+        if self.size >= 2 * len(BODY) and b"".join(self.got).count(BODY) == 2:
+            self.transport.loseConnection()
+            self.done.callback(b"".join(self.got))
+
+
+class LoopbackTests(TestCase):
+    """Real sockets: large bodies go straight to the client socket, intact and in order."""
+
+    def test_large_bodies_through_real_sockets(self) -> Deferred[None]:
+        from twisted.internet import reactor
+
+        r: Any = reactor
+        backend_port = r.listenTCP(0, Factory.forProtocol(_Backend), interface="127.0.0.1")
+        self.addCleanup(backend_port.stopListening)
+        proxy = Proxy(r)
+        self.addCleanup(proxy.close_idle)
+        ends: list[ExchangeEnd] = []
+        logged: list[int] = []
+        backend = Backend.tcp("127.0.0.1", backend_port.getHost().port)
+
+        class Fwd(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                return proxy.forward(
+                    request, backend, request.uri, prefix=b"", host_header=None,
+                    on_end=ends.append,
+                )
+
+        site = make_site(Fwd(), r, max_body=1 << 20,
+                         on_request_logged=lambda req: logged.append(req.sentLength))
+        front = r.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(front.stopListening)
+        done: Deferred[bytes] = Deferred()
+        client = _Client(done, r)
+        ClientCreator(r, lambda: client).connectTCP("127.0.0.1", front.getHost().port)
+        self.addCleanup(lambda: client.transport.loseConnection() if client.transport else None)
+
+        def check(raw: bytes) -> None:
+            first, _, rest = raw.partition(b"\r\n\r\n")
+            self.assertTrue(first.startswith(b"HTTP/1.1 200 OK"))
+            self.assertIn(b"Content-Length: %d" % len(BODY), first)
+            body1, second = rest[: len(BODY)], rest[len(BODY) :]
+            self.assertEqual(body1, BODY)
+            head2, _, body2 = second.partition(b"\r\n\r\n")
+            self.assertTrue(head2.startswith(b"HTTP/1.1 200 OK"))
+            self.assertEqual(body2, BODY)
+            self.assertEqual(ends, [ExchangeEnd("finished", 200, len(BODY))] * 2)
+            self.assertEqual(logged, [len(BODY)] * 2)
+            self.assertGreater(client.pauses, 0)
+
+        return done.addCallback(check).addTimeout(30, r)
