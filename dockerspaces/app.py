@@ -21,6 +21,7 @@ from .engine.interface import RunOptions
 from .metrics import Metrics
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
+from .web.dockerapi import DockerApiResource, load_token, peer_headers
 from .web.errors import ErrorResource
 from .web.health import HealthResource, MetricsResource
 from .web.jobs import HostResource, JobResource
@@ -77,6 +78,7 @@ class Routes:
     metrics: Metrics | None = None
 
     has_slots: bool = True
+    docker_api_resource: Resource | None = None
 
     def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Resource:
         """x:/y:/worker."""
@@ -104,8 +106,10 @@ class Routes:
         return ErrorResource(404, f"/monitor:{route.name} is not available")
 
     def docker_api(self, path: bytes) -> Resource:
-        """/docker:local."""
-        return ErrorResource(404, "/docker:local is disabled (start with --docker-api)")
+        """/docker:local (404 unless --docker-api; the gate checks caller and token)."""
+        if self.docker_api_resource is None:
+            return ErrorResource(404, "/docker:local is disabled (start with --docker-api)")
+        return self.docker_api_resource
 
 
 def container_hook(metrics: Metrics) -> Any:
@@ -164,8 +168,10 @@ def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[
     """One Engine per configured host."""
     auth = RegistryAuth.from_config(config)
     hosts = config.hosts()
+    token = load_token(config)  # one token cluster-wide: sent to peers' /docker:local
     engines = {
-        h.name: Engine(reactor, h, instance=config.instance_name(), pull=config.pull, auth=auth)
+        h.name: Engine(reactor, h, instance=config.instance_name(), pull=config.pull, auth=auth,
+                       extra_headers=peer_headers(h, token))
         for h in hosts
     }
     return hosts, engines
@@ -199,7 +205,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
     routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=engines,
                     waiting=waiting, metrics=metrics,
-                    has_slots=any(h.slots > 0 for h in hosts))
+                    has_slots=any(h.slots > 0 for h in hosts),
+                    docker_api_resource=(DockerApiResource.from_config(config, proxy)
+                                         if config.docker_api else None))
     recorder = Recorder(reactor, metrics)
     root = Root(config, routes, recorder)
     site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done)

@@ -52,6 +52,9 @@ class Options(usage.Options):
                 self.given[o.name] = v
         try:
             self.config = build_config(self.given)
+            from .web.dockerapi import check_config
+
+            check_config(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

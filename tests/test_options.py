@@ -70,6 +70,9 @@ class Values(SynchronousTestCase):
     """Each option's value lands in Config."""
 
     def test_values(self) -> None:
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("tok\n")
         c = parse(
             "--port", "tcp:1234", "--port", "unix:/tmp/s", "--docker", "tcp://h:2375",
             "--target", "3", "--source", "7", "--queue", "9", "--queue-timeout", "1.5",
@@ -79,7 +82,7 @@ class Values(SynchronousTestCase):
             "team/*", "--allow-image", "x:1", "--publish-ip", "0.0.0.0", "--instance", "i1",
             "--keep-containers", "--cors", "--root", "example.org:81", "--allow-host",
             "10.0.0.0/8", "--docker-api", "--docker-api-allow", "10.1.0.0/16",
-            "--docker-api-token-file", "t", "--log-format", "json", "--max-body", "1MiB",
+            "--docker-api-token-file", token, "--log-format", "json", "--max-body", "1MiB",
             "--gpu", "2",
         )
         self.assertEqual(c.ports, ("tcp:1234", "unix:/tmp/s"))
@@ -95,7 +98,7 @@ class Values(SynchronousTestCase):
         self.assertEqual(c.root, HostTarget("example.org", 81))
         self.assertEqual(c.allow_host, ("10.0.0.0/8",))
         self.assertEqual(c.docker_api_allow, ("10.1.0.0/16",))
-        self.assertEqual((c.docker_api_token_file, c.log_format, c.max_body), ("t", "json", 1024**2))
+        self.assertEqual((c.docker_api_token_file, c.log_format, c.max_body), (token, "json", 1024**2))
         (h,) = c.hosts()
         self.assertEqual((h.url, h.slots, h.gpus, h.publish_ip), ("tcp://h:2375", 3, 2, "0.0.0.0"))
         self.assertEqual([h.gpu_for(i) for i in range(3)], [0, 1, 0])
