@@ -120,3 +120,27 @@ class EntryPoints(TestCase):
                               capture_output=True, timeout=60, check=False)
         self.assertEqual(proc.returncode, 2)
         self.assertIn(b"-frob", proc.stderr)
+
+
+class Packaging(TestCase):
+    """``pip install .`` ships the plugin file without making ``twisted`` a package of ours."""
+
+    timeout = 300
+
+    def test_wheel_ships_the_plugin(self) -> None:
+        import zipfile
+
+        out = self.mktemp()
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                               "-w", out, REPO],
+                              capture_output=True, timeout=240, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
+        (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
+        names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()
+        self.assertIn("twisted/plugins/dockerspaces_plugin.py", names)
+        self.assertNotIn("twisted/__init__.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)
+        self.assertIn("dockerspaces/web/static/waiting.html", names)
+        self.assertIn("dockerspaces/tap.py", names)
+        entry = [n for n in names if n.endswith("entry_points.txt")]
+        self.assertEqual(len(entry), 1)
