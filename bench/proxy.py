@@ -10,14 +10,16 @@ In one run, against the same backends on loopback:
 
 plus WebSocket echo round trips (a small Python client, N sequential round trips) direct
 to a ``websockets`` echo server and through (b), (c) and (e) (stock Twisted cannot).
-Prints req/s, p50/p99 and the ratio of (e) to each. Bars (same run): small page
-≥ chp and ≥ 1.7× stock Twisted; 1 MiB ≥ nginx.
+Prints req/s, p50/p99 and the ratio of (e) to each, and for the 1 MiB test the
+CPU-seconds per GiB moved of each proxy, the backend and wrk. Bars (same run): small
+page ≥ chp and ≥ 1.7× stock Twisted; 1 MiB ≥ nginx.
 
 Needs wrk, nginx (``apt-get install -y wrk nginx``) and ``npm i -g configurable-http-proxy``.
 The backends and proxies are started here with their own temp configs (no system service).
 
     .venv/bin/python -m bench.proxy [--seconds 5] [--connections 50] [--ws-trips 2000]
     .venv/bin/python -m bench.proxy --profile   # also cProfile ours under the small-page load
+    .venv/bin/python -m bench.proxy --tests big --targets nginx,ours --repeat 5
 """
 
 from __future__ import annotations

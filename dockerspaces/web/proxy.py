@@ -11,6 +11,10 @@ Upgrade tunnelling, see :mod:`dockerspaces.web.tunnel`).
   with a push producer on the backend transport, never read into one bytes object;
 - responses are streamed: the exchange is registered as the producer of the client
   request, so a paused client transport pauses the backend transport;
+- large body chunks for a plain TCP client are sent straight to its socket
+  (:func:`send_now`, one ``sendmsg`` with the queued head) rather than queued for the
+  next reactor iteration and joined there; an unsent tail stays in the transport's
+  buffer as a view and the backend is paused until it drains;
 - hop-by-hop headers and those named in ``Connection`` are dropped both ways, repeated
   headers kept, ``X-Forwarded-*`` added, ``Location`` rewritten under the route prefix;
 - ``on_end`` fires exactly once per :meth:`Proxy.forward` with an :class:`ExchangeEnd`.
