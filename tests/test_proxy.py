@@ -178,6 +178,28 @@ class RequestHeadTests(SynchronousTestCase):
 class ResponseTests(SynchronousTestCase):
     """What the client receives, and how each exchange ends."""
 
+    def test_streamed_head_sent_before_any_body(self) -> None:
+        """A chunked answer (SSE, docker wait/events) shows its head at once."""
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+        line, headers = head_of(ct.value())
+        self.assertEqual(line, b"HTTP/1.1 200 OK")
+        self.assertEqual(values(headers, b"content-type"), [b"text/event-stream"])
+        self.assertEqual(h.ends, [])
+
+    def test_sized_head_waits_for_the_body(self) -> None:
+        """With a Content-Length the head goes out together with the first body bytes."""
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(ct.value(), b"")
+        p.dataReceived(b"hello")
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nhello"))
+
     def test_headers_and_chunked_body(self) -> None:
         h = Harness()
         _, ct = h.client(GET)

@@ -199,27 +199,6 @@ def _describe(request: Request) -> str:
     return f"unix:{name.decode('latin-1') if isinstance(name, bytes) else name or '?'}"
 
 
-def flush_head_when_streaming(request: Request) -> None:
-    """Send the response head as soon as the proxy has set it, before any body byte.
-
-    The engine answers some calls with a head and then nothing for a long time: ``POST
-    /containers/ID/wait`` (the docker CLI waits for that head before it sends ``start``
-    in ``docker run``), ``events`` without ``--since``, ``logs --follow`` of a quiet
-    container. twisted.web sends a head only with the first ``write``; the proxy sets
-    the head and then registers itself as the producer of the request, so right after
-    that registration an empty write sends the head. (Harmless if the proxy already
-    flushed it: the head goes out once.)
-    """
-    register = request.registerProducer
-
-    def register_and_flush(producer: Any, streaming: bool) -> None:
-        register(producer, streaming)
-        if not request.startedWriting and not request.finished:
-            request.write(b"")
-
-    request.registerProducer = register_and_flush  # type: ignore[method-assign]
-
-
 # -- the resource ----------------------------------------------------------------------
 
 
@@ -303,7 +282,6 @@ class DockerApiResource(Resource):
             )
             return write_error(request, 403, denied)
         request.requestHeaders.removeHeader(TOKEN_HEADER.encode("ascii"))
-        flush_head_when_streaming(request)
         if request.method not in SAFE_METHODS:
             self.log.info(
                 "docker-api: {method} {path} from {caller}",

@@ -915,6 +915,11 @@ class _Exchange:
         if not self.ended:
             request.registerProducer(self, True)
             self.producing = True
+            if not rh.hasHeader(b"content-length") and request.method != b"HEAD":
+                # A streamed answer (chunked or close-delimited: SSE, long polls,
+                # ``docker wait``/``events``/``logs -f``) may send its first body byte
+                # much later: the client must see the head now, not with that byte.
+                request.write(b"")
 
     def response_data(self, data: bytes | memoryview) -> None:
         if self.ended:
