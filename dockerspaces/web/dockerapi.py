@@ -43,6 +43,7 @@ from ..config import Config, ConfigError, HostConfig
 from ..spec import split_uri
 from .errors import write_error
 from .proxy import Backend, ExchangeEnd
+from .routing import parse_ip
 
 TOKEN_HEADER = "X-Dockerspaces-Token"
 PREFIX = b"/docker:local"
@@ -179,15 +180,7 @@ def redact_api_path(path: bytes) -> str:
 def caller_ip(request: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The caller's IP address (an IPv4-mapped IPv6 address as IPv4), or None."""
     host = getattr(request.getClientAddress(), "host", None)
-    if not isinstance(host, str):
-        return None
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return parse_ip(host) if isinstance(host, str) else None
 
 
 def _describe(request: Request) -> str:

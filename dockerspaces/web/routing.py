@@ -114,7 +114,8 @@ class Forbidden(Exception):
         self.reason = reason
 
 
-def _ip(text: str) -> IPAddress | None:
+def parse_ip(text: str) -> IPAddress | None:
+    """An IP address (zone id dropped, IPv4-mapped IPv6 as IPv4), or None."""
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
@@ -195,7 +196,7 @@ class HostPolicy:
 
     def check(self, host: str, port: int) -> Deferred[str]:
         """The address to connect to for HOST:PORT, or a failure with :class:`Forbidden`."""
-        literal = _ip(host)
+        literal = parse_ip(host)
         if literal is not None:
             try:
                 return succeed(self._check_address(host, str(literal), port))
@@ -222,7 +223,7 @@ class HostPolicy:
         return any(addr.version == n.version and addr in n for n in self._nets)
 
     def _check_address(self, host: str, address: str, port: int) -> str:
-        addr = _ip(address)
+        addr = parse_ip(address)
         if addr is None:
             raise Forbidden(f"{host!r} resolved to an unusable address {address!r}")
         on_this_machine = (
