@@ -7,6 +7,8 @@ In one run, against the same backends on loopback:
   (c) chp      wrk → configurable-http-proxy → (a)
   (d) twisted  wrk → twisted.web.proxy.ReverseProxyResource → (a)
   (e) ours     wrk → dockerspaces Proxy.forward in a plain Site → (a)
+  (f) app      wrk → the whole dockerspaces process, /host:127.0.0.1:PORT/ route → (a)
+               (dispatch, host policy, one request log line and metrics per request)
 
 plus WebSocket echo round trips (a small Python client, N sequential round trips) direct
 to a ``websockets`` echo server and through (b), (c) and (e) (stock Twisted cannot).
@@ -245,13 +247,13 @@ def to_ms(text: str) -> float:
     return float(text)
 
 
-def ws_trips(port: int, n: int) -> tuple[float, float, float]:
+def ws_trips(port: int, n: int, prefix: str = "") -> tuple[float, float, float]:
     """(round trips/s, p50 ms, p99 ms) of n sequential 64-byte echo round trips."""
     from websockets.sync.client import connect
 
     msg = "m" * 64
     lat = []
-    with connect(f"ws://127.0.0.1:{port}/ws", compression=None) as ws:
+    with connect(f"ws://127.0.0.1:{port}{prefix}/ws", compression=None) as ws:
         for _ in range(50):
             ws.send(msg)
             ws.recv()
@@ -283,8 +285,8 @@ def main() -> None:
     ap.add_argument("--ws-trips", type=int, default=2000)
     ap.add_argument("--profile", action="store_true", help="cProfile ours (small page)")
     ap.add_argument("--tests", default="small,big,ws", help="comma list of small,big,ws")
-    ap.add_argument("--targets", default="direct,nginx,chp,twisted,ours",
-                    help="comma list of direct,nginx,chp,twisted,ours")
+    ap.add_argument("--targets", default="direct,nginx,chp,twisted,ours,app",
+                    help="comma list of direct,nginx,chp,twisted,ours,app")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the 1 MiB test this many times, targets interleaved")
     args = ap.parse_args()
@@ -304,7 +306,12 @@ def main() -> None:
     with open(f"{tmp}/www/big", "wb") as f:
         f.write(os.urandom(1 << 20))
 
-    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours")}
+    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours",
+                                      "app")}
+    # (f) app: the whole dockerspaces process, its real host: route (routing, request
+    # log line, metrics) -- what a deployment runs; "ours" is the bare Proxy.forward.
+    prefixes = {"app": f"/host:127.0.0.1:{ports['backend']}"}
+    ws_prefixes = {"app": f"/host:127.0.0.1:{ports['ws']}"}
     procs = Procs()
     pids: dict[str, int] = {}
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -339,6 +346,13 @@ def main() -> None:
             print("configurable-http-proxy not found (npm i -g configurable-http-proxy): skipped")
         targets["twisted"] = ports["twisted"]
         targets["ours"] = ports["ours"]
+        pids["app"] = procs.start(
+            [os.path.join(os.path.dirname(PY), "twistd"), "-n", "--pidfile=", "--logfile",
+             f"{tmp}/app.log", "dockerspaces", "--port", f"tcp:{ports['app']}:interface=127.0.0.1",
+             "--target", "0", "--allow-host", "127.0.0.1", "--instance", "bench-proxy"],
+            env=env,
+        ).pid
+        targets["app"] = ports["app"]
         for p in (*targets.values(), ports["ws"]):
             wait_port(p)
         if chp:
@@ -357,16 +371,18 @@ def main() -> None:
         big: dict[str, tuple[float, float, float]] = {}
         big_cpu: dict[str, dict[str, float]] = {}
         for name, port in targets.items():
-            wrk(port, "/small", 1, args.connections)  # warm up (pools, JIT-less caches)
+            pre = prefixes.get(name, "")
+            wrk(port, pre + "/small", 1, args.connections)  # warm up (pools, JIT-less caches)
             if "small" in tests:
-                small[name] = wrk(port, "/small", args.seconds, args.connections)
+                small[name] = wrk(port, pre + "/small", args.seconds, args.connections)
         big_runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
         for _ in range(args.repeat if "big" in tests else 0):
             for name, port in targets.items():
                 watch = {"backend": pids["backend"]}
                 if name in pids:
                     watch[name] = pids[name]
-                res, cpu = wrk_cpu(port, "/big", args.seconds, args.big_connections, watch, 1.0)
+                res, cpu = wrk_cpu(port, prefixes.get(name, "") + "/big", args.seconds,
+                                   args.big_connections, watch, 1.0)
                 big_runs[name].append(res)
                 for k, v in cpu.items():
                     big_cpu.setdefault(name, {}).setdefault(k, 0.0)
@@ -381,9 +397,10 @@ def main() -> None:
         if chp:
             ws_targets["chp"] = ports["chp"]
         ws_targets["ours"] = ports["ours"]
+        ws_targets["app"] = ports["app"]
         for name, port in ws_targets.items():
             if "ws" in tests and name in wanted:
-                ws[name] = ws_trips(port, args.ws_trips)
+                ws[name] = ws_trips(port, args.ws_trips, ws_prefixes.get(name, ""))
 
         if small:
             table(f"19-byte page, {args.connections} connections", small)
@@ -403,6 +420,15 @@ def main() -> None:
             check.append(("1 MiB: ours >= nginx", lambda: big["ours"][0] >= big["nginx"][0]))
         if "chp" in small and "ours" in small:
             check.insert(0, ("small page: ours >= chp", lambda: small["ours"][0] >= small["chp"][0]))
+        if "chp" in small and "app" in small:
+            check.append(("small page: app (host: route) >= chp",
+                          lambda: small["app"][0] >= small["chp"][0]))
+        if "twisted" in small and "app" in small:
+            check.append(("small page: app (host: route) >= 1.7x stock twisted",
+                          lambda: small["app"][0] >= 1.7 * small["twisted"][0]))
+        if "nginx" in big and "app" in big:
+            check.append(("1 MiB: app (host: route) >= nginx",
+                          lambda: big["app"][0] >= big["nginx"][0]))
         print("\nbars:")
         for text, ok in check:
             print(f"  [{'ok' if ok() else 'MISSED'}] {text}")

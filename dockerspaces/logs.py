@@ -84,16 +84,22 @@ def log_request(
     (``client-gone``, ``backend-error``, …).
     """
     m = method.decode("latin-1") if isinstance(method, bytes) else method
-    qw = "" if queue_wait is None else " queued {ds_queue_wait:.3f}s"
-    why = "" if not reason else " ({ds_reason})"
+    path = safe_path(uri)
+    # Pre-formatted once with an f-string: twisted.logger's own formatting of a
+    # many-field format string was a fifth of the proxy's CPU per small request.
+    text = f"{kind} {route} {m} {path} -> {status} {nbytes}B in {seconds:.3f}s"
+    if queue_wait is not None:
+        text += f" queued {queue_wait:.3f}s"
+    if reason:
+        text += f" ({reason})"
     (logger or _request_log).info(
-        "{ds_kind} {ds_route} {ds_method} {ds_path} -> {ds_status} {ds_bytes}B in {ds_seconds:.3f}s"
-        + qw + why,
+        "{ds_text}",
+        ds_text=text,
         ds_event="request",
         ds_kind=kind,
         ds_route=route,
         ds_method=m,
-        ds_path=safe_path(uri),
+        ds_path=path,
         ds_status=status,
         ds_bytes=nbytes,
         ds_seconds=seconds,
