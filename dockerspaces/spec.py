@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, unquote
 
@@ -261,8 +262,13 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
     return JobSpec(mode=mode, name=tuple(name), tag=tag, port=port, env=env)
 
 
+@lru_cache(maxsize=4096)
 def parse_route(segment: str) -> Route | None:
-    """Parse a raw first path segment; ``None`` if it names no known route kind."""
+    """Parse a raw first path segment; ``None`` if it names no known route kind.
+
+    Pure, so results are cached (a page's assets repeat one segment many times);
+    malformed segments raise :class:`SpecError` every time.
+    """
     kind, sep, rest = segment.partition(":")
     if not sep:
         return None
