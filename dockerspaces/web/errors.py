@@ -43,7 +43,7 @@ def finish_error(
     """Answer an asynchronous request with an error, unless it is already gone or started."""
     if request.finished or getattr(request, "_disconnected", False):
         return
-    if request.startedWriting:
+    if getattr(request, "startedWriting", False):
         # Headers already went out: all we can do is cut the response short.
         transport = request.channel.transport if request.channel else None
         if transport is not None:

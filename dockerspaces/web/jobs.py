@@ -89,10 +89,12 @@ class JobResource(Resource):
             self.on_lease(request, lease)
 
         def ended(end: ExchangeEnd) -> None:
-            if end.reason == "backend-error":
-                failed = getattr(lease, "failed", None)
-                if failed is not None:
-                    failed()
+            # Refused: nothing listens on the container's port any more (its app died
+            # while the container runs on) -- have the broker replace it. A response cut
+            # short is not enough: one bad request must not cost a shared y: container;
+            # a container that really died is reported by the engine's events.
+            if end.reason == "refused":
+                lease.failed()
             lease.release()
 
         self.proxy.forward(

@@ -1,0 +1,173 @@
+"""JobResource / HostResource with a fake broker and a fake proxy (no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from dockerspaces.broker.errors import Overloaded, QueueTimeout
+from dockerspaces.spec import JobSpec, parse_route
+from dockerspaces.web.jobs import HostResource, JobResource, image_allowed
+from dockerspaces.web.proxy import ExchangeEnd
+from dockerspaces.web.routing import HostPolicy
+
+
+@define
+class FakeLease:
+    endpoint: str = "tcp:127.0.0.1:9100"
+    queued_for: float = 0.0
+    released: int = 0
+    failures: int = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
+@define
+class FakeBroker:
+    result: Any = None
+    acquired: list[JobSpec] = field(factory=list)
+    workers: list[JobSpec] = field(factory=list)
+    pending: list[Deferred[Any]] = field(factory=list)
+    cancelled: int = 0
+
+    def acquire(self, spec: JobSpec, progress: Any = None) -> Deferred[Any]:
+        self.acquired.append(spec)
+        return self._result()
+
+    def launch_worker(self, spec: JobSpec, progress: Any = None) -> Deferred[Any]:
+        self.workers.append(spec)
+        return self._result()
+
+    def _result(self) -> Deferred[Any]:
+        if self.result is None:
+            d: Deferred[Any] = Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+            self.pending.append(d)
+            return d
+        if isinstance(self.result, Exception):
+            return fail(self.result)
+        return succeed(self.result)
+
+
+@define
+class FakeProxy:
+    calls: list[dict[str, Any]] = field(factory=list)
+
+    def forward(self, request: Any, backend: Any, path: bytes, **kw: Any) -> Any:
+        self.calls.append(dict(kw, backend=backend, path=path))
+        return NOT_DONE_YET
+
+
+def job(segment: str, broker: FakeBroker, proxy: FakeProxy,
+        allow: tuple[str, ...] = ()) -> JobResource:
+    spec = parse_route(segment)
+    assert isinstance(spec, JobSpec)
+    return JobResource(spec, b"/" + segment.encode(), b"/rest?q", broker=broker,
+                       proxy=proxy, allow_image=allow)  # type: ignore[arg-type]
+
+
+class JobResourceTests(SynchronousTestCase):
+    """Acquire, forward, release; errors as answers."""
+
+    def test_forward_and_release_once(self) -> None:
+        lease, proxy = FakeLease(), FakeProxy()
+        res = job("x:team:app:1:8080", FakeBroker(result=lease), proxy)
+        request = DummyRequest([b""])
+        self.assertEqual(res.render(request), NOT_DONE_YET)
+        (call,) = proxy.calls
+        self.assertEqual(call["backend"].description, "tcp:127.0.0.1:9100")
+        self.assertEqual(call["path"], b"/rest?q")
+        self.assertEqual(call["prefix"], b"/x:team:app:1:8080")
+        self.assertIsNone(call["host_header"])
+        call["on_end"](ExchangeEnd("finished", 200, 10))
+        self.assertEqual((lease.released, lease.failures), (1, 0))
+
+    def test_refused_marks_the_container_failed(self) -> None:
+        lease, proxy = FakeLease(), FakeProxy()
+        job("y:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
+        proxy.calls[0]["on_end"](ExchangeEnd("refused", 502, 0))
+        self.assertEqual((lease.released, lease.failures), (1, 1))
+
+    def test_cut_response_does_not_fail_the_container(self) -> None:
+        lease, proxy = FakeLease(), FakeProxy()
+        job("y:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
+        proxy.calls[0]["on_end"](ExchangeEnd("backend-error", 200, 5))
+        self.assertEqual((lease.released, lease.failures), (1, 0))
+
+    def test_broker_errors_are_answers(self) -> None:
+        for err, status, retry in [(QueueTimeout("waited too long"), 503, b"10"),
+                                   (Overloaded("queue full"), 503, b"5")]:
+            request = DummyRequest([b""])
+            job("x:team:app:1:8080", FakeBroker(result=err), FakeProxy()).render(request)
+            self.assertEqual(request.responseCode, status)
+            self.assertEqual(request.responseHeaders.getRawHeaders(b"retry-after"), [retry])
+            self.assertIn(str(err).encode(), b"".join(request.written))
+            self.assertEqual(request.finished, 1)
+
+    def test_client_gone_while_waiting_cancels(self) -> None:
+        broker = FakeBroker()
+        request = DummyRequest([b""])
+        job("x:team:app:1:8080", broker, FakeProxy()).render(request)
+        self.assertEqual(len(broker.pending), 1)
+        request.processingFailed(Failure(ConnectionDone("gone")))
+        self.assertEqual(broker.cancelled, 1)  # cancelled: the broker takes it off the queue
+        self.assertEqual(request.finished, 0)
+
+    def test_allow_image(self) -> None:
+        broker = FakeBroker(result=FakeLease())
+        request = DummyRequest([b""])
+        body = job("x:evil:miner:1:80", broker, FakeProxy(), allow=("team/*",)).render(request)
+        self.assertEqual(request.responseCode, 403)
+        self.assertIn(b"--allow-image", body)
+        self.assertEqual(broker.acquired, [])
+        spec = parse_route("x:team:app:1:80")
+        assert isinstance(spec, JobSpec)
+        self.assertTrue(image_allowed(("team/*",), spec))
+        self.assertTrue(image_allowed(("team/app:1",), spec))
+        self.assertFalse(image_allowed(("team/app:2",), spec))
+        self.assertTrue(image_allowed((), spec))
+
+    def test_worker_launch_answers_empty_200(self) -> None:
+        broker = FakeBroker(result=object())
+        request = DummyRequest([b""])
+        job("x:team:worker:1:3:Q=amqp%3A%2F%2Fmq", broker, FakeProxy()).render(request)
+        self.assertEqual(len(broker.workers), 1)
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(b"".join(request.written), b"")
+        self.assertEqual(request.finished, 1)
+
+
+class HostResourceTests(SynchronousTestCase):
+    """host: checks the policy before forwarding."""
+
+    def test_forbidden(self) -> None:
+        target = parse_route("host:127.0.0.1:8080")
+        proxy = FakeProxy()
+        res = HostResource(target, b"/host:127.0.0.1:8080", b"/", proxy=proxy,  # type: ignore[arg-type]
+                           policy=HostPolicy(allow=(), own_ports=set()), cookie=True)
+        request = DummyRequest([b""])
+        res.render(request)
+        self.assertEqual(request.responseCode, 403)
+        self.assertIn(b"loopback", b"".join(request.written))
+        self.assertEqual(proxy.calls, [])
+
+    def test_allowed_forwards_with_host_header(self) -> None:
+        target = parse_route("host:127.0.0.1:8080")
+        proxy = FakeProxy()
+        res = HostResource(target, b"/host:127.0.0.1:8080", b"/a", proxy=proxy,  # type: ignore[arg-type]
+                           policy=HostPolicy(allow=("127.0.0.1",), own_ports={8888}), cookie=True)
+        res.render(DummyRequest([b""]))
+        (call,) = proxy.calls
+        self.assertEqual(call["backend"].description, "tcp:127.0.0.1:8080")
+        self.assertEqual(call["host_header"], b"127.0.0.1:8080")
+        self.assertEqual(call["set_route_cookie"], "host:127.0.0.1:8080")
