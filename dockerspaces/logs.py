@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
+from functools import lru_cache
+from time import time
 from typing import IO, Any
 
 from twisted.application.service import MultiService
@@ -49,8 +51,18 @@ _request_log = Logger(namespace=REQUEST_NS)
 _container_log = Logger(namespace=CONTAINER_NS)
 
 
+#: URIs up to this long have their :func:`safe_path` cached (a page's requests repeat)
+_SAFE_PATH_MAX = 512
+
+
 def safe_path(uri: bytes) -> str:
     """A request URI fit for logs: route env redacted, query values replaced by ``…``."""
+    if len(uri) <= _SAFE_PATH_MAX:
+        return _safe_path_cached(uri)
+    return _safe_path(uri)
+
+
+def _safe_path(uri: bytes) -> str:
     raw, _, query = uri.partition(b"?")
     path = redact_path(raw)
     if not query:
@@ -60,6 +72,9 @@ def safe_path(uri: bytes) -> str:
         name, eq, _value = item.partition(b"=")
         names.append(name.decode("latin-1") + ("=…" if eq else ""))
     return path + "?" + "&".join(names)
+
+
+_safe_path_cached = lru_cache(maxsize=1024)(_safe_path)
 
 
 def log_request(
@@ -92,21 +107,30 @@ def log_request(
         text += f" queued {queue_wait:.3f}s"
     if reason:
         text += f" ({reason})"
-    (logger or _request_log).info(
-        "{ds_text}",
-        ds_text=text,
-        ds_event="request",
-        ds_kind=kind,
-        ds_route=route,
-        ds_method=m,
-        ds_path=path,
-        ds_status=status,
-        ds_bytes=nbytes,
-        ds_seconds=seconds,
-        ds_queue_wait=queue_wait,
-        ds_client=client,
-        ds_reason=reason,
-    )
+    log = logger or _request_log
+    # The event ``log.info("{ds_text}", ds_…=…)`` would build, handed to the logger's
+    # observer (the global publisher: twistd's or the JSON observer) directly:
+    # ``Logger.emit`` re-validates the level against a freshly sorted list per call.
+    log.observer({
+        "ds_text": text,
+        "ds_event": "request",
+        "ds_kind": kind,
+        "ds_route": route,
+        "ds_method": m,
+        "ds_path": path,
+        "ds_status": status,
+        "ds_bytes": nbytes,
+        "ds_seconds": seconds,
+        "ds_queue_wait": queue_wait,
+        "ds_client": client,
+        "ds_reason": reason,
+        "log_logger": log,
+        "log_level": LogLevel.info,
+        "log_namespace": log.namespace,
+        "log_source": log.source,
+        "log_format": "{ds_text}",
+        "log_time": time(),
+    })
 
 
 def log_container(

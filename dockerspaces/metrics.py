@@ -19,7 +19,9 @@ Labels never carry env values: keys are shown as ``JobSpec.display``.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 from attrs import define, field
@@ -114,7 +116,7 @@ class Gauge:
 
 @define
 class _HistSeries:
-    counts: list[int]
+    counts: list[int]  # per bucket (not cumulative); the last one is +Inf
     total: float = 0.0
     count: int = 0
 
@@ -130,13 +132,12 @@ class Histogram:
     series: dict[Labels, _HistSeries] = field(factory=dict)
 
     def observe(self, *labels: str, value: float) -> None:
-        """Record one observation."""
+        """Record one observation (into its own bucket; exposition sums them up)."""
         s = self.series.get(labels)
         if s is None:
-            s = self.series[labels] = _HistSeries([0] * len(self.buckets))
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                s.counts[i] += 1
+            s = self.series[labels] = _HistSeries([0] * (len(self.buckets) + 1))
+        if not math.isnan(value):  # NaN is below no bound: only in +Inf (count), as before
+            s.counts[bisect_left(self.buckets, value)] += 1
         s.total += value
         s.count += 1
 
@@ -150,7 +151,7 @@ class Histogram:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} histogram"
         for labels, s in sorted(self.series.items()):
-            for bound, c in zip(self.buckets, s.counts):
+            for bound, c in zip(self.buckets, accumulate(s.counts)):
                 le = (("le", repr(float(bound))),)
                 yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {c}"
             inf = (("le", "+Inf"),)

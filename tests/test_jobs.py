@@ -171,3 +171,32 @@ class HostResourceTests(SynchronousTestCase):
         self.assertEqual(call["backend"].description, "tcp:127.0.0.1:8080")
         self.assertEqual(call["host_header"], b"127.0.0.1:8080")
         self.assertEqual(call["set_route_cookie"], "host:127.0.0.1:8080")
+
+    def test_name_is_resolved_then_forwarded(self) -> None:
+        """A host name goes the Deferred way: resolve, check every address, forward."""
+        target = parse_route("host:db.internal:5432")
+        proxy = FakeProxy()
+        pending: Deferred[list[str]] = Deferred()
+        policy = HostPolicy(allow=(), own_ports=set(), resolve=lambda name: pending)
+        res = HostResource(target, b"/host:db.internal:5432", b"/", proxy=proxy,  # type: ignore[arg-type]
+                           policy=policy, cookie=False)
+        request = DummyRequest([b""])
+        self.assertEqual(res.render(request), NOT_DONE_YET)
+        self.assertEqual(proxy.calls, [])
+        pending.callback(["10.0.0.5"])
+        (call,) = proxy.calls
+        self.assertEqual(call["backend"].description, "tcp:10.0.0.5:5432")
+        self.assertEqual(call["host_header"], b"db.internal:5432")
+        self.assertIsNone(call["set_route_cookie"])
+
+    def test_name_resolving_to_loopback_refused(self) -> None:
+        target = parse_route("host:sneaky.example:80")
+        proxy = FakeProxy()
+        policy = HostPolicy(allow=(), own_ports=set(),
+                            resolve=lambda name: succeed(["93.184.216.34", "127.0.0.1"]))
+        res = HostResource(target, b"/host:sneaky.example:80", b"/", proxy=proxy,  # type: ignore[arg-type]
+                           policy=policy, cookie=True)
+        request = DummyRequest([b""])
+        res.render(request)
+        self.assertEqual(request.responseCode, 403)
+        self.assertEqual(proxy.calls, [])

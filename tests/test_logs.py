@@ -67,6 +67,24 @@ class TextTests(unittest.TestCase):
             self.assertNotIn(SECRET, formatEvent(e))
             self.assertNotIn(SECRET, repr(e))
 
+    def test_request_event_is_what_logger_info_builds(self) -> None:
+        """log_request hands its observer the very event ``Logger.info`` would."""
+        c = Captured()
+        logs.log_request(kind="host", route="h:1", method=b"GET", uri=b"/host:h:1/a?b=c",
+                         status=200, nbytes=3, seconds=0.5, client="10.0.0.1", logger=c.log)
+        (ours,) = c.events
+        ref: list[dict[str, Any]] = []
+        Logger(namespace="dockerspaces.request", observer=ref.append).info(
+            "{ds_text}", **{k: v for k, v in ours.items() if k.startswith("ds_")})
+        (theirs,) = ref
+        self.assertEqual(set(ours), set(theirs))
+        for k in ours:
+            if k not in ("log_time", "log_logger"):
+                self.assertEqual(ours[k], theirs[k], k)
+        self.assertIs(ours["log_logger"], c.log)
+        self.assertLess(abs(ours["log_time"] - theirs["log_time"]), 5)
+        self.assertEqual(formatEvent(ours), "host h:1 GET /host:h:1/a?b=… -> 200 3B in 0.500s")
+
     def test_safe_path(self) -> None:
         self.assertEqual(logs.safe_path(b"/y:a:1:80/p?x=1&flag&y="), "/y:a:1:80/p?x=…&flag&y=…")
         self.assertEqual(logs.safe_path(b"/host:h/a/b"), "/host:h/a/b")

@@ -119,3 +119,21 @@ class MetricsTests(unittest.TestCase):
 
     def test_counter_cannot_go_down(self) -> None:
         self.assertRaises(ValueError, Metrics().starts.inc, "local", amount=-1)
+
+
+class HistogramBuckets(unittest.TestCase):
+    """Buckets are cumulative ``le`` counts, whatever way they are kept inside."""
+
+    def test_cumulative_le_counts(self) -> None:
+        from dockerspaces.metrics import Histogram
+
+        bounds = (0.005, 0.01, 0.1, 1.0)
+        values = [0.0, 0.005, 0.0051, 0.01, 0.05, 0.1, 0.5, 1.0, 1.5, 1e9, -1.0, float("nan")]
+        h = Histogram("h", "help", bounds)
+        for v in values:
+            h.observe(value=v)
+        lines = [x for x in h.lines() if x.startswith("h_bucket")]
+        got = [int(x.rsplit(" ", 1)[1]) for x in lines]
+        want = [sum(1 for v in values if v <= b) for b in bounds] + [len(values)]
+        self.assertEqual(got, want)
+        self.assertEqual(h.count(), len(values))

@@ -131,6 +131,31 @@ class HostPolicyTests(SynchronousTestCase):
     def test_unresolvable(self) -> None:
         self.assertIn("does not resolve", self.forbidden(self.policy().check("nope.example", 80)))
 
+    def test_check_literal_cached_verdicts(self) -> None:
+        """IP literals are decided at once (and cached, refusals too); names are not."""
+        p = self.policy(("127.0.0.1",))
+        for _ in range(2):
+            self.assertEqual(p.check_literal("127.0.0.1", 9000), "127.0.0.1")
+            self.assertEqual(p.check_literal("::ffff:10.0.0.5", 80), "10.0.0.5")
+            with self.assertRaises(Forbidden) as own:
+                p.check_literal("127.0.0.1", 8888)
+            self.assertIn("own port", own.exception.reason)
+            with self.assertRaises(Forbidden) as loop:
+                p.check_literal("127.0.0.2", 80)
+            self.assertIn("loopback", loop.exception.reason)
+            self.assertIsNone(p.check_literal("example.org", 80))
+        # the Deferred API gives the same verdicts through the cache
+        self.assertIn("own port", self.forbidden(p.check("127.0.0.1", 8888)))
+        self.assertEqual(self.successResultOf(p.check("example.org", 80)), "93.184.216.34")
+
+    def test_verdict_cache_is_bounded(self) -> None:
+        from dockerspaces.web import routing
+
+        p = self.policy()
+        for i in range(routing.VERDICT_CACHE + 10):
+            p.check_literal("10.0.0.5", i + 1)
+        self.assertLessEqual(len(p._verdicts), routing.VERDICT_CACHE)
+
 
 class CorsTests(SynchronousTestCase):
     def request(self, method: bytes = b"GET", **headers: bytes) -> DummyRequest:

@@ -107,6 +107,66 @@ class SiteTests(SynchronousTestCase):
         ch.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_deadline_after_a_long_request(self) -> None:
+        """The deadline timer is reused across requests: one that fires while a request is
+        being handled does nothing, and the next head gets a full period from the end of
+        the previous request."""
+        held: list[Any] = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                held.append(request)
+                return 1  # NOT_DONE_YET
+
+        site = make_site(Slow(), self.clock, max_body=10, head_timeout=5.0)
+        ch = site.buildProtocol(None)
+        t = StringTransport()
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.clock.advance(12)  # the old deadline passes, disarmed
+        self.assertFalse(t.disconnected)
+        held[0].finish()
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "))
+        self.clock.advance(4.5)
+        self.assertFalse(t.disconnected)
+        self.clock.advance(0.6)
+        self.assertTrue(t.disconnected)
+        self.assertLessEqual(len(self.clock.getDelayedCalls()), 2)  # deadline + idle timeout
+
+    def test_connection_lost_hooks(self) -> None:
+        """``on_connection_lost`` hooks run (in order) when the client goes mid-request,
+        not when the request finishes."""
+        held: list[Any] = []
+
+        class Hold(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                held.append(request)
+                return 1  # NOT_DONE_YET
+
+        site = make_site(Hold(), self.clock, max_body=10, head_timeout=5.0)
+        calls: list[str] = []
+        for gone in (False, True):
+            ch = site.buildProtocol(None)
+            t = StringTransport()
+            ch.makeConnection(t)
+            ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            req = held[-1]
+            d = req.notifyFinish()
+            req.on_connection_lost(lambda r, g=gone: calls.append(f"first {g}"))
+            req.on_connection_lost(lambda r, g=gone: calls.append(f"second {g}"))
+            if gone:
+                ch.connectionLost(Exception("gone"))
+                self.failureResultOf(d)  # the Deferred way still works, and ran first
+            else:
+                req.finish()
+                self.successResultOf(d)
+                ch.connectionLost(Exception("closed later"))
+        self.assertEqual(calls, ["first True", "second True"])
+
     def test_http11_only_and_quiet(self) -> None:
         ch, _ = self.connect()
         self.assertIsInstance(ch, HeadDeadlineChannel)

@@ -10,6 +10,7 @@ from twisted.web.server import Request
 
 from ..logs import log_request
 from ..metrics import Metrics
+from .site import on_lost
 
 _ATTR = "_dockerspaces_route"
 
@@ -45,7 +46,7 @@ class Recorder:
         setattr(request, _ATTR, info)
         if self.metrics is not None:
             self.metrics.request_started(kind)
-        request.notifyFinish().addErrback(lambda _: self.done(request, "client-gone"))
+        on_lost(request, lambda _: self.done(request, "client-gone"))
 
     def done(self, request: Request, reason: str | None = None) -> None:
         """Log and count the request once (site log hook, or the client going away)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -17,6 +18,7 @@ from .errors import finish_error, status_of, write_error
 from .pages import wants_html
 from .proxy import Backend, ExchangeEnd, Proxy
 from .routing import Forbidden, HostPolicy
+from .site import on_lost
 
 
 def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
@@ -34,7 +36,7 @@ def _on_gone(request: Request, d: Deferred[Any]) -> None:
         if not d.called:
             d.cancel()
 
-    request.notifyFinish().addErrback(gone)
+    on_lost(request, gone)
 
 
 def _fail(request: Request, f: Failure, what: str) -> None:
@@ -122,6 +124,17 @@ class JobResource(Resource):
         return NOT_DONE_YET
 
 
+@lru_cache(maxsize=1024)
+def _host_plan(target: HostTarget, ip: str) -> tuple[Backend, bytes]:
+    """The backend and ``Host`` header for ``target`` at the checked address ``ip``
+    (pure; cached so a busy route does not rebuild them, IDNA included, per request)."""
+    if target.tls:
+        backend = Backend.tls(target.host, target.port, address=ip)
+    else:
+        backend = Backend.tcp(ip, target.port)
+    return backend, target.host_header.encode("idna")
+
+
 class HostResource(Resource):
     """A host:/shost:/--root request: check the target, then forward."""
 
@@ -134,31 +147,40 @@ class HostResource(Resource):
         self.proxy, self.policy, self.cookie = proxy, policy, cookie
 
     def render(self, request: Request) -> Any:
-        """Resolve and check the host, then forward."""
-        d = self.policy.check(self.target.host, self.target.port)
+        """Check the host (resolving a name first), then forward."""
+        t = self.target
+        try:
+            # an IP literal is checked at once (cached): no Deferred, no notifyFinish
+            ip = self.policy.check_literal(t.host, t.port)
+        except Forbidden as e:
+            finish_error(request, 403, str(e))
+            return NOT_DONE_YET
+        if ip is not None:
+            self._go(request, ip)
+            return NOT_DONE_YET
+        d = self.policy.check(t.host, t.port)
         _on_gone(request, d)
-
-        def go(ip: str) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
-                return
-            t = self.target
-            backend = Backend.tls(t.host, t.port, address=ip) if t.tls else Backend.tcp(ip, t.port)
-            self.proxy.forward(
-                request,
-                backend,
-                self.path,
-                prefix=self.prefix,
-                host_header=self.target.host_header.encode("idna"),
-                set_route_cookie=self.prefix[1:].decode("latin-1") if self.cookie and self.prefix else None,
-            )
-
-        def denied(f: Failure) -> None:
-            if f.check(Forbidden):
-                finish_error(request, 403, f.getErrorMessage())
-            elif f.check(CancelledError):
-                return
-            else:
-                finish_error(request, 502, f"cannot reach {self.target.host}: {f.getErrorMessage()}")
-
-        d.addCallbacks(go, denied)
+        d.addCallbacks(lambda ip: self._go(request, ip), lambda f: self._denied(request, f))
         return NOT_DONE_YET
+
+    def _go(self, request: Request, ip: str) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        backend, host_header = _host_plan(self.target, ip)
+        prefix = self.prefix
+        self.proxy.forward(
+            request,
+            backend,
+            self.path,
+            prefix=prefix,
+            host_header=host_header,
+            set_route_cookie=prefix[1:].decode("latin-1") if self.cookie and prefix else None,
+        )
+
+    def _denied(self, request: Request, f: Failure) -> None:
+        if f.check(Forbidden):
+            finish_error(request, 403, f.getErrorMessage())
+        elif f.check(CancelledError):
+            return
+        else:
+            finish_error(request, 502, f"cannot reach {self.target.host}: {f.getErrorMessage()}")

@@ -166,6 +166,11 @@ def resolver_from(resolver: Any) -> Callable[[str], Deferred[list[str]]]:
     return resolve
 
 
+#: how many (host, port) verdicts :meth:`HostPolicy.check_literal` keeps
+VERDICT_CACHE = 1024
+_NAME = object()  # verdict: a host name, not an IP literal
+
+
 @frozen
 class HostPolicy:
     """Which ``host:``/``shost:`` targets may be reached, and at which address.
@@ -183,6 +188,11 @@ class HostPolicy:
     local: frozenset[str] = frozenset()
     _names: frozenset[str] = field(init=False)
     _nets: tuple[IPNetwork, ...] = field(init=False)
+    # (host, port) -> checked address, Forbidden, or _NAME (needs resolving): the
+    # verdict for an IP literal is a pure function of the (immutable) policy
+    _verdicts: dict[tuple[str, int], str | Forbidden | object] = field(
+        init=False, factory=dict, eq=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         names, nets = set(), []
@@ -196,12 +206,12 @@ class HostPolicy:
 
     def check(self, host: str, port: int) -> Deferred[str]:
         """The address to connect to for HOST:PORT, or a failure with :class:`Forbidden`."""
-        literal = parse_ip(host)
-        if literal is not None:
-            try:
-                return succeed(self._check_address(host, str(literal), port))
-            except Forbidden as e:
-                return fail(e)
+        try:
+            address = self.check_literal(host, port)
+        except Forbidden as e:
+            return fail(e)
+        if address is not None:
+            return succeed(address)
         if self.resolve is None:
             return fail(Forbidden(f"cannot resolve {host!r}: no resolver configured"))
         d = self.resolve(host)
@@ -216,6 +226,33 @@ class HostPolicy:
             return (v4 or checked)[0]
 
         return d.addCallback(got)
+
+    def check_literal(self, host: str, port: int) -> str | None:
+        """:meth:`check` without a Deferred for an IP-literal HOST: the address to connect
+        to, or :class:`Forbidden` raised; ``None`` when HOST is a name (use :meth:`check`).
+
+        Verdicts are cached per (HOST, PORT) (at most :data:`VERDICT_CACHE` entries):
+        for a literal they depend on nothing but the policy itself.
+        """
+        key = (host, port)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            literal = parse_ip(host)
+            if literal is None:
+                verdict = _NAME
+            else:
+                try:
+                    verdict = self._check_address(host, str(literal), port)
+                except Forbidden as e:
+                    verdict = e
+            if len(self._verdicts) >= VERDICT_CACHE:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        if verdict is _NAME:
+            return None
+        if isinstance(verdict, Forbidden):
+            raise Forbidden(verdict.reason)
+        return verdict  # type: ignore[return-value]
 
     def _allowed(self, host: str, addr: IPAddress) -> bool:
         if host.lower().rstrip(".") in self._names:

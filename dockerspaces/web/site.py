@@ -59,6 +59,26 @@ class LimitedRequest(Request):
 
     rejected = False
     _received = 0
+    _lost_hooks: list[Callable[[Any], object]] | None = None
+
+    def on_connection_lost(self, hook: Callable[[Any], object]) -> None:
+        """Call ``hook(reason)`` if the connection is lost before this request is done.
+
+        What ``notifyFinish().addErrback(hook)`` does, without a Deferred per caller
+        (the access log and the proxy each want it on every request); hooks run
+        in the order added, after the request's own ``connectionLost`` handling.
+        """
+        if self._lost_hooks is None:
+            self._lost_hooks = [hook]
+        else:
+            self._lost_hooks.append(hook)
+
+    def connectionLost(self, reason: Any) -> None:
+        """The connection went before the request was done: errbacks, then the hooks."""
+        hooks, self._lost_hooks = self._lost_hooks, None
+        super().connectionLost(reason)
+        for hook in hooks or ():
+            hook(reason)
 
     def _limit(self) -> int | None:
         site = getattr(self.channel, "site", None)
@@ -103,26 +123,56 @@ class LimitedRequest(Request):
         super().requestReceived(command, path, version)
 
 
+def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
+    """Call ``hook(reason)`` if the client goes before ``request`` is done: the cheap
+    :meth:`LimitedRequest.on_connection_lost` when the request has it, else a
+    ``notifyFinish`` errback (other ``Request`` classes, test doubles)."""
+    add = getattr(request, "on_connection_lost", None)
+    if add is not None:
+        add(hook)
+    else:
+        request.notifyFinish().addErrback(hook)
+
+
 class HeadDeadlineChannel(HTTPChannel):
     """An ``HTTPChannel`` that drops clients too slow to send a request head."""
 
     head_timeout: float | None = 30.0
     _head_call: Any = None
+    _head_armed = False
 
+    # One DelayedCall per connection, moved rather than replaced: disarming only clears
+    # the flag (a timer that fires disarmed does nothing), re-arming resets the pending
+    # call -- a new callLater plus a cancel per request cost more than the deadline.
     def _arm(self) -> None:
-        self._disarm()
-        if self.head_timeout:
+        if not self.head_timeout:
+            return
+        self._head_armed = True
+        call = self._head_call
+        if call is not None and call.active():
+            call.reset(self.head_timeout)
+        else:
             self._head_call = self.callLater(self.head_timeout, self._head_expired)
 
     def _disarm(self) -> None:
-        call, self._head_call = self._head_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self._head_armed = False
 
     def _head_expired(self) -> None:
         self._head_call = None
-        if self.transport is not None:
+        if self._head_armed and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    _secure: bool | None = None
+
+    def isSecure(self) -> bool:
+        """Whether the transport is TLS: adapted once per connection (it cannot change),
+        not per request (the proxy asks for every ``X-Forwarded-Proto``)."""
+        secure = self._secure
+        if secure is None:
+            secure = bool(super().isSecure())
+            if self.transport is not None:
+                self._secure = secure
+        return secure
 
     def connectionMade(self) -> None:
         """Start the head deadline with the connection."""
@@ -140,9 +190,16 @@ class HeadDeadlineChannel(HTTPChannel):
             self._arm()
         super().requestDone(request)
 
+    def stop_deadline(self) -> None:
+        """Cancel the deadline for good (connection lost, or taken over by a tunnel)."""
+        self._head_armed = False
+        call, self._head_call = self._head_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def connectionLost(self, reason: Any = None) -> None:
         """Stop the deadline."""
-        self._disarm()
+        self.stop_deadline()
         super().connectionLost(reason)
 
 

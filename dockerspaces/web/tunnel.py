@@ -67,6 +67,9 @@ def take_over(channel: HTTPChannel, protocol: Protocol) -> bytes:
         raise TakeoverError("the client connection is gone")
     slot = _slot(transport, channel)
     channel.setTimeout(None)
+    stop_deadline = getattr(channel, "stop_deadline", None)  # site.HeadDeadlineChannel
+    if stop_deadline is not None:
+        stop_deadline()
     transport.unregisterProducer()
     buffered = b"".join(channel._dataBuffer)
     channel._dataBuffer = []
