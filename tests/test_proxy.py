@@ -190,6 +190,15 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(values(headers, b"content-type"), [b"text/event-stream"])
         self.assertEqual(h.ends, [])
 
+    def test_repeated_header_in_two_spellings_kept(self) -> None:
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"set-cookie"), [b"a=1", b"b=2"])
+
     def test_sized_head_waits_for_the_body(self) -> None:
         """With a Content-Length the head goes out together with the first body bytes."""
         h = Harness()

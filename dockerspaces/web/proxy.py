@@ -922,7 +922,7 @@ class _Exchange:
                 html = v[:9].lower() == b"text/html"
             elif cors and lk.startswith(b"access-control-"):
                 continue
-            grouped.setdefault(k, []).append(v)
+            grouped.setdefault(lk, []).append(v)  # one list per name, any spelling
         for k, vs in grouped.items():
             rh.setRawHeaders(k, vs)
         if cors:
