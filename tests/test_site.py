@@ -88,6 +88,12 @@ class SiteTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertTrue(t.disconnected)
 
+    def test_no_idle_timer_besides_the_deadline(self) -> None:
+        """twisted.web's idle timeout is off: the head deadline is the only timer."""
+        ch, _ = self.connect()
+        self.assertIsNone(ch.timeOut)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
     def test_deadline_stops_while_handling(self) -> None:
         """A slow response (not a slow head) is not cut by the head deadline."""
 

@@ -219,7 +219,10 @@ class ProxySite(Site):
         head_timeout: float = 30.0,
         on_request_logged: Callable[[Request], None] | None = None,
     ):
-        super().__init__(resource, reactor=reactor)
+        # No twisted.web idle timeout: the head deadline already closes connections that
+        # idle between requests, and a response may take as long as it takes; the idle
+        # timer cost a DelayedCall reset on every read.
+        super().__init__(resource, reactor=reactor, timeout=None)
         self.max_body = max_body
         self.head_timeout = head_timeout
         self.on_request_logged = on_request_logged
