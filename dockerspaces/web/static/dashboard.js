@@ -33,10 +33,11 @@
     var sb = body("ds-slots");
     slots.forEach(function (s) {
       var h = s.Host || "local";
-      if (!hosts[h]) { hosts[h] = {n: 0, run: 0, starting: 0, free: 0, inflight: 0}; order.push(h); }
+      if (!hosts[h]) { hosts[h] = {n: 0, run: 0, idle: 0, starting: 0, free: 0, inflight: 0}; order.push(h); }
       var hs = hosts[h];
       hs.n += 1;
-      if (s.State === "Run") { hs.run += 1; } else if (s.State === "Starting") { hs.starting += 1; }
+      if (s.State === "Run") { hs.run += 1; } else if (s.State === "Wait") { hs.idle += 1; }
+      else if (s.State === "Starting") { hs.starting += 1; }
       else if (s.State === "Free") { hs.free += 1; }
       hs.inflight += s.InFlight || 0;
       row(sb, [h + ":" + (s.Port || ""), el("span", s.State, "pill s-" + s.State), ago(s.Since),
@@ -46,7 +47,7 @@
     var hb = body("ds-hosts");
     order.forEach(function (h) {
       var hs = hosts[h];
-      row(hb, [h, hs.n, hs.run, hs.starting, hs.free, hs.inflight]);
+      row(hb, [h, hs.n, hs.run, hs.idle, hs.starting, hs.free, hs.inflight]);
     });
     var qb = body("ds-queues"), queues = snap.Queues || {}, keys = Object.keys(queues);
     keys.forEach(function (k) { row(qb, [el("span", k, "mono"), queues[k]]); });
