@@ -20,9 +20,7 @@ from .dockerutil import (
     remove_instance_containers,
     unique_instance,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
+from .procs import BIN, REPO
 
 
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
