@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
@@ -38,7 +38,6 @@ class Recorder:
 
     clock: IReactorTime
     metrics: Metrics | None = None
-    _seen: int = field(default=0)
 
     def begin(self, request: Request, kind: str, route: str) -> None:
         """Called by the root once the route is known."""

@@ -7,20 +7,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 
-class HTTPError(Exception):
-    """An error with the HTTP status (and optional Retry-After) it should answer with."""
-
-    status = 500
-    retry_after: int | None = None
-
-    def __init__(self, message: str, status: int | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        if retry_after is not None:
-            self.retry_after = retry_after
-
-
 def write_error(
     request: Request, status: int, message: str, retry_after: int | None = None
 ) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -53,13 +52,11 @@ class JobResource(Resource):
 
     def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
                  proxy: Proxy, allow_image: tuple[str, ...],
-                 on_lease: Callable[[Request, Any], None] | None = None,
                  waiting: Any = None):
         super().__init__()
         self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
         self.spec, self.prefix, self.path = spec, prefix, path
         self.broker, self.proxy, self.allow_image = broker, proxy, allow_image
-        self.on_lease = on_lease
 
     def render(self, request: Request) -> Any:
         """Start the acquire; the answer comes later."""
@@ -87,8 +84,6 @@ class JobResource(Resource):
         info = route_info(request)
         if info is not None:
             info.queue_wait = lease.queued_for
-        if self.on_lease is not None:
-            self.on_lease(request, lease)
 
         def ended(end: ExchangeEnd) -> None:
             # Refused: nothing listens on the container's port any more (its app died
