@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import IO, Any
 
 from attrs import define, field
 from twisted.application import strports
@@ -177,9 +177,10 @@ def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[
     return hosts, engines
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    """The whole service tree for ``config``."""
-    top = logs.ObservedMultiService(logs.setup_logging(config.log_format))
+def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) -> MultiService:
+    """The whole service tree for ``config``; ``log_out`` is where log lines go (see
+    :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
+    top = logs.ObservedMultiService(logs.setup_logging(config.log_format, log_out, reactor))
     hosts, engines = build_engines(config, reactor)
     engine_services = MultiService()
     engine_services.setServiceParent(top)

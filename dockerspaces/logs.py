@@ -10,10 +10,12 @@ names and a hash, never values), a path through :func:`safe_path` (the route's e
 redacted by ``spec.redact_path`` and query *values* replaced by ``…``); credentials and
 env values are never passed in.
 
-``--log-format json``: :func:`setup_logging` returns the observer to use (``None`` for
-text: twistd's own); the app makes it the log observer of the twistd Application with
-:class:`ObservedMultiService` (twistd consults the Application's ``ILogObserver``
-component before ``--logfile``).
+:func:`setup_logging` returns the observer for ``--log-format``: JSON lines, or
+twistd's text lines written cheaply (:mod:`dockerspaces.logoutput`) to the file twistd
+would have used; ``None`` leaves the text log to twistd itself (``--syslog``,
+``--logger``, or no destination given). The app makes it the log observer of the
+twistd Application with :class:`ObservedMultiService` (twistd consults the
+Application's ``ILogObserver`` component before ``--logfile``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from .logoutput import LineWriter, TextObserver
 from .spec import redact_path
 
 REQUEST_NS = "dockerspaces.request"
@@ -196,38 +199,54 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
 
 @implementer(ILogObserver)
 class JsonLinesObserver:
-    """Writes every event as one JSON object per line to ``out`` (see :func:`event_record`)."""
+    """Writes every event as one JSON object per line (see :func:`event_record`): to
+    ``out`` at once, or batched through ``writer`` (``warn`` and above at once)."""
 
-    def __init__(self, out: IO[str]):
+    def __init__(self, out: IO[str], writer: LineWriter | None = None):
         self.out = out
+        self.writer = writer
 
     def __call__(self, event: dict[str, Any]) -> None:
         """Write one event."""
-        line = json.dumps(event_record(event), default=str, ensure_ascii=False)
-        self.out.write(line + "\n")
+        line = json.dumps(event_record(event), default=str, ensure_ascii=False) + "\n"
+        if self.writer is not None:
+            level = event.get("log_level")
+            self.writer.write(line, urgent=level is not None and level >= LogLevel.warn)
+            return
+        self.out.write(line)
         self.out.flush()
 
 
-def json_observer(out: IO[str] | None = None) -> JsonLinesObserver:
-    """A JSON-lines observer on ``out`` (stdout by default)."""
-    return JsonLinesObserver(out if out is not None else sys.stdout)
+def json_observer(out: IO[str] | None = None, reactor: Any = None) -> JsonLinesObserver:
+    """A JSON-lines observer on ``out`` (stdout by default), batched when given the
+    ``reactor``."""
+    target = out if out is not None else sys.stdout
+    return JsonLinesObserver(target, LineWriter(target, reactor) if reactor is not None else None)
 
 
-def setup_logging(fmt: str, out: IO[str] | None = None) -> JsonLinesObserver | None:
-    """The log observer for ``--log-format fmt``: JSON lines on ``out``, or None for text
-    (twistd's own observer, honouring ``--logfile``)."""
+def setup_logging(
+    fmt: str, out: IO[str] | None = None, reactor: Any = None
+) -> JsonLinesObserver | TextObserver | None:
+    """The log observer for ``--log-format fmt`` writing to ``out``.
+
+    ``json``: JSON lines on ``out`` (stdout when None). ``text``: twistd's text lines,
+    batched per reactor iteration, when ``out`` and ``reactor`` are given; else
+    ``None``: twistd's own observer (``--logfile``, ``--syslog``, ``--logger``).
+    """
     if fmt == "json":
-        return json_observer(out)
+        return json_observer(out, reactor)
     if fmt != "text":
         raise ValueError(f"unknown log format {fmt!r}")
-    return None
+    if out is None or reactor is None:
+        return None
+    return TextObserver(LineWriter(out, reactor))
 
 
 class ObservedMultiService(MultiService):
     """A top-level service that, attached to twistd's Application, makes ``observer`` its
     log observer (an explicit ``twistd --logger`` still wins)."""
 
-    def __init__(self, observer: JsonLinesObserver | None):
+    def __init__(self, observer: JsonLinesObserver | TextObserver | None):
         super().__init__()
         self.observer = observer
 

@@ -71,6 +71,9 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from .app import build_service
+    from .logoutput import twistd_destination
 
     assert options.config is not None
-    return build_service(options.config, reactor)
+    # under twistd, ``options.parent`` holds its own options (--logfile, --nodaemon, …)
+    log_out = twistd_destination(getattr(options, "parent", None))
+    return build_service(options.config, reactor, log_out)

@@ -120,6 +120,46 @@ class EntryPoints(TestCase):
         self.assertIn(b"-frob", proc.stderr)
 
 
+class LogFile(TestCase):
+    """``twistd --logfile``: request lines in twistd's format, SIGUSR1 rotates, the
+    shutdown lines are there too (no Docker needed: ``--target 0``)."""
+
+    timeout = 60
+
+    def test_request_lines_in_the_logfile(self) -> None:
+        port = free_port()
+        path = os.path.abspath(self.mktemp())
+        proc = spawn([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", path,
+                      "dockerspaces", "--port", f"tcp:{port}:interface=127.0.0.1",
+                      "--target", "0", "--instance", unique_instance("logfile")])
+        try:
+            status, _, _ = get(f"http://127.0.0.1:{port}/monitor:broker/?token=abc", proc=proc)
+            self.assertEqual(status, 200)
+            deadline = time.monotonic() + 10
+            line = ""
+            while not line and time.monotonic() < deadline:
+                with open(path) as f:
+                    line = next((x for x in f if "dockerspaces.request#info" in x), "")
+                time.sleep(0.05)
+            # 2026-11-29T17:50:20+0000 [dockerspaces.request#info] monitor broker GET …
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+                                   r"\[dockerspaces\.request#info\] monitor broker GET "
+                                   r"/monitor:broker/\?token=… -> 200 ")
+            proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path + ".1") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertTrue(os.path.exists(path + ".1"), "SIGUSR1 did not rotate the log")
+            get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
+        finally:
+            out = stop(proc)
+        self.assertEqual(out, "")  # nothing on stdout: it all went to the file
+        with open(path) as f:
+            after = f.read()
+        self.assertIn("monitor broker GET /monitor:broker/ -> 200", after)
+        self.assertIn("Server Shut Down.", after)
+
+
 class Packaging(TestCase):
     """``pip install .`` ships the plugin file without making ``twisted`` a package of ours."""
 
