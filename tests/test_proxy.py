@@ -12,10 +12,11 @@ import socket
 from typing import Any
 
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -27,8 +28,10 @@ from dockerspaces.web.proxy import (
     Proxy,
     can_send_now,
     drop_hop_by_hop,
+    flush_now,
     rewrite_location,
     send_now,
+    write_now,
 )
 from dockerspaces.web.site import make_site
 
@@ -229,6 +232,27 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 5)])
         self.assertEqual(h.proxy.idle_connections(), 1)
         self.assertFalse(bt.disconnecting)
+
+    def test_date_and_server_are_the_backends(self) -> None:
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"date"), [b"Sun, 06 Nov 1994 08:49:37 GMT"])
+        self.assertEqual(values(headers, b"server"), [])  # no Server of ours on theirs
+
+    def test_date_added_when_backend_sent_none(self) -> None:
+        """RFC 9110 6.6.1: a response forwarded without Date gets one."""
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        _, headers = head_of(ct.value())
+        (date,) = values(headers, b"date")
+        self.assertRegex(date.decode(), r"^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$")
+        self.assertEqual(values(headers, b"server"), [])
 
     def test_pooled_connection_reused(self) -> None:
         h = Harness()
@@ -552,6 +576,89 @@ class SendNowTests(SynchronousTestCase):
             setattr(t, name, False)
         t.connected = 0
         self.assertFalse(can_send_now(t))
+
+
+class _Paused:
+    """A streaming producer the transport has paused."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class WriteNowTests(SynchronousTestCase):
+    """write_now / flush_now on a real tcp.Connection over a socketpair: bytes leave at
+    once and the socket is not left registered for writing."""
+
+    def conn(self) -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        reactor = MemoryReactor()
+        t = tcp.Connection(a, Protocol(), reactor)
+        t.connected = 1
+        return t, b, reactor
+
+    def test_write_now_sends_without_the_reactor(self) -> None:
+        t, peer, reactor = self.conn()
+        write_now(t, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(_drain(peer), b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(reactor.getWriters(), [])
+
+    def test_write_now_queues_behind_queued_bytes(self) -> None:
+        t, peer, reactor = self.conn()
+        t.write(b"first|")
+        write_now(t, b"second")
+        self.assertEqual(_drain(peer), b"")  # order kept: both wait for doWrite
+        self.assertEqual(reactor.getWriters(), [t])
+        t.doWrite()
+        self.assertEqual(_drain(peer), b"first|second")
+
+    def test_write_now_keeps_what_the_kernel_refused(self) -> None:
+        t, peer, reactor = self.conn()
+        t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(range(256)) * 4096
+        write_now(t, data)
+        self.assertEqual(reactor.getWriters(), [t])
+        got = _drain(peer)
+        while len(got) < len(data):
+            t.doWrite()
+            got += _drain(peer)
+        self.assertEqual(got, data)
+
+    def test_flush_now(self) -> None:
+        t, peer, reactor = self.conn()
+        t.write(b"HTTP/1.1 200 OK\r\n\r\nhello")
+        self.assertEqual(reactor.getWriters(), [t])
+        flush_now(t)
+        self.assertEqual(_drain(peer), b"HTTP/1.1 200 OK\r\n\r\nhello")
+        self.assertEqual(reactor.getWriters(), [])
+        flush_now(t)  # nothing queued: nothing happens
+        self.assertEqual(reactor.getWriters(), [])
+
+    def test_flush_now_leaves_a_paused_producer_to_twisted(self) -> None:
+        t, peer, reactor = self.conn()
+        t.registerProducer(_Paused(), True)
+        t.producerPaused = True
+        t.write(b"data")
+        flush_now(t)
+        self.assertEqual(_drain(peer), b"")
+        self.assertEqual(reactor.getWriters(), [t])  # doWrite resumes it when drained
+
+    def test_flush_now_not_while_closing(self) -> None:
+        t, peer, reactor = self.conn()
+        t.write(b"data")
+        t.disconnecting = True
+        flush_now(t)
+        self.assertEqual(_drain(peer), b"")
+        self.assertEqual(reactor.getWriters(), [t])
 
 
 class _Backend(Protocol):

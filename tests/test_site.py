@@ -49,6 +49,42 @@ class SiteTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen, [b"a" * 100])
         self.assertEqual(len(self.logged), 1)
 
+    def test_form_upload_not_parsed(self) -> None:
+        """A multipart POST stays in the spool (twisted.web would read it into args)."""
+        body = (b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n"
+                + b"v" * 20 + b"\r\n--xx--\r\n")
+        ch, t = self.connect()
+        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n"
+                        b"Content-Type: multipart/form-data; boundary=xx\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "), t.value())
+        self.assertEqual(self.resource.seen, [body])
+        self.assertEqual(self.logged[0].args, {})
+
+    def test_own_pages_get_server_and_date(self) -> None:
+        ch, t = self.connect()
+        ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        head = t.value().split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"\r\nserver: twistedweb", head)
+        self.assertRegex(head, rb"\r\ndate: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d gmt")
+
+    def test_host_address_asked_once_per_connection(self) -> None:
+        ch, t = self.connect()
+        asked: list[int] = []
+        real = t.getHost
+
+        def get_host() -> Any:
+            asked.append(1)
+            return real()
+
+        t.getHost = get_host  # type: ignore[method-assign]
+        for _ in range(3):
+            ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 "), 3)
+        self.assertEqual(len(self.logged), 3)
+        self.assertIs(self.logged[0].getHost(), self.logged[2].getHost())
+        self.assertEqual(len(asked), 1)
+
     def test_declared_length_over_limit(self) -> None:
         ch, t = self.connect()
         ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n" + b"a" * 50)

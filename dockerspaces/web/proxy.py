@@ -433,7 +433,7 @@ class BackendProtocol(Protocol):
         self.got_bytes = False
         self.head_request = sink.request.method == b"HEAD"
         self.expect_upgrade = sink.upgrade is not None
-        self.transport.write(head)
+        write_now(self.transport, head)
         if length > 0:
             self.body_sent = False
             _BodySender(body, self.transport, length, self._body_done).start()
@@ -700,6 +700,42 @@ def send_now(t: Any, data: bytes | memoryview) -> bool:
     return False
 
 
+def _idle_producer(t: Any) -> bool:
+    # what FileDescriptor.doWrite would do once the buffer is empty: nothing, unless a
+    # producer waits to be resumed (paused by the buffer, or a pull producer)
+    return t.producer is None or (t.streamingProducer and not t.producerPaused)
+
+
+def write_now(t: Any, data: bytes) -> None:
+    """``t.write(data)``, sent at once when ``t`` is plain TCP with nothing queued.
+
+    Twisted's ``write`` queues and registers the socket for writing; the bytes go out
+    on the next reactor iteration, one more epoll wake-up and ``doWrite`` per request
+    head sent to a backend. What the kernel does not take now is queued as usual.
+    """
+    if not (is_plain_tcp(t) and can_send_now(t) and not t._tempDataLen and _idle_producer(t)):
+        t.write(data)
+        return
+    try:
+        sent = t.socket.send(data)
+    except OSError:
+        sent = 0  # would block, or broken: the ordinary path finds out
+    if sent < len(data):
+        t.write(data[sent:])
+
+
+def flush_now(t: Any) -> None:
+    """Send what the plain TCP transport ``t`` has queued now, not on its next writable
+    event (a finished small response: saves the reactor a wake-up and a ``doWrite``)."""
+    if (
+        t._tempDataLen
+        and can_send_now(t)
+        and _idle_producer(t)
+        and send_now(t, b"")
+    ):
+        t.stopWriting()
+
+
 def _reason_text(reason: Failure | BaseException | None) -> str:
     if isinstance(reason, Failure):
         reason = reason.value
@@ -909,8 +945,12 @@ class _Exchange:
         self.status = status
         request.setResponseCode(status, reason or None)
         rh = request.responseHeaders
-        rh.removeHeader(b"server")
-        rh.removeHeader(b"date")
+        if hasattr(request, "proxied"):
+            # LimitedRequest: no Server of ours, Date only if the backend sent none
+            request.proxied = True
+        else:  # a plain twisted.web Request set both up front
+            rh.removeHeader(b"server")
+            rh.removeHeader(b"date")
         grouped: dict[bytes, list[bytes]] = {}
         cors = self.proxy.cors
         html = False
@@ -958,6 +998,8 @@ class _Exchange:
             return
         self._end("finished")
         request.finish()
+        if self.direct is not None:
+            flush_now(self.direct)
 
     def backend_failed(self, f: Failure, conn: BackendProtocol) -> None:
         if self.ended:

@@ -10,17 +10,28 @@
   previous request) is disconnected — ``HTTPChannel.timeOut`` is only an idle timeout
   that every byte resets;
 - HTTP/1.1 only: the channel is a plain ``HTTPChannel`` (no HTTP/2 negotiation);
-- no access log by default: :meth:`ProxySite.log` calls ``on_request_logged``.
+- no access log by default: :meth:`ProxySite.log` calls ``on_request_logged``;
+- no form parsing: a POST body is never read into ``request.args`` (twisted.web reads
+  a whole ``multipart/form-data`` upload into memory to parse it); it stays in the
+  spool for the proxy to stream;
+- ``Server`` and ``Date`` added when the head goes out, not up front: a proxied
+  response (``request.proxied``) keeps the backend's ``Server`` and gets a ``Date``
+  only when the backend sent none (RFC 9110 §6.6.1); our own pages get both;
+- the connection's own address asked once per connection, not per request.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from twisted.web.http import HTTPChannel
+from twisted.python.failure import Failure
+from twisted.web import resource as _resource
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request, Site, version
 
 _BODY_413 = "request body of {size} exceeds the limit of {limit} bytes (--max-body)\n"
 
@@ -54,12 +65,56 @@ class _NullSpool:
         pass
 
 
+_date_cache: list[Any] = [None, b""]
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value for now, formatted once per second."""
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache[0] = second
+        _date_cache[1] = datetimeToString(second)
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
 class LimitedRequest(Request):
-    """A ``Request`` that refuses bodies over the site's ``max_body`` with ``413``."""
+    """A ``Request`` that refuses bodies over the site's ``max_body`` with ``413``
+    (and the other changes of the module docstring)."""
 
     rejected = False
+    #: the response is a backend's: no ``Server`` of ours, ``Date`` only if it had none
+    proxied = False
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
+
+    def process(self) -> None:
+        """``server.Request.process`` without setting ``Server``/``Date`` up front
+        (:meth:`write` adds them when the head goes out)."""
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        if self.path == b"*":
+            self._handleStar()  # type: ignore[attr-defined]
+            return
+        try:
+            resrc = self.site.getResourceFor(self)
+            if _resource._IEncodingResource.providedBy(resrc):  # type: ignore[attr-defined]
+                encoder = resrc.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resrc)
+        except BaseException:  # noqa: BLE001 - as twisted.web: any error is a 500
+            self.processingFailed(Failure())
+
+    def write(self, data: bytes) -> None:
+        """Add the default headers with the head, then write as usual."""
+        if not self.startedWriting:
+            headers = self.responseHeaders
+            if not self.proxied and not headers.hasHeader(b"server"):
+                headers.setRawHeaders(b"server", [version])
+            if not headers.hasHeader(b"date"):
+                headers.setRawHeaders(b"date", [http_date()])
+        super().write(data)
 
     def on_connection_lost(self, hook: Callable[[Any], object]) -> None:
         """Call ``hook(reason)`` if the connection is lost before this request is done.
@@ -162,6 +217,17 @@ class HeadDeadlineChannel(HTTPChannel):
         if self._head_armed and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """This end's address, asked once per connection (Request asks per request)."""
+        host = self._host
+        if host is None:
+            host = super().getHost()
+            if self.transport is not None:
+                self._host = host
+        return host
+
     _secure: bool | None = None
 
     def isSecure(self) -> bool:
@@ -222,7 +288,7 @@ class ProxySite(Site):
         # No twisted.web idle timeout: the head deadline already closes connections that
         # idle between requests, and a response may take as long as it takes; the idle
         # timer cost a DelayedCall reset on every read.
-        super().__init__(resource, reactor=reactor, timeout=None)
+        super().__init__(resource, reactor=reactor, timeout=None, parsePOSTFormSubmission=False)
         self.max_body = max_body
         self.head_timeout = head_timeout
         self.on_request_logged = on_request_logged
