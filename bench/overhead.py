@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogBeginner
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -108,6 +109,9 @@ def app(reactor: Any) -> Rig:
     config = build_config({"target": "0", "allow-host": ["127.0.0.1"], "instance": "bench",
                            "port": ["tcp:18090"]})
     top = build_service(config, reactor, io.StringIO())
+    # the log observer becomes the only one, as under twistd
+    globalLogBeginner.beginLoggingTo([top.observer], discardBuffer=True,
+                                     redirectStandardIO=False)
     services = list(IServiceCollection(top))
     proxy = next(s.proxy for s in services if isinstance(s, ProxyService))
     site = next(s for s in services if hasattr(s, "factory")).factory

@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import error as ierror
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
@@ -24,11 +26,14 @@ from twisted.web.resource import Resource
 from dockerspaces.web.proxy import (
     Backend,
     BackendProtocol,
+    BadResponse,
     ExchangeEnd,
     Proxy,
+    _parse_response_head,
     can_send_now,
     drop_hop_by_hop,
     flush_now,
+    parse_header_lines,
     rewrite_location,
     send_now,
     write_now,
@@ -428,6 +433,51 @@ class ResponseTests(SynchronousTestCase):
         self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
         self.assertTrue(bt.disconnecting)
         self.assertEqual([e.reason for e in h.ends], ["backend-error"])
+
+
+_NAME = st.text(alphabet="!#$%&'*+-.^_`|~" + "AZaz09Xx-", min_size=1, max_size=8)
+_VALUE = st.binary(max_size=12).filter(lambda v: b"\r\n" not in v)
+
+
+class HeadParserTests(SynchronousTestCase):
+    """The regex fast path reads every header block it accepts as the line-by-line
+    parser does."""
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.tuples(_NAME, st.sampled_from([b"", b" ", b"\t", b"  "]), _VALUE,
+                              st.sampled_from([b"", b" ", b"\t "])), max_size=6))
+    def test_fast_path_agrees(self, lines: list[tuple[str, bytes, bytes, bytes]]) -> None:
+        block = b"".join(k.encode() + b":" + pre + v + post + b"\r\n"
+                         for k, pre, v, post in lines)
+        try:
+            slow: Any = parse_header_lines(block) if block else []
+        except Exception as e:  # noqa: BLE001 - compared below
+            slow = type(e)
+        try:
+            head = b"HTTP/1.1 200 OK" + (b"\r\n" + block[:-2] if block else b"")
+            fast: Any = _parse_response_head(head)[3]
+        except Exception as e:  # noqa: BLE001
+            fast = type(e)
+        self.assertEqual(fast, slow)
+
+    def test_folded_and_odd_lines_take_the_slow_path(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d"
+        self.assertEqual(_parse_response_head(head)[3],
+                         [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X C", b"d")])
+        self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\n X: y")
+        self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\nno colon")
+
+    def test_invalid_header_name_dropped(self) -> None:
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nX C: d\r\nX-Ok: 1\r\nContent-Length: 2\r\n\r\nhi")
+        line, headers = head_of(ct.value())
+        self.assertEqual(line, b"HTTP/1.1 200 OK")
+        self.assertEqual(values(headers, b"x-ok"), [b"1"])
+        self.assertEqual(values(headers, b"x c"), [])
+        self.assertTrue(ct.value().endswith(b"hi"))
+        self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 2)])
 
 
 class HelperTests(SynchronousTestCase):

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 
-from dockerspaces.web.site import HeadDeadlineChannel, make_site
+from dockerspaces.web.site import (
+    TWISTED_PARSE_REQUEST_LINE,
+    HeadDeadlineChannel,
+    make_site,
+    parse_request_line,
+)
 
 
 class Echo(Resource):
@@ -214,3 +221,50 @@ class SiteTests(SynchronousTestCase):
         self.assertIsInstance(ch, HeadDeadlineChannel)
         self.assertIsInstance(ch, HTTPChannel)
         self.assertFalse(self.site.noisy)
+
+
+def _outcome(parse: Any, line: bytes) -> Any:
+    try:
+        return ("ok", parse(line))
+    except ValueError as e:
+        return ("ValueError", str(e))
+
+
+class RequestLineTests(SynchronousTestCase):
+    """parse_request_line answers exactly as twisted.web's own parser."""
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.one_of(
+        st.binary(max_size=40),
+        st.builds(lambda m, t, v: m + b" " + t + b" " + v,
+                  st.sampled_from([b"GET", b"POST", b"M-SEARCH", b"G@T", b"", b"get"]),
+                  st.binary(max_size=30),
+                  st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b""])),
+        st.builds(lambda t: b"GET /" + t + b" HTTP/1.1",
+                  st.binary(min_size=0, max_size=30)),
+    ))
+    def test_same_as_twisted(self, line: bytes) -> None:
+        self.assertEqual(_outcome(parse_request_line, line),
+                         _outcome(TWISTED_PARSE_REQUEST_LINE, line))
+
+    def test_every_byte_in_the_target(self) -> None:
+        for c in range(256):
+            line = b"GET /a" + bytes([c]) + b"b HTTP/1.1"
+            self.assertEqual(_outcome(parse_request_line, line),
+                             _outcome(TWISTED_PARSE_REQUEST_LINE, line), c)
+            method = b"G" + bytes([c]) + b"T / HTTP/1.1"
+            self.assertEqual(_outcome(parse_request_line, method),
+                             _outcome(TWISTED_PARSE_REQUEST_LINE, method), c)
+
+    def test_installed_by_make_site(self) -> None:
+        from twisted.web import http
+
+        make_site(Resource(), MemoryReactorClock(), max_body=1)
+        self.assertIs(http._parseRequestLine, parse_request_line)
+        ch = make_site(Echo(), MemoryReactorClock(), max_body=10).buildProtocol(
+            IPv4Address("TCP", "10.0.0.1", 1))
+        t = StringTransport()
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\nGET /a\x01 HTTP/1.1\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "))
+        self.assertIn(b"400 Bad Request", t.value())

@@ -25,6 +25,7 @@ Tested with Twisted 26.10 (the tunnel takeover touches ``HTTPChannel`` internals
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -242,10 +243,23 @@ def _drop_headers(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]
     return kept
 
 
-def wants_upgrade(request: Request) -> bytes | None:
-    """The ``Upgrade`` value if the request asks for a protocol upgrade, else None."""
-    up = request.requestHeaders.getRawHeaders(b"upgrade")
-    conn = request.requestHeaders.getRawHeaders(b"connection")
+RequestHeaders = list[tuple[bytes, bytes, bytes]]
+
+
+def request_headers(request: Request) -> RequestHeaders:
+    """The client's request headers as (lower-cased name, name, value), in order."""
+    return [
+        (k.lower(), k, v)
+        for k, values in request.requestHeaders.getAllRawHeaders()
+        for v in values
+    ]
+
+
+def wants_upgrade(headers: RequestHeaders) -> bytes | None:
+    """The ``Upgrade`` value if the request (its :func:`request_headers`) asks for a
+    protocol upgrade, else None."""
+    up = [v for lk, _, v in headers if lk == b"upgrade"]
+    conn = [v for lk, _, v in headers if lk == b"connection"]
     if up and conn and b"upgrade" in connection_tokens(conn):
         return up[0]
     return None
@@ -259,6 +273,7 @@ def _client_ip(request: Request) -> bytes | None:
 
 def request_head(
     request: Request,
+    headers: RequestHeaders,
     path: bytes,
     *,
     prefix: bytes,
@@ -267,26 +282,40 @@ def request_head(
     body_length: int | None,
     upgrade: bytes | None = None,
 ) -> bytes:
-    """The request head sent to the backend (request line + headers + blank line)."""
-    raw = [
-        (k, v)
-        for k, values in request.requestHeaders.getAllRawHeaders()
-        for v in values
-    ]
-    kept = _drop_headers(raw, _DROP_REQUEST)
-    client_host = request.requestHeaders.getRawHeaders(b"host")
-    host = host_header or (client_host[0] if client_host else backend.default_host_header())
+    """The request head sent to the backend (request line + headers + blank line);
+    ``headers`` are the client's (:func:`request_headers`)."""
+    client_host: bytes | None = None
+    xff: list[bytes] = []
+    named: set[bytes] | None = None
+    kept: RequestHeaders = []
+    for item in headers:
+        lk = item[0]
+        if lk in _DROP_REQUEST:
+            if lk == b"host":
+                if client_host is None:
+                    client_host = item[2]
+            elif lk == b"x-forwarded-for":
+                xff.append(item[2])
+            elif lk == b"connection":
+                tokens = connection_tokens((item[2],))
+                named = tokens if named is None else named | tokens
+            continue
+        kept.append(item)
+    if named:
+        named -= _DROP_REQUEST
+        if named:
+            kept = [item for item in kept if item[0] not in named]
+    host = host_header or client_host or backend.default_host_header()
     out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for k, v in kept:
+    for _, k, v in kept:
         out += [k, b": ", v, b"\r\n"]
-    xff = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
     ip = _client_ip(request)
     if ip is not None:
-        xff = [*xff, ip]
+        xff.append(ip)
     if xff:
         out += [b"X-Forwarded-For: ", b", ".join(xff), b"\r\n"]
-    if client_host:
-        out += [b"X-Forwarded-Host: ", client_host[0], b"\r\n"]
+    if client_host is not None:
+        out += [b"X-Forwarded-Host: ", client_host, b"\r\n"]
     out += [b"X-Forwarded-Proto: ", b"https" if request.isSecure() else b"http", b"\r\n"]
     if prefix:
         out += [b"X-Forwarded-Prefix: ", prefix, b"\r\n"]
@@ -518,28 +547,23 @@ class BackendProtocol(Protocol):
     def _start_body(
         self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview
     ) -> None:
-        conn: set[bytes] = set()
-        te: list[bytes] = []
+        grouped = group_headers(headers)
         length: int | None = None
-        for k, v in headers:
-            lk = k.lower()
-            if lk == b"connection":
-                conn |= connection_tokens([v])
-            elif lk == b"transfer-encoding":
-                te.append(v.lower())
-            elif lk == b"content-length":
-                try:
-                    length = int(v.strip())
-                except ValueError:
-                    self._fail(BadResponse(f"bad Content-Length {v!r}"))
-                    return
-        if version != b"HTTP/1.1" or b"close" in conn:
+        for v in grouped.get(b"content-length", ()):
+            try:
+                length = int(v.strip())
+            except ValueError:
+                self._fail(BadResponse(f"bad Content-Length {v!r}"))
+                return
+        conn = grouped.get(b"connection")
+        if version != b"HTTP/1.1" or (conn is not None and b"close" in connection_tokens(conn)):
             self.keep_alive = False
         no_body = self.head_request or status in (204, 304)
-        chunked = bool(te) and b"chunked" in te[-1]
+        te = grouped.get(b"transfer-encoding")
+        chunked = te is not None and b"chunked" in te[-1].lower()
         if chunked:
-            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        self.sink.response_head(status, reason, headers)
+            grouped.pop(b"content-length", None)
+        self.sink.response_head(status, reason, grouped)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if no_body:
@@ -745,9 +769,15 @@ def _reason_text(reason: Failure | BaseException | None) -> str:
     return text or type(reason).__name__
 
 
+#: a header block every line of which is ``token ":" value`` with no byte that
+#: ``bytes.strip`` would remove but SP/HTAB (the common case: parsed by two regexes)
+_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c]*\r\n)*")
+_PLAIN_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+
+
 def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
-    lines = head.split(b"\r\n")
-    status_line = lines[0]
+    """Status line and header lines (``head`` without its blank line) of a response."""
+    status_line, sep, block = head.partition(b"\r\n")
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
         raise BadResponse(f"not an HTTP/1.x response: {status_line[:80]!r}")
@@ -758,8 +788,19 @@ def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
     if not 100 <= status <= 999:
         raise BadResponse(f"bad status {status}")
     reason = parts[2] if len(parts) > 2 else b""
+    if not sep:
+        return parts[0], status, reason, []
+    block += b"\r\n"
+    if _PLAIN_BLOCK.fullmatch(block) is not None:
+        return parts[0], status, reason, _PLAIN_LINE.findall(block)
+    return parts[0], status, reason, parse_header_lines(block)
+
+
+def parse_header_lines(block: bytes) -> Headers:
+    """Header lines (each ending in CRLF), one at a time: folded continuation lines
+    joined, names with whitespace at their edges refused, values stripped."""
     headers: Headers = []
-    for line in lines[1:]:
+    for line in block[:-2].split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and headers:
             k, v = headers[-1]
             headers[-1] = (k, v + b" " + line.strip())
@@ -768,7 +809,20 @@ def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
         if not sep or not k or k != k.strip():
             raise BadResponse(f"bad header line {line[:80]!r}")
         headers.append((k, v.strip()))
-    return parts[0], status, reason, headers
+    return headers
+
+
+def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
+    """Header values per lower-cased name, in order (repeats kept, any spelling)."""
+    grouped: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        lk = k.lower()
+        values = grouped.get(lk)
+        if values is None:
+            grouped[lk] = [v]
+        else:
+            values.append(v)
+    return grouped
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -841,7 +895,8 @@ class _Exchange:
         self.prefix = prefix
         self.on_end = on_end
         self.route_cookie = set_route_cookie
-        self.upgrade = wants_upgrade(request)
+        headers = request_headers(request)
+        self.upgrade = wants_upgrade(headers)
         self.conn: BackendProtocol | None = None
         self.bytes_out = 0
         self.status: int | None = None
@@ -858,15 +913,14 @@ class _Exchange:
             length = content.tell()
             content.seek(0, 0)
         self.body, self.length = content, length
-        has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or (
-            request.requestHeaders.hasHeader(b"transfer-encoding")
+        has_body = length > 0 or any(
+            lk == b"content-length" or lk == b"transfer-encoding" for lk, _, _ in headers
         )
-        client_host = request.requestHeaders.getRawHeaders(b"host")
-        self.backend_host = host_header or (
-            client_host[0] if client_host else backend.default_host_header()
-        )
+        client_host = next((v for lk, _, v in headers if lk == b"host"), None)
+        self.backend_host = host_header or client_host or backend.default_host_header()
         self.head = request_head(
             request,
+            headers,
             path,
             prefix=prefix,
             host_header=host_header,
@@ -940,7 +994,8 @@ class _Exchange:
         conn.send(self, self.head, self.body, self.length)
 
     # -- backend events ------------------------------------------------------------
-    def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
+    def response_head(self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]]) -> None:
+        """The backend's head (values per lower-cased name) becomes the client's."""
         request = self.request
         self.status = status
         request.setResponseCode(status, reason or None)
@@ -951,20 +1006,24 @@ class _Exchange:
         else:  # a plain twisted.web Request set both up front
             rh.removeHeader(b"server")
             rh.removeHeader(b"date")
-        grouped: dict[bytes, list[bytes]] = {}
+        conn = grouped.get(b"connection")
+        drop = HOP_BY_HOP if conn is None else HOP_BY_HOP | connection_tokens(conn)
         cors = self.proxy.cors
         html = False
-        for k, v in drop_hop_by_hop(headers):
-            lk = k.lower()
+        for lk, values in grouped.items():
+            if lk in drop:
+                continue
             if lk == b"location":
-                v = rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host)
+                values = [rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host)
+                          for v in values]
             elif lk == b"content-type":
-                html = v[:9].lower() == b"text/html"
+                html = values[-1][:9].lower() == b"text/html"
             elif cors and lk.startswith(b"access-control-"):
                 continue
-            grouped.setdefault(lk, []).append(v)  # one list per name, any spelling
-        for k, vs in grouped.items():
-            rh.setRawHeaders(k, vs)
+            try:
+                rh.setRawHeaders(lk, values)
+            except ValueError:  # twisted.web refuses a name that is not a token: dropped
+                continue
         if cors:
             routing.cors_headers(request)
         if html and self.route_cookie:

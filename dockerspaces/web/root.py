@@ -43,6 +43,30 @@ class RouteResources(Protocol):
         """Resource for /docker:local/…"""
 
 
+#: parsed first segments kept by the root (a page's requests repeat the same few)
+PLAN_CACHE = 1024
+
+
+class _Plan:
+    """A route segment parsed once: what to dispatch, and how to log it."""
+
+    __slots__ = ("display", "kind", "prefix", "redirect", "route")
+
+    def __init__(self, route: Route, prefix: bytes):
+        self.route = route
+        self.prefix = prefix
+        # x:/y:/host:/shost: without a slash after the segment get a 308 to add it
+        self.redirect = isinstance(route, (JobSpec, HostTarget))
+        if isinstance(route, JobSpec):
+            self.kind, self.display = route.kind, route.display
+        elif isinstance(route, HostTarget):
+            self.kind, self.display = ("shost" if route.tls else "host"), route.host_header
+        elif isinstance(route, MonitorRoute):
+            self.kind, self.display = "monitor", route.name
+        else:
+            self.kind, self.display = "docker", "local"
+
+
 class Root(Resource):
     """Dispatches every request by its raw first path segment."""
 
@@ -51,6 +75,7 @@ class Root(Resource):
         self.config = config
         self.routes = routes
         self.recorder = recorder
+        self._plans: dict[str, _Plan] = {}
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
         """Pick the resource for this request from its raw URI (``path`` is ignored)."""
@@ -65,39 +90,41 @@ class Root(Resource):
         """Never reached in practice (``getChildWithDefault`` always answers)."""
         return self.getChildWithDefault(b"", request).render(request)
 
+    def _plan(self, segment: str) -> _Plan | None:
+        """The cached plan for a route segment; None when it names no route; raises
+        :class:`SpecError` for a malformed one."""
+        plan = self._plans.get(segment)
+        if plan is None:
+            route = parse_route(segment)
+            if route is None:
+                return None
+            plan = _Plan(route, b"/" + segment.encode("latin-1"))
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            self._plans[segment] = plan
+        return plan
+
     def _resolve(self, request: Request) -> Resource:
         raw = split_uri(request.uri)
         try:
-            route = parse_route(raw.segment)
+            plan = self._plan(raw.segment)
         except SpecError as e:
             return ErrorResource(400, f"bad route {raw.segment[:200]!r}: {e}")
-        if route is None:
+        if plan is None:
             return self._fallback(request, raw.rest, raw.query)
-        prefix = b"/" + raw.segment.encode("latin-1")
-        if (isinstance(route, (JobSpec, HostTarget)) and not raw.has_slash
-                and request.method in (b"GET", b"HEAD")):
-            location = prefix + b"/" + (b"?" + raw.query if raw.query else b"")
+        if plan.redirect and not raw.rest and request.method in (b"GET", b"HEAD"):
+            location = plan.prefix + b"/" + (b"?" + raw.query if raw.query else b"")
             return RedirectResource(location, 308)
-        return self._for_route(request, route, prefix, raw.forward_path, cookie=True)
+        return self._dispatch(request, plan, raw.forward_path, cookie=True)
 
-    def _begin(self, request: Request, kind: str, route: str) -> None:
+    def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
         if self.recorder is not None:
-            self.recorder.begin(request, kind, route)
-
-    def _for_route(self, request: Request, route: Route, prefix: bytes, path: bytes,
-                   cookie: bool) -> Resource:
-        if isinstance(route, JobSpec):
-            self._begin(request, route.kind, route.display)
-        elif isinstance(route, HostTarget):
-            self._begin(request, "shost" if route.tls else "host", route.host_header)
-        elif isinstance(route, MonitorRoute):
-            self._begin(request, "monitor", route.name)
-        else:
-            self._begin(request, "docker", "local")
-        if isinstance(route, JobSpec):
-            return self.routes.job(route, prefix, path)
+            self.recorder.begin(request, plan.kind, plan.display)
+        route = plan.route
         if isinstance(route, HostTarget):
-            return self.routes.host(route, prefix, path, cookie)
+            return self.routes.host(route, plan.prefix, path, cookie)
+        if isinstance(route, JobSpec):
+            return self.routes.job(route, plan.prefix, path)
         if isinstance(route, MonitorRoute):
             return self.routes.monitor(route)
         if isinstance(route, DockerApiRoute):
@@ -117,14 +144,14 @@ class Root(Resource):
             segment = routing.route_from_cookie(request)
         if segment is not None:
             try:
-                route = parse_route(segment)
+                plan = self._plan(segment)
             except SpecError:
-                route = None
-            if isinstance(route, (JobSpec, HostTarget)):
-                prefix = b"/" + segment.encode("latin-1")
-                return self._for_route(request, route, prefix, full, cookie=False)
+                plan = None
+            if plan is not None and isinstance(plan.route, (JobSpec, HostTarget)):
+                return self._dispatch(request, plan, full, cookie=False)
         if self.config.root is not None:
-            self._begin(request, "root", self.config.root.host_header)
+            if self.recorder is not None:
+                self.recorder.begin(request, "root", self.config.root.host_header)
             return self.routes.host(self.config.root, b"", full, False)
         return ErrorResource(
             404,

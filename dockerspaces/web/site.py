@@ -17,17 +17,22 @@
 - ``Server`` and ``Date`` added when the head goes out, not up front: a proxied
   response (``request.proxied``) keeps the backend's ``Server`` and gets a ``Date``
   only when the backend sent none (RFC 9110 §6.6.1); our own pages get both;
-- the connection's own address asked once per connection, not per request.
+- the connection's own address asked once per connection, not per request;
+- the request line checked by two regular expressions instead of twisted.web's loop
+  over every byte of the URI in Python (:func:`parse_request_line`, installed into
+  ``twisted.web.http`` by :func:`make_site`; same answers, tested against Twisted's).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.python.failure import Failure
+from twisted.web import http as _http
 from twisted.web import resource as _resource
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import IResource
@@ -63,6 +68,36 @@ class _NullSpool:
 
     def close(self) -> None:
         pass
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\xb1-\xff]")
+
+#: twisted.web's own parser (what :func:`parse_request_line` must agree with)
+TWISTED_PARSE_REQUEST_LINE = _http._parseRequestLine
+
+
+def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """``twisted.web.http._parseRequestLine``, its per-byte Python loops (the method a
+    token, the target printable) done by regular expressions: same result, same
+    ``ValueError``; twisted.web's loop cost more than the rest of routing a request
+    with a 20-byte URI, and grows with the URI."""
+    method, target, version = line.split(b" ")
+    if _TOKEN.fullmatch(method) is None:
+        raise ValueError("Invalid method")
+    if _BAD_TARGET.search(target) is not None:
+        raise ValueError("Invalid request-target")
+    if target == b"":
+        raise ValueError("Empty request-target")
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        raise ValueError("Invalid version")
+    return method, target, version
+
+
+def install_request_line_parser() -> None:
+    """Make twisted.web's HTTP channel use :func:`parse_request_line` (idempotent)."""
+    if getattr(_http, "_parseRequestLine", None) is TWISTED_PARSE_REQUEST_LINE:
+        _http._parseRequestLine = parse_request_line
 
 
 _date_cache: list[Any] = [None, b""]
@@ -315,6 +350,7 @@ def make_site(
     on_request_logged: Callable[[Request], None] | None = None,
 ) -> ProxySite:
     """The site dockerspaces listens with (see the module docstring)."""
+    install_request_line_parser()
     return ProxySite(
         resource,
         reactor,
