@@ -24,6 +24,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from threading import get_ident
 from typing import IO, Any
 
 from twisted.logger import (
@@ -56,11 +57,10 @@ class LineWriter:
 
     def write(self, line: str, urgent: bool = False) -> None:
         """Queue ``line`` (ending in a newline) or, where it cannot wait, write it now."""
-        if threading.get_ident() != self._thread:
+        if get_ident() != self._thread:
             self._write(line)
             return
-        pending = self._pending
-        pending.append(line)
+        self._pending.append(line)
         self._chars += len(line)
         if urgent or self._chars > FLUSH_CHARS or not self.reactor.running:
             self.flush()
@@ -103,10 +103,14 @@ class _Stamp:
         if when is None:
             return "-"
         second = int(when)
-        if second != self.second:
+        if second != self.second:  # (a new second: formatted again)
             self.text = formatTime(second)
             self.second = second
         return self.text
+
+
+#: levels whose lines are written at once
+URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 
 
 @implementer(ILogObserver)
@@ -123,18 +127,16 @@ class TextObserver:
         text = event.get("ds_text")
         if text is not None and "log_failure" not in event and "log_system" not in event:
             # a request line: its text is ready (dockerspaces.logs.log_request)
-            name = level.name if level is not None else "-"
-            line = (
-                f"{self.stamp(event.get('log_time'))} "
-                f"[{event.get('log_namespace', '-')}#{name}] "
-                f"{text.replace(chr(10), chr(10) + chr(9))}\n"
-            )
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            line = (f"{self.stamp(event.get('log_time'))} [{event.get('log_namespace', '-')}"
+                    f"#{level.name if level is not None else '-'}] {text}\n")
         else:
             formatted = formatEventAsClassicLogText(event, formatTime=self.stamp)
             if formatted is None:
                 return
             line = formatted
-        self.writer.write(line, urgent=level is not None and level >= LogLevel.warn)
+        self.writer.write(line, level in URGENT)
 
 
 def twistd_destination(twistd_options: Any) -> IO[str] | None:

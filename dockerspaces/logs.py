@@ -38,7 +38,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .logoutput import LineWriter, TextObserver
+from .logoutput import URGENT, LineWriter, TextObserver
 from .spec import redact_path
 
 REQUEST_NS = "dockerspaces.request"
@@ -210,8 +210,7 @@ class JsonLinesObserver:
         """Write one event."""
         line = json.dumps(event_record(event), default=str, ensure_ascii=False) + "\n"
         if self.writer is not None:
-            level = event.get("log_level")
-            self.writer.write(line, urgent=level is not None and level >= LogLevel.warn)
+            self.writer.write(line, event.get("log_level") in URGENT)
             return
         self.out.write(line)
         self.out.flush()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterable
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
@@ -56,6 +57,11 @@ def _num(v: float) -> str:
     if isinstance(v, int) or float(v).is_integer():
         return str(int(v))
     return repr(float(v))
+
+
+@lru_cache(maxsize=1024)
+def _status_labels(kind: str, status: int) -> Labels:
+    return (kind, str(status))
 
 
 @define
@@ -190,17 +196,27 @@ class Metrics:
 
     # --- what the layers call -------------------------------------------------------
 
+    # These two run for every request: the series dictionaries are updated directly
+    # (same result as ``inc``/``observe``, a third of the calls).
+
     def request_started(self, kind: str) -> None:
         """A request of route ``kind`` arrived (pair with :meth:`request_done`)."""
-        self.in_flight.inc(kind)
+        values = self.in_flight.values
+        key = (kind,)
+        values[key] = values.get(key, 0.0) + 1
 
     def request_done(self, kind: str, status: int, seconds: float,
                      queue_wait: float | None = None) -> None:
         """A request of route ``kind`` ended with ``status`` after ``seconds``; ``queue_wait``
         is its wait for a container (x:/y:/worker only)."""
-        if self.in_flight.get(kind) > 0:
-            self.in_flight.inc(kind, amount=-1)
-        self.requests.inc(kind, str(status))
+        key = (kind,)
+        flying = self.in_flight.values
+        n = flying.get(key, 0.0)
+        if n > 0:
+            flying[key] = n - 1
+        counts = self.requests.values
+        labels = _status_labels(kind, status)
+        counts[labels] = counts.get(labels, 0.0) + 1
         self.request_seconds.observe(kind, value=max(0.0, seconds))
         if queue_wait is not None:
             self.queue_seconds.observe(kind, value=max(0.0, queue_wait))

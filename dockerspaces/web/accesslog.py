@@ -49,12 +49,12 @@ class Recorder:
 
     def done(self, request: Request, reason: str | None = None) -> None:
         """Log and count the request once (site log hook, or the client going away)."""
-        info = route_info(request)
+        info: RouteInfo | None = getattr(request, _ATTR, None)
         if info is None or info.done:
             return
         info.done = True
         seconds = self.clock.seconds() - info.started
-        status = int(request.code or 0) if reason != "client-gone" else 499
+        status = 499 if reason == "client-gone" else request.code or 0
         client: Any = request.getClientAddress()
         log_request(
             kind=info.kind,
@@ -62,7 +62,7 @@ class Recorder:
             method=request.method,
             uri=request.uri,
             status=status,
-            nbytes=int(getattr(request, "sentLength", 0) or 0),
+            nbytes=getattr(request, "sentLength", 0) or 0,
             seconds=seconds,
             queue_wait=info.queue_wait,
             client=getattr(client, "host", None),

@@ -6,6 +6,7 @@ parses ``request.uri`` itself, so the job grammar sees the raw segment.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Protocol
 
 from twisted.web.resource import Resource
@@ -17,6 +18,7 @@ from ..spec import (
     HostTarget,
     JobSpec,
     MonitorRoute,
+    RawPath,
     Route,
     SpecError,
     parse_route,
@@ -45,6 +47,22 @@ class RouteResources(Protocol):
 
 #: parsed first segments kept by the root (a page's requests repeat the same few)
 PLAN_CACHE = 1024
+#: URIs up to this long have their split cached (a page's requests repeat)
+_SPLIT_MAX = 512
+
+
+def _split(uri: bytes) -> tuple[RawPath, bytes]:
+    """``split_uri`` and the path to forward, cached for URIs that repeat."""
+    if len(uri) <= _SPLIT_MAX:
+        return _split_cached(uri)
+    raw = split_uri(uri)
+    return raw, raw.forward_path
+
+
+@lru_cache(maxsize=4096)
+def _split_cached(uri: bytes) -> tuple[RawPath, bytes]:
+    raw = split_uri(uri)
+    return raw, raw.forward_path
 
 
 class _Plan:
@@ -105,7 +123,7 @@ class Root(Resource):
         return plan
 
     def _resolve(self, request: Request) -> Resource:
-        raw = split_uri(request.uri)
+        raw, forward_path = _split(request.uri)
         try:
             plan = self._plan(raw.segment)
         except SpecError as e:
@@ -115,7 +133,7 @@ class Root(Resource):
         if plan.redirect and not raw.rest and request.method in (b"GET", b"HEAD"):
             location = plan.prefix + b"/" + (b"?" + raw.query if raw.query else b"")
             return RedirectResource(location, 308)
-        return self._dispatch(request, plan, raw.forward_path, cookie=True)
+        return self._dispatch(request, plan, forward_path, cookie=True)
 
     def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
         if self.recorder is not None:
