@@ -337,6 +337,66 @@ class ResponseTests(SynchronousTestCase):
         self.assertTrue(ct.disconnecting)
         self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 3)])
 
+    def test_backend_gone_after_sized_head_is_502(self) -> None:
+        """A sized head waits for its body: if the backend goes first, nothing was sent
+        and the client gets a clean 502."""
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Backend: 1\r\n\r\n")
+        p.connectionLost(Failure(ierror.ConnectionLost()))
+        line, headers = head_of(ct.value())
+        self.assertEqual(line, b"HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(values(headers, b"x-backend"), [])  # none of the 200's headers
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_http10_client_gets_close_delimited_answer(self) -> None:
+        h = Harness()
+        _, ct = h.client(b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        line, headers = head_of(ct.value())
+        self.assertEqual(line, b"HTTP/1.0 200 OK")
+        self.assertEqual(values(headers, b"transfer-encoding"), [])
+        p.dataReceived(b"0\r\n\r\n")
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nabc"))
+        self.assertTrue(ct.disconnecting)  # the end of the body is the end of the connection
+
+    def test_client_connection_close_kept_in_head(self) -> None:
+        h = Harness()
+        _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n")
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+                       b"\r\nok")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"connection"), [b"close"])
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nok"))
+        self.assertTrue(ct.disconnecting)
+        self.assertEqual(h.proxy.idle_connections(), 1)  # the backend connection is kept
+
+    def test_no_body_statuses(self) -> None:
+        for status in (b"204 No Content", b"304 Not Modified"):
+            h = Harness()
+            _, ct = h.client(GET)
+            p, _ = h.accept()
+            p.dataReceived(b"HTTP/1.1 " + status + b"\r\nETag: \"x\"\r\n\r\n")
+            line, headers = head_of(ct.value())
+            self.assertEqual(line, b"HTTP/1.1 " + status)
+            self.assertEqual(values(headers, b"transfer-encoding"), [])
+            self.assertEqual(values(headers, b"etag"), [b'"x"'])
+            self.assertTrue(ct.value().endswith(b"\r\n\r\n"))
+            self.assertEqual(h.proxy.idle_connections(), 1)
+
+    def test_header_spelling_and_order_kept(self) -> None:
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+        head = ct.value().split(b"\r\n\r\n")[0]
+        self.assertIn(b"\r\nx-lower: 1\r\nx-lower: 2\r\n", head)
+        self.assertIn(b"\r\nETag: \"e\"\r\n", head)
+
     def test_close_delimited_body(self) -> None:
         h = Harness()
         _, ct = h.client(GET)
@@ -461,9 +521,11 @@ class HeadParserTests(SynchronousTestCase):
         self.assertEqual(fast, slow)
 
     def test_folded_and_odd_lines_take_the_slow_path(self) -> None:
-        head = b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d"
+        head = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d\r\n"
+                b"X-D: a\nb\rc")
+        # a name that is not a token is dropped, CR/LF inside a value become spaces
         self.assertEqual(_parse_response_head(head)[3],
-                         [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X C", b"d")])
+                         [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X-D", b"a b c")])
         self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\n X: y")
         self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\nno colon")
 

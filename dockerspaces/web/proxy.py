@@ -56,7 +56,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import routing
 from .errors import finish_error
-from .site import on_lost
+from .site import http_date, on_lost
 
 log = Logger()
 
@@ -547,7 +547,7 @@ class BackendProtocol(Protocol):
     def _start_body(
         self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview
     ) -> None:
-        grouped = group_headers(headers)
+        grouped, names = group_headers(headers)
         length: int | None = None
         for v in grouped.get(b"content-length", ()):
             try:
@@ -563,7 +563,7 @@ class BackendProtocol(Protocol):
         chunked = te is not None and b"chunked" in te[-1].lower()
         if chunked:
             grouped.pop(b"content-length", None)
-        self.sink.response_head(status, reason, grouped)
+        self.sink.response_head(status, reason, grouped, names)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if no_body:
@@ -773,6 +773,7 @@ def _reason_text(reason: Failure | BaseException | None) -> str:
 #: ``bytes.strip`` would remove but SP/HTAB (the common case: parsed by two regexes)
 _PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c]*\r\n)*")
 _PLAIN_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
@@ -798,7 +799,9 @@ def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
 
 def parse_header_lines(block: bytes) -> Headers:
     """Header lines (each ending in CRLF), one at a time: folded continuation lines
-    joined, names with whitespace at their edges refused, values stripped."""
+    joined, names with whitespace at their edges refused, values stripped. What may
+    not be sent on is dropped: a header whose name is not a token; CR or LF inside a
+    value becomes a space."""
     headers: Headers = []
     for line in block[:-2].split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and headers:
@@ -809,20 +812,27 @@ def parse_header_lines(block: bytes) -> Headers:
         if not sep or not k or k != k.strip():
             raise BadResponse(f"bad header line {line[:80]!r}")
         headers.append((k, v.strip()))
-    return headers
+    return [
+        (k, b" ".join(v.splitlines()) if b"\r" in v or b"\n" in v else v)
+        for k, v in headers
+        if _TOKEN.fullmatch(k) is not None
+    ]
 
 
-def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
-    """Header values per lower-cased name, in order (repeats kept, any spelling)."""
+def group_headers(headers: Headers) -> tuple[dict[bytes, list[bytes]], dict[bytes, bytes]]:
+    """Header values per lower-cased name, in order (repeats kept, any spelling), and
+    each name as first spelled."""
     grouped: dict[bytes, list[bytes]] = {}
+    names: dict[bytes, bytes] = {}
     for k, v in headers:
         lk = k.lower()
         values = grouped.get(lk)
         if values is None:
             grouped[lk] = [v]
+            names[lk] = k
         else:
             values.append(v)
-    return grouped
+    return grouped, names
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -906,6 +916,8 @@ class _Exchange:
         self.retried = False
         self.connecting: Deferred[Any] | None = None
         self.direct: Any = None  # the client's tcp.Connection, when plain TCP
+        self.head_lines: list[bytes] = []  # the backend's header lines, to send on
+        self.head_names: set[bytes] = set()  # their lower-cased names
         content = request.content
         length = 0
         if content is not None:
@@ -994,22 +1006,22 @@ class _Exchange:
         conn.send(self, self.head, self.body, self.length)
 
     # -- backend events ------------------------------------------------------------
-    def response_head(self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]]) -> None:
-        """The backend's head (values per lower-cased name) becomes the client's."""
+    def response_head(
+        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]],
+        names: dict[bytes, bytes],
+    ) -> None:
+        """The backend's head (values per lower-cased name, ``names`` as spelled) is
+        made the client's: the header lines are prepared here and sent with the first
+        body bytes (or now, for a streamed answer) by :meth:`_write_head`."""
         request = self.request
         self.status = status
         request.setResponseCode(status, reason or None)
-        rh = request.responseHeaders
-        if hasattr(request, "proxied"):
-            # LimitedRequest: no Server of ours, Date only if the backend sent none
-            request.proxied = True
-        else:  # a plain twisted.web Request set both up front
-            rh.removeHeader(b"server")
-            rh.removeHeader(b"date")
         conn = grouped.get(b"connection")
         drop = HOP_BY_HOP if conn is None else HOP_BY_HOP | connection_tokens(conn)
         cors = self.proxy.cors
         html = False
+        lines: list[bytes] = []
+        kept: set[bytes] = set()
         for lk, values in grouped.items():
             if lk in drop:
                 continue
@@ -1020,29 +1032,66 @@ class _Exchange:
                 html = values[-1][:9].lower() == b"text/html"
             elif cors and lk.startswith(b"access-control-"):
                 continue
-            try:
-                rh.setRawHeaders(lk, values)
-            except ValueError:  # twisted.web refuses a name that is not a token: dropped
-                continue
+            kept.add(lk)
+            name = names[lk]
+            for v in values:
+                lines += (name, b": ", v, b"\r\n")
         if cors:
-            routing.cors_headers(request)
+            routing.cors_headers(request)  # onto responseHeaders, sent with the head
         if html and self.route_cookie:
-            rh.addRawHeader(b"set-cookie", routing.route_cookie_header(self.route_cookie))
+            lines += (b"Set-Cookie: ", routing.route_cookie_header(self.route_cookie), b"\r\n")
+        self.head_lines = lines
+        self.head_names = kept
         if not self.ended:
             request.registerProducer(self, True)
             self.producing = True
-            if not rh.hasHeader(b"content-length") and request.method != b"HEAD":
+            if b"content-length" not in kept and request.method != b"HEAD":
                 # A streamed answer (chunked or close-delimited: SSE, long polls,
                 # ``docker wait``/``events``/``logs -f``) may send its first body byte
                 # much later: the client must see the head now, not with that byte.
-                request.write(b"")
+                self._write_head()
+
+    def _write_head(self) -> None:
+        """Send the response head: what twisted.web's ``Request.write`` does the first
+        time, without copying every backend header into ``responseHeaders`` (which
+        canonicalizes and sanitizes each name and value again)."""
+        request = self.request
+        request.startedWriting = 1
+        version = request.clientproto
+        code = request.code
+        out = [version, b" %d " % code, request.code_message, b"\r\n"]
+        kept = self.head_names
+        have_length = b"content-length" in kept
+        have_date = b"date" in kept
+        # what twisted.web and we set on the request (Connection: close, CORS); the
+        # backend's own headers of the same name win, no Server/Date of ours
+        for name, values in request.responseHeaders.getAllRawHeaders():
+            lk = name.lower()
+            if lk in kept or lk == b"server" or lk == b"date":
+                continue
+            have_length = have_length or lk == b"content-length"
+            for v in values:
+                out += (name, b": ", v, b"\r\n")
+        out += self.head_lines
+        if not have_date:  # RFC 9110 6.6.1: a forwarded response without Date gets one
+            out += (b"Date: ", http_date(), b"\r\n")
+        no_body = request.method == b"HEAD" or code in NO_BODY_CODES
+        if version == b"HTTP/1.1" and not have_length and not no_body:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+            request.chunked = 1
+        for cookie in request.cookies:
+            out += (b"Set-Cookie: ", cookie, b"\r\n")
+        out.append(b"\r\n")
+        request.channel.writeSequence(out)
+        if no_body:  # as twisted.web does: nothing of a body goes out
+            request.write = lambda data: None  # type: ignore[method-assign]
 
     def response_data(self, data: bytes | memoryview) -> None:
         if self.ended:
             return
         self.bytes_out += len(data)
         if not self.request.startedWriting:
-            self.request.write(b"")  # the head, into the transport's buffer
+            self._write_head()  # into the transport's buffer, sent with the data
         self._write(data)
 
     def response_done(self) -> None:
@@ -1056,6 +1105,8 @@ class _Exchange:
             self._error(502, f"backend {self.backend} sent no response", "backend-error")
             return
         self._end("finished")
+        if not request.startedWriting and not request._disconnected:
+            self._write_head()
         request.finish()
         if self.direct is not None:
             flush_now(self.direct)
@@ -1076,7 +1127,8 @@ class _Exchange:
             self._connect()
             return
         msg = f"backend {self.backend} failed: {_reason_text(f)}"
-        if self.status is None:
+        if self.status is None or not self.request.startedWriting:
+            # nothing sent yet (a sized head waits for its body): still a clean 502
             self._error(502, msg, "backend-error")
             return
         # headers are out: cut the response short so the client sees the truncation

@@ -14,9 +14,9 @@
 - no form parsing: a POST body is never read into ``request.args`` (twisted.web reads
   a whole ``multipart/form-data`` upload into memory to parse it); it stays in the
   spool for the proxy to stream;
-- ``Server`` and ``Date`` added when the head goes out, not up front: a proxied
-  response (``request.proxied``) keeps the backend's ``Server`` and gets a ``Date``
-  only when the backend sent none (RFC 9110 §6.6.1); our own pages get both;
+- ``Server`` and ``Date`` added when the head goes out, not up front (a proxied
+  response's head is written by the proxy: the backend's ``Server``, and ``Date``
+  only when the backend sent none); our own pages get both;
 - the connection's own address asked once per connection, not per request;
 - the request line checked by two regular expressions instead of twisted.web's loop
   over every byte of the URI in Python (:func:`parse_request_line`, installed into
@@ -117,8 +117,6 @@ class LimitedRequest(Request):
     (and the other changes of the module docstring)."""
 
     rejected = False
-    #: the response is a backend's: no ``Server`` of ours, ``Date`` only if it had none
-    proxied = False
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
 
@@ -145,7 +143,7 @@ class LimitedRequest(Request):
         """Add the default headers with the head, then write as usual."""
         if not self.startedWriting:
             headers = self.responseHeaders
-            if not self.proxied and not headers.hasHeader(b"server"):
+            if not headers.hasHeader(b"server"):
                 headers.setRawHeaders(b"server", [version])
             if not headers.hasHeader(b"date"):
                 headers.setRawHeaders(b"date", [http_date()])
