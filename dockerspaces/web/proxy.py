@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from attrs import define, field, frozen
@@ -547,7 +548,7 @@ class BackendProtocol(Protocol):
     def _start_body(
         self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview
     ) -> None:
-        grouped, names = group_headers(headers)
+        grouped = group_headers(headers)
         length: int | None = None
         for v in grouped.get(b"content-length", ()):
             try:
@@ -561,9 +562,10 @@ class BackendProtocol(Protocol):
         no_body = self.head_request or status in (204, 304)
         te = grouped.get(b"transfer-encoding")
         chunked = te is not None and b"chunked" in te[-1].lower()
-        if chunked:
-            grouped.pop(b"content-length", None)
-        self.sink.response_head(status, reason, grouped, names)
+        if chunked and grouped.pop(b"content-length", None) is not None:
+            # a length beside chunked framing is not passed on (RFC 9112 6.3)
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        self.sink.response_head(status, reason, grouped, headers)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if no_body:
@@ -819,20 +821,20 @@ def parse_header_lines(block: bytes) -> Headers:
     ]
 
 
-def group_headers(headers: Headers) -> tuple[dict[bytes, list[bytes]], dict[bytes, bytes]]:
-    """Header values per lower-cased name, in order (repeats kept, any spelling), and
-    each name as first spelled."""
-    grouped: dict[bytes, list[bytes]] = {}
-    names: dict[bytes, bytes] = {}
+def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
+    """Header values per lower-cased name, in order (repeats kept, any spelling)."""
+    grouped = {k.lower(): [v] for k, v in headers}
+    if len(grouped) == len(headers):  # no name twice: done in one comprehension
+        return grouped
+    grouped = {}
     for k, v in headers:
         lk = k.lower()
         values = grouped.get(lk)
         if values is None:
             grouped[lk] = [v]
-            names[lk] = k
         else:
             values.append(v)
-    return grouped, names
+    return grouped
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -917,7 +919,7 @@ class _Exchange:
         self.connecting: Deferred[Any] | None = None
         self.direct: Any = None  # the client's tcp.Connection, when plain TCP
         self.head_lines: list[bytes] = []  # the backend's header lines, to send on
-        self.head_names: set[bytes] = set()  # their lower-cased names
+        self.head_names: AbstractSet[bytes] = frozenset()  # their lower-cased names
         content = request.content
         length = 0
         if content is not None:
@@ -1007,45 +1009,40 @@ class _Exchange:
 
     # -- backend events ------------------------------------------------------------
     def response_head(
-        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]],
-        names: dict[bytes, bytes],
+        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]], headers: Headers
     ) -> None:
-        """The backend's head (values per lower-cased name, ``names`` as spelled) is
-        made the client's: the header lines are prepared here and sent with the first
-        body bytes (or now, for a streamed answer) by :meth:`_write_head`."""
+        """The backend's head (``headers`` as sent, ``grouped`` by lower-cased name) is
+        made the client's: its header lines are prepared here, in the backend's order
+        and spelling, and sent with the first body bytes (or now, for a streamed
+        answer) by :meth:`_write_head`."""
         request = self.request
         self.status = status
         request.setResponseCode(status, reason or None)
         conn = grouped.get(b"connection")
         drop = HOP_BY_HOP if conn is None else HOP_BY_HOP | connection_tokens(conn)
         cors = self.proxy.cors
-        html = False
-        lines: list[bytes] = []
-        kept: set[bytes] = set()
-        for lk, values in grouped.items():
-            if lk in drop:
-                continue
-            if lk == b"location":
-                values = [rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host)
-                          for v in values]
-            elif lk == b"content-type":
-                html = values[-1][:9].lower() == b"text/html"
-            elif cors and lk.startswith(b"access-control-"):
-                continue
-            kept.add(lk)
-            name = names[lk]
-            for v in values:
-                lines += (name, b": ", v, b"\r\n")
+        if cors:  # ours replace the backend's
+            drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
+        if b"location" in grouped:
+            headers = [
+                (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
+                if k.lower() == b"location" else (k, v)
+                for k, v in headers
+            ]
+        lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]
+        content_type = grouped.get(b"content-type")
+        if (content_type is not None and self.route_cookie
+                and content_type[-1][:9].lower() == b"text/html"):
+            lines.append(b"Set-Cookie: %s\r\n"
+                         % routing.route_cookie_header(self.route_cookie))
         if cors:
             routing.cors_headers(request)  # onto responseHeaders, sent with the head
-        if html and self.route_cookie:
-            lines += (b"Set-Cookie: ", routing.route_cookie_header(self.route_cookie), b"\r\n")
         self.head_lines = lines
-        self.head_names = kept
+        self.head_names = grouped.keys() - drop
         if not self.ended:
             request.registerProducer(self, True)
             self.producing = True
-            if b"content-length" not in kept and request.method != b"HEAD":
+            if b"content-length" not in self.head_names and request.method != b"HEAD":
                 # A streamed answer (chunked or close-delimited: SSE, long polls,
                 # ``docker wait``/``events``/``logs -f``) may send its first body byte
                 # much later: the client must see the head now, not with that byte.
