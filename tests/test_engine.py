@@ -358,6 +358,16 @@ class PullTests(EngineTestCase):
             pull_error("a/b:1", "docker.io", "pull access denied for a/b", True), Unauthorized
         )
 
+    def test_port_digits_are_not_a_401(self) -> None:
+        """A registry on port 51401 once made a missing tag look like refused credentials."""
+        msg = ("manifest for localhost:51401/dstest/tts:nosuchtag not found: "
+               "manifest unknown: manifest unknown")
+        self.assertIsInstance(pull_error("localhost:51401/dstest/tts:nosuchtag",
+                                         "localhost:51401", msg, True), ImageNotFound)
+        self.assertIsInstance(pull_error("r:5000/a:1", "r:5000",
+                                         "Head https://r:5000/v2/a/manifests/1: 401", True),
+                              Unauthorized)
+
     def test_concurrent_callers_share_one_pull(self) -> None:
         eng = self.make(pull="always")
         started: list[Any] = []

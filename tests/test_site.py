@@ -268,3 +268,112 @@ class RequestLineTests(SynchronousTestCase):
         ch.dataReceived(b"GET /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\nGET /a\x01 HTTP/1.1\r\n\r\n")
         self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "))
         self.assertIn(b"400 Bad Request", t.value())
+
+
+class Snapshot(Resource):
+    """Records what a request looks like to a resource."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append((
+            request.method, request.uri, request.path, request.clientproto, request.args,
+            sorted((k, list(v)) for k, v in request.requestHeaders.getAllRawHeaders()),
+            request.content.read(), request.channel.persistent,
+        ))
+        return b"ok"
+
+
+def _serve(raw: bytes, whole: bool) -> tuple[list[Any], bytes, bool, int]:
+    """Feed ``raw`` to a fresh channel at once or a byte at a time."""
+    resource = Snapshot()
+    site = make_site(resource, MemoryReactorClock(), max_body=1000)
+    ch = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    t = StringTransport()
+    ch.makeConnection(t)
+    fast: list[int] = []
+    real = ch._fast_head
+
+    def spy(*args: Any) -> None:
+        fast.append(1)
+        real(*args)
+
+    ch._fast_head = spy
+    if whole:
+        ch.dataReceived(raw)
+    else:
+        for i in range(len(raw)):
+            if t.disconnecting:  # a real transport stops reading once closing
+                break
+            ch.dataReceived(raw[i:i + 1])
+    out = t.value()
+    # the Date header differs by the second it was sent in
+    out = b"\r\n".join(x for x in out.split(b"\r\n") if not x.lower().startswith(b"date:"))
+    return resource.seen, out, t.disconnecting, len(fast)
+
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~abcXYZ019"
+
+
+class FastHeadTests(SynchronousTestCase):
+    """A whole bodiless head read at once by regexes leaves what twisted.web's line
+    parser leaves: same request, same response, same connection state."""
+
+    def test_simple_head_takes_the_fast_path(self) -> None:
+        raw = b"GET /a?b=1 HTTP/1.1\r\nHost: h\r\nX-Thing:  v  w \t\r\n\r\n"
+        seen, out, closing, fast = _serve(raw, whole=True)
+        self.assertEqual(fast, 1)
+        self.assertEqual(seen[0][:5], (b"GET", b"/a?b=1", b"/a", b"HTTP/1.1", {b"b": [b"1"]}))
+        self.assertIn((b"X-Thing", [b"v  w"]), seen[0][5])
+        self.assertEqual((seen, out, closing), _serve(raw, whole=False)[:3])
+
+    def test_bodies_and_pipelines_take_twisteds_parser(self) -> None:
+        for raw in (
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi",
+            b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+        ):
+            whole = _serve(raw, whole=True)
+            self.assertEqual(whole[3], 0, raw)
+            self.assertEqual(whole[:3], _serve(raw, whole=False)[:3], raw)
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        method=st.sampled_from([b"GET", b"HEAD", b"DELETE", b"M-SEARCH", b"G@T"]),
+        target=st.binary(min_size=1, max_size=12).map(lambda b: b"/" + b.replace(b" ", b"")),
+        version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2"]),
+        headers=st.lists(st.tuples(
+            st.one_of(st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=6).map(str.encode),
+                      st.sampled_from([b"Connection", b"Expect", b"Host", b"Cookie",
+                                       b"Bad Name", b"X\x00"])),
+            st.one_of(st.binary(max_size=8).filter(lambda v: b"\r\n" not in v),
+                      st.sampled_from([b"close", b"100-continue", b" \tpadded\t ", b"a=1; b=2"])),
+        ), max_size=5),
+    )
+    def test_same_as_twisted(self, method: bytes, target: bytes, version: bytes,
+                             headers: list[tuple[bytes, bytes]]) -> None:
+        raw = (method + b" " + target + b" " + version + b"\r\n"
+               + b"".join(k + b":" + v + b"\r\n" for k, v in headers) + b"\r\n")
+        self.assertEqual(_serve(raw, whole=True)[:3], _serve(raw, whole=False)[:3])
+
+    def test_second_request_on_a_connection(self) -> None:
+        resource = Snapshot()
+        ch = make_site(resource, MemoryReactorClock(), max_body=10).buildProtocol(
+            IPv4Address("TCP", "10.0.0.1", 1))
+        t = StringTransport()
+        ch.makeConnection(t)
+        ch.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        ch.dataReceived(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        ch.dataReceived(b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertEqual([s[1] for s in resource.seen], [b"/1", b"/2", b"/3"])
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 OK"), 3)
+        self.assertTrue(t.disconnecting)
+        ch.dataReceived(b"GET /4 HTTP/1.1\r\nHost: h\r\n\r\n")  # after close: ignored
+        self.assertEqual(len(resource.seen), 3)

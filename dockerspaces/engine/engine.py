@@ -119,6 +119,10 @@ def _is_not_found(e: Exception) -> bool:
     return isinstance(e, docker.errors.NotFound) or _status(e) == 404
 
 
+# a 401 status in the text, not the digits of a port or a size ("localhost:51401")
+_STATUS_401 = re.compile(r"(?<![\w:.])401(?!\w)")
+
+
 def pull_error(ref: str, registry: str, message: str, had_credentials: bool) -> EngineError:
     """Classify a pull error message from the engine into a typed :class:`EngineError`."""
     low = message.lower()
@@ -130,9 +134,8 @@ def pull_error(ref: str, registry: str, message: str, had_credentials: bool) -> 
             "authentication required",
             "no basic auth credentials",
             "incorrect username or password",
-            "401",
         )
-    ):
+    ) or _STATUS_401.search(low):
         who = "the configured credentials" if had_credentials else "access without credentials"
         return Unauthorized(f"{where} refused {who} for {ref}: {message}")
     if "denied" in low:

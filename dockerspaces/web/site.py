@@ -31,10 +31,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import resource as _resource
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site, version
 
@@ -222,12 +224,86 @@ def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
         request.notifyFinish().addErrback(hook)
 
 
+#: a whole request head without a body: request line, token-named headers whose values
+#: hold no NUL/CR/LF, the blank line (what twisted.web's line parser accepts, narrowed)
+_SIMPLE_HEAD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\r\n"
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r\n)*)\r\n"
+)
+_HEADER_LINE = re.compile(rb"([^:]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_LENGTH_HEADERS = re.compile(rb"(?:^|\n)(?:content-length|transfer-encoding):", re.IGNORECASE)
+
+# The HTTPChannel state the fast path below reads and sets (twisted.web 24.7-26.x;
+# ``_handlingRequest`` is set in ``__init__``): if this Twisted has no such class
+# attributes, every request takes twisted.web's parser.
+_FAST_HEAD_OK = all(
+    hasattr(HTTPChannel, name)
+    for name in ("_HTTPChannel__first_line", "_HTTPChannel__header", "_receivedHeaderCount",
+                 "_receivedHeaderSize", "maxHeaders", "totalHeadersSize", "line_mode",
+                 "paused", "_buffer", "_busyReceiving", "length", "persistent",
+                 "allHeadersReceived", "allContentReceived", "requestFactory")
+)
+
+
 class HeadDeadlineChannel(HTTPChannel):
-    """An ``HTTPChannel`` that drops clients too slow to send a request head."""
+    """An ``HTTPChannel`` that drops clients too slow to send a request head, and reads
+    a bodiless request head that arrives whole at once with two regexes."""
 
     head_timeout: float | None = 30.0
     _head_call: Any = None
     _head_armed = False
+    _nonqueued: bool | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """A whole request head without a body, alone in ``data`` and with nothing
+        pending: parsed at once (the state twisted.web's line parser would leave, the
+        same ``allHeadersReceived``/``allContentReceived`` calls); anything else —
+        bodies, pipelined requests, partial heads, odd bytes, over-long heads — goes
+        through twisted.web's line parser, which also answers every malformed one."""
+        if (
+            _FAST_HEAD_OK
+            and data[-4:] == b"\r\n\r\n"
+            and self.line_mode
+            and self.persistent
+            and not self._buffer
+            and not self._busyReceiving
+            and not self.paused
+            and not self._handlingRequest
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+            and not self._HTTPChannel__header  # type: ignore[attr-defined]
+            and len(data) <= self.totalHeadersSize
+        ):
+            m = _SIMPLE_HEAD.fullmatch(data)
+            if m is not None and _LENGTH_HEADERS.search(m.group(4)) is None:
+                pairs = _HEADER_LINE.findall(m.group(4))
+                if len(pairs) <= self.maxHeaders:
+                    self._fast_head(m, pairs)
+                    return
+        super().dataReceived(data)
+
+    def _fast_head(self, m: Any, pairs: list[tuple[bytes, bytes]]) -> None:
+        self.resetTimeout()
+        self._busyReceiving = True
+        try:
+            factory = self.requestFactory
+            nonqueued = self._nonqueued
+            if nonqueued is None:
+                nonqueued = self._nonqueued = bool(INonQueuedRequestFactory.providedBy(factory))
+            request = factory(self) if nonqueued else factory(self, len(self.requests))
+            self.requests.append(request)
+            self._HTTPChannel__first_line = 0
+            headers = request.requestHeaders
+            for name, value in pairs:
+                headers.addRawHeader(name, value)
+            self._receivedHeaderCount = len(pairs)
+            self._command, self._path, self._version = m.group(1, 2, 3)
+            self.allHeadersReceived()
+            if self.length == 0:
+                self.allContentReceived()
+        finally:
+            self._busyReceiving = False
+        if self._buffer:  # bytes handed back while the request was handled
+            LineReceiver.dataReceived(self, b"")
 
     # One DelayedCall per connection, moved rather than replaced: disarming only clears
     # the flag (a timer that fires disarmed does nothing), re-arming resets the pending
