@@ -111,7 +111,7 @@ class ExchangeEnd:
     bytes_out: int
 
 
-@frozen
+@frozen(cache_hash=True)
 class Backend:
     """Where to send a request: an endpoint description (+ the TLS name to verify).
 
@@ -211,11 +211,22 @@ def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     """Lower-cased tokens of ``Connection`` header values."""
     out: set[bytes] = set()
     for v in values:
+        known = _COMMON_TOKENS.get(v)
+        if known is not None:
+            out |= known
+            continue
         for t in v.split(b","):
             t = t.strip().lower()
             if t:
                 out.add(t)
     return out
+
+
+# the Connection values nearly every request and response carries
+_COMMON_TOKENS = {
+    v: frozenset({v.lower()}) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close",
+                                        b"upgrade", b"Upgrade")
+}
 
 
 def drop_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
@@ -244,26 +255,54 @@ def _drop_headers(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]
     return kept
 
 
-RequestHeaders = list[tuple[bytes, bytes, bytes]]
+@define
+class ClientHead:
+    """What the proxy needs of the client's request headers, read in one pass:
+    the headers to send on (lower-cased name, name, value), ``Host``,
+    ``X-Forwarded-For``, whether a body is announced, the ``Upgrade`` asked for."""
+
+    kept: list[tuple[bytes, bytes, bytes]]
+    host: bytes | None
+    xff: list[bytes]
+    has_body: bool
+    upgrade: bytes | None
 
 
-def request_headers(request: Request) -> RequestHeaders:
-    """The client's request headers as (lower-cased name, name, value), in order."""
-    return [
-        (k.lower(), k, v)
-        for k, values in request.requestHeaders.getAllRawHeaders()
-        for v in values
-    ]
-
-
-def wants_upgrade(headers: RequestHeaders) -> bytes | None:
-    """The ``Upgrade`` value if the request (its :func:`request_headers`) asks for a
-    protocol upgrade, else None."""
-    up = [v for lk, _, v in headers if lk == b"upgrade"]
-    conn = [v for lk, _, v in headers if lk == b"connection"]
-    if up and conn and b"upgrade" in connection_tokens(conn):
-        return up[0]
-    return None
+def read_client_head(request: Request) -> ClientHead:
+    """One pass over ``request.requestHeaders`` (see :class:`ClientHead`): hop-by-hop
+    headers, those named in ``Connection`` and those the proxy sets itself are left
+    out of ``kept``."""
+    host: bytes | None = None
+    xff: list[bytes] = []
+    named: set[bytes] | None = None
+    upgrade: list[bytes] = []
+    has_body = False
+    kept = []
+    for k, values in request.requestHeaders.getAllRawHeaders():
+        lk = k.lower()
+        if lk in _DROP_REQUEST:
+            if lk == b"host":
+                host = values[0]
+            elif lk == b"x-forwarded-for":
+                xff += values
+            elif lk == b"connection":
+                tokens = connection_tokens(values)
+                named = tokens if named is None else named | tokens
+            elif lk == b"upgrade":
+                upgrade += values
+            elif lk == b"content-length" or lk == b"transfer-encoding":
+                has_body = True
+            continue
+        for v in values:
+            kept.append((lk, k, v))
+    if named:
+        wants = upgrade[0] if upgrade and b"upgrade" in named else None
+        named -= _DROP_REQUEST
+        if named:
+            kept = [item for item in kept if item[0] not in named]
+    else:
+        wants = None
+    return ClientHead(kept, host, xff, has_body, wants)
 
 
 def _client_ip(request: Request) -> bytes | None:
@@ -274,7 +313,7 @@ def _client_ip(request: Request) -> bytes | None:
 
 def request_head(
     request: Request,
-    headers: RequestHeaders,
+    head: ClientHead,
     path: bytes,
     *,
     prefix: bytes,
@@ -284,39 +323,19 @@ def request_head(
     upgrade: bytes | None = None,
 ) -> bytes:
     """The request head sent to the backend (request line + headers + blank line);
-    ``headers`` are the client's (:func:`request_headers`)."""
-    client_host: bytes | None = None
-    xff: list[bytes] = []
-    named: set[bytes] | None = None
-    kept: RequestHeaders = []
-    for item in headers:
-        lk = item[0]
-        if lk in _DROP_REQUEST:
-            if lk == b"host":
-                if client_host is None:
-                    client_host = item[2]
-            elif lk == b"x-forwarded-for":
-                xff.append(item[2])
-            elif lk == b"connection":
-                tokens = connection_tokens((item[2],))
-                named = tokens if named is None else named | tokens
-            continue
-        kept.append(item)
-    if named:
-        named -= _DROP_REQUEST
-        if named:
-            kept = [item for item in kept if item[0] not in named]
-    host = host_header or client_host or backend.default_host_header()
+    ``head`` is the client's (:func:`read_client_head`)."""
+    host = host_header or head.host or backend.default_host_header()
     out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for _, k, v in kept:
+    for _, k, v in head.kept:
         out += [k, b": ", v, b"\r\n"]
+    xff = head.xff
     ip = _client_ip(request)
     if ip is not None:
-        xff.append(ip)
+        xff = [*xff, ip]
     if xff:
         out += [b"X-Forwarded-For: ", b", ".join(xff), b"\r\n"]
-    if client_host is not None:
-        out += [b"X-Forwarded-Host: ", client_host, b"\r\n"]
+    if head.host is not None:
+        out += [b"X-Forwarded-Host: ", head.host, b"\r\n"]
     out += [b"X-Forwarded-Proto: ", b"https" if request.isSecure() else b"http", b"\r\n"]
     if prefix:
         out += [b"X-Forwarded-Prefix: ", prefix, b"\r\n"]
@@ -907,8 +926,8 @@ class _Exchange:
         self.prefix = prefix
         self.on_end = on_end
         self.route_cookie = set_route_cookie
-        headers = request_headers(request)
-        self.upgrade = wants_upgrade(headers)
+        head = read_client_head(request)
+        self.upgrade = head.upgrade
         self.conn: BackendProtocol | None = None
         self.bytes_out = 0
         self.status: int | None = None
@@ -927,14 +946,11 @@ class _Exchange:
             length = content.tell()
             content.seek(0, 0)
         self.body, self.length = content, length
-        has_body = length > 0 or any(
-            lk == b"content-length" or lk == b"transfer-encoding" for lk, _, _ in headers
-        )
-        client_host = next((v for lk, _, v in headers if lk == b"host"), None)
-        self.backend_host = host_header or client_host or backend.default_host_header()
+        has_body = length > 0 or head.has_body
+        self.backend_host = host_header or head.host or backend.default_host_header()
         self.head = request_head(
             request,
-            headers,
+            head,
             path,
             prefix=prefix,
             host_header=host_header,
