@@ -63,7 +63,7 @@ class Rig:
     def __init__(self, site: Any, path: bytes, proxy: Proxy | None):
         self.backends: list[tuple[BackendProtocol, StringTransport]] = []
         if proxy is not None:
-            proxy._endpoint_factory = lambda backend: _Endpoint(self)
+            proxy._endpoint_factory = lambda backend: _Endpoint(self)  # type: ignore[assignment,return-value]
         self.channel = site.buildProtocol(CLIENT)
         self.ct = StringTransport(peerAddress=CLIENT)
         self.ct.protocol = self.channel  # type: ignore[attr-defined]
@@ -110,7 +110,7 @@ def app(reactor: Any) -> Rig:
                            "port": ["tcp:18090"]})
     top = build_service(config, reactor, io.StringIO())
     # the log observer becomes the only one, as under twistd
-    globalLogBeginner.beginLoggingTo([top.observer], discardBuffer=True,
+    globalLogBeginner.beginLoggingTo([top.observer], discardBuffer=True,  # type: ignore[attr-defined]
                                      redirectStandardIO=False)
     services = list(IServiceCollection(top))
     proxy = next(s.proxy for s in services if isinstance(s, ProxyService))

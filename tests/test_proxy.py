@@ -554,6 +554,41 @@ class HeadParserTests(SynchronousTestCase):
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 2)])
 
 
+_HOP = ["Connection", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection"]
+
+
+class ForwardedHeadTests(SynchronousTestCase):
+    """What reaches the client is the backend's header list less the hop-by-hop ones
+    (and those named in Connection), values trimmed, order kept, whichever way the
+    head was built."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(
+        st.one_of(st.sampled_from(_HOP + ["X-A", "x-a", "ETag", "Vary", "X-Named"]),
+                  st.text(alphabet="abcXYZ-_", min_size=1, max_size=5)),
+        st.sampled_from([b"1", b" padded ", b"a, b", b"close", b"keep-alive", b"X-Named",
+                         b"\tt\t", b""]),
+    ), max_size=6), st.booleans())
+    def test_client_sees_end_to_end_headers(self, lines: list[tuple[str, bytes]],
+                                            plain: bool) -> None:
+        block = b"".join(k.encode() + (b": " if plain else b":") + v + b"\r\n"
+                         for k, v in lines)
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")
+        named = {t.strip().lower() for k, v in lines if k.lower() == "connection"
+                 for t in v.decode().split(",")}
+        dropped = {x.lower() for x in _HOP} | named
+        expected = [(k.lower().encode(), v.strip()) for k, v in lines
+                    if k.lower() not in dropped and k.lower() != "content-length"]
+        got = [(k, v) for k, v in head_of(ct.value())[1]
+               if k not in (b"date", b"content-length")]
+        if "content-length" not in dropped:
+            self.assertIn((b"content-length", b"0"), head_of(ct.value())[1])
+        self.assertEqual(got, [kv for kv in expected if kv[0] != b"date"])
+
+
 class HelperTests(SynchronousTestCase):
     def test_drop_hop_by_hop(self) -> None:
         got = drop_hop_by_hop(

@@ -547,7 +547,7 @@ class BackendProtocol(Protocol):
             head, rest = buf[:end], memoryview(buf)[end + 4 :]
             self.buf = b""
             try:
-                version, status, reason, headers = _parse_response_head(head)
+                version, status, reason, headers, raw = _parse_response_head(head)
             except BadResponse as e:
                 self._fail(e)
                 return
@@ -562,10 +562,11 @@ class BackendProtocol(Protocol):
                     return
                 self.buf = bytes(rest)  # 100 Continue / 103 Early Hints: skip
                 continue
-            self._start_body(version, status, reason, headers, rest)
+            self._start_body(version, status, reason, headers, rest, raw)
 
     def _start_body(
-        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview
+        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview,
+        raw: bytes | None = None,
     ) -> None:
         grouped = group_headers(headers)
         length: int | None = None
@@ -584,7 +585,8 @@ class BackendProtocol(Protocol):
         if chunked and grouped.pop(b"content-length", None) is not None:
             # a length beside chunked framing is not passed on (RFC 9112 6.3)
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        self.sink.response_head(status, reason, grouped, headers)
+            raw = None
+        self.sink.response_head(status, reason, grouped, headers, raw)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if no_body:
@@ -795,10 +797,15 @@ def _reason_text(reason: Failure | BaseException | None) -> str:
 _PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c]*\r\n)*")
 _PLAIN_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: the lines of a plain header block that name a hop-by-hop header
+_HOP_BY_HOP_LINES = re.compile(
+    rb"^(?:" + b"|".join(sorted(HOP_BY_HOP)) + rb"):[^\n]*\n", re.IGNORECASE | re.MULTILINE
+)
 
 
-def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
-    """Status line and header lines (``head`` without its blank line) of a response."""
+def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers, bytes | None]:
+    """Status line and header lines (``head`` without its blank line) of a response,
+    and the header block as received when it is plain enough to pass on as it is."""
     status_line, sep, block = head.partition(b"\r\n")
     parts = status_line.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
@@ -811,11 +818,11 @@ def _parse_response_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
         raise BadResponse(f"bad status {status}")
     reason = parts[2] if len(parts) > 2 else b""
     if not sep:
-        return parts[0], status, reason, []
+        return parts[0], status, reason, [], b""
     block += b"\r\n"
     if _PLAIN_BLOCK.fullmatch(block) is not None:
-        return parts[0], status, reason, _PLAIN_LINE.findall(block)
-    return parts[0], status, reason, parse_header_lines(block)
+        return parts[0], status, reason, _PLAIN_LINE.findall(block), block
+    return parts[0], status, reason, parse_header_lines(block), None
 
 
 def parse_header_lines(block: bytes) -> Headers:
@@ -1025,12 +1032,14 @@ class _Exchange:
 
     # -- backend events ------------------------------------------------------------
     def response_head(
-        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]], headers: Headers
+        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]], headers: Headers,
+        raw: bytes | None = None,
     ) -> None:
-        """The backend's head (``headers`` as sent, ``grouped`` by lower-cased name) is
-        made the client's: its header lines are prepared here, in the backend's order
-        and spelling, and sent with the first body bytes (or now, for a streamed
-        answer) by :meth:`_write_head`."""
+        """The backend's head (``headers`` as sent, ``grouped`` by lower-cased name;
+        ``raw``, the header block as received when plain) is made the client's: its
+        header lines are prepared here, in the backend's order and spelling, and sent
+        with the first body bytes (or now, for a streamed answer) by
+        :meth:`_write_head`."""
         request = self.request
         self.status = status
         request.setResponseCode(status, reason or None)
@@ -1039,13 +1048,20 @@ class _Exchange:
         cors = self.proxy.cors
         if cors:  # ours replace the backend's
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
-        if b"location" in grouped:
-            headers = [
-                (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
-                if k.lower() == b"location" else (k, v)
-                for k, v in headers
-            ]
-        lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]
+        if raw is not None and not cors and len(drop) == len(HOP_BY_HOP) and (
+            b"location" not in grouped
+        ):
+            # nothing to rewrite, only the standard hop-by-hop lines to leave out:
+            # the block as received, less those lines
+            lines = [_HOP_BY_HOP_LINES.sub(b"", raw)]
+        else:
+            if b"location" in grouped:
+                headers = [
+                    (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
+                    if k.lower() == b"location" else (k, v)
+                    for k, v in headers
+                ]
+            lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]
         content_type = grouped.get(b"content-type")
         if (content_type is not None and self.route_cookie
                 and content_type[-1][:9].lower() == b"text/html"):
