@@ -68,6 +68,13 @@ class SiteTests(SynchronousTestCase):
         self.assertEqual(self.resource.seen, [body])
         self.assertEqual(self.logged[0].args, {})
 
+    def test_query_args_parsed_when_read(self) -> None:
+        from twisted.web.http import parse_qs
+
+        seen = _serve(b"GET /p?a=1&b=x%20y&a=2&flag HTTP/1.1\r\nHost: h\r\n\r\n", whole=True)[0]
+        self.assertEqual(seen[0][4], parse_qs(b"a=1&b=x%20y&a=2&flag", 1))
+        self.assertEqual(seen[0][4], {b"a": [b"1", b"2"], b"b": [b"x y"]})
+
     def test_own_pages_get_server_and_date(self) -> None:
         ch, t = self.connect()
         ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web import http as _http
 from twisted.web import resource as _resource
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import parse_qs as _parse_qs
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site, version
@@ -119,6 +120,7 @@ class LimitedRequest(Request):
     (and the other changes of the module docstring)."""
 
     rejected = False
+    _args: dict[bytes, list[bytes]] | None = None
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
 
@@ -207,10 +209,33 @@ class LimitedRequest(Request):
         channel.transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """Process the request unless it was refused for its size."""
+        """Process the request unless it was refused for its size.
+
+        ``http.Request.requestReceived`` without what a proxy never uses up front: the
+        query is parsed into ``args`` only when something reads them, and a POST body
+        is never parsed (the site has ``parsePOSTFormSubmission=False``)."""
         if self.rejected:
             return
-        super().requestReceived(command, path, version)
+        if self.content is not None:
+            self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.split(b"?", 1)[0]
+        self._args = None
+        self.process()
+
+    @property  # type: ignore[override]
+    def args(self) -> dict[bytes, list[bytes]]:
+        """The query arguments (``parse_qs`` of the query, as twisted.web's), parsed
+        when first read."""
+        args = self._args
+        if args is None:
+            _, sep, query = self.uri.partition(b"?")
+            args = self._args = _parse_qs(query, 1) if sep else {}
+        return args
+
+    @args.setter
+    def args(self, value: dict[bytes, list[bytes]]) -> None:
+        self._args = value
 
 
 def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
