@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from dockerspaces.broker.errors import BrokerError
 from dockerspaces.broker.model import Lease
@@ -236,3 +237,24 @@ class TestBrokerMachine(BrokerMachine.TestCase):  # type: ignore[name-defined,mi
     def test_machine(self) -> None:
         """Random runs of the broker keep every invariant."""
         self.runTest()
+
+
+class Regressions(SynchronousTestCase):
+    """Runs the machine once found failing, step by step (no hypothesis needed)."""
+
+    def test_orphan_on_a_free_slot_is_gone_before_the_slot_is_reused(self) -> None:
+        """A y: container released while its host was down was forgotten; when the host
+        came back the broker queued the orphan's removal but handed its slot to a new
+        container at once: the new one met the orphan's port (PortAllocated), was
+        forgotten without being removed, and stayed behind in the engine."""
+        m = BrokerMachine()
+        m.arrive(key="y:img:y:80", n=1)
+        for _ in range(3):
+            m.launch()
+        m.advance(dt=5)
+        m.outage(down=True, host="h1")
+        m.advance(dt=12)
+        m.arrive(key="y:img:y:80", n=1)
+        m.release(failed=False, i=0)
+        m.teardown()  # asserts: the engines hold exactly the containers the broker knows
+        self.assertEqual([s for s in m.h.broker._slots if s.clearing], [])

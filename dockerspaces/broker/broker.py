@@ -977,8 +977,8 @@ class Broker:
             c.slot.last_error = err.message
             self._emit("fail", c, detail=err.message.splitlines()[0][:200])
         k.status = None
-        if c.handle is not None and err is not None:
-            self._stop(c, 0)
+        if c.handle is not None and (err is not None or c.slot.host.up):
+            self._stop(c, 0)  # created but not started (e.g. its port taken): removed
         else:
             self._forget(c)  # unreachable: reconciled by label when the host is back
         w = c.worker
@@ -1004,7 +1004,7 @@ class Broker:
 
         def unblock() -> None:
             s.blocked_until = 0.0
-            if s.container is None and s.evicting is None:
+            if s.container is None and s.evicting is None and not s.clearing:
                 s.host.free[s] = None
                 self._feed()
             self._flush()
@@ -1037,14 +1037,14 @@ class Broker:
                 if args is not None:
                     opts, deadline = args
                     self._later(lambda: self._run_chain(nxt, opts, deadline))
-            elif nxt is None:
+            elif nxt is None and not s.clearing:
                 s.host.free[s] = None
                 if self._hungry:
                     self._feed()
         elif s.container is c:
             s.container = None
             s.since = now
-            if s.evicting is None and s.blocked_until <= now:
+            if s.evicting is None and s.blocked_until <= now and not s.clearing:
                 s.host.free[s] = None
                 if self._hungry:
                     self._feed()
@@ -1100,14 +1100,26 @@ class Broker:
             self._later(lambda: engine.stop(handle, grace).addBoth(done))
 
     def _remove_owned(self, h: HostState, o: OwnedContainer) -> None:
+        """Remove a labelled container we do not adopt. Its slot, if it has one, takes
+        no new container until it is gone: it may still hold the slot's port."""
         self._pending += 1
         grace = self.settings.stop if o.running else 0
+        slot = self._slot_by_port.get((h.name, o.slot_port or -1))
+        if slot is not None:
+            slot.clearing += 1
+            h.free.pop(slot, None)
 
         def done(result: object) -> None:
             self._pending -= 1
             if isinstance(result, Failure):
                 self._engine_failed(h, result)
                 _warn("removing {id} failed: {err}", id=o.id, err=result.value)
+            if slot is not None:
+                slot.clearing -= 1
+                if (not slot.clearing and slot.container is None and slot.evicting is None
+                        and slot.blocked_until <= self._clock.seconds()):
+                    h.free[slot] = None
+                    self._feed()
             self._check_drained()
             self._flush()
 

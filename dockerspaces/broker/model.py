@@ -112,6 +112,7 @@ class Slot:
     since: float = 0.0
     last_error: str | None = None
     blocked_until: float = 0.0  # quarantined (port taken by something else) until then
+    clearing: int = 0  # containers of ours found on this port, being removed
 
     @property
     def ref_info(self) -> str:
@@ -121,7 +122,8 @@ class Slot:
     @property
     def usable(self) -> bool:
         """True when empty and on an up host (a new container may start here)."""
-        return self.container is None and self.evicting is None and self.host.up
+        return (self.container is None and self.evicting is None and not self.clearing
+                and self.host.up)
 
 
 @define(eq=False)
