@@ -12,7 +12,9 @@ pooled backend connection, and reports microseconds of CPU per request, best of
 - ``static``: a twisted.web site answering a 19-byte page itself (twisted.web's own
   per-request floor, no proxying).
 
-``--profile app`` prints a cProfile of that target.
+``--profile app`` prints a cProfile of that target; ``--bytecodes app`` counts the
+Python bytecodes executed per request (the same every run, unlike CPU time on a
+shared machine) and writes the functions they ran in, most first.
 """
 
 from __future__ import annotations
@@ -152,13 +154,58 @@ def measure(make: Callable[[Any], Rig], n: int, rounds: int) -> float:
     return best
 
 
+def bytecodes(make: Callable[[Any], Rig], n: int, top: int = 40) -> None:
+    """Print the bytecodes executed per request (after a warm-up), and per function."""
+    import collections
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    me = os.path.abspath(__file__).replace(root, "")
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    rig = make(reactor)
+    for _ in range(300):
+        rig.one()
+    counts: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            return tracer
+        if event == "opcode":
+            co = frame.f_code
+            where = co.co_filename.rsplit("site-packages/", 1)[-1].replace(root, "")
+            counts[f"{where}:{co.co_firstlineno}({co.co_name})"] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(n):
+            rig.one()
+        reactor.advance(0)
+    finally:
+        sys.settrace(None)
+    driver = sum(v for k, v in counts.items() if k.startswith(me))
+    total = sum(counts.values()) - driver
+    print(f"{total / n:.0f} bytecodes per request (the driver's own excluded)")
+    for name, v in counts.most_common(top):
+        if not name.startswith(me):
+            print(f"  {v / n:7.1f}  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=5000, help="requests per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--targets", default="static,ours,app")
     ap.add_argument("--profile", choices=sorted(TARGETS), help="cProfile one target")
+    ap.add_argument("--bytecodes", choices=sorted(TARGETS),
+                    help="count bytecodes per request of one target, per function")
     args = ap.parse_args()
+    if args.bytecodes:
+        bytecodes(TARGETS[args.bytecodes], min(args.n, 200))
+        return
     if args.profile:
         reactor = MemoryReactorClock()
         reactor.running = True
