@@ -129,7 +129,8 @@ class LimitedRequest(Request):
         (:meth:`write` adds them when the head goes out)."""
         self.site = self.channel.site  # type: ignore[attr-defined]
         self.prepath = []
-        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        self.postpath = [unquote_to_bytes(p) if b"%" in p else p
+                         for p in self.path[1:].split(b"/")]
         if self.path == b"*":
             self._handleStar()  # type: ignore[attr-defined]
             return
