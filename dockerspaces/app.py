@@ -24,7 +24,7 @@ from .web.accesslog import Recorder
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
 from .web.errors import ErrorResource
 from .web.health import HealthResource, MetricsResource
-from .web.jobs import HostResource, JobResource
+from .web.jobs import HostResource, HostRoute, JobResource
 from .web.monitor import MonitorResource
 from .web.pages import DashboardResource, ProgressBoard, ProgressResource, WaitingRoom
 from .web.proxy import Proxy
@@ -91,6 +91,10 @@ class Routes:
         """host:/shost:/--root."""
         return HostResource(target, prefix, path, proxy=self.proxy, policy=self.policy,
                             cookie=cookie)
+
+    def host_route(self, target: HostTarget, prefix: bytes) -> Resource:
+        """host:/shost: as the URI's own segment: one resource for all its requests."""
+        return HostRoute(target, prefix, proxy=self.proxy, policy=self.policy)
 
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""

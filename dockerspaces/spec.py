@@ -129,7 +129,7 @@ class JobSpec:
         return seg
 
 
-@frozen
+@frozen(cache_hash=True)
 class HostTarget:
     """A ``host:``/``shost:`` route: plain reverse proxy to HOST:PORT (TLS for shost)."""
 
@@ -321,6 +321,25 @@ def split_uri(uri: bytes) -> RawPath:
         rest=(b"/" + rest) if slash else b"",
         query=query,
     )
+
+
+#: URIs up to this long have their split cached (a page's requests repeat)
+_SPLIT_MAX = 512
+
+
+def split_uri_cached(uri: bytes) -> tuple[RawPath, bytes]:
+    """:func:`split_uri` and the path to forward (``RawPath.forward_path``), cached for
+    URIs up to 512 bytes (4,096 of them)."""
+    if len(uri) <= _SPLIT_MAX:
+        return _split_cached(uri)
+    raw = split_uri(uri)
+    return raw, raw.forward_path
+
+
+@lru_cache(maxsize=4096)
+def _split_cached(uri: bytes) -> tuple[RawPath, bytes]:
+    raw = split_uri(uri)
+    return raw, raw.forward_path
 
 
 def redact_path(uri: bytes) -> str:

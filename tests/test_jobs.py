@@ -13,8 +13,8 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockerspaces.broker.errors import Overloaded, QueueTimeout
-from dockerspaces.spec import JobSpec, parse_route
-from dockerspaces.web.jobs import HostResource, JobResource, image_allowed
+from dockerspaces.spec import HostTarget, JobSpec, parse_route
+from dockerspaces.web.jobs import HostResource, HostRoute, JobResource, image_allowed
 from dockerspaces.web.proxy import ExchangeEnd
 from dockerspaces.web.routing import HostPolicy
 
@@ -200,3 +200,47 @@ class HostResourceTests(SynchronousTestCase):
         res.render(request)
         self.assertEqual(request.responseCode, 403)
         self.assertEqual(proxy.calls, [])
+
+
+class HostRouteTests(SynchronousTestCase):
+    """The shared resource of a host: segment forwards each request's own rest of URI."""
+
+    def route(self, segment: str, policy: HostPolicy, proxy: FakeProxy) -> HostRoute:
+        target = parse_route(segment)
+        assert isinstance(target, HostTarget)
+        return HostRoute(target, b"/" + segment.encode(), proxy=proxy,  # type: ignore[arg-type]
+                         policy=policy)
+
+    def request(self, uri: bytes) -> DummyRequest:
+        r = DummyRequest([b""])
+        r.uri = uri
+        return r
+
+    def test_each_request_its_own_path(self) -> None:
+        proxy = FakeProxy()
+        res = self.route("host:10.0.0.7:8080", HostPolicy(allow=(), own_ports=set()), proxy)
+        for uri in (b"/host:10.0.0.7:8080/a/b?x=1", b"/host:10.0.0.7:8080/", b"/host:10.0.0.7:8080/c"):
+            self.assertEqual(res.render(self.request(uri)), NOT_DONE_YET)
+        self.assertEqual([c["path"] for c in proxy.calls], [b"/a/b?x=1", b"/", b"/c"])
+        self.assertEqual({c["backend"].description for c in proxy.calls}, {"tcp:10.0.0.7:8080"})
+        self.assertEqual({c["set_route_cookie"] for c in proxy.calls}, {"host:10.0.0.7:8080"})
+        self.assertEqual({c["prefix"] for c in proxy.calls}, {b"/host:10.0.0.7:8080"})
+
+    def test_forbidden(self) -> None:
+        proxy = FakeProxy()
+        res = self.route("host:127.0.0.1:8080", HostPolicy(allow=(), own_ports=set()), proxy)
+        request = self.request(b"/host:127.0.0.1:8080/")
+        res.render(request)
+        self.assertEqual(request.responseCode, 403)
+        self.assertEqual(proxy.calls, [])
+
+    def test_name_goes_the_resolving_way(self) -> None:
+        proxy = FakeProxy()
+        pending: Deferred[list[str]] = Deferred()
+        policy = HostPolicy(allow=(), own_ports=set(), resolve=lambda name: pending)
+        res = self.route("host:db.internal:5432", policy, proxy)
+        res.render(self.request(b"/host:db.internal:5432/q"))
+        self.assertEqual(proxy.calls, [])
+        pending.callback(["10.0.0.5"])
+        (call,) = proxy.calls
+        self.assertEqual((call["backend"].description, call["path"]), ("tcp:10.0.0.5:5432", b"/q"))

@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..spec import HostTarget, JobSpec
+from ..spec import HostTarget, JobSpec, split_uri_cached
 from .accesslog import route_info
 from .errors import finish_error, status_of, write_error
 from .pages import wants_html
@@ -128,6 +128,36 @@ def _host_plan(target: HostTarget, ip: str) -> tuple[Backend, bytes]:
     else:
         backend = Backend.tcp(ip, target.port)
     return backend, target.host_header.encode("idna")
+
+
+class HostRoute(Resource):
+    """The resource of one ``host:``/``shost:`` route segment, shared by all requests
+    that name it (the root builds it once per segment): it forwards the request URI
+    less the segment. An IP literal is checked and forwarded at once; a name goes the
+    resolving way of :class:`HostResource`."""
+
+    isLeaf = True
+
+    def __init__(self, target: HostTarget, prefix: bytes, *, proxy: Proxy, policy: HostPolicy):
+        super().__init__()
+        self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
+        self.cookie = prefix[1:].decode("latin-1")
+
+    def render(self, request: Request) -> Any:
+        """Check the host, then forward the rest of the URI."""
+        t = self.target
+        path = split_uri_cached(request.uri)[1]
+        try:
+            ip = self.policy.check_literal(t.host, t.port)
+        except Forbidden as e:
+            finish_error(request, 403, str(e))
+            return NOT_DONE_YET
+        if ip is None:
+            return HostResource(t, self.prefix, path, proxy=self.proxy, policy=self.policy,
+                                cookie=True).render(request)
+        backend, host_header = _host_plan(t, ip)
+        return self.proxy.forward(request, backend, path, prefix=self.prefix,
+                                  host_header=host_header, set_route_cookie=self.cookie)
 
 
 class HostResource(Resource):

@@ -6,7 +6,6 @@ parses ``request.uri`` itself, so the job grammar sees the raw segment.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Protocol
 
 from twisted.web.resource import Resource
@@ -18,11 +17,10 @@ from ..spec import (
     HostTarget,
     JobSpec,
     MonitorRoute,
-    RawPath,
     Route,
     SpecError,
     parse_route,
-    split_uri,
+    split_uri_cached,
 )
 from . import routing
 from .accesslog import Recorder
@@ -38,6 +36,10 @@ class RouteResources(Protocol):
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
         """Resource for a host:/shost:/--root request."""
 
+    def host_route(self, target: HostTarget, prefix: bytes) -> Resource:
+        """The resource shared by every request to one host:/shost: segment (it
+        forwards the rest of each request's URI)."""
+
     def monitor(self, route: MonitorRoute) -> Resource:
         """Resource for /monitor:NAME/."""
 
@@ -47,32 +49,15 @@ class RouteResources(Protocol):
 
 #: parsed first segments kept by the root (a page's requests repeat the same few)
 PLAN_CACHE = 1024
-#: URIs up to this long have their split cached (a page's requests repeat)
-_SPLIT_MAX = 512
-
-
-def _split(uri: bytes) -> tuple[RawPath, bytes]:
-    """``split_uri`` and the path to forward, cached for URIs that repeat."""
-    if len(uri) <= _SPLIT_MAX:
-        return _split_cached(uri)
-    raw = split_uri(uri)
-    return raw, raw.forward_path
-
-
-@lru_cache(maxsize=4096)
-def _split_cached(uri: bytes) -> tuple[RawPath, bytes]:
-    raw = split_uri(uri)
-    return raw, raw.forward_path
-
-
 class _Plan:
     """A route segment parsed once: what to dispatch, and how to log it."""
 
-    __slots__ = ("display", "kind", "prefix", "redirect", "route")
+    __slots__ = ("display", "kind", "leaf", "prefix", "redirect", "route")
 
     def __init__(self, route: Route, prefix: bytes):
         self.route = route
         self.prefix = prefix
+        self.leaf: Resource | None = None  # a host: route's shared resource
         # x:/y:/host:/shost: without a slash after the segment get a 308 to add it
         self.redirect = isinstance(route, (JobSpec, HostTarget))
         if isinstance(route, JobSpec):
@@ -123,7 +108,7 @@ class Root(Resource):
         return plan
 
     def _resolve(self, request: Request) -> Resource:
-        raw, forward_path = _split(request.uri)
+        raw, forward_path = split_uri_cached(request.uri)
         try:
             plan = self._plan(raw.segment)
         except SpecError as e:
@@ -140,6 +125,11 @@ class Root(Resource):
             self.recorder.begin(request, plan.kind, plan.display)
         route = plan.route
         if isinstance(route, HostTarget):
+            if cookie:  # the segment is the URI's own: one resource for all its requests
+                leaf = plan.leaf
+                if leaf is None:
+                    leaf = plan.leaf = self.routes.host_route(route, plan.prefix)
+                return leaf
             return self.routes.host(route, plan.prefix, path, cookie)
         if isinstance(route, JobSpec):
             return self.routes.job(route, plan.prefix, path)
