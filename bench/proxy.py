@@ -17,7 +17,8 @@ CPU-seconds per GiB moved of each proxy, the backend and wrk. Bars (same run): s
 page ≥ chp and ≥ 1.7× stock Twisted; 1 MiB ≥ nginx.
 
 Steadier ratios on a small shared machine: the small-page test runs ``--rounds`` times
-with the targets interleaved, and the bars use the median of the per-round ratios;
+with the targets interleaved (every other round in reverse order), and the bars use the
+median of the per-round ratios;
 with two or more cores the proxy under test is pinned to the last core and wrk, the
 backends and the echo server to the others (``--no-pin`` to turn it off), so every
 proxy gets the same one core and the load generator does not take turns with it.
@@ -407,8 +408,10 @@ def main() -> None:
         big_cpu: dict[str, dict[str, float]] = {}
         for name, port in targets.items():
             wrk(port, prefixes.get(name, "") + "/small", 1, args.connections)  # warm up
-        for _ in range(args.rounds if "small" in tests else 0):
-            for name, port in targets.items():
+        for i in range(args.rounds if "small" in tests else 0):
+            # every other round in reverse order: no target always runs first or last
+            order = list(targets.items())
+            for name, port in (order if i % 2 == 0 else order[::-1]):
                 small_runs[name].append(
                     wrk(port, prefixes.get(name, "") + "/small", args.seconds, args.connections))
         for name, runs in small_runs.items():
