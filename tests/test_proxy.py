@@ -337,6 +337,32 @@ class ResponseTests(SynchronousTestCase):
         self.assertTrue(ct.disconnecting)
         self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 3)])
 
+    def test_whole_answer_needs_no_producer(self) -> None:
+        """An answer whose body came with its head is written out at once; one that
+        streams registers the exchange as the client's producer (back-pressure)."""
+        from twisted.web.http import Request as HTTPRequest
+
+        registered: list[Any] = []
+        real = HTTPRequest.registerProducer
+
+        def spy(request: Any, producer: Any, streaming: bool) -> None:
+            registered.append(producer)
+            real(request, producer, streaming)
+
+        self.patch(HTTPRequest, "registerProducer", spy)
+        h = Harness()
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nhello"))
+        self.assertEqual((registered, h.ends), ([], [ExchangeEnd("finished", 200, 5)]))
+        h.client(GET)
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+        self.assertEqual(len(registered), 1)
+        p.dataReceived(b"lo")
+        self.assertEqual(h.ends[-1], ExchangeEnd("finished", 200, 5))
+        self.assertEqual(h.proxy.idle_connections(), 1)
+
     def test_backend_gone_after_sized_head_is_502(self) -> None:
         """A sized head waits for its body: if the backend goes first, nothing was sent
         and the client gets a clean 502."""

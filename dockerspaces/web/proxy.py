@@ -586,10 +586,20 @@ class BackendProtocol(Protocol):
             # a length beside chunked framing is not passed on (RFC 9112 6.3)
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
             raw = None
-        self.sink.response_head(status, reason, grouped, headers, raw)
+        # the whole answer came with its head (the common small response): no streaming,
+        # so the exchange needs not register as the client's producer
+        whole = no_body or (length is not None and not chunked and len(rest) == length)
+        self.sink.response_head(status, reason, grouped, headers, raw, whole=whole)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
-        if no_body:
+        if whole and not no_body:
+            self.state = _BODY_LEN
+            self.left = 0
+            if length:
+                self.sink.response_data(rest)
+            if self.sink is not None:
+                self._complete()
+        elif no_body:
             if rest:
                 self.keep_alive = False
             self._complete()
@@ -1033,7 +1043,7 @@ class _Exchange:
     # -- backend events ------------------------------------------------------------
     def response_head(
         self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]], headers: Headers,
-        raw: bytes | None = None,
+        raw: bytes | None = None, whole: bool = False,
     ) -> None:
         """The backend's head (``headers`` as sent, ``grouped`` by lower-cased name;
         ``raw``, the header block as received when plain) is made the client's: its
@@ -1071,7 +1081,7 @@ class _Exchange:
             routing.cors_headers(request)  # onto responseHeaders, sent with the head
         self.head_lines = lines
         self.head_names = grouped.keys() - drop
-        if not self.ended:
+        if not self.ended and not whole:  # (a whole answer is written out at once)
             request.registerProducer(self, True)
             self.producing = True
             if b"content-length" not in self.head_names and request.method != b"HEAD":
