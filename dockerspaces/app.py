@@ -215,7 +215,8 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
                                          if config.docker_api else None))
     recorder = Recorder(reactor, metrics)
     root = Root(config, routes, recorder)
-    site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done)
+    site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
+                     on_request_lost=recorder.lost)
     for desc in config.ports:
         strports.service(desc, site).setServiceParent(top)
     return top

@@ -45,7 +45,13 @@ class Recorder:
         setattr(request, _ATTR, info)
         if self.metrics is not None:
             self.metrics.request_started(kind)
-        on_lost(request, lambda _: self.done(request, "client-gone"))
+        # a site built with on_request_lost=recorder.lost tells us itself
+        if getattr(getattr(request, "site", None), "on_request_lost", None) != self.lost:
+            on_lost(request, lambda _: self.done(request, "client-gone"))
+
+    def lost(self, request: Request) -> None:
+        """The client went before ``request`` was done (the site's ``on_request_lost``)."""
+        self.done(request, "client-gone")
 
     def done(self, request: Request, reason: str | None = None) -> None:
         """Log and count the request once (site log hook, or the client going away)."""

@@ -167,11 +167,15 @@ class LimitedRequest(Request):
             self._lost_hooks.append(hook)
 
     def connectionLost(self, reason: Any) -> None:
-        """The connection went before the request was done: errbacks, then the hooks."""
+        """The connection went before the request was done: errbacks, the hooks, then
+        the site's ``on_request_lost``."""
         hooks, self._lost_hooks = self._lost_hooks, None
         super().connectionLost(reason)
         for hook in hooks or ():
             hook(reason)
+        lost = getattr(getattr(self, "site", None), "on_request_lost", None)
+        if lost is not None:
+            lost(self)
 
     def _limit(self) -> int | None:
         site = getattr(self.channel, "site", None)
@@ -419,6 +423,7 @@ class ProxySite(Site):
         max_body: int,
         head_timeout: float = 30.0,
         on_request_logged: Callable[[Request], None] | None = None,
+        on_request_lost: Callable[[Request], None] | None = None,
     ):
         # No twisted.web idle timeout: the head deadline already closes connections that
         # idle between requests, and a response may take as long as it takes; the idle
@@ -427,6 +432,8 @@ class ProxySite(Site):
         self.max_body = max_body
         self.head_timeout = head_timeout
         self.on_request_logged = on_request_logged
+        #: called with a request whose client went before it was done
+        self.on_request_lost = on_request_lost
 
     def buildProtocol(self, addr: Any) -> Any:
         """A channel with this site's head deadline."""
@@ -448,6 +455,7 @@ def make_site(
     max_body: int,
     head_timeout: float = 30.0,
     on_request_logged: Callable[[Request], None] | None = None,
+    on_request_lost: Callable[[Request], None] | None = None,
 ) -> ProxySite:
     """The site dockerspaces listens with (see the module docstring)."""
     install_request_line_parser()
@@ -457,4 +465,5 @@ def make_site(
         max_body=max_body,
         head_timeout=head_timeout,
         on_request_logged=on_request_logged,
+        on_request_lost=on_request_lost,
     )

@@ -1,0 +1,87 @@
+"""The whole service tree (build_service) on in-memory transports: a host: request is
+proxied, logged once and counted once, whether it finishes or its client leaves."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from dockerspaces.app import ProxyService, build_service
+from dockerspaces.metrics import Metrics
+from dockerspaces.options import build_config
+
+CLIENT = IPv4Address("TCP", "10.9.8.7", 4000)
+GET = b"GET /host:10.0.0.7:8080/page?q=secret HTTP/1.1\r\nHost: front\r\n\r\n"
+
+
+class _Endpoint:
+    def __init__(self, backends: list[Any]):
+        self.backends = backends
+
+    def connect(self, factory: Any) -> Any:
+        p = factory.buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        self.backends.append((p, t))
+        return succeed(p)
+
+
+class AppRequestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True  # the log writer batches per reactor iteration
+        self.out = io.StringIO()
+        config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"]})
+        top = build_service(config, self.reactor, self.out)
+        # twistd makes the application's observer the log observer; here: add it
+        globalLogPublisher.addObserver(top.observer)  # type: ignore[attr-defined]
+        self.addCleanup(globalLogPublisher.removeObserver, top.observer)  # type: ignore[attr-defined]
+        services = list(IServiceCollection(top))
+        self.backends: list[Any] = []
+        proxy = next(s.proxy for s in services if isinstance(s, ProxyService))
+        proxy._endpoint_factory = lambda backend: _Endpoint(self.backends)  # type: ignore[assignment,return-value]
+        self.site = next(s for s in services if hasattr(s, "factory")).factory
+        self.metrics: Metrics = self.site.resource.recorder.metrics
+
+    def client(self) -> tuple[Any, StringTransport]:
+        ch = self.site.buildProtocol(CLIENT)
+        t = StringTransport(peerAddress=CLIENT)
+        t.protocol = ch  # type: ignore[attr-defined]
+        ch.makeConnection(t)
+        ch.dataReceived(GET)
+        return ch, t
+
+    def lines(self) -> list[str]:
+        self.reactor.advance(0)
+        return [x for x in self.out.getvalue().splitlines() if "dockerspaces.request" in x]
+
+    def test_finished_request(self) -> None:
+        _, t = self.client()
+        p, bt = self.backends[0]
+        self.assertTrue(bt.value().startswith(b"GET /page?q=secret HTTP/1.1\r\n"))
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
+        (line,) = self.lines()
+        self.assertIn("host 10.0.0.7:8080 GET /host:10.0.0.7:8080/page?q=… -> 200 2B", line)
+        self.assertEqual(self.metrics.requests.get("host", "200"), 1)
+        self.assertEqual(self.metrics.in_flight.get("host"), 0)
+
+    def test_client_gone_is_logged_once_as_499(self) -> None:
+        ch, _ = self.client()
+        _, bt = self.backends[0]
+        ch.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(bt.disconnecting)  # the backend request is abandoned
+        (line,) = self.lines()
+        self.assertIn("-> 499 0B", line)
+        self.assertIn("(client-gone)", line)
+        self.assertEqual(self.metrics.requests.get("host", "499"), 1)
+        self.assertEqual(self.metrics.in_flight.get("host"), 0)
