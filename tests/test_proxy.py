@@ -101,6 +101,15 @@ class Harness:
         channel.dataReceived(raw)
         return channel, t
 
+    def answer(self, response: bytes, request: bytes | None = None
+               ) -> tuple[StringTransport, BackendProtocol]:
+        """A client sends ``request`` (GET by default), the backend answers ``response``:
+        the client's transport and the backend connection."""
+        _, ct = self.client(GET if request is None else request)
+        p, _ = self.accept()
+        p.dataReceived(response)
+        return ct, p
+
     def accept(self) -> tuple[BackendProtocol, StringTransport]:
         factory, d = self.pending.pop(0)
         p = factory.buildProtocol(None)
@@ -189,10 +198,8 @@ class ResponseTests(SynchronousTestCase):
     def test_streamed_head_sent_before_any_body(self) -> None:
         """A chunked answer (SSE, docker wait/events) shows its head at once."""
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.1 200 OK")
         self.assertEqual(values(headers, b"content-type"), [b"text/event-stream"])
@@ -200,19 +207,15 @@ class ResponseTests(SynchronousTestCase):
 
     def test_repeated_header_in_two_spellings_kept(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
-                       b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
+                         b"Content-Length: 0\r\n\r\n")
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"set-cookie"), [b"a=1", b"b=2"])
 
     def test_sized_head_waits_for_the_body(self) -> None:
         """With a Content-Length the head goes out together with the first body bytes."""
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
         self.assertEqual(ct.value(), b"")
         p.dataReceived(b"hello")
         self.assertTrue(ct.value().endswith(b"\r\n\r\nhello"))
@@ -240,10 +243,8 @@ class ResponseTests(SynchronousTestCase):
 
     def test_date_and_server_are_the_backends(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
-                       b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+                         b"Content-Length: 0\r\n\r\n")
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"date"), [b"Sun, 06 Nov 1994 08:49:37 GMT"])
         self.assertEqual(values(headers, b"server"), [])  # no Server of ours on theirs
@@ -251,9 +252,7 @@ class ResponseTests(SynchronousTestCase):
     def test_date_added_when_backend_sent_none(self) -> None:
         """RFC 9110 6.6.1: a response forwarded without Date gets one."""
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
         _, headers = head_of(ct.value())
         (date,) = values(headers, b"date")
         self.assertRegex(date.decode(), r"^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$")
@@ -330,9 +329,7 @@ class ResponseTests(SynchronousTestCase):
 
     def test_backend_error_mid_body_cuts_client(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
         p.connectionLost(Failure(ierror.ConnectionLost()))
         self.assertTrue(ct.disconnecting)
         self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 3)])
@@ -351,9 +348,7 @@ class ResponseTests(SynchronousTestCase):
 
         self.patch(HTTPRequest, "registerProducer", spy)
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
         self.assertTrue(ct.value().endswith(b"\r\n\r\nhello"))
         self.assertEqual((registered, h.ends), ([], [ExchangeEnd("finished", 200, 5)]))
         h.client(GET)
@@ -367,9 +362,7 @@ class ResponseTests(SynchronousTestCase):
         """A sized head waits for its body: if the backend goes first, nothing was sent
         and the client gets a clean 502."""
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Backend: 1\r\n\r\n")
+        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Backend: 1\r\n\r\n")
         p.connectionLost(Failure(ierror.ConnectionLost()))
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.1 502 Bad Gateway")
@@ -378,9 +371,8 @@ class ResponseTests(SynchronousTestCase):
 
     def test_http10_client_gets_close_delimited_answer(self) -> None:
         h = Harness()
-        _, ct = h.client(b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                         request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.0 200 OK")
         self.assertEqual(values(headers, b"transfer-encoding"), [])
@@ -390,10 +382,9 @@ class ResponseTests(SynchronousTestCase):
 
     def test_client_connection_close_kept_in_head(self) -> None:
         h = Harness()
-        _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n")
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
-                       b"\r\nok")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+                         b"\r\nok",
+                         request=b"GET / HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n")
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"connection"), [b"close"])
         self.assertTrue(ct.value().endswith(b"\r\n\r\nok"))
@@ -415,10 +406,8 @@ class ResponseTests(SynchronousTestCase):
 
     def test_header_spelling_and_order_kept(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\n"
-                       b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\n"
+                         b"Content-Length: 0\r\n\r\n")
         head = ct.value().split(b"\r\n\r\n")[0]
         # as the backend sent them: order, spelling, repeats
         self.assertIn(b"\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\nContent-Length: 0\r\n",
@@ -426,10 +415,8 @@ class ResponseTests(SynchronousTestCase):
 
     def test_length_beside_chunked_not_passed_on(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"content-length"), [])
         self.assertEqual(values(headers, b"transfer-encoding"), [b"chunked"])
@@ -468,9 +455,8 @@ class ResponseTests(SynchronousTestCase):
 
     def test_head_response(self) -> None:
         h = Harness()
-        _, ct = h.client(b"HEAD / HTTP/1.1\r\nHost: f\r\n\r\n")
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
+                         request=b"HEAD / HTTP/1.1\r\nHost: f\r\n\r\n")
         self.assertIn(b"Content-Length: 1234", ct.value())
         self.assertTrue(ct.value().endswith(b"\r\n\r\n"))
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 0)])
@@ -569,9 +555,7 @@ class HeadParserTests(SynchronousTestCase):
 
     def test_invalid_header_name_dropped(self) -> None:
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nX C: d\r\nX-Ok: 1\r\nContent-Length: 2\r\n\r\nhi")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nX C: d\r\nX-Ok: 1\r\nContent-Length: 2\r\n\r\nhi")
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.1 200 OK")
         self.assertEqual(values(headers, b"x-ok"), [b"1"])
@@ -600,9 +584,7 @@ class ForwardedHeadTests(SynchronousTestCase):
         block = b"".join(k.encode() + (b": " if plain else b":") + v + b"\r\n"
                          for k, v in lines)
         h = Harness()
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")
         named = {t.strip().lower() for k, v in lines if k.lower() == "connection"
                  for t in v.decode().split(",")}
         dropped = {x.lower() for x in _HOP} | named
