@@ -926,6 +926,19 @@ class _BackendFactory(Factory):
 class _Exchange:
     """One forwarded request: connects, sends, streams the answer, reports the end."""
 
+    # state every exchange starts with (class-level: set on the instance when it changes)
+    conn: BackendProtocol | None = None
+    bytes_out = 0
+    status: int | None = None
+    ended = False
+    paused = False
+    producing = False
+    retried = False
+    connecting: Deferred[Any] | None = None
+    direct: Any = None  # the client's tcp.Connection, when plain TCP
+    head_lines: list[bytes] = []  # noqa: RUF012 - replaced, never mutated: the backend's header lines
+    head_names: AbstractSet[bytes] = frozenset()  # their lower-cased names
+
     def __init__(
         self,
         proxy: Proxy,
@@ -945,17 +958,6 @@ class _Exchange:
         self.route_cookie = set_route_cookie
         head = read_client_head(request)
         self.upgrade = head.upgrade
-        self.conn: BackendProtocol | None = None
-        self.bytes_out = 0
-        self.status: int | None = None
-        self.ended = False
-        self.paused = False
-        self.producing = False
-        self.retried = False
-        self.connecting: Deferred[Any] | None = None
-        self.direct: Any = None  # the client's tcp.Connection, when plain TCP
-        self.head_lines: list[bytes] = []  # the backend's header lines, to send on
-        self.head_names: AbstractSet[bytes] = frozenset()  # their lower-cased names
         content = request.content
         length = 0
         if content is not None:
