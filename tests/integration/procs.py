@@ -124,6 +124,17 @@ class Server:
         assert status == 200, body
         return json.loads(body)  # type: ignore[no-any-return]
 
+    def reconciled_snapshot(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The /monitor:broker/ JSON once every host is up: the broker has listed and
+        adopted (or removed) its labelled containers, which it does after the port
+        opens."""
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = self.snapshot()
+            if all(h["Up"] for h in snap["Hosts"]) or time.monotonic() > deadline:
+                return snap
+            time.sleep(0.1)
+
     def containers(self, all: bool = False) -> list[dict[str, Any]]:
         """This instance's containers as docker sees them."""
         c = docker_client()

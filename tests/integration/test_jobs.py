@@ -195,7 +195,7 @@ class Adoption(JobsTestCase):
                         start_port=first.start_port)
         self.addCleanup(second.cleanup)
         second.start()
-        snap = second.snapshot()
+        snap = second.reconciled_snapshot()
         adopted = [s for s in snap["TargetSlots"] if s["Container"]]
         self.assertEqual(len(adopted), 1, snap)
         status, _, body = second.get("/x:selmaproject:tts:777:5002/")
