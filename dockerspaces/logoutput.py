@@ -129,10 +129,7 @@ class TextObserver:
             # a request line: its text is ready (dockerspaces.logs.log_request)
             if "\n" in text:
                 text = text.replace("\n", "\n\t")
-            when = event.get("log_time")
-            stamp = self.stamp
-            prefix = stamp.text if when is not None and int(when) == stamp.second else stamp(when)
-            line = (f"{prefix} [{event.get('log_namespace', '-')}"
+            line = (f"{self.stamp(event.get('log_time'))} [{event.get('log_namespace', '-')}"
                     f"#{level.name if level is not None else '-'}] {text}\n")
         else:
             formatted = formatEventAsClassicLogText(event, formatTime=self.stamp)

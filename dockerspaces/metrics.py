@@ -217,15 +217,7 @@ class Metrics:
         counts = self.requests.values
         labels = _status_labels(kind, status)
         counts[labels] = counts.get(labels, 0.0) + 1
-        # Histogram.observe for this one series, inline
-        series = self.request_seconds.series.get(key)
-        if series is None:
-            self.request_seconds.observe(kind, value=max(0.0, seconds))
-        else:
-            value = max(0.0, seconds)  # (never NaN: max(0.0, nan) is 0.0)
-            series.counts[bisect_left(self.request_seconds.buckets, value)] += 1
-            series.total += value
-            series.count += 1
+        self.request_seconds.observe(kind, value=max(0.0, seconds))
         if queue_wait is not None:
             self.queue_seconds.observe(kind, value=max(0.0, queue_wait))
 

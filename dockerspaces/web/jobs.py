@@ -131,48 +131,25 @@ def _host_plan(target: HostTarget, ip: str) -> tuple[Backend, bytes]:
 
 
 class HostRoute(Resource):
-    """The resource of one ``host:``/``shost:`` route segment, shared by all requests
-    that name it (the root builds it once per segment): it forwards the request URI
-    less the segment. An IP literal is checked and forwarded at once; a name goes the
-    resolving way of :class:`HostResource`."""
+    """One ``host:``/``shost:`` target under one prefix: checks the target (an IP literal
+    at once, with a cached verdict; a name by resolving it) and forwards. The root keeps
+    one per route segment for all its requests, each forwarding the rest of its own URI;
+    :class:`HostResource` serves one request with a given path (``--root``, fallbacks)."""
 
     isLeaf = True
 
-    def __init__(self, target: HostTarget, prefix: bytes, *, proxy: Proxy, policy: HostPolicy):
+    def __init__(self, target: HostTarget, prefix: bytes, *, proxy: Proxy, policy: HostPolicy,
+                 cookie: bool = True):
         super().__init__()
         self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
-        self.cookie = prefix[1:].decode("latin-1")
+        self.cookie = prefix[1:].decode("latin-1") if cookie and prefix else None
 
     def render(self, request: Request) -> Any:
-        """Check the host, then forward the rest of the URI."""
-        t = self.target
-        path = split_uri_cached(request.uri)[1]
-        try:
-            ip = self.policy.check_literal(t.host, t.port)
-        except Forbidden as e:
-            finish_error(request, 403, str(e))
-            return NOT_DONE_YET
-        if ip is None:
-            return HostResource(t, self.prefix, path, proxy=self.proxy, policy=self.policy,
-                                cookie=True).render(request)
-        backend, host_header = _host_plan(t, ip)
-        return self.proxy.forward(request, backend, path, prefix=self.prefix,
-                                  host_header=host_header, set_route_cookie=self.cookie)
+        """Forward the request URI less the route segment."""
+        return self.serve(request, split_uri_cached(request.uri)[1])
 
-
-class HostResource(Resource):
-    """A host:/shost:/--root request: check the target, then forward."""
-
-    isLeaf = True
-
-    def __init__(self, target: HostTarget, prefix: bytes, path: bytes, *, proxy: Proxy,
-                 policy: HostPolicy, cookie: bool):
-        super().__init__()
-        self.target, self.prefix, self.path = target, prefix, path
-        self.proxy, self.policy, self.cookie = proxy, policy, cookie
-
-    def render(self, request: Request) -> Any:
-        """Check the host (resolving a name first), then forward."""
+    def serve(self, request: Request, path: bytes) -> Any:
+        """Check the host (resolving a name first), then forward ``path``."""
         t = self.target
         try:
             # an IP literal is checked at once (cached): no Deferred, no notifyFinish
@@ -181,26 +158,20 @@ class HostResource(Resource):
             finish_error(request, 403, str(e))
             return NOT_DONE_YET
         if ip is not None:
-            self._go(request, ip)
+            self._go(request, path, ip)
             return NOT_DONE_YET
         d = self.policy.check(t.host, t.port)
         _on_gone(request, d)
-        d.addCallbacks(lambda ip: self._go(request, ip), lambda f: self._denied(request, f))
+        d.addCallbacks(lambda ip: self._go(request, path, ip),
+                       lambda f: self._denied(request, f))
         return NOT_DONE_YET
 
-    def _go(self, request: Request, ip: str) -> None:
+    def _go(self, request: Request, path: bytes, ip: str) -> None:
         if request.finished or getattr(request, "_disconnected", False):
             return
         backend, host_header = _host_plan(self.target, ip)
-        prefix = self.prefix
-        self.proxy.forward(
-            request,
-            backend,
-            self.path,
-            prefix=prefix,
-            host_header=host_header,
-            set_route_cookie=prefix[1:].decode("latin-1") if self.cookie and prefix else None,
-        )
+        self.proxy.forward(request, backend, path, prefix=self.prefix, host_header=host_header,
+                           set_route_cookie=self.cookie)
 
     def _denied(self, request: Request, f: Failure) -> None:
         if f.check(Forbidden):
@@ -209,3 +180,19 @@ class HostResource(Resource):
             return
         else:
             finish_error(request, 502, f"cannot reach {self.target.host}: {f.getErrorMessage()}")
+
+
+class HostResource(Resource):
+    """A host:/shost:/--root request with its path: a :class:`HostRoute` serving it."""
+
+    isLeaf = True
+
+    def __init__(self, target: HostTarget, prefix: bytes, path: bytes, *, proxy: Proxy,
+                 policy: HostPolicy, cookie: bool):
+        super().__init__()
+        self.route = HostRoute(target, prefix, proxy=proxy, policy=policy, cookie=cookie)
+        self.path = path
+
+    def render(self, request: Request) -> Any:
+        """Check the host (resolving a name first), then forward."""
+        return self.route.serve(request, self.path)

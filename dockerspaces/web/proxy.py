@@ -57,7 +57,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import routing
 from .errors import finish_error
-from .site import http_date, on_lost
+from .site import TOKEN, http_date, on_lost
 
 log = Logger()
 
@@ -230,26 +230,21 @@ _COMMON_TOKENS = {
 
 
 def drop_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Drop hop-by-hop headers and those named in ``Connection``; keep order and repeats."""
-    return _drop_headers(headers, HOP_BY_HOP)
-
-
-def _drop_headers(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> Headers:
-    """``headers`` without those whose lower-cased name is in ``drop`` (which holds
-    ``connection``) or named in a ``Connection`` header. One pass; a second only when
-    ``Connection`` names something beyond ``drop`` (``keep-alive``/``close`` do not)."""
+    """Drop hop-by-hop headers and those named in ``Connection``; keep order and repeats.
+    One pass; a second only when ``Connection`` names something beyond the hop-by-hop
+    set (``keep-alive``/``close``/``upgrade`` do not)."""
     kept: Headers = []
     named: set[bytes] | None = None
     for k, v in headers:
         lk = k.lower()
-        if lk in drop:
+        if lk in HOP_BY_HOP:
             if lk == b"connection":
                 tokens = connection_tokens((v,))
                 named = tokens if named is None else named | tokens
             continue
         kept.append((k, v))
     if named:
-        named -= drop
+        named -= HOP_BY_HOP
         if named:
             kept = [(k, v) for k, v in kept if k.lower() not in named]
     return kept
@@ -804,9 +799,9 @@ def _reason_text(reason: Failure | BaseException | None) -> str:
 
 #: a header block every line of which is ``token ":" value`` with no byte that
 #: ``bytes.strip`` would remove but SP/HTAB (the common case: parsed by two regexes)
-_PLAIN_BLOCK = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x0b\x0c]*\r\n)*")
+_PLAIN_BLOCK = re.compile(rb"(?:" + TOKEN + rb":[^\r\n\x0b\x0c]*\r\n)*")
 _PLAIN_LINE = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN = re.compile(TOKEN)
 #: the lines of a plain header block that name a hop-by-hop header
 _HOP_BY_HOP_LINES = re.compile(
     rb"^(?:" + b"|".join(sorted(HOP_BY_HOP)) + rb"):[^\n]*\n", re.IGNORECASE | re.MULTILINE

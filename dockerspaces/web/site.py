@@ -73,7 +73,9 @@ class _NullSpool:
         pass
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: an HTTP token (RFC 9110 5.6.2), as a regular-expression fragment
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(TOKEN)
 _BAD_TARGET = re.compile(rb"[\x00-\x20\xb1-\xff]")
 
 #: twisted.web's own parser (what :func:`parse_request_line` must agree with)
@@ -257,8 +259,8 @@ def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
 #: a whole request head without a body: request line, token-named headers whose values
 #: hold no NUL/CR/LF, the blank line (what twisted.web's line parser accepts, narrowed)
 _SIMPLE_HEAD = re.compile(
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\r\n"
-    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\r\n]*\r\n)*)\r\n"
+    rb"(" + TOKEN + rb") ([\x21-\xb0]+) (HTTP/1\.[01])\r\n"
+    rb"((?:" + TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n"
 )
 _HEADER_LINE = re.compile(rb"([^:]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _LENGTH_HEADERS = re.compile(rb"(?:^|\n)(?:content-length|transfer-encoding):", re.IGNORECASE)
@@ -448,22 +450,9 @@ class ProxySite(Site):
             self.on_request_logged(request)
 
 
-def make_site(
-    resource: IResource,
-    reactor: Any,
-    *,
-    max_body: int,
-    head_timeout: float = 30.0,
-    on_request_logged: Callable[[Request], None] | None = None,
-    on_request_lost: Callable[[Request], None] | None = None,
-) -> ProxySite:
-    """The site dockerspaces listens with (see the module docstring)."""
+def make_site(resource: IResource, reactor: Any, **options: Any) -> ProxySite:
+    """The site dockerspaces listens with (see the module docstring); ``options`` are
+    :class:`ProxySite`'s (``max_body``, ``head_timeout``, ``on_request_logged``,
+    ``on_request_lost``)."""
     install_request_line_parser()
-    return ProxySite(
-        resource,
-        reactor,
-        max_body=max_body,
-        head_timeout=head_timeout,
-        on_request_logged=on_request_logged,
-        on_request_lost=on_request_lost,
-    )
+    return ProxySite(resource, reactor, **options)

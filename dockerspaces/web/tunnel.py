@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .proxy import HOP_BY_HOP, can_send_now, connection_tokens, is_plain_tcp, send_now
+from .proxy import can_send_now, drop_hop_by_hop, is_plain_tcp, send_now
 
 if TYPE_CHECKING:
     from .proxy import BackendProtocol, Headers, _Exchange
@@ -200,19 +200,11 @@ class _BackendEnd:
 
 def switching_head(reason: bytes, headers: Headers, upgrade: bytes) -> bytes:
     """The 101 head for the client: the backend's headers minus hop-by-hop ones."""
-    named = connection_tokens(v for k, v in headers if k.lower() == b"connection")
-    named.discard(b"upgrade")
+    ups = [v for k, v in headers if k.lower() == b"upgrade"]
     out = [b"HTTP/1.1 101 ", reason or b"Switching Protocols", b"\r\n"]
-    up = upgrade
-    for k, v in headers:
-        lk = k.lower()
-        if lk == b"upgrade":
-            up = v
-            continue
-        if lk in HOP_BY_HOP or lk in named:
-            continue
+    for k, v in drop_hop_by_hop(headers):
         out += [k, b": ", v, b"\r\n"]
-    out += [b"Connection: Upgrade\r\nUpgrade: ", up, b"\r\n\r\n"]
+    out += [b"Connection: Upgrade\r\nUpgrade: ", ups[-1] if ups else upgrade, b"\r\n\r\n"]
     return b"".join(out)
 
 
