@@ -27,7 +27,6 @@ from functools import lru_cache
 from time import time
 from typing import IO, Any
 
-from twisted.application.service import MultiService
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -39,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from .logoutput import URGENT, LineWriter, TextObserver
+from .services import StopInOrder
 from .spec import redact_path
 
 REQUEST_NS = "dockerspaces.request"
@@ -241,9 +241,10 @@ def setup_logging(
     return TextObserver(LineWriter(out, reactor))
 
 
-class ObservedMultiService(MultiService):
+class ObservedMultiService(StopInOrder):
     """A top-level service that, attached to twistd's Application, makes ``observer`` its
-    log observer (an explicit ``twistd --logger`` still wins)."""
+    log observer (an explicit ``twistd --logger`` still wins); its children stop one
+    after another (:class:`~dockerspaces.services.StopInOrder`)."""
 
     def __init__(self, observer: JsonLinesObserver | TextObserver | None):
         super().__init__()
