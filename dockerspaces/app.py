@@ -18,6 +18,7 @@ from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
 from .engine.interface import RunOptions
+from .logoutput import TextObserver
 from .metrics import Metrics
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
@@ -184,7 +185,8 @@ def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[
 def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) -> MultiService:
     """The whole service tree for ``config``; ``log_out`` is where log lines go (see
     :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
-    top = logs.ObservedMultiService(logs.setup_logging(config.log_format, log_out, reactor))
+    observer = logs.setup_logging(config.log_format, log_out, reactor)
+    top = logs.ObservedMultiService(observer)
     hosts, engines = build_engines(config, reactor)
     engine_services = MultiService()
     engine_services.setServiceParent(top)
@@ -213,7 +215,9 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
                     has_slots=any(h.slots > 0 for h in hosts),
                     docker_api_resource=(DockerApiResource.from_config(config, proxy)
                                          if config.docker_api else None))
-    recorder = Recorder(reactor, metrics)
+    # request lines straight into our own text log when it is the log (logs.RequestLog)
+    request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
+    recorder = Recorder(reactor, metrics, request_log)
     root = Root(config, routes, recorder)
     site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
                      on_request_lost=recorder.lost)

@@ -36,8 +36,8 @@ from twisted.logger import (
 from twisted.python import logfile
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-#: pending log text above this many characters is written at once
-FLUSH_CHARS = 64 * 1024
+#: this many pending lines are written at once
+FLUSH_LINES = 512
 
 
 class LineWriter:
@@ -52,20 +52,26 @@ class LineWriter:
         self.reactor = reactor
         self._thread = threading.get_ident()
         self._pending: list[str] = []
-        self._chars = 0
         self._call: Any = None
 
     def write(self, line: str, urgent: bool = False) -> None:
         """Queue ``line`` (ending in a newline) or, where it cannot wait, write it now."""
-        if get_ident() != self._thread:
-            self._write(line)
+        if urgent or not self.reactor.running or get_ident() != self._thread:
+            self._write_now(line)
             return
-        self._pending.append(line)
-        self._chars += len(line)
-        if urgent or self._chars > FLUSH_CHARS or not self.reactor.running:
-            self.flush()
-        elif self._call is None:
+        pending = self._pending
+        pending.append(line)
+        if self._call is None:
             self._call = self.reactor.callLater(0, self._flush_later)
+        elif len(pending) >= FLUSH_LINES:
+            self.flush()
+
+    def _write_now(self, line: str) -> None:
+        if get_ident() != self._thread:
+            self._write(line)  # (not queued: the list belongs to the reactor thread)
+            return
+        self._pending.append(line)  # after what is pending, in order
+        self.flush()
 
     def _flush_later(self) -> None:
         self._call = None
@@ -79,7 +85,6 @@ class LineWriter:
         if self._pending:
             text = "".join(self._pending)
             self._pending = []
-            self._chars = 0
             self._write(text)
 
     def _write(self, text: str) -> None:
@@ -127,16 +132,20 @@ class TextObserver:
         text = event.get("ds_text")
         if text is not None and "log_failure" not in event and "log_system" not in event:
             # a request line: its text is ready (dockerspaces.logs.log_request)
-            if "\n" in text:
-                text = text.replace("\n", "\n\t")
-            line = (f"{self.stamp(event.get('log_time'))} [{event.get('log_namespace', '-')}"
-                    f"#{level.name if level is not None else '-'}] {text}\n")
-        else:
-            formatted = formatEventAsClassicLogText(event, formatTime=self.stamp)
-            if formatted is None:
-                return
-            line = formatted
-        self.writer.write(line, level in URGENT)
+            self.line(f" [{event.get('log_namespace', '-')}"
+                      f"#{level.name if level is not None else '-'}] ",
+                      text, event.get("log_time"), level in URGENT)
+            return
+        formatted = formatEventAsClassicLogText(event, formatTime=self.stamp)
+        if formatted is not None:
+            self.writer.write(formatted, level in URGENT)
+
+    def line(self, head: str, text: str, when: float | None, urgent: bool = False) -> None:
+        """Queue the line ``<time of when><head><text>`` (``head`` is
+        ``" [namespace#level] "``), continuation lines indented as twistd does."""
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        self.writer.write(f"{self.stamp(when)}{head}{text}\n", urgent)
 
 
 def twistd_destination(twistd_options: Any) -> IO[str] | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from time import time
@@ -80,6 +81,19 @@ def _safe_path(uri: bytes) -> str:
 _safe_path_cached = lru_cache(maxsize=1024)(_safe_path)
 
 
+def request_text(kind: str, route: str, method: str, path: str, status: int, nbytes: int,
+                 seconds: float, queue_wait: float | None, reason: str | None) -> str:
+    """The readable text of a request line (``path`` already made safe)."""
+    # One f-string: twisted.logger's own formatting of a many-field format string was
+    # a fifth of the proxy's CPU per small request.
+    text = f"{kind} {route} {method} {path} -> {status} {nbytes}B in {seconds:.3f}s"
+    if queue_wait is not None:
+        text += f" queued {queue_wait:.3f}s"
+    if reason:
+        text += f" ({reason})"
+    return text
+
+
 def log_request(
     *,
     kind: str,
@@ -94,7 +108,7 @@ def log_request(
     reason: str | None = None,
     logger: Logger | None = None,
 ) -> None:
-    """Log one finished (or abandoned) proxied request.
+    """Log one finished (or abandoned) proxied request as a :mod:`twisted.logger` event.
 
     ``kind``: ``x``/``y``/``worker``/``host``/``shost``/``root``/``monitor``/``docker``;
     ``route``: the displayed key (``JobSpec.display``) or host; ``uri``: the raw request
@@ -103,13 +117,7 @@ def log_request(
     """
     m = method.decode("latin-1") if isinstance(method, bytes) else method
     path = safe_path(uri)
-    # Pre-formatted once with an f-string: twisted.logger's own formatting of a
-    # many-field format string was a fifth of the proxy's CPU per small request.
-    text = f"{kind} {route} {m} {path} -> {status} {nbytes}B in {seconds:.3f}s"
-    if queue_wait is not None:
-        text += f" queued {queue_wait:.3f}s"
-    if reason:
-        text += f" ({reason})"
+    text = request_text(kind, route, m, path, status, nbytes, seconds, queue_wait, reason)
     log = logger or _request_log
     # The event ``log.info("{ds_text}", ds_…=…)`` would build, handed to the logger's
     # observer (the global publisher: twistd's or the JSON observer) directly:
@@ -134,6 +142,45 @@ def log_request(
         "log_format": "{ds_text}",
         "log_time": time(),
     })
+
+
+#: what a request line of the text log carries between its timestamp and its text
+_REQUEST_HEAD = f" [{REQUEST_NS}#info] "
+
+
+class RequestLog:
+    """The request log (the access log): where :class:`~dockerspaces.web.accesslog.Recorder`
+    sends one line per request.
+
+    By default each line is a :mod:`twisted.logger` event (:func:`log_request`), seen by
+    every observer. When the process's log *is* our :class:`TextObserver` (text format,
+    written by us to twistd's destination), lines go straight to it instead, the same
+    text in the same file and order, without building an event of 19 keys and passing
+    it through the publisher for every request (a third of what the whole ``host:``
+    route added to the bare data path). JSON lines and twistd's own observers
+    (``--syslog``, ``--logger``) keep the event path.
+    """
+
+    def __init__(self, text: TextObserver | None = None, logger: Logger | None = None,
+                 now: Callable[[], float] = time):
+        self.text = text
+        self.logger = logger
+        self.now = now
+
+    def __call__(self, kind: str, route: str, method: bytes, uri: bytes, status: int,
+                 nbytes: int, seconds: float, queue_wait: float | None, client: Any,
+                 reason: str | None) -> None:
+        """Log one request (``client`` is the peer address object, or None)."""
+        text = self.text
+        if text is None:
+            log_request(kind=kind, route=route, method=method, uri=uri, status=status,
+                        nbytes=nbytes, seconds=seconds, queue_wait=queue_wait,
+                        client=getattr(client, "host", None), reason=reason, logger=self.logger)
+            return
+        text.line(_REQUEST_HEAD,
+                  request_text(kind, route, method.decode("latin-1"), safe_path(uri), status, nbytes,
+                               seconds, queue_wait, reason),
+                  self.now())
 
 
 def log_container(

@@ -4,6 +4,7 @@ proxied, logged once and counted once, whether it finishes or its client leaves.
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 from twisted.application.service import IServiceCollection
@@ -85,3 +86,48 @@ class AppRequestTests(SynchronousTestCase):
         self.assertIn("(client-gone)", line)
         self.assertEqual(self.metrics.requests.get("host", "499"), 1)
         self.assertEqual(self.metrics.in_flight.get("host"), 0)
+
+    def test_repeated_requests_take_the_cached_route(self) -> None:
+        """The second request on a route takes the root's and the host route's cached
+        plans: proxied, logged and counted the same."""
+        for _ in range(3):
+            _, t = self.client()
+            p, bt = self.backends[-1]
+            self.assertTrue(bt.value().startswith(b"GET /page?q=secret HTTP/1.1\r\n"))
+            bt.clear()
+            p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(len(self.backends), 1)  # one pooled backend connection
+        self.assertEqual(len(self.lines()), 3)
+        self.assertEqual(self.metrics.requests.get("host", "200"), 3)
+        self.assertEqual(self.metrics.request_seconds.count("host"), 3)
+
+    def test_request_lines_bypass_the_publisher_only_for_our_text_log(self) -> None:
+        """Text log written by us: request lines go straight to it (no event); JSON: an
+        event each, as every other observer sees it."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, t = self.client()
+        self.backends[0][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(len(self.lines()), 1)
+        self.assertEqual([e for e in events if e.get("ds_event") == "request"], [])
+
+        out = io.StringIO()
+        config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"],
+                               "log-format": "json"})
+        top = build_service(config, self.reactor, out)
+        globalLogPublisher.addObserver(top.observer)  # type: ignore[attr-defined]
+        self.addCleanup(globalLogPublisher.removeObserver, top.observer)  # type: ignore[attr-defined]
+        services = list(IServiceCollection(top))
+        proxy = next(s.proxy for s in services if isinstance(s, ProxyService))
+        proxy._endpoint_factory = lambda backend: _Endpoint(self.backends)  # type: ignore[assignment,return-value]
+        self.site = next(s for s in services if hasattr(s, "factory")).factory
+        _, t = self.client()
+        self.backends[-1][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(0)
+        (event,) = [e for e in events if e.get("ds_event") == "request"]
+        self.assertEqual((event["ds_kind"], event["ds_status"], event["ds_client"]),
+                         ("host", 200, "10.9.8.7"))
+        record = json.loads(out.getvalue().splitlines()[-1])
+        self.assertEqual((record["path"], record["status"]), ("/host:10.0.0.7:8080/page?q=…", 200))

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from dockerspaces import logs
 from dockerspaces.logoutput import (
-    FLUSH_CHARS,
+    FLUSH_LINES,
     LineWriter,
     TextObserver,
     twistd_destination,
@@ -73,11 +73,15 @@ class LineWriterTests(unittest.TestCase):
     def test_large_backlog_written_at_once(self) -> None:
         out, reactor = Out(), running_reactor()
         w = LineWriter(out, reactor)
-        line = "x" * 1000 + "\n"
-        for _ in range(FLUSH_CHARS // len(line) + 1):
+        line = "x" * 100 + "\n"
+        for _ in range(FLUSH_LINES):
             w.write(line)
         self.assertEqual(len(out.writes), 1)
-        self.assertGreater(len(out.getvalue()), FLUSH_CHARS)
+        self.assertEqual(out.getvalue(), line * FLUSH_LINES)
+        w.write(line)  # the next batch waits for the end of the iteration again
+        self.assertEqual(len(out.writes), 1)
+        reactor.advance(0)
+        self.assertEqual(len(out.writes), 2)
 
     def test_reactor_not_running_writes_through(self) -> None:
         out, reactor = Out(), running_reactor()
@@ -135,6 +139,29 @@ class TextObserverTests(unittest.TestCase):
         self.assertIn("[dockerspaces.request#info] host h:1 GET /host:h:1/a?b=… -> 200 3B", text)
         self.assertIn("[custom] with a system", text)
         self.assertIn("ZeroDivisionError", text)
+
+    def test_request_log_writes_the_same_lines_directly(self) -> None:
+        """RequestLog(text=observer) skips the event, not a character of the line."""
+        request: dict[str, Any] = {
+            "kind": "x", "route": "r", "method": b"POST", "uri": b"/x:a:1:80/p?secret=1",
+            "status": 502, "nbytes": 0, "seconds": 0.1, "queue_wait": 0.25,
+            "reason": "backend-error",
+        }
+        when = 1_700_000_000.5
+        logs.RequestLog(logger=self.log)(**request, client=None)
+        self.events[-1]["log_time"] = when
+        self.reactor.advance(0)
+        by_event = self.twistd_lines()
+        self.out.truncate(0)
+        self.out.seek(0)
+        direct = logs.RequestLog(text=self.obs, now=lambda: when)
+        direct(**request, client=None)
+        self.assertEqual(self.out.getvalue(), "")  # batched until the end of the iteration
+        self.reactor.advance(0)
+        self.assertEqual(self.out.getvalue(), by_event)
+        self.assertIn("x r POST /x:a:1:80/p?secret=… -> 502 0B in 0.100s queued 0.250s "
+                      "(backend-error)", by_event)
+        self.assertEqual(len(self.events), 1)  # the direct line made no event
 
     def test_timestamp_follows_the_clock(self) -> None:
         for when in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5, 1_700_003_600.0):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from ..logs import log_request
+from ..logs import RequestLog
 from ..metrics import Metrics
 from .site import on_lost
 
@@ -34,19 +34,27 @@ def route_info(request: Request) -> RouteInfo | None:
 
 @define
 class Recorder:
-    """Attaches route info at dispatch and records the request when it ends."""
+    """Attaches route info at dispatch and records the request when it ends: one line
+    in the request log (``log``, a :class:`~dockerspaces.logs.RequestLog`) and one
+    observation in ``metrics``."""
 
     clock: IReactorTime
     metrics: Metrics | None = None
+    log: RequestLog = field(factory=RequestLog)
+    _site: Any = None  # the site last seen, and whether it reports lost clients itself
+    _site_reports: bool = False
 
     def begin(self, request: Request, kind: str, route: str) -> None:
         """Called by the root once the route is known."""
-        info = RouteInfo(kind, route, self.clock.seconds())
-        setattr(request, _ATTR, info)
+        setattr(request, _ATTR, RouteInfo(kind, route, self.clock.seconds()))
         if self.metrics is not None:
             self.metrics.request_started(kind)
-        # a site built with on_request_lost=recorder.lost tells us itself
-        if getattr(getattr(request, "site", None), "on_request_lost", None) != self.lost:
+        site = getattr(request, "site", None)
+        if site is not self._site:
+            # a site built with on_request_lost=recorder.lost tells us itself
+            self._site = site
+            self._site_reports = getattr(site, "on_request_lost", None) == self.lost
+        if not self._site_reports:
             on_lost(request, lambda _: self.done(request, "client-gone"))
 
     def lost(self, request: Request) -> None:
@@ -61,18 +69,8 @@ class Recorder:
         info.done = True
         seconds = self.clock.seconds() - info.started
         status = 499 if reason == "client-gone" else request.code or 0
-        client: Any = request.getClientAddress()
-        log_request(
-            kind=info.kind,
-            route=info.route,
-            method=request.method,
-            uri=request.uri,
-            status=status,
-            nbytes=getattr(request, "sentLength", 0) or 0,
-            seconds=seconds,
-            queue_wait=info.queue_wait,
-            client=getattr(client, "host", None),
-            reason=reason or info.reason,
-        )
+        self.log(info.kind, info.route, request.method, request.uri, status,
+                 getattr(request, "sentLength", 0) or 0, seconds, info.queue_wait,
+                 request.getClientAddress(), reason or info.reason)
         if self.metrics is not None:
             self.metrics.request_done(info.kind, status, seconds, info.queue_wait)

@@ -143,6 +143,7 @@ class HostRoute(Resource):
         super().__init__()
         self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
         self.cookie = prefix[1:].decode("latin-1") if cookie and prefix else None
+        self._ready: tuple[Backend, bytes] | None = None
 
     def render(self, request: Request) -> Any:
         """Forward the request URI less the route segment."""
@@ -150,6 +151,11 @@ class HostRoute(Resource):
 
     def serve(self, request: Request, path: bytes) -> Any:
         """Check the host (resolving a name first), then forward ``path``."""
+        ready = self._ready
+        if ready is not None:  # an allowed IP literal, checked before
+            self.proxy.forward(request, ready[0], path, prefix=self.prefix,
+                               host_header=ready[1], set_route_cookie=self.cookie)
+            return NOT_DONE_YET
         t = self.target
         try:
             # an IP literal is checked at once (cached): no Deferred, no notifyFinish
@@ -158,6 +164,8 @@ class HostRoute(Resource):
             finish_error(request, 403, str(e))
             return NOT_DONE_YET
         if ip is not None:
+            # a literal's verdict depends on the policy alone: kept for the next request
+            self._ready = _host_plan(t, ip)
             self._go(request, path, ip)
             return NOT_DONE_YET
         d = self.policy.check(t.host, t.port)
