@@ -110,6 +110,7 @@ class AppRequestTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         _, t = self.client()
         self.backends[0][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
         self.assertEqual(len(self.lines()), 1)
         self.assertEqual([e for e in events if e.get("ds_event") == "request"], [])
 
@@ -125,6 +126,7 @@ class AppRequestTests(SynchronousTestCase):
         self.site = next(s for s in services if hasattr(s, "factory")).factory
         _, t = self.client()
         self.backends[-1][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
         self.reactor.advance(0)
         (event,) = [e for e in events if e.get("ds_event") == "request"]
         self.assertEqual((event["ds_kind"], event["ds_status"], event["ds_client"]),
