@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from operator import itemgetter
 from typing import Any
 
 from attrs import define, field, frozen
@@ -57,7 +58,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import routing
 from .errors import finish_error
-from .site import TOKEN, http_date, on_lost
+from .site import TOKEN, http_date, on_lost, raw_head
 
 log = Logger()
 
@@ -207,8 +208,12 @@ def _is_ip(host: str) -> bool:
 # -- headers -------------------------------------------------------------------------
 
 
-def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
-    """Lower-cased tokens of ``Connection`` header values."""
+def connection_tokens(values: Sequence[bytes]) -> AbstractSet[bytes]:
+    """Lower-cased tokens of ``Connection`` header values (a set not to be changed)."""
+    if len(values) == 1:
+        known = _COMMON_TOKENS.get(values[0])
+        if known is not None:
+            return known
     out: set[bytes] = set()
     for v in values:
         known = _COMMON_TOKENS.get(v)
@@ -234,7 +239,7 @@ def drop_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     One pass; a second only when ``Connection`` names something beyond the hop-by-hop
     set (``keep-alive``/``close``/``upgrade`` do not)."""
     kept: Headers = []
-    named: set[bytes] | None = None
+    named: AbstractSet[bytes] | None = None
     for k, v in headers:
         lk = k.lower()
         if lk in HOP_BY_HOP:
@@ -253,26 +258,41 @@ def drop_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
 @define
 class ClientHead:
     """What the proxy needs of the client's request headers, read in one pass:
-    the headers to send on (lower-cased name, name, value), ``Host``,
+    the header lines to send on (``kept``, each ending in CRLF), ``Host``,
     ``X-Forwarded-For``, whether a body is announced, the ``Upgrade`` asked for."""
 
-    kept: list[tuple[bytes, bytes, bytes]]
+    kept: bytes
     host: bytes | None
     xff: list[bytes]
     has_body: bool
     upgrade: bytes | None
 
 
+#: the lines of a plain request header block (``site.raw_head``) the proxy does not
+#: send on as they are: split out in one pass, name and value captured
+_DROP_REQUEST_LINES = re.compile(
+    rb"^(" + b"|".join(sorted(_DROP_REQUEST)) + rb"):[ \t]*([^\r\n]*?)[ \t]*\r\n",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def read_client_head(request: Request) -> ClientHead:
-    """One pass over ``request.requestHeaders`` (see :class:`ClientHead`): hop-by-hop
+    """One pass over the client's request headers (see :class:`ClientHead`): hop-by-hop
     headers, those named in ``Connection`` and those the proxy sets itself are left
-    out of ``kept``."""
+    out of ``kept``. A head read whole by the site's fast path is taken from its bytes
+    as received (:func:`~dockerspaces.web.site.raw_head`) when its ``Connection``
+    names nothing beyond those; any other from ``requestHeaders``."""
+    block = raw_head(request)
+    if block is not None:
+        head = _read_raw_head(block)
+        if head is not None:
+            return head
     host: bytes | None = None
     xff: list[bytes] = []
-    named: set[bytes] | None = None
+    named: AbstractSet[bytes] | None = None
     upgrade: list[bytes] = []
     has_body = False
-    kept = []
+    kept: list[tuple[bytes, bytes]] = []
     for k, values in request.requestHeaders.getAllRawHeaders():
         lk = k.lower()
         if lk in _DROP_REQUEST:
@@ -289,7 +309,7 @@ def read_client_head(request: Request) -> ClientHead:
                 has_body = True
             continue
         for v in values:
-            kept.append((lk, k, v))
+            kept.append((lk, b"%s: %s\r\n" % (k, v)))
     if named:
         wants = upgrade[0] if upgrade and b"upgrade" in named else None
         named -= _DROP_REQUEST
@@ -297,6 +317,41 @@ def read_client_head(request: Request) -> ClientHead:
             kept = [item for item in kept if item[0] not in named]
     else:
         wants = None
+    return ClientHead(b"".join([line for _, line in kept]), host, xff, has_body, wants)
+
+
+def _read_raw_head(block: bytes) -> ClientHead | None:
+    """:func:`read_client_head` of a plain header block; None when its ``Connection``
+    names other headers to drop (left to the general path)."""
+    parts = _DROP_REQUEST_LINES.split(block)
+    if len(parts) == 4 and parts[1].lower() == b"host":  # the usual: only Host to take out
+        return ClientHead(parts[0] + parts[3], parts[2], [], False, None)
+    host: bytes | None = None
+    xff: list[bytes] = []
+    named: AbstractSet[bytes] | None = None
+    upgrade: list[bytes] = []
+    has_body = False
+    for name, value in zip(parts[1::3], parts[2::3], strict=True):
+        lk = name.lower()
+        if lk == b"host":
+            if host is None:
+                host = value
+        elif lk == b"x-forwarded-for":
+            xff.append(value)
+        elif lk == b"connection":
+            tokens = connection_tokens((value,))
+            named = tokens if named is None else named | tokens
+        elif lk == b"upgrade":
+            upgrade.append(value)
+        elif lk == b"content-length" or lk == b"transfer-encoding":
+            has_body = True
+    wants = None
+    if named:
+        if not named <= _DROP_REQUEST:
+            return None
+        if upgrade and b"upgrade" in named:
+            wants = upgrade[0]
+    kept = parts[0] if len(parts) == 1 else b"".join(parts[::3])
     return ClientHead(kept, host, xff, has_body, wants)
 
 
@@ -320,9 +375,7 @@ def request_head(
     """The request head sent to the backend (request line + headers + blank line);
     ``head`` is the client's (:func:`read_client_head`)."""
     host = host_header or head.host or backend.default_host_header()
-    out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for _, k, v in head.kept:
-        out += [k, b": ", v, b"\r\n"]
+    out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n", head.kept]
     xff = head.xff
     ip = _client_ip(request)
     if ip is not None:
@@ -854,8 +907,9 @@ def parse_header_lines(block: bytes) -> Headers:
 
 def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
     """Header values per lower-cased name, in order (repeats kept, any spelling)."""
-    grouped = {k.lower(): [v] for k, v in headers}
-    if len(grouped) == len(headers):  # no name twice: done in one comprehension
+    # no name twice (the common case): built without a Python-level loop
+    grouped = dict(zip(map(bytes.lower, map(_NAME, headers)), map(list, zip(map(_VALUE, headers)))))
+    if len(grouped) == len(headers):
         return grouped
     grouped = {}
     for k, v in headers:
@@ -866,6 +920,9 @@ def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
         else:
             values.append(v)
     return grouped
+
+
+_NAME, _VALUE = itemgetter(0), itemgetter(1)
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -1051,7 +1108,11 @@ class _Exchange:
         self.status = status
         request.setResponseCode(status, reason or None)
         conn = grouped.get(b"connection")
-        drop = HOP_BY_HOP if conn is None else HOP_BY_HOP | connection_tokens(conn)
+        drop = HOP_BY_HOP
+        if conn is not None:
+            tokens = connection_tokens(conn)
+            if not tokens <= HOP_BY_HOP:
+                drop = HOP_BY_HOP | tokens
         cors = self.proxy.cors
         if cors:  # ours replace the backend's
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}

@@ -34,6 +34,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http as _http
+from twisted.web import http_headers as _http_headers
 from twisted.web import resource as _resource
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http import parse_qs as _parse_qs
@@ -125,6 +126,7 @@ class LimitedRequest(Request):
     _args: dict[bytes, list[bytes]] | None = None
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
+    _raw_head: bytes | None = None  # see raw_head()
 
     def process(self) -> None:
         """``server.Request.process`` without setting ``Server``/``Date`` up front
@@ -245,6 +247,21 @@ class LimitedRequest(Request):
         self._args = value
 
 
+def raw_head(request: Request) -> bytes | None:
+    """The request's header lines as received (each ending in CRLF, names tokens,
+    values without NUL/CR/LF), when the fast path read its head whole and nothing
+    changed ``requestHeaders`` since (see :func:`remove_request_header`); else None."""
+    return getattr(request, "_raw_head", None)
+
+
+def remove_request_header(request: Request, name: bytes) -> None:
+    """Remove a request header before forwarding: from ``requestHeaders`` and from
+    the head as received (which is then no longer sent as it is). Code that changes
+    ``requestHeaders`` of a request it forwards goes through here."""
+    request.requestHeaders.removeHeader(name)
+    request._raw_head = None  # type: ignore[attr-defined]
+
+
 def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
     """Call ``hook(reason)`` if the client goes before ``request`` is done: the cheap
     :meth:`LimitedRequest.on_connection_lost` when the request has it, else a
@@ -265,6 +282,17 @@ _SIMPLE_HEAD = re.compile(
 _HEADER_LINE = re.compile(rb"([^:]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 _LENGTH_HEADERS = re.compile(rb"(?:^|\n)(?:content-length|transfer-encoding):", re.IGNORECASE)
 
+#: header names as twisted.web's ``Headers`` spells them (``_nameEncoder.encode``)
+_CANONICAL: dict[bytes, bytes] = {}
+
+
+def _canonical(name: bytes) -> bytes:
+    key = _http_headers._nameEncoder.encode(name)
+    if len(_CANONICAL) < 1024:
+        _CANONICAL[name] = key
+    return key
+
+
 # The HTTPChannel state the fast path below reads and sets (twisted.web 24.7-26.x;
 # ``_handlingRequest`` is set in ``__init__``): if this Twisted has no such class
 # attributes, every request takes twisted.web's parser.
@@ -274,6 +302,8 @@ _FAST_HEAD_OK = all(
                  "_receivedHeaderSize", "maxHeaders", "totalHeadersSize", "line_mode",
                  "paused", "_buffer", "_busyReceiving", "length", "persistent",
                  "allHeadersReceived", "allContentReceived", "requestFactory")
+) and isinstance(getattr(_http_headers.Headers(), "_rawHeaders", None), dict) and hasattr(
+    _http_headers, "_nameEncoder"
 )
 
 
@@ -324,9 +354,20 @@ class HeadDeadlineChannel(HTTPChannel):
             request = factory(self) if nonqueued else factory(self, len(self.requests))
             self.requests.append(request)
             self._HTTPChannel__first_line = 0
-            headers = request.requestHeaders
+            # Headers.addRawHeader per line, without its checks: the regex admitted
+            # token names and values without CR/LF only
+            raw = request.requestHeaders._rawHeaders
+            canonical = _CANONICAL
             for name, value in pairs:
-                headers.addRawHeader(name, value)
+                key = canonical.get(name)
+                if key is None:
+                    key = _canonical(name)
+                values = raw.get(key)
+                if values is None:
+                    raw[key] = [value]
+                else:
+                    values.append(value)
+            request._raw_head = m.group(4)  # type: ignore[attr-defined]
             self._receivedHeaderCount = len(pairs)
             self._command, self._path, self._version = m.group(1, 2, 3)
             self.allHeadersReceived()
