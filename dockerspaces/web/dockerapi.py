@@ -44,7 +44,6 @@ from ..spec import split_uri
 from .errors import write_error
 from .proxy import Backend, ExchangeEnd
 from .routing import parse_ip
-from .site import remove_request_header
 
 TOKEN_HEADER = "X-Dockerspaces-Token"
 PREFIX = b"/docker:local"
@@ -275,7 +274,7 @@ class DockerApiResource(Resource):
                 reason=denied,
             )
             return write_error(request, 403, denied)
-        remove_request_header(request, TOKEN_HEADER.encode("ascii"))
+        request.requestHeaders.removeHeader(TOKEN_HEADER.encode("ascii"))
         if request.method not in SAFE_METHODS:
             self.log.info(
                 "docker-api: {method} {path} from {caller}",

@@ -28,7 +28,6 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from operator import itemgetter
 from typing import Any
 
 from attrs import define, field, frozen
@@ -58,7 +57,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 
 from . import routing
 from .errors import finish_error
-from .site import TOKEN, http_date, on_lost, raw_head
+from .site import TOKEN, http_date, on_lost
 
 log = Logger()
 
@@ -268,25 +267,10 @@ class ClientHead:
     upgrade: bytes | None
 
 
-#: the lines of a plain request header block (``site.raw_head``) the proxy does not
-#: send on as they are: split out in one pass, name and value captured
-_DROP_REQUEST_LINES = re.compile(
-    rb"^(" + b"|".join(sorted(_DROP_REQUEST)) + rb"):[ \t]*([^\r\n]*?)[ \t]*\r\n",
-    re.IGNORECASE | re.MULTILINE,
-)
-
-
 def read_client_head(request: Request) -> ClientHead:
     """One pass over the client's request headers (see :class:`ClientHead`): hop-by-hop
     headers, those named in ``Connection`` and those the proxy sets itself are left
-    out of ``kept``. A head read whole by the site's fast path is taken from its bytes
-    as received (:func:`~dockerspaces.web.site.raw_head`) when its ``Connection``
-    names nothing beyond those; any other from ``requestHeaders``."""
-    block = raw_head(request)
-    if block is not None:
-        head = _read_raw_head(block)
-        if head is not None:
-            return head
+    out of ``kept``."""
     host: bytes | None = None
     xff: list[bytes] = []
     named: AbstractSet[bytes] | None = None
@@ -318,41 +302,6 @@ def read_client_head(request: Request) -> ClientHead:
     else:
         wants = None
     return ClientHead(b"".join([line for _, line in kept]), host, xff, has_body, wants)
-
-
-def _read_raw_head(block: bytes) -> ClientHead | None:
-    """:func:`read_client_head` of a plain header block; None when its ``Connection``
-    names other headers to drop (left to the general path)."""
-    parts = _DROP_REQUEST_LINES.split(block)
-    if len(parts) == 4 and parts[1].lower() == b"host":  # the usual: only Host to take out
-        return ClientHead(parts[0] + parts[3], parts[2], [], False, None)
-    host: bytes | None = None
-    xff: list[bytes] = []
-    named: AbstractSet[bytes] | None = None
-    upgrade: list[bytes] = []
-    has_body = False
-    for name, value in zip(parts[1::3], parts[2::3], strict=True):
-        lk = name.lower()
-        if lk == b"host":
-            if host is None:
-                host = value
-        elif lk == b"x-forwarded-for":
-            xff.append(value)
-        elif lk == b"connection":
-            tokens = connection_tokens((value,))
-            named = tokens if named is None else named | tokens
-        elif lk == b"upgrade":
-            upgrade.append(value)
-        elif lk == b"content-length" or lk == b"transfer-encoding":
-            has_body = True
-    wants = None
-    if named:
-        if not named <= _DROP_REQUEST:
-            return None
-        if upgrade and b"upgrade" in named:
-            wants = upgrade[0]
-    kept = parts[0] if len(parts) == 1 else b"".join(parts[::3])
-    return ClientHead(kept, host, xff, has_body, wants)
 
 
 def _client_ip(request: Request) -> bytes | None:
@@ -907,9 +856,8 @@ def parse_header_lines(block: bytes) -> Headers:
 
 def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
     """Header values per lower-cased name, in order (repeats kept, any spelling)."""
-    # no name twice (the common case): built without a Python-level loop
-    grouped = dict(zip(map(bytes.lower, map(_NAME, headers)), map(list, zip(map(_VALUE, headers)))))
-    if len(grouped) == len(headers):
+    grouped = {k.lower(): [v] for k, v in headers}
+    if len(grouped) == len(headers):  # no name twice: done in one comprehension
         return grouped
     grouped = {}
     for k, v in headers:
@@ -920,9 +868,6 @@ def group_headers(headers: Headers) -> dict[bytes, list[bytes]]:
         else:
             values.append(v)
     return grouped
-
-
-_NAME, _VALUE = itemgetter(0), itemgetter(1)
 
 
 # -- the pool ------------------------------------------------------------------------

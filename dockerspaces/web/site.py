@@ -126,7 +126,6 @@ class LimitedRequest(Request):
     _args: dict[bytes, list[bytes]] | None = None
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
-    _raw_head: bytes | None = None  # see raw_head()
 
     def process(self) -> None:
         """``server.Request.process`` without setting ``Server``/``Date`` up front
@@ -247,21 +246,6 @@ class LimitedRequest(Request):
         self._args = value
 
 
-def raw_head(request: Request) -> bytes | None:
-    """The request's header lines as received (each ending in CRLF, names tokens,
-    values without NUL/CR/LF), when the fast path read its head whole and nothing
-    changed ``requestHeaders`` since (see :func:`remove_request_header`); else None."""
-    return getattr(request, "_raw_head", None)
-
-
-def remove_request_header(request: Request, name: bytes) -> None:
-    """Remove a request header before forwarding: from ``requestHeaders`` and from
-    the head as received (which is then no longer sent as it is). Code that changes
-    ``requestHeaders`` of a request it forwards goes through here."""
-    request.requestHeaders.removeHeader(name)
-    request._raw_head = None  # type: ignore[attr-defined]
-
-
 def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
     """Call ``hook(reason)`` if the client goes before ``request`` is done: the cheap
     :meth:`LimitedRequest.on_connection_lost` when the request has it, else a
@@ -367,7 +351,6 @@ class HeadDeadlineChannel(HTTPChannel):
                     raw[key] = [value]
                 else:
                     values.append(value)
-            request._raw_head = m.group(4)  # type: ignore[attr-defined]
             self._receivedHeaderCount = len(pairs)
             self._command, self._path, self._version = m.group(1, 2, 3)
             self.allHeadersReceived()
@@ -484,6 +467,13 @@ class ProxySite(Site):
         if channel is not None:
             channel.head_timeout = self.head_timeout
         return channel
+
+    def getResourceFor(self, request: Any) -> IResource:
+        """``Site.getResourceFor`` for a request fresh from :meth:`LimitedRequest.process`
+        (its ``prepath`` is still empty: no ``copy.copy`` of it for ``sitepath``)."""
+        request.site = self
+        request.sitepath = list(request.prepath)
+        return _resource.getChildForRequest(self.resource, request)  # type: ignore[no-any-return]
 
     def log(self, request: Any) -> None:
         """Hand the finished request to ``on_request_logged`` (no log by default)."""
