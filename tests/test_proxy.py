@@ -35,6 +35,7 @@ from dockerspaces.web.proxy import (
     flush_now,
     parse_header_lines,
     rewrite_location,
+    send_all_now,
     send_now,
     write_now,
 )
@@ -826,6 +827,67 @@ class WriteNowTests(SynchronousTestCase):
         flush_now(t)
         self.assertEqual(_drain(peer), b"")
         self.assertEqual(reactor.getWriters(), [t])
+
+
+class SendAllNowTests(SynchronousTestCase):
+    """A whole small answer (head and body known at once) leaves in one sendmsg, the
+    client socket never registered for writing."""
+
+    conn = WriteNowTests.conn
+
+    def test_all_sent(self) -> None:
+        t, peer, reactor = self.conn()
+        send_all_now(t, [b"HTTP/1.1 200 OK\r\n", b"\r\n", memoryview(b"xhello")[1:]])  # type: ignore[list-item]
+        self.assertEqual(_drain(peer), b"HTTP/1.1 200 OK\r\n\r\nhello")
+        self.assertEqual(reactor.getWriters(), [])
+
+    def test_rest_queued(self) -> None:
+        t, peer, reactor = self.conn()
+        t.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = bytes(range(256)) * 4096
+        send_all_now(t, [b"head|", data])
+        self.assertEqual(reactor.getWriters(), [t])
+        got = _drain(peer)
+        while len(got) < len(data) + 5:
+            t.doWrite()
+            got += _drain(peer)
+        self.assertEqual(got, b"head|" + data)
+
+    def test_whole_answer_through_the_proxy(self) -> None:
+        """End to end on a real tcp.Connection client: the answer is on the socket
+        when the backend's bytes are handled, and no writer is left registered."""
+        h = Harness()
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            peer = socket.create_connection(server.getsockname())
+            a, _ = server.accept()
+        a.setblocking(False)
+        peer.setblocking(False)
+        self.addCleanup(a.close)
+        self.addCleanup(peer.close)
+        reactor = MemoryReactor()
+        registered: list[Any] = []  # every addWriter: each one an epoll_ctl on a real reactor
+        add_writer = reactor.addWriter
+        reactor.addWriter = lambda w: (registered.append(w), add_writer(w))  # type: ignore[method-assign]
+        channel = h.site.buildProtocol(CLIENT)
+        t = tcp.Connection(a, channel, reactor)
+        t.connected = 1
+        t.getPeer = lambda: CLIENT  # type: ignore[method-assign]
+        t.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 8000)  # type: ignore[method-assign]
+        channel.makeConnection(t)
+        for _ in range(2):  # twice on one keep-alive connection (the second pooled)
+            channel.dataReceived(GET)
+            if h.pending:
+                p, bt = h.accept()
+            bt.clear()
+            p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: x\r\n\r\nhello")
+            got = _drain(peer)
+            status, headers = head_of(got)
+            self.assertEqual(status, b"HTTP/1.1 200 OK")
+            self.assertEqual(values(headers, b"etag"), [b"x"])
+            self.assertTrue(got.endswith(b"\r\n\r\nhello"), got)
+            self.assertEqual(reactor.getWriters(), [])
+        self.assertEqual(registered, [])
+        self.assertEqual([e.reason for e in h.ends], ["finished", "finished"])
 
 
 class _Backend(Protocol):
