@@ -315,6 +315,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5,
                     help="run the small-page test this many times, targets interleaved; "
                          "medians of req/s and of the per-round ratios are reported")
+    ap.add_argument("--chp", help="the configurable-http-proxy to run (default: the one on PATH)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not give the proxy under test a core of its own")
     args = ap.parse_args()
@@ -325,7 +326,11 @@ def main() -> None:
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
             sys.exit(f"{tool} not found: apt-get install -y wrk nginx")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    chp = shutil.which("configurable-http-proxy")
+    chp = args.chp or shutil.which("configurable-http-proxy")
+    if chp:
+        version = subprocess.run([chp, "--version"], capture_output=True, text=True,
+                                 check=False).stdout.strip()
+        print(f"configurable-http-proxy {version or '?'} ({chp})")
     tests = set(args.tests.split(","))
     wanted = set(args.targets.split(","))
 
