@@ -32,6 +32,7 @@ from dockerspaces.web.proxy import (
     _parse_response_head,
     can_send_now,
     drop_hop_by_hop,
+    drop_lines,
     flush_now,
     parse_header_lines,
     rewrite_location,
@@ -544,6 +545,19 @@ class HeadParserTests(SynchronousTestCase):
         except Exception as e:  # noqa: BLE001
             fast = type(e)
         self.assertEqual(fast, slow)
+
+    @settings(max_examples=1000, deadline=None)
+    @given(st.lists(st.tuples(
+        st.sampled_from(["Connection", "connection", "TE", "te", "Test", "Keep-Alive",
+                         "Connection-X", "X-Connection", "Upgrade", "A"]),
+        st.sampled_from([b"", b" x", b"connection:", b"\nTE: y"[1:], b"te:"]),
+    ), max_size=6), st.sets(st.sampled_from([b"connection", b"te", b"keep-alive", b"upgrade"])))
+    def test_drop_lines(self, lines: list[tuple[str, bytes]], names: set[bytes]) -> None:
+        """drop_lines keeps exactly the lines whose name (any case) is not in names."""
+        block = b"".join(k.encode() + b":" + v + b"\r\n" for k, v in lines)
+        expected = b"".join(k.encode() + b":" + v + b"\r\n" for k, v in lines
+                            if k.lower().encode() not in names)
+        self.assertEqual(drop_lines(block, frozenset(names)), expected)
 
     def test_folded_and_odd_lines_take_the_slow_path(self) -> None:
         head = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d\r\n"

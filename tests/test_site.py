@@ -338,10 +338,21 @@ class FastHeadTests(SynchronousTestCase):
         self.assertIn((b"X-Thing", [b"v  w"]), seen[0][5])
         self.assertEqual((seen, out, closing), _serve(raw, whole=False)[:3])
 
+    def test_a_value_naming_a_length_header_is_no_body(self) -> None:
+        raw = b"GET / HTTP/1.1\r\nX-Note: see Content-Length: 5\r\n\r\n"
+        whole = _serve(raw, whole=True)
+        self.assertEqual(whole[3], 1)
+        self.assertEqual(whole[:3], _serve(raw, whole=False)[:3])
+
     def test_bodies_and_pipelines_take_twisteds_parser(self) -> None:
         for raw in (
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi",
             b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nCONTENT-LENGTH:0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: bare\rCR\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: bare\nLF\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: nul\x00\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n",
             b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",

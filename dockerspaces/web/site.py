@@ -257,14 +257,37 @@ def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
         request.notifyFinish().addErrback(hook)
 
 
-#: a whole request head without a body: request line, token-named headers whose values
-#: hold no NUL/CR/LF, the blank line (what twisted.web's line parser accepts, narrowed)
-_SIMPLE_HEAD = re.compile(
-    rb"(" + TOKEN + rb") ([\x21-\xb0]+) (HTTP/1\.[01])\r\n"
-    rb"((?:" + TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n"
+#: A whole request head without a body is read by two regexes: the request line, then
+#: every header line at once -- a token name, a value without NUL/CR/LF (SP/HTAB at its
+#: edges stripped, as twisted.web does) -- anchored at line starts, so that the head is
+#: simple exactly when each of its CRLFs ends a matched line and it has no bare CR or
+#: LF (what twisted.web's line parser accepts, narrowed). No lazy quantifiers: they
+#: retried the rest of a pattern at every byte.
+_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\xb0]+) (HTTP/1\.[01])\r\n")
+_HEADER_LINE = re.compile(
+    rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\x00\r\n]*[^ \t\x00\r\n])?)[ \t]*\r\n"
 )
-_HEADER_LINE = re.compile(rb"([^:]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
-_LENGTH_HEADERS = re.compile(rb"(?:^|\n)(?:content-length|transfer-encoding):", re.IGNORECASE)
+#: request headers that announce a body (such heads take twisted.web's parser)
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def simple_head(data: bytes) -> tuple[Any, list[tuple[bytes, bytes]]] | None:
+    """The request line match and the header (name, value) pairs of ``data``, a whole
+    request head ending in its blank line, when it is simple and announces no body;
+    else None (twisted.web's parser reads it)."""
+    m = _REQUEST_LINE.match(data)
+    if m is None:
+        return None
+    block = data[m.end() : -2]
+    pairs = _HEADER_LINE.findall(block)
+    n = block.count(b"\r\n")
+    if len(pairs) != n or block.count(b"\n") != n or block.count(b"\r") != n:
+        return None
+    for name, _ in pairs:
+        if name.lower() in _BODY_HEADERS:
+            return None
+    return m, pairs
+
 
 #: header names as twisted.web's ``Headers`` spells them (``_nameEncoder.encode``)
 _CANONICAL: dict[bytes, bytes] = {}
@@ -319,12 +342,10 @@ class HeadDeadlineChannel(HTTPChannel):
             and not self._HTTPChannel__header  # type: ignore[attr-defined]
             and len(data) <= self.totalHeadersSize
         ):
-            m = _SIMPLE_HEAD.fullmatch(data)
-            if m is not None and _LENGTH_HEADERS.search(m.group(4)) is None:
-                pairs = _HEADER_LINE.findall(m.group(4))
-                if len(pairs) <= self.maxHeaders:
-                    self._fast_head(m, pairs)
-                    return
+            simple = simple_head(data)
+            if simple is not None and len(simple[1]) <= self.maxHeaders:
+                self._fast_head(*simple)
+                return
         super().dataReceived(data)
 
     def _fast_head(self, m: Any, pairs: list[tuple[bytes, bytes]]) -> None:
