@@ -773,20 +773,25 @@ class _Paused:
         pass
 
 
+def _connection(test: SynchronousTestCase, a: socket.socket, b: socket.socket,
+                protocol: Any) -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
+    """A tcp.Connection for ``protocol`` on socket ``a`` (``b``: its peer), on a
+    MemoryReactor, both sockets non-blocking and closed after the test."""
+    for sock in (a, b):
+        sock.setblocking(False)
+        test.addCleanup(sock.close)
+    reactor = MemoryReactor()
+    t = tcp.Connection(a, protocol, reactor)
+    t.connected = 1
+    return t, b, reactor
+
+
 class WriteNowTests(SynchronousTestCase):
     """write_now / flush_now on a real tcp.Connection over a socketpair: bytes leave at
     once and the socket is not left registered for writing."""
 
     def conn(self) -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        reactor = MemoryReactor()
-        t = tcp.Connection(a, Protocol(), reactor)
-        t.connected = 1
-        return t, b, reactor
+        return _connection(self, *socket.socketpair(), Protocol())
 
     def test_write_now_sends_without_the_reactor(self) -> None:
         t, peer, reactor = self.conn()
@@ -874,17 +879,11 @@ class SendAllNowTests(SynchronousTestCase):
         with socket.create_server(("127.0.0.1", 0)) as server:
             peer = socket.create_connection(server.getsockname())
             a, _ = server.accept()
-        a.setblocking(False)
-        peer.setblocking(False)
-        self.addCleanup(a.close)
-        self.addCleanup(peer.close)
-        reactor = MemoryReactor()
+        channel = h.site.buildProtocol(CLIENT)
+        t, peer, reactor = _connection(self, a, peer, channel)
         registered: list[Any] = []  # every addWriter: each one an epoll_ctl on a real reactor
         add_writer = reactor.addWriter
         reactor.addWriter = lambda w: (registered.append(w), add_writer(w))  # type: ignore[method-assign]
-        channel = h.site.buildProtocol(CLIENT)
-        t = tcp.Connection(a, channel, reactor)
-        t.connected = 1
         t.getPeer = lambda: CLIENT  # type: ignore[method-assign]
         t.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 8000)  # type: ignore[method-assign]
         channel.makeConnection(t)
