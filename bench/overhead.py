@@ -38,7 +38,8 @@ from twisted.logger import globalLogBeginner
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dockerspaces.web.proxy import Backend, BackendProtocol, Proxy, _BackendFactory
+from dockerspaces.web.backend import Backend, BackendFactory, BackendProtocol
+from dockerspaces.web.proxy import Proxy
 from dockerspaces.web.site import make_site
 
 CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -55,7 +56,7 @@ class _Endpoint:
     def __init__(self, rig: Rig):
         self.rig = rig
 
-    def connect(self, factory: _BackendFactory) -> Any:
+    def connect(self, factory: BackendFactory) -> Any:
         p = factory.buildProtocol(None)
         t = StringTransport()
         p.makeConnection(t)

@@ -142,7 +142,8 @@ OURS = """
 import sys
 from twisted.internet import reactor
 from twisted.web.resource import Resource
-from dockerspaces.web.proxy import Backend, Proxy
+from dockerspaces.web.backend import Backend
+from dockerspaces.web.proxy import Proxy
 from dockerspaces.web.site import make_site
 
 port, backend_port, ws_port = (int(a) for a in sys.argv[1:4])

@@ -14,6 +14,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockerspaces.config import Config, ConfigError, HostConfig
+from dockerspaces.web.backend import Backend
 from dockerspaces.web.dockerapi import (
     TOKEN_HEADER,
     DockerApiResource,
@@ -26,7 +27,6 @@ from dockerspaces.web.dockerapi import (
     read_token,
     redact_api_path,
 )
-from dockerspaces.web.proxy import Backend
 
 TOKEN = "s3cr3t-T0ken"
 SOCK = Backend.unix("/var/run/docker.sock")

@@ -23,19 +23,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from dockerspaces.web.proxy import (
-    Backend,
-    BackendProtocol,
+from dockerspaces.web.backend import Backend, BackendProtocol
+from dockerspaces.web.headers import (
     BadResponse,
-    ExchangeEnd,
-    Proxy,
-    _parse_response_head,
-    can_send_now,
     drop_hop_by_hop,
     drop_lines,
-    flush_now,
     parse_header_lines,
+    parse_response_head,
     rewrite_location,
+)
+from dockerspaces.web.proxy import ExchangeEnd, Proxy
+from dockerspaces.web.sendnow import (
+    can_send_now,
+    flush_now,
     send_all_now,
     send_now,
     write_now,
@@ -541,7 +541,7 @@ class HeadParserTests(SynchronousTestCase):
             slow = type(e)
         try:
             head = b"HTTP/1.1 200 OK" + (b"\r\n" + block[:-2] if block else b"")
-            fast: Any = _parse_response_head(head)[3]
+            fast: Any = parse_response_head(head)[3]
         except Exception as e:  # noqa: BLE001
             fast = type(e)
         self.assertEqual(fast, slow)
@@ -563,10 +563,10 @@ class HeadParserTests(SynchronousTestCase):
         head = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d\r\n"
                 b"X-D: a\nb\rc")
         # a name that is not a token is dropped, CR/LF inside a value become spaces
-        self.assertEqual(_parse_response_head(head)[3],
+        self.assertEqual(parse_response_head(head)[3],
                          [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X-D", b"a b c")])
-        self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\n X: y")
-        self.assertRaises(BadResponse, _parse_response_head, b"HTTP/1.1 200 OK\r\nno colon")
+        self.assertRaises(BadResponse, parse_response_head, b"HTTP/1.1 200 OK\r\n X: y")
+        self.assertRaises(BadResponse, parse_response_head, b"HTTP/1.1 200 OK\r\nno colon")
 
     def test_invalid_header_name_dropped(self) -> None:
         h = Harness()

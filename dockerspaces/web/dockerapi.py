@@ -41,8 +41,9 @@ from twisted.web.server import Request
 
 from ..config import Config, ConfigError, HostConfig
 from ..spec import split_uri
+from .backend import Backend
 from .errors import write_error
-from .proxy import Backend, ExchangeEnd
+from .proxy import ExchangeEnd
 from .routing import parse_ip
 
 TOKEN_HEADER = "X-Dockerspaces-Token"

@@ -13,9 +13,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..spec import HostTarget, JobSpec, split_uri_cached
 from .accesslog import route_info
+from .backend import Backend
 from .errors import finish_error, status_of, write_error
 from .pages import wants_html
-from .proxy import Backend, ExchangeEnd, Proxy
+from .proxy import ExchangeEnd, Proxy
 from .routing import Forbidden, HostPolicy
 from .site import on_lost
 

@@ -26,10 +26,13 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .proxy import can_send_now, drop_hop_by_hop, is_plain_tcp, send_now
+from .headers import drop_hop_by_hop
+from .sendnow import can_send_now, is_plain_tcp, send_now
 
 if TYPE_CHECKING:
-    from .proxy import BackendProtocol, Headers, _Exchange
+    from .backend import BackendProtocol
+    from .headers import Headers
+    from .proxy import _Exchange
 
 log = Logger()
 

@@ -29,7 +29,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dockerspaces.web.proxy import Backend, ExchangeEnd, Proxy
+from dockerspaces.web.backend import Backend
+from dockerspaces.web.proxy import ExchangeEnd, Proxy
 from dockerspaces.web.site import make_site
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -514,7 +515,8 @@ PROXY_SCRIPT = textwrap.dedent(
     import sys
     from twisted.internet import reactor
     from twisted.web.resource import Resource
-    from dockerspaces.web.proxy import Backend, Proxy
+    from dockerspaces.web.backend import Backend
+    from dockerspaces.web.proxy import Proxy
     from dockerspaces.web.site import make_site
 
     backend = Backend.tcp("127.0.0.1", int(sys.argv[1]))
