@@ -56,22 +56,15 @@ class LineWriter:
 
     def write(self, line: str, urgent: bool = False) -> None:
         """Queue ``line`` (ending in a newline) or, where it cannot wait, write it now."""
-        if urgent or not self.reactor.running or get_ident() != self._thread:
-            self._write_now(line)
+        if get_ident() != self._thread:
+            self._write(line)  # not queued: the list belongs to the reactor thread
             return
         pending = self._pending
         pending.append(line)
-        if self._call is None:
-            self._call = self.reactor.callLater(0, self._flush_later)
-        elif len(pending) >= FLUSH_LINES:
+        if urgent or len(pending) >= FLUSH_LINES or not self.reactor.running:
             self.flush()
-
-    def _write_now(self, line: str) -> None:
-        if get_ident() != self._thread:
-            self._write(line)  # (not queued: the list belongs to the reactor thread)
-            return
-        self._pending.append(line)  # after what is pending, in order
-        self.flush()
+        elif self._call is None:
+            self._call = self.reactor.callLater(0, self._flush_later)
 
     def _flush_later(self) -> None:
         self._call = None

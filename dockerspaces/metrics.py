@@ -217,14 +217,7 @@ class Metrics:
         counts = self.requests.values
         labels = _status_labels(kind, status)
         counts[labels] = counts.get(labels, 0.0) + 1
-        # Histogram.observe for the request time, inlined
-        series = self.request_seconds.series.get(key)
-        if series is None:
-            series = self.request_seconds.series[key] = _HistSeries([0] * (len(DURATION_BUCKETS) + 1))
-        seconds = max(seconds, 0.0)
-        series.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        series.total += seconds
-        series.count += 1
+        self.request_seconds.observe(kind, value=max(0.0, seconds))
         if queue_wait is not None:
             self.queue_seconds.observe(kind, value=max(0.0, queue_wait))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
@@ -41,20 +39,14 @@ class Recorder:
     clock: IReactorTime
     metrics: Metrics | None = None
     log: RequestLog = field(factory=RequestLog)
-    _site: Any = None  # the site last seen, and whether it reports lost clients itself
-    _site_reports: bool = False
 
     def begin(self, request: Request, kind: str, route: str) -> None:
         """Called by the root once the route is known."""
         setattr(request, _ATTR, RouteInfo(kind, route, self.clock.seconds()))
         if self.metrics is not None:
             self.metrics.request_started(kind)
-        site = getattr(request, "site", None)
-        if site is not self._site:
-            # a site built with on_request_lost=recorder.lost tells us itself
-            self._site = site
-            self._site_reports = getattr(site, "on_request_lost", None) == self.lost
-        if not self._site_reports:
+        # a site built with on_request_lost=recorder.lost tells us itself
+        if getattr(getattr(request, "site", None), "on_request_lost", None) != self.lost:
             on_lost(request, lambda _: self.done(request, "client-gone"))
 
     def lost(self, request: Request) -> None:

@@ -144,7 +144,9 @@ class HostRoute(Resource):
         super().__init__()
         self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
         self.cookie = prefix[1:].decode("latin-1") if cookie and prefix else None
-        self._ready: tuple[Backend, bytes] | None = None
+        # the backend and Host for an allowed IP literal: its verdict depends on the
+        # policy alone, so it is checked once per route
+        self._literal: tuple[Backend, bytes] | None = None
 
     def render(self, request: Request) -> Any:
         """Forward the request URI less the route segment."""
@@ -152,33 +154,33 @@ class HostRoute(Resource):
 
     def serve(self, request: Request, path: bytes) -> Any:
         """Check the host (resolving a name first), then forward ``path``."""
-        ready = self._ready
-        if ready is not None:  # an allowed IP literal, checked before
-            self.proxy.forward(request, ready[0], path, prefix=self.prefix,
-                               host_header=ready[1], set_route_cookie=self.cookie)
-            return NOT_DONE_YET
-        t = self.target
-        try:
-            # an IP literal is checked at once (cached): no Deferred, no notifyFinish
-            ip = self.policy.check_literal(t.host, t.port)
-        except Forbidden as e:
-            finish_error(request, 403, str(e))
-            return NOT_DONE_YET
-        if ip is not None:
-            # a literal's verdict depends on the policy alone: kept for the next request
-            self._ready = _host_plan(t, ip)
-            self._go(request, path, ip)
-            return NOT_DONE_YET
-        d = self.policy.check(t.host, t.port)
-        _on_gone(request, d)
-        d.addCallbacks(lambda ip: self._go(request, path, ip),
-                       lambda f: self._denied(request, f))
+        plan = self._literal
+        if plan is None:
+            t = self.target
+            try:
+                # an IP literal is checked at once: no Deferred, no notifyFinish
+                ip = self.policy.check_literal(t.host, t.port)
+            except Forbidden as e:
+                finish_error(request, 403, str(e))
+                return NOT_DONE_YET
+            if ip is None:
+                d = self.policy.check(t.host, t.port)
+                _on_gone(request, d)
+                d.addCallbacks(lambda ip: self._go(request, path, ip),
+                               lambda f: self._denied(request, f))
+                return NOT_DONE_YET
+            plan = self._literal = _host_plan(t, ip)
+        self._forward(request, path, plan)
         return NOT_DONE_YET
 
     def _go(self, request: Request, path: bytes, ip: str) -> None:
+        """A name resolved and allowed: forward, unless the request is over by now."""
         if request.finished or getattr(request, "_disconnected", False):
             return
-        backend, host_header = _host_plan(self.target, ip)
+        self._forward(request, path, _host_plan(self.target, ip))
+
+    def _forward(self, request: Request, path: bytes, plan: tuple[Backend, bytes]) -> None:
+        backend, host_header = plan
         self.proxy.forward(request, backend, path, prefix=self.prefix, host_header=host_header,
                            set_route_cookie=self.cookie)
 

@@ -64,8 +64,8 @@ from .headers import (
 )
 from .sendnow import (
     can_send_now,
+    can_write_now,
     flush_now,
-    idle_producer,
     is_plain_tcp,
     send_all_now,
     send_now,
@@ -324,9 +324,7 @@ class _Exchange:
                 and t is not None
                 and not request.chunked
                 and request.method != b"HEAD"
-                and can_send_now(t)
-                and not t._tempDataLen
-                and idle_producer(t)
+                and can_write_now(t)
             ):
                 # Twisted's write would register the socket for writing and our flush
                 # at the end take it off again: two epoll_ctl calls per small answer

@@ -82,15 +82,7 @@ class Root(Resource):
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
         """Pick the resource for this request from its raw URI (``path`` is ignored)."""
-        raw = split_uri_cached(request.uri)[0]
-        plan = self._plans.get(raw.segment)
-        if plan is not None and plan.leaf is not None and raw.rest:
-            # the common case, a host: route seen before: its shared resource
-            if self.recorder is not None:
-                self.recorder.begin(request, plan.kind, plan.display)
-            child: Resource = plan.leaf
-        else:
-            child = self._resolve(request)
+        child = self._resolve(request)
         if self.config.cors and not isinstance(child, _NoCors):
             if routing.is_preflight(request):
                 return _Preflight()

@@ -68,11 +68,17 @@ def send_now(t: Any, data: bytes | memoryview) -> bool:
     return False
 
 
-def idle_producer(t: Any) -> bool:
-    """True when ``t`` has no producer waiting for its buffer to drain: what
-    ``FileDescriptor.doWrite`` would do once the buffer is empty is then nothing (a
-    producer paused by the buffer, or a pull producer, waits to be resumed)."""
+def _idle_producer(t: Any) -> bool:
+    # what FileDescriptor.doWrite would do once the buffer is empty: nothing, unless a
+    # producer waits to be resumed (paused by the buffer, or a pull producer)
     return t.producer is None or (t.streamingProducer and not t.producerPaused)
+
+
+def can_write_now(t: Any) -> bool:
+    """True when bytes may go straight to the socket of the plain TCP transport ``t``
+    (:func:`write_now`, :func:`send_all_now`): :func:`can_send_now`, nothing queued
+    either, and no producer waiting for the buffer to drain."""
+    return can_send_now(t) and not t._tempDataLen and _idle_producer(t)
 
 
 def write_now(t: Any, data: bytes) -> None:
@@ -82,7 +88,7 @@ def write_now(t: Any, data: bytes) -> None:
     on the next reactor iteration, one more epoll wake-up and ``doWrite`` per request
     head sent to a backend. What the kernel does not take now is queued as usual.
     """
-    if not (is_plain_tcp(t) and can_send_now(t) and not t._tempDataLen and idle_producer(t)):
+    if not (is_plain_tcp(t) and can_write_now(t)):
         t.write(data)
         return
     try:
@@ -95,8 +101,8 @@ def write_now(t: Any, data: bytes) -> None:
 
 def send_all_now(t: Any, pieces: list[bytes]) -> None:
     """Send ``pieces`` on the plain TCP transport ``t`` with one ``sendmsg`` (only when
-    :func:`can_send_now`, with nothing queued and no producer waiting); what the kernel
-    does not take is queued with ``t.write`` as usual."""
+    :func:`can_write_now`); what the kernel does not take is queued with ``t.write`` as
+    usual."""
     try:
         sent = t.socket.sendmsg(pieces)
     except OSError:
@@ -111,7 +117,7 @@ def flush_now(t: Any) -> None:
     if (
         t._tempDataLen
         and can_send_now(t)
-        and idle_producer(t)
+        and _idle_producer(t)
         and send_now(t, b"")
     ):
         t.stopWriting()

@@ -289,17 +289,6 @@ def simple_head(data: bytes) -> tuple[Any, list[tuple[bytes, bytes]]] | None:
     return m, pairs
 
 
-#: header names as twisted.web's ``Headers`` spells them (``_nameEncoder.encode``)
-_CANONICAL: dict[bytes, bytes] = {}
-
-
-def _canonical(name: bytes) -> bytes:
-    key = _http_headers._nameEncoder.encode(name)
-    if len(_CANONICAL) < 1024:
-        _CANONICAL[name] = key
-    return key
-
-
 # The HTTPChannel state the fast path below reads and sets (twisted.web 24.7-26.x;
 # ``_handlingRequest`` is set in ``__init__``): if this Twisted has no such class
 # attributes, every request takes twisted.web's parser.
@@ -362,11 +351,9 @@ class HeadDeadlineChannel(HTTPChannel):
             # Headers.addRawHeader per line, without its checks: the regex admitted
             # token names and values without CR/LF only
             raw = request.requestHeaders._rawHeaders
-            canonical = _CANONICAL
+            encode = _http_headers._nameEncoder.encode  # canonical spelling, cached
             for name, value in pairs:
-                key = canonical.get(name)
-                if key is None:
-                    key = _canonical(name)
+                key = encode(name)
                 values = raw.get(key)
                 if values is None:
                     raw[key] = [value]
