@@ -74,6 +74,7 @@ class Front(Resource):
             host_header=h.host_header,
             on_end=h.ends.append,
             set_route_cookie=h.cookie,
+            retry_unforwarded=h.retry,
         )
 
 
@@ -88,6 +89,7 @@ class Harness:
         self.prefix = b"/x:team:app:1:8080"
         self.host_header: bytes | None = None
         self.cookie: str | None = None
+        self.retry = 0  # Proxy.forward's retry_unforwarded
         self.proxy = Proxy(
             self.clock,
             endpoint_factory=lambda b: FakeEndpoint(self, b),
@@ -328,6 +330,88 @@ class ResponseTests(SynchronousTestCase):
         self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
         self.assertIn(b"127.0.0.1:9100", ct.value())
         self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_unforwarded_refused(self) -> None:
+        """With ``retry_unforwarded`` a refused connect is not answered: the caller
+        forwards the request elsewhere."""
+        h = Harness()
+        h.retry = 1
+        _, ct = h.client(GET)
+        _, d = h.pending.pop()
+        d.errback(Failure(ierror.ConnectionRefusedError()))
+        self.assertEqual((ct.value(), ct.disconnecting), (b"", False))
+        self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
+
+    def test_unforwarded_reset_before_any_response_byte(self) -> None:
+        """A reset before any response byte (a dead container behind docker's port)
+        means the request never reached the app: handed back, whatever its method."""
+        h = Harness()
+        h.retry = 1
+        _, ct = h.client(b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")
+        p, _ = h.accept()
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertEqual(ct.value(), b"")
+        self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
+
+    def test_closed_without_answer_get_goes_elsewhere_once(self) -> None:
+        """A clean close before any response byte may have reached the app: a bodiless
+        GET is sent elsewhere when the caller allows it (``retry_unforwarded`` 2)..."""
+        h = Harness()
+        h.retry = 2
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(ct.value(), b"")
+        self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
+        # ... but not again, and never a request with a body
+        for retry, raw in [(1, GET),
+                           (2, b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")]:
+            h = Harness()
+            h.retry = retry
+            _, ct = h.client(raw)
+            p, _ = h.accept()
+            p.connectionLost(Failure(ierror.ConnectionDone()))
+            self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
+            self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_once_bytes_came_back_it_is_a_502(self) -> None:
+        """Any response byte means the app had the request: never handed back."""
+        h = Harness()
+        h.retry = 2
+        _, ct = h.client(GET)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 O")
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_close_delimited_body_cut_by_a_reset_is_not_complete(self) -> None:
+        """A close-delimited body (HTTP/1.0, CGI) passed on chunked: a reset ends it
+        without the terminating chunk (the client sees an error), a FIN ends it."""
+        h = Harness()
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nline 1\n")
+        self.assertIn(b"Transfer-Encoding: chunked", ct.value())
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 7)])
+        self.assertFalse(ct.value().endswith(b"0\r\n\r\n"))
+        self.assertTrue(ct.disconnecting)
+        h = Harness()
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nline 1\n")
+        p.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 7)])
+        self.assertTrue(ct.value().endswith(b"0\r\n\r\n"))
+
+    def test_cut_close_delimited_answer_to_an_http10_client_is_aborted(self) -> None:
+        """Without chunking or a length the client could not tell a cut answer from a
+        whole one: its connection is aborted (a reset), not closed."""
+        h = Harness()
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\n\r\npart",
+                         request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
+        aborted: list[bool] = []
+        ct.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertEqual(aborted, [True])
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 4)])
 
     def test_backend_error_mid_body_cuts_client(self) -> None:
         h = Harness()

@@ -22,6 +22,7 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
@@ -148,7 +149,15 @@ _HEAD, _BODY_LEN, _BODY_CHUNKED, _BODY_CLOSE, _IDLE, _TUNNEL, _DONE = range(7)
 
 
 class BackendGone(Exception):
-    """The backend connection ended before the response was complete."""
+    """The backend connection ended before the response was complete.
+
+    ``reset`` is True when it did not end cleanly (a reset, a write error) rather
+    than with the backend's FIN.
+    """
+
+    def __init__(self, message: str, reset: bool = False) -> None:
+        super().__init__(message)
+        self.reset = reset
 
 
 @implementer(IPushProducer)
@@ -461,10 +470,11 @@ class BackendProtocol(Protocol):
         sink, self.sink = self.sink, None
         if sink is None:
             return
-        if state == _BODY_CLOSE:
-            sink.response_done()
+        reset = reason is not None and not reason.check(ConnectionDone)
+        if state == _BODY_CLOSE and not reset:
+            sink.response_done()  # a close-delimited body ends with the backend's FIN
         else:
-            sink.backend_failed(Failure(BackendGone(reason_text(reason))), self)
+            sink.backend_failed(Failure(BackendGone(reason_text(reason), reset)), self)
 
 
 def reason_text(reason: Failure | BaseException | None) -> str:

@@ -48,6 +48,7 @@ from .backend import (
     READ_SIZE,
     Backend,
     BackendFactory,
+    BackendGone,
     BackendProtocol,
     ConnectionPool,
     reason_text,
@@ -82,8 +83,10 @@ _DIRECT_MIN = 16 * 1024  # smaller body writes take twisted.web's ordinary path
 class ExchangeEnd:
     """How one forwarded exchange ended (passed to ``on_end`` exactly once).
 
-    ``reason`` is ``finished``, ``client-gone``, ``backend-error``, ``tunnel-closed``
-    or ``refused``; ``status`` the status sent to the client (None if none was);
+    ``reason`` is ``finished``, ``client-gone``, ``backend-error``, ``tunnel-closed``,
+    ``refused`` or ``unforwarded`` (only with ``retry_unforwarded``: the request never
+    reached the backend and nothing was answered -- the caller must answer it, e.g.
+    by forwarding it elsewhere); ``status`` the status sent to the client (None if none was);
     ``bytes_out`` the response body bytes written to the client (tunnel: bytes
     from the backend to the client).
     """
@@ -123,8 +126,10 @@ class _Exchange:
         host_header: bytes | None,
         on_end: Callable[[ExchangeEnd], None] | None,
         set_route_cookie: str | None,
+        retry_unforwarded: int = 0,
     ):
         self.proxy = proxy
+        self.retry_unforwarded = retry_unforwarded
         self.request = request
         self.backend = backend
         self.prefix = prefix
@@ -196,6 +201,10 @@ class _Exchange:
         if self.ended:
             return
         b = self.backend
+        if self.retry_unforwarded:
+            # nothing was sent: the request can go elsewhere
+            self._unforwarded(f"cannot connect to backend {b}: {reason_text(f)}")
+            return
         if f.check(CancelledError, ierror.TimeoutError, DeferTimeoutError):
             msg = (
                 f"backend {b} did not accept a connection within "
@@ -367,17 +376,49 @@ class _Exchange:
             self.retried = True
             self._connect()
             return
+        if self.status is None and not conn.got_bytes and self._may_go_elsewhere(f):
+            self._unforwarded(f"backend {self.backend} closed the connection "
+                              f"without answering ({reason_text(f)})")
+            return
         msg = f"backend {self.backend} failed: {reason_text(f)}"
         if self.status is None or not self.request.startedWriting:
             # nothing sent yet (a sized head waits for its body): still a clean 502
             self._error(502, msg, "backend-error")
             return
-        # headers are out: cut the response short so the client sees the truncation
+        # headers are out: cut the response short so the client sees the truncation --
+        # no terminating chunk; where neither chunking nor a length would tell the
+        # client, the connection is aborted rather than closed
         self._unregister()
         self._end("backend-error")
         request = self.request
-        if request.channel is not None:
-            request.channel.loseConnection()
+        channel = request.channel
+        if channel is None:
+            return
+        transport: Any = channel.transport
+        if request.chunked or b"content-length" in self.head_names or transport is None:
+            channel.loseConnection()
+        else:
+            transport.abortConnection()
+
+    def _may_go_elsewhere(self, f: Failure) -> bool:
+        """Whether a request whose backend connection ended before any response byte
+        may be handed back to the caller (``retry_unforwarded``): when the connection
+        was reset (a dead container's port: the request never reached its app), or,
+        once (``retry_unforwarded`` 2), when it is a bodiless GET/HEAD whose backend
+        closed without answering (safe to send again)."""
+        mode = self.retry_unforwarded
+        if not mode or self.upgrade is not None:
+            return False
+        e = f.value
+        if isinstance(e, BackendGone) and e.reset:
+            return True
+        return mode > 1 and self.length == 0 and self.request.method in (b"GET", b"HEAD")
+
+    def _unforwarded(self, message: str) -> None:
+        """End without answering: the caller forwards the request elsewhere."""
+        log.info("proxy: {message}; the request goes elsewhere", message=message)
+        self._unregister()
+        self._end("unforwarded", status=None)
 
     def response_upgraded(
         self, conn: BackendProtocol, status: int, reason: bytes, headers: Headers, rest: bytes
@@ -517,15 +558,21 @@ class Proxy:
         host_header: bytes | None,
         on_end: Callable[[ExchangeEnd], None] | None = None,
         set_route_cookie: str | None = None,
+        retry_unforwarded: int = 0,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
         ``prefix`` is the route prefix (``X-Forwarded-Prefix``, Location rewriting);
         ``host_header`` None forwards the client's Host; ``set_route_cookie`` adds the
-        ``dsroute`` cookie naming that segment to HTML responses.
+        ``dsroute`` cookie naming that segment to HTML responses. With
+        ``retry_unforwarded`` (1, or 2 to include a bodiless GET/HEAD the backend closed
+        without answering) a request that provably never reached the backend -- the
+        connect failed, or the connection was reset before any response byte -- is not
+        answered: ``on_end`` gets reason ``unforwarded`` and the caller answers it.
         """
         _Exchange(
-            self, request, backend, path, prefix, host_header, on_end, set_route_cookie
+            self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
+            retry_unforwarded,
         ).start()
         return NOT_DONE_YET
 
