@@ -49,6 +49,7 @@ def run_options_for(config: Config) -> Any:
                     ready_path=p.ready_path,
                     start_timeout=p.start_timeout,
                     gpu=p.gpu,
+                    worker_release_max=p.worker_release_max,
                 )
         return RunOptions()
 
@@ -86,7 +87,8 @@ class Routes:
         if not self.has_slots:
             return ErrorResource(503, "this instance has no container slots (--target 0)", 60)
         return JobResource(spec, prefix, path, broker=self.broker, proxy=self.proxy,
-                           allow_image=self.config.allow_image, waiting=self.waiting)
+                           allow_image=self.config.allow_image, waiting=self.waiting,
+                           worker_post_only=self.config.worker_post_only)
 
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
         """host:/shost:/--root."""
@@ -200,6 +202,8 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
         worker_timeout=config.worker_timeout,
         release=config.release,
         stop=config.stop,
+        worker_release_max=config.worker_release_max,
+        worker_slots=config.worker_slots,
     )
     metrics = Metrics()
     broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,

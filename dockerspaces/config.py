@@ -33,6 +33,7 @@ class ImageProfile:
     ready_path: str = "/"
     start_timeout: float | None = None
     gpu: bool = True
+    worker_release_max: int | None = None  # None: --worker-release-max
 
 
 @frozen
@@ -154,12 +155,16 @@ class Config:
     email: str | None = None
     auths: str | None = None
     allow_image: tuple[str, ...] = ()
+    worker_post_only: bool = False
+    worker_release_max: int = 0  # workers of one key holding slots at once; 0: no limit
+    worker_slots: int = -1  # slots workers may hold at once, all hosts; -1: all but one
     publish_ip: str | None = None
     instance: str | None = None
     keep_containers: bool = False
     cors: bool = False
     root: HostTarget | None = None
     allow_host: tuple[str, ...] = ()
+    no_host_route: bool = False
     docker_api: bool = False
     docker_api_allow: tuple[str, ...] = ("127.0.0.0/8",)
     docker_api_token_file: str | None = None

@@ -172,6 +172,12 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("auths", "auths", None, _str, "docker config.json-style credentials for several registries"),
     Opt("allow-image", "allow_image", (), _str, "only matching images may be started (repeatable)",
         multi=True),
+    Opt("worker-post-only", "worker_post_only", False, bool,
+        "worker launches (port 3) only by POST; other methods get 405", flag=True),
+    Opt("worker-release-max", "worker_release_max", 0, _int("worker-release-max"),
+        "workers of one image key holding slots at once (0: no limit) -> 503"),
+    Opt("worker-slots", "worker_slots", -1, _int("worker-slots", -1),
+        "slots workers may hold at once, all hosts together (-1: all but one; 0: none)"),
     Opt("publish-ip", "publish_ip", None, _ip,
         "address slot ports are published on (default 127.0.0.1 local, 0.0.0.0 remote)"),
     Opt("instance", "instance", None, _str, "label marking this instance's containers"),
@@ -182,6 +188,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("allow-host", "allow_host", (), _allow_host,
         "HOST or CIDR that host:/--root may reach even if loopback/link-local (repeatable)",
         multi=True),
+    Opt("no-host-route", "no_host_route", False, bool, "turn host:/shost: routes off (404)",
+        flag=True),
     Opt("docker-api", "docker_api", False, bool, "enable /docker:local", flag=True),
     Opt("docker-api-allow", "docker_api_allow", ("127.0.0.0/8",), _cidr,
         "CIDR allowed to use /docker:local (repeatable)", multi=True),
@@ -200,7 +208,7 @@ def _profile(entry: Any, i: int) -> ImageProfile:
     if not isinstance(entry, dict) or "image" not in entry:
         raise ConfigError(f"config: {where} needs an 'image' pattern")
     known = {"image", "volumes", "shm-size", "memory", "cpus", "network", "ready-path",
-             "start-timeout", "gpu"}
+             "start-timeout", "gpu", "worker-release-max"}
     for k in entry:
         if k.replace("_", "-") not in known:
             raise ConfigError(f"config: {where}: unknown key {k!r}")
@@ -219,6 +227,8 @@ def _profile(entry: Any, i: int) -> ImageProfile:
             ready_path=str(e.get("ready-path", "/")),
             start_timeout=None if e.get("start-timeout") is None else float(e["start-timeout"]),
             gpu=bool(e.get("gpu", True)),
+            worker_release_max=(None if e.get("worker-release-max") is None
+                                else int(e["worker-release-max"])),
         )
     except (TypeError, ValueError) as ex:
         raise ConfigError(f"config: {where}: {ex}") from None

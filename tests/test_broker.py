@@ -287,7 +287,7 @@ class SharedAndWorkerTests(SynchronousTestCase):
 
     def test_each_worker_launch_starts_one_more(self) -> None:
         """Worker launches of the same spec each start their own container."""
-        h = Harness(slots=3)
+        h = Harness(slots=3, worker_slots=3)
         handles = [self.successResultOf(h.broker.launch_worker(spec(W))) for _ in range(3)]
         self.assertEqual(len({hd.id for hd in handles}), 3)
         self.assertEqual(h.starts(), 3)
@@ -365,8 +365,9 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(h.broker.waiting(), 0)
 
     def test_start_timeout_504(self) -> None:
-        """pull + start + ready beyond --start-timeout: 504, container removed, slot free."""
-        h = Harness(slots=1, ready_delay=1000, start_timeout=60, queue_timeout=1000)
+        """pull + start + ready beyond --start-timeout: 504, container removed, slot free
+        (the shorter queue timeout stopped counting once the start was under way)."""
+        h = Harness(slots=1, ready_delay=1000, start_timeout=60, queue_timeout=10)
         d = h.acquire(A)
         h.clock.advance(60)
         err = self.failureResultOf(d, StartTimeout).value

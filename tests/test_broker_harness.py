@@ -26,7 +26,8 @@ class Harness:
 
     def __init__(self, slots: int = 2, hosts: int = 1, gpus: int = 0,
                  pull_delay: float = 0, start_delay: float = 0, ready_delay: float = 0,
-                 start: bool = True, **settings: Any):
+                 create_delay: float = 0, start: bool = True,
+                 run_options: Any = None, **settings: Any):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.hosts = [
@@ -35,12 +36,13 @@ class Harness:
         ]
         self.engines = {
             h.name: FakeEngine(self.clock, h, pull_delay=pull_delay, start_delay=start_delay,
-                               ready_delay=ready_delay)
+                               ready_delay=ready_delay, create_delay=create_delay)
             for h in self.hosts
         }
         self.settings = BrokerSettings(**settings)
         self.container_events: list[tuple[Any, ...]] = []
-        self.broker = Broker(self.clock, self.hosts, self.engines, self.settings,
+        extra = {} if run_options is None else {"run_options": run_options}
+        self.broker = Broker(self.clock, self.hosts, self.engines, self.settings, **extra,
                              on_container=lambda *a, **kw: self.container_events.append(
                                  (a[0], a[1], a[3], kw.get("seconds"), kw.get("detail"))))
         if start:

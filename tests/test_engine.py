@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import docker.errors  # type: ignore[import-untyped]
 import docker.types  # type: ignore[import-untyped]
 import requests.exceptions
@@ -33,6 +34,7 @@ from dockerspaces.engine.interface import (
     LABEL_SPEC,
     ContainerEvent,
     ContainerExited,
+    ContainerRemoved,
     EngineError,
     EngineUnreachable,
     ImageNotFound,
@@ -425,10 +427,11 @@ class CreateTests(EngineTestCase):
                 LABEL_SLOT: "9101",
                 LABEL_KEY: SPEC.key,
                 LABEL_DISPLAY: SPEC.display,
-                LABEL_SPEC: SPEC.segment(),
+                # no env values in labels: they are secrets (docker ps shows labels)
+                LABEL_SPEC: "x:selmaproject:tts:777:5002",
             },
         )
-        self.assertEqual(parse_route(kw["labels"][LABEL_SPEC]), SPEC)
+        self.assertEqual(parse_route(kw["labels"][LABEL_SPEC]), attrs.evolve(SPEC, env=()))
         self.assertEqual(kw["environment"], ["A=1"])
         self.assertEqual(kw["image"], "selmaproject/tts:777")
         self.assertEqual(kw["ports"], [5002])
@@ -578,9 +581,23 @@ class ReadyTests(EngineTestCase):
         self.assertIn("out of memory", str(f.value))
 
     def test_gone_container(self) -> None:
+        """Removed from outside (docker rm -f) while starting: ContainerRemoved, which
+        the broker may retry, not the image's own exit."""
         h = self.started()
         del self.client.states[h.id]
-        self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()), ContainerExited)
+        f = self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()),
+                                 ContainerRemoved)
+        self.assertIn("removed from outside", str(f.value))
+
+    def test_killed_from_outside(self) -> None:
+        """Exit 137 without the OOM flag (docker kill) is a removal from outside too."""
+        h = self.started(states=[{"Status": "exited", "ExitCode": 137}])
+        self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()), ContainerRemoved)
+
+    def test_oom_kill_is_the_images_exit(self) -> None:
+        h = self.started(states=[{"Status": "exited", "ExitCode": 137, "OOMKilled": True}])
+        f = self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()), ContainerExited)
+        self.assertNotIsInstance(f.value, ContainerRemoved)
 
     def test_not_ready_by_deadline(self) -> None:
         h = self.started()

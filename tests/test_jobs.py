@@ -25,12 +25,18 @@ class FakeLease:
     queued_for: float = 0.0
     released: int = 0
     failures: int = 0
+    retries: list[Deferred[Any]] = field(factory=list)
 
     def release(self) -> None:
         self.released += 1
 
     def failed(self) -> None:
         self.failures += 1
+
+    def retry(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.retries.append(d)
+        return d
 
 
 @define
@@ -92,11 +98,42 @@ class JobResourceTests(SynchronousTestCase):
         call["on_end"](ExchangeEnd("finished", 200, 10))
         self.assertEqual((lease.released, lease.failures), (1, 0))
 
-    def test_refused_marks_the_container_failed(self) -> None:
+    def test_unforwarded_goes_to_another_container(self) -> None:
+        """A request that never reached its container is handed back to the broker
+        (``Lease.retry``) and forwarded again on the new lease; the first forward may
+        also resend a bodiless GET the backend closed, later ones only what was
+        provably not forwarded."""
         lease, proxy = FakeLease(), FakeProxy()
-        job("y:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
-        proxy.calls[0]["on_end"](ExchangeEnd("refused", 502, 0))
-        self.assertEqual((lease.released, lease.failures), (1, 1))
+        request = DummyRequest([b""])
+        job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(request)
+        self.assertEqual(proxy.calls[0]["retry_unforwarded"], 2)
+        proxy.calls[0]["on_end"](ExchangeEnd("unforwarded", None, 0))
+        (d,) = lease.retries
+        self.assertEqual((lease.released, lease.failures), (0, 0))  # retry() consumed it
+        second = FakeLease(endpoint="tcp:127.0.0.1:9101")
+        d.callback(second)
+        self.assertEqual(proxy.calls[1]["backend"].description, "tcp:127.0.0.1:9101")
+        self.assertEqual(proxy.calls[1]["retry_unforwarded"], 1)
+        proxy.calls[1]["on_end"](ExchangeEnd("finished", 200, 3))
+        self.assertEqual((second.released, lease.released), (1, 0))
+
+    def test_retry_refused_by_the_broker_is_an_answer(self) -> None:
+        lease, proxy = FakeLease(), FakeProxy()
+        request = DummyRequest([b""])
+        job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(request)
+        proxy.calls[0]["on_end"](ExchangeEnd("unforwarded", None, 0))
+        lease.retries[0].errback(QueueTimeout("waited too long"))
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(request.finished, 1)
+
+    def test_unforwarded_after_the_client_left_fails_the_container(self) -> None:
+        lease, proxy = FakeLease(), FakeProxy()
+        request = DummyRequest([b""])
+        job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(request)
+        request.processingFailed(Failure(ConnectionDone("gone")))
+        request._disconnected = True  # as a real Request's connectionLost sets it
+        proxy.calls[0]["on_end"](ExchangeEnd("unforwarded", None, 0))
+        self.assertEqual((lease.failures, lease.retries), (1, []))
 
     def test_cut_response_does_not_fail_the_container(self) -> None:
         lease, proxy = FakeLease(), FakeProxy()
@@ -122,6 +159,22 @@ class JobResourceTests(SynchronousTestCase):
         request.processingFailed(Failure(ConnectionDone("gone")))
         self.assertEqual(broker.cancelled, 1)  # cancelled: the broker takes it off the queue
         self.assertEqual(request.finished, 0)
+
+    def test_worker_post_only(self) -> None:
+        """With --worker-post-only a GET cannot pin a slot: 405, nothing launched."""
+        spec = parse_route("x:team:worker:1:3")
+        assert isinstance(spec, JobSpec)
+        broker = FakeBroker(result=object())
+        res = JobResource(spec, b"/x:team:worker:1:3", b"/", broker=broker, proxy=FakeProxy(),
+                          allow_image=(), worker_post_only=True)  # type: ignore[arg-type]
+        request = DummyRequest([b""])
+        res.render(request)
+        self.assertEqual((request.responseCode, broker.workers), (405, []))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"allow"), [b"POST"])
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        res.render(request)
+        self.assertEqual((request.responseCode, broker.workers), (200, [spec]))
 
     def test_allow_image(self) -> None:
         broker = FakeBroker(result=FakeLease())

@@ -28,8 +28,11 @@ from twisted.python.failure import Failure
 
 from ..config import HostConfig
 from ..engine.interface import (
+    LABEL_DISPLAY,
+    LABEL_KEY,
     ContainerExited,
     ContainerHandle,
+    ContainerRemoved,
     EngineUnreachable,
     IEngine,
     NotReady,
@@ -42,6 +45,7 @@ from ..engine.interface import (
 from ..spec import JobSpec
 from . import scaling
 from .errors import (
+    BackendRefused,
     BrokerError,
     Draining,
     NoCapacity,
@@ -104,10 +108,21 @@ class ContainerView:
 
 
 SLOT_QUARANTINE = 60.0  # seconds a slot whose port is taken by something else is left alone
+MAX_RETRIES = 5  # times one request may be handed back unforwarded (Lease.retry)
+START_RETRIES = 2  # starts of one key tried again after a removal from outside
 
 ContainerHook = Callable[..., None]
 """``hook(event, display, host, slot, container=, seconds=, detail=)`` for logs and metrics;
 events: pull-start, pull-end, create, start, ready, fail, stop, evict, crash."""
+
+
+def redact(text: str, spec: JobSpec) -> str:
+    """``text`` with the values of ``spec``'s env (3 characters or more) replaced by
+    ``***``, for logs of a container's output."""
+    for _, value in spec.env:
+        if len(value) >= 3:
+            text = text.replace(value, "***")
+    return text
 
 
 def _default_run_options(spec: JobSpec) -> RunOptions:
@@ -126,9 +141,18 @@ class _TimeoutQueue:
         self._call: IDelayedCall | None = None
 
     def add(self, w: Waiter, deadline: float) -> None:
-        self.items[w] = deadline
+        if self.items and deadline < next(reversed(self.items.values())):
+            # out of order (a request handed back keeps its old deadline): rare, re-sort
+            self.items[w] = deadline
+            self.items = OrderedDict(sorted(self.items.items(), key=lambda kv: kv[1]))
+            if self._call is not None and self._call.getTime() > deadline:
+                self._call.cancel()
+                self._call = None
+        else:
+            self.items[w] = deadline
         if self._call is None:
-            self._call = self._clock.callLater(max(0.0, deadline - self._clock.seconds()),
+            first = next(iter(self.items.values()))
+            self._call = self._clock.callLater(max(0.0, first - self._clock.seconds()),
                                                self._fire)
 
     def discard(self, w: Waiter) -> None:
@@ -461,10 +485,31 @@ class Broker:
             k = self._keys.get(spec.key)
             if k is None:
                 k = self._keys[spec.key] = KeyState(spec.key, spec, spec.display)
+            elif k.adopted:  # its spec came from a label, without the env values
+                k.spec, k.adopted = spec, False
             if len(self._by_spec) > 10_000:
                 self._by_spec.clear()
             self._by_spec[spec] = k
         return k
+
+    def _adopted_key(self, spec: JobSpec, labels: Mapping[str, str]) -> KeyState:
+        """The key of an adopted container: its labels name the key and display (the
+        spec label holds no env values, so ``spec`` may lack them)."""
+        key = labels.get(LABEL_KEY) or spec.key
+        k = self._keys.get(key)
+        if k is None:
+            k = self._keys[key] = KeyState(key, spec, labels.get(LABEL_DISPLAY) or spec.display,
+                                           adopted=key != spec.key)
+        return k
+
+    def _maybe_forget(self, k: KeyState) -> None:
+        """Drop a key nobody waits for and no container holds (the table stays bounded)."""
+        if (k.waiters or k.containers or k.starting or k.busy or k in self._hungry
+                or (k.recheck is not None and k.recheck.active())):
+            return
+        if self._keys.get(k.key) is k:
+            del self._keys[k.key]
+            self._by_spec = {sp: v for sp, v in self._by_spec.items() if v is not k}
 
     def _new_waiter(self, spec: JobSpec, progress: ProgressCallback | None) -> Waiter:
         holder: list[Waiter] = []
@@ -566,6 +611,7 @@ class Broker:
         self._unadmit(w)
         self._publish(w, Progress("failed", detail=str(err)))
         self._fire(w.deferred, Failure(err))
+        self._maybe_forget(w.key)
 
     def _cancel(self, w: Waiter) -> None:
         """The caller cancelled its Deferred: leave the line (Deferred errbacks itself)."""
@@ -576,13 +622,42 @@ class Broker:
         self._leave_line(w)
         self._unadmit(w)
         self._publish_positions(w.key)
+        self._maybe_forget(w.key)
         self._flush()
 
     def _queue_timed_out(self, w: Waiter) -> None:
         self.events += 1
-        self._fail(w, QueueTimeout(
+        if self._covered(w):
+            w.overdue = True  # a container is being started for it: --start-timeout rules
+            return
+        self._fail(w, self._queue_timeout_error(w))
+
+    def _queue_timeout_error(self, w: Waiter) -> QueueTimeout:
+        return QueueTimeout(
             f"no container for {w.spec.display} within {self.settings.queue_timeout:g} s "
-            "(--queue-timeout)"))
+            "(--queue-timeout)")
+
+    def _covered(self, w: Waiter) -> bool:
+        """True when a container of its key is being started for waiter ``w``: x: one of
+        the first ``starting`` in line, y: anyone in line while its container starts."""
+        k = w.key
+        if not w.waiting or not k.starting:
+            return False
+        if k.spec.mode == "y":
+            return True
+        for i, q in enumerate(k.waiters):
+            if i >= k.starting:
+                return False
+            if q is w:
+                return True
+        return False
+
+    def _settle_overdue(self, k: KeyState, err: BrokerError | None = None) -> None:
+        """Fail the waiters whose queue deadline passed during a start that no longer
+        covers them (``err``: the start's own failure, else the queue timeout)."""
+        for w in [w for w in k.waiters if w.overdue]:
+            if not self._covered(w):
+                self._fail(w, err if err is not None else self._queue_timeout_error(w))
 
     def _worker_timed_out(self, w: Waiter) -> None:
         self.events += 1
@@ -678,9 +753,33 @@ class Broker:
         self._consider(k)
         self._flush()
 
+    def _worker_cap(self) -> int:
+        """Slots workers may hold at once (``--worker-slots``; default all but one)."""
+        cap = self.settings.worker_slots
+        return cap if cap >= 0 else max(1, len(self._slots) - 1)
+
     def _claim_worker(self, w: Waiter) -> None:
         if self._draining:
             self._fail(w, Draining("dockerspaces is shutting down"))
+            return
+        limit = self._run_options(w.spec).worker_release_max
+        if limit is None:
+            limit = self.settings.worker_release_max
+        if limit > 0:
+            held = sum(1 for c in w.key.containers if c.state in (STARTING, WORKER))
+            if held >= limit:
+                self._fail(w, NoCapacity(
+                    f"worker {w.spec.display}: {held} of its kind already hold slots "
+                    f"(--worker-release-max {limit})"))
+                return
+        cap = self._worker_cap()
+        if cap == 0:
+            self._fail(w, NoCapacity("worker launches are turned off here (--worker-slots 0)"))
+            return
+        if sum(1 for s in self._slots if s.container is not None and s.container.key.spec.worker
+               and s.container.state in (STARTING, WORKER)) >= cap:
+            w.waiting = True  # workers hold their share of the slots: wait for one to end
+            self._hungry[w] = None
             return
         slot = self._take_capacity(w.key)
         if slot is None:
@@ -762,7 +861,7 @@ class Broker:
             c.endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
         w.endpoint = c.slot.ref_info
         lease = Lease(c.endpoint, k.display, c.id, now - w.arrived, self._release,
-                      container=c, waiter=w, started=now)
+                      container=c, waiter=w, started=now, retry=self._retry_lease)
         self._publish(w, Progress("ready"))
         self._fire(w.deferred, lease)
 
@@ -771,23 +870,86 @@ class Broker:
         w, c = lease.waiter, lease.container
         if w is not None:
             self._unadmit(w)
-        if c is not None and c.state == BUSY:
-            now = self._clock.seconds()
-            c.inflight -= 1
-            self._leases -= 1
-            c.last_used = now
-            k = c.key
-            if k.spec.mode == "x":
-                k.busy -= 1
-                k.lease_start_sum -= lease.started
-                if not failed:
-                    k.service.add(now - lease.started)
+        if c is not None and self._end_lease(lease, c, sample=not failed):
             if failed:
-                c.suspect = True
-            if c.inflight == 0:
+                self._crash(c, "refused or reset a connection before answering")
+                self._consider(c.key)
+            elif c.inflight == 0:
                 self._became_idle(c)
         self._check_drained()
         self._flush()
+
+    def _end_lease(self, lease: Lease, c: Container, sample: bool) -> bool:
+        """Take ``lease`` off ``c``'s counts; False when ``c`` dropped it already."""
+        if c.state != BUSY:
+            return False
+        now = self._clock.seconds()
+        c.inflight -= 1
+        self._leases -= 1
+        c.last_used = now
+        k = c.key
+        if k.spec.mode == "x":
+            k.busy -= 1
+            k.lease_start_sum -= lease.started
+            if sample:
+                k.service.add(now - lease.started)
+        return True
+
+    def _retry_lease(self, lease: Lease) -> Deferred[Lease]:
+        """``Lease.retry``: fail the container, put the request back at the head of its
+        key's queue (same arrival, deadline and admission) and serve it again."""
+        self.events += 1
+        w, c = lease.waiter, lease.container
+        if c is not None and self._end_lease(lease, c, sample=False):
+            self._crash(c, "refused or reset a connection before answering")
+        if w is None:  # pragma: no cover - every broker lease has its waiter
+            self._flush()
+            return fail(BackendRefused(f"{lease.display}: the container refused the request"))
+        d: Deferred[Lease] = Deferred(lambda _d: self._cancel(w))
+        w.deferred, w.done, w.assigned, w.endpoint = d, False, None, ""
+        w.retries += 1
+        k = w.key
+        if self._draining:
+            self._fail(w, Draining("dockerspaces is shutting down"))
+        elif w.retries > MAX_RETRIES:
+            self._fail(w, BackendRefused(
+                f"{w.spec.display}: {MAX_RETRIES + 1} containers in a row refused or reset "
+                "the request before answering"))
+        else:
+            log.info("request for {display} handed back unforwarded (try {n}): back to the "
+                     "head of its queue", display=w.spec.display, n=w.retries)
+            k.waiters[w] = None
+            k.waiters.move_to_end(w, last=False)
+            w.waiting = True
+            if w.progress is not None:
+                k.watchers += 1
+            k.hold = False
+            deadline = w.arrived + self.settings.queue_timeout
+            if deadline <= self._clock.seconds():
+                w.overdue = True
+            else:
+                self._timeouts.add(w, deadline)
+            self._consider(k)
+            self._settle_overdue(k)
+        self._check_drained()
+        self._flush()
+        return d
+
+    def _crash(self, c: Container, why: str) -> None:
+        """The proxy found ``c`` dead (refused, reset): count one crash now, before the
+        engine's event, and take it out of service (stopped once no lease is left)."""
+        if c.crashed or c.state not in (IDLE, BUSY, WORKER):
+            return
+        c.crashed = c.suspect = True
+        c.last_error = c.slot.last_error = why
+        k = c.key
+        k.idle.pop(c, None)
+        self._lru.pop(c, None)
+        log.info("container {id} of {display} crashed: {why}", id=c.id,
+                 display=k.spec.display, why=why)
+        self._emit("crash", c, detail=why)
+        if c.inflight == 0:
+            self._stop(c, 0, quiet=True)
 
     def _became_idle(self, c: Container) -> None:
         k = c.key
@@ -797,7 +959,8 @@ class Broker:
             self._consider(k)
             return
         if c.suspect:
-            self._stop(c, self.settings.stop)
+            self._stop(c, 0 if c.crashed else self.settings.stop, quiet=c.crashed)
+            self._consider(k)
             return
         if k.spec.mode == "x":
             k.idle[c] = None
@@ -859,13 +1022,41 @@ class Broker:
         self._key_status(c, Progress("starting"))
         self._flush()
         c.created_at = self._clock.seconds()
-        handle = await engine.create(k.spec, slot.info, opts)
+        handle = await self._removed_if_late(engine.create(k.spec, slot.info, opts), engine)
         c.handle = handle
         self._by_id[handle.id] = c
         self._emit("create", c)
         await engine.start(handle)
         self._emit("start", c)
         await engine.wait_ready(handle, deadline, opts)
+
+    def _removed_if_late(self, d: Deferred[ContainerHandle], engine: IEngine
+                         ) -> Deferred[ContainerHandle]:
+        """``d`` (an engine's create), cancellable: a container created after its start
+        was given up (start deadline, shutdown) is removed when the engine returns it."""
+        out: Deferred[ContainerHandle] = Deferred(lambda _d: None)
+
+        def got(result: object) -> None:
+            if not out.called:
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(cast(ContainerHandle, result))
+                return
+            if isinstance(result, ContainerHandle):
+                log.info("removing {name}: created after its start was given up",
+                         name=result.name)
+                self._pending += 1
+
+                def removed(r: object) -> None:
+                    self._pending -= 1
+                    self._check_drained()
+                    self._flush()
+
+                engine.stop(result, 0).addBoth(removed)
+
+        d.addBoth(got)
+        return out
 
     def _emit(self, event: str, c: Container, seconds: float | None = None,
               detail: str | None = None) -> None:
@@ -913,6 +1104,7 @@ class Broker:
             k.cold.add(now - c.created_at)
         self._emit("ready", c, seconds=None if c.created_at is None else now - c.created_at)
         k.status = None
+        k.restarts = 0
         c.slot.since = now
         c.slot.last_error = None
         if not c.slot.host.up:
@@ -937,6 +1129,7 @@ class Broker:
                 self._fire(w.deferred, c.handle)
         else:
             self._became_idle(c)
+            self._settle_overdue(k)
         self._check_drained()
 
     def _protection_over(self, c: Container) -> None:
@@ -963,6 +1156,16 @@ class Broker:
         elif isinstance(e, PortAllocated):
             err = None  # not the image's fault: its waiters try another slot
             self._quarantine(c.slot, str(e))
+        elif isinstance(e, ContainerRemoved) and k.restarts < START_RETRIES \
+                and not self._draining:
+            err = None  # removed from outside: not the image's fault, start it again
+            k.restarts += 1
+            c.slot.last_error = str(e)
+            _warn("start of {display} on {host}:{port}: {why}; starting it again "
+                  "({n} of {most})", display=display, host=c.slot.host.name,
+                  port=c.slot.info.port, why=str(e), n=k.restarts, most=START_RETRIES)
+        elif isinstance(e, ContainerRemoved):
+            err = StartFailed(f"{display}: {e} ({k.restarts + 1} times in a row)")
         elif isinstance(e, ContainerExited):
             tail = (e.log_tail or "")[-_LOG_TAIL:]
             err = StartFailed(f"{display} exited while starting: {e}"
@@ -973,12 +1176,15 @@ class Broker:
             err = StartFailed(f"{display} failed to start: {e}")
         if err is not None:
             _warn("start of {display} on {host}:{port} failed: {err}", display=display,
-                     host=c.slot.host.name, port=c.slot.info.port, err=err.message)
-            c.slot.last_error = err.message
-            self._emit("fail", c, detail=err.message.splitlines()[0][:200])
+                  host=c.slot.host.name, port=c.slot.info.port,
+                  err=redact(err.message, k.spec))
+            # the monitor is unauthenticated: the first line (exit code, reason) only;
+            # the log tail is in the log and on the requester's own error page
+            c.slot.last_error = err.message.splitlines()[0][:500]
+            self._emit("fail", c, detail=c.slot.last_error[:200])
         k.status = None
         if c.handle is not None and (err is not None or c.slot.host.up):
-            self._stop(c, 0)  # created but not started (e.g. its port taken): removed
+            self._stop(c, 0, quiet=err is None)  # created, not started (port taken): removed
         else:
             self._forget(c)  # unreachable: reconciled by label when the host is back
         w = c.worker
@@ -993,6 +1199,8 @@ class Broker:
                 for q in list(k.waiters):
                     self._fail(q, err)
         self._consider(k)
+        self._settle_overdue(k, err)
+        self._maybe_forget(k)
         self._check_drained()
 
     def _quarantine(self, s: Slot, why: str) -> None:
@@ -1048,6 +1256,7 @@ class Broker:
                 s.host.free[s] = None
                 if self._hungry:
                     self._feed()
+        self._maybe_forget(k)
         self._check_drained()
 
     def _drop_leases(self, c: Container) -> None:
@@ -1060,7 +1269,8 @@ class Broker:
                 k.lease_start_sum -= c.lease_started
         c.inflight = 0
 
-    def _stop(self, c: Container, grace: float, evict: bool = False) -> None:
+    def _stop(self, c: Container, grace: float, evict: bool = False, quiet: bool = False
+              ) -> None:
         """Stop and remove a container; its slot is freed once the engine is done."""
         k = c.key
         self._drop_leases(c)
@@ -1071,7 +1281,8 @@ class Broker:
         if c.timer is not None and c.timer.active():
             c.timer.cancel()
         c.timer = None
-        self._emit("evict" if evict else "stop", c)
+        if not quiet:
+            self._emit("evict" if evict else "stop", c)
         if evict:
             c.slot.evicting = c
             c.slot.container = None
@@ -1155,10 +1366,12 @@ class Broker:
         if c is None or c.state not in (IDLE, BUSY, WORKER):
             return  # unknown, starting (its start fails with the log tail) or stopping
         self.events += 1
-        log.info("container {id} of {display} {kind}", id=c.id, display=c.key.spec.display,
-                 kind="was killed (out of memory)" if ev.kind == "oom" else "died")
-        self._emit("crash", c, detail="oom" if ev.kind == "oom" else
-                   (f"exit {ev.exit_code}" if ev.exit_code is not None else None))
+        if not c.crashed:  # else counted when the proxy found it dead
+            log.info("container {id} of {display} {kind}", id=c.id,
+                     display=c.key.spec.display,
+                     kind="was killed (out of memory)" if ev.kind == "oom" else "died")
+            self._emit("crash", c, detail="oom" if ev.kind == "oom" else
+                       (f"exit {ev.exit_code}" if ev.exit_code is not None else None))
         self._lose(c, f"container {'killed (oom)' if ev.kind == 'oom' else 'died'}"
                    + (f" (exit {ev.exit_code})" if ev.exit_code is not None else ""))
         self._flush()
@@ -1249,12 +1462,13 @@ class Broker:
             ok = o.running and spec is not None and slot is not None and (
                 slot.container is None and slot.evicting is None)
             if ok and spec is not None and spec.mode == "y":
-                ok = not any(c.state != GONE for c in self._key_for(spec).containers)
+                ok = not any(c.state != GONE
+                             for c in self._adopted_key(spec, o.labels).containers)
             if not ok or spec is None or slot is None:
                 self._remove_owned(h, o)
                 continue
-            k = self._key_for(spec)
-            handle = ContainerHandle(o.id, o.name, h.name, slot.info, spec.key, spec)
+            k = self._adopted_key(spec, o.labels)
+            handle = ContainerHandle(o.id, o.name, h.name, slot.info, k.key, spec)
             c = Container(k, slot, IDLE, since=now, handle=handle, last_used=now)
             slot.container = c
             slot.since = now

@@ -64,3 +64,11 @@ class ContainerLost(BrokerError):
     """502: the container died (or its host went away) while the request used it."""
 
     status = 502
+
+
+class BackendRefused(BrokerError):
+    """503: the request was handed back unforwarded (container refused or reset the
+    connection) more often than :data:`~dockerspaces.broker.broker.MAX_RETRIES`."""
+
+    status = 503
+    default_retry_after = 5

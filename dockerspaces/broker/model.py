@@ -11,11 +11,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from ..config import HostConfig
 from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
 from ..spec import JobSpec
+from .errors import BackendRefused
 from .scaling import Ewma
 
 
@@ -64,6 +65,8 @@ class BrokerSettings:
     release: float = 1800
     stop: float = 0
     ping_interval: float = 5
+    worker_release_max: int = 0  # workers of one key holding slots at once; 0: no limit
+    worker_slots: int = -1  # slots workers may hold, all hosts; -1: all but one (>= 1)
 
 
 @frozen
@@ -145,6 +148,8 @@ class KeyState:
     hold: bool = False  # a start failed: wait for a new arrival before retrying
     recheck: IDelayedCall | None = None
     status: Progress | None = None  # latest pull/start progress, for progress_of()
+    adopted: bool = False  # ``spec`` was read from a label (no env values): replace it
+    restarts: int = 0  # starts retried because the container was removed from outside
 
 
 @define(eq=False)
@@ -159,7 +164,8 @@ class Container:
     inflight: int = 0
     last_used: float = 0.0
     protected_until: float = 0.0
-    suspect: bool = False
+    suspect: bool = False  # no new leases; stopped when the last one ends
+    crashed: bool = False  # counted as a crash already (the proxy found it dead)
     timed_out: bool = False
     chain: Deferred[Any] | None = None
     timer: IDelayedCall | None = None
@@ -192,6 +198,8 @@ class Waiter:
     container: Container | None = None  # worker: the container started for it
     assigned: float | None = None
     endpoint: str = ""  # addr:port once served (for the monitor)
+    retries: int = 0  # times handed back unforwarded (Lease.retry)
+    overdue: bool = False  # queue deadline passed while a start was under way for it
 
 
 @define(eq=False)
@@ -204,6 +212,7 @@ class Lease:
     queued_for: float
     _release: Callable[[Lease, bool], None] = field(repr=False)
     container: Container | None = field(default=None, repr=False)
+    _retry: Callable[[Lease], Deferred[Lease]] | None = field(default=None, repr=False)
     waiter: Waiter | None = field(default=None, repr=False)
     started: float = 0.0
     released: bool = False
@@ -215,7 +224,20 @@ class Lease:
             self._release(self, False)
 
     def failed(self) -> None:
-        """The proxy saw the backend die: release, and have the container checked."""
+        """The backend refused or reset the connection before answering, and the
+        request is given up (its client left): the container is counted as crashed
+        and taken out of service at once."""
         if not self.released:
             self.released = True
             self._release(self, True)
+
+    def retry(self) -> Deferred[Lease]:
+        """The request never reached the container's app (refused, reset before any
+        answer): the container is failed as by :meth:`failed`, and the request goes
+        back to the head of its key's queue for another container, keeping its arrival
+        time and deadline. Fires with the new lease, or fails with a
+        :class:`~dockerspaces.broker.errors.BrokerError`."""
+        if self.released or self._retry is None:
+            return fail(BackendRefused(f"{self.display}: the container refused the request"))
+        self.released = True
+        return self._retry(self)

@@ -51,6 +51,7 @@ from .interface import (
     ContainerEvent,
     ContainerExited,
     ContainerHandle,
+    ContainerRemoved,
     EngineError,
     EngineUnreachable,
     ImageNotFound,
@@ -511,7 +512,9 @@ class Engine:
             LABEL_SLOT: str(slot.port),
             LABEL_KEY: spec.key,
             LABEL_DISPLAY: spec.display,
-            LABEL_SPEC: spec.segment(),
+            # without env values (they are secrets); adoption takes key and display
+            # from their own labels
+            LABEL_SPEC: JobSpec(spec.mode, spec.name, spec.tag, spec.port).segment(),
         }
 
     def container_name(self, slot: SlotInfo) -> str:
@@ -584,6 +587,10 @@ class Engine:
             return
         except docker.errors.APIError as e:
             msg = _explanation(e)
+            if _is_not_found(e):
+                raise ContainerRemoved(
+                    f"container {handle.name} ({handle.spec.display}) was removed from "
+                    "outside before it started") from None
             try:
                 client.remove_container(handle.id, force=True, v=True)
             except Exception:  # noqa: BLE001, S110 - best effort cleanup
@@ -633,9 +640,15 @@ class Engine:
         try:
             while True:
                 st = await self._run(self._inspect_sync, handle.id)
-                if st.gone:
-                    raise ContainerExited(
-                        f"container {handle.name} ({spec.display}) disappeared while starting"
+                if st.gone or st.status == "removing":
+                    raise ContainerRemoved(
+                        f"container {handle.name} ({spec.display}) was removed from outside "
+                        "while starting"
+                    )
+                if st.status in ("exited", "dead") and st.exit_code == 137 and not st.oom:
+                    raise ContainerRemoved(
+                        f"container {handle.name} ({spec.display}) was killed (exit 137) "
+                        "from outside while starting"
                     )
                 if st.status in ("exited", "dead"):
                     tail = await self._run(self._log_tail_sync, handle.id)

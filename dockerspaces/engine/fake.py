@@ -30,6 +30,7 @@ from .interface import (
     ContainerEvent,
     ContainerExited,
     ContainerHandle,
+    ContainerRemoved,
     EngineUnreachable,
     NotReady,
     OwnedContainer,
@@ -70,6 +71,7 @@ class FakeEngine:
         pull_delay: float = 0,
         start_delay: float = 0,
         ready_delay: float = 0,
+        create_delay: float = 0,
     ):
         self.name = host.name
         self.host = host
@@ -78,6 +80,7 @@ class FakeEngine:
         self.pull_delay = pull_delay
         self.start_delay = start_delay
         self.ready_delay = ready_delay
+        self.create_delay = create_delay  # like a thread: cancelling does not stop it
         self.containers: dict[str, FakeContainer] = {}
         self.images: set[str] = set()
         self.down = False
@@ -207,7 +210,22 @@ class FakeEngine:
             self.creates += 1
             return ContainerHandle(cid, f"ds-{cid}", self.name, slot, spec.key, spec)
 
-        return self._op(0, run)
+        if self.create_delay <= 0:
+            return self._op(0, run)
+        d: Deferred[ContainerHandle] = Deferred()  # no canceller, as a thread's result
+
+        def later() -> None:
+            try:
+                handle = run()
+            except Exception as e:  # noqa: BLE001 - injected failures of any type
+                if not d.called:
+                    d.errback(e)
+                return
+            if not d.called:
+                d.callback(handle)
+
+        self.clock.callLater(self.create_delay, later)
+        return d
 
     def start(self, handle: ContainerHandle) -> Deferred[None]:
         """Start after ``start_delay``; PortAllocated if the slot port is taken."""
@@ -217,7 +235,7 @@ class FakeEngine:
                 raise self._next_start.pop(0)
             c = self.containers.get(handle.id)
             if c is None:
-                raise ContainerExited(f"no such container {handle.id}")
+                raise ContainerRemoved(f"no such container {handle.id}")
             if any(o is not c for o in self.running_on(handle.slot.port)):
                 raise PortAllocated(f"port {handle.slot.port} is already allocated")
             c.running = True

@@ -46,6 +46,7 @@ class RunOptions:
     ready_path: str = "/"
     start_timeout: float | None = None
     gpu: bool = True  # False: never attach the slot's GPU
+    worker_release_max: int | None = None  # workers of this key at once; None: the broker's
 
 
 @frozen
@@ -121,6 +122,11 @@ class ContainerExited(EngineError):
         super().__init__(message)
         self.exit_code = exit_code
         self.log_tail = log_tail
+
+
+class ContainerRemoved(EngineError):
+    """The container was removed or killed from outside while starting (``docker rm -f``,
+    ``docker kill``): not the image's fault, so the start may be tried again."""
 
 
 class NotReady(EngineError):

@@ -53,8 +53,9 @@ class JobResource(Resource):
 
     def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
                  proxy: Proxy, allow_image: tuple[str, ...],
-                 waiting: Any = None):
+                 waiting: Any = None, worker_post_only: bool = False):
         super().__init__()
+        self.worker_post_only = worker_post_only
         self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
         self.spec, self.prefix, self.path = spec, prefix, path
         self.broker, self.proxy, self.allow_image = broker, proxy, allow_image
@@ -64,6 +65,10 @@ class JobResource(Resource):
         if not image_allowed(self.allow_image, self.spec):
             return write_error(request, 403, f"image {self.spec.ref} is not allowed here (--allow-image)")
         if self.spec.worker:
+            if self.worker_post_only and request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                return write_error(request, 405, f"{self.spec.display}: worker launches take "
+                                   "POST only here (--worker-post-only)")
             return self._launch(request)
         if self.waiting is not None and wants_html(request):
             d = self.waiting.acquire(request, self.spec.display,
@@ -78,21 +83,24 @@ class JobResource(Resource):
                        lambda f: _fail(request, f, self.spec.display))
         return NOT_DONE_YET
 
-    def _forward(self, request: Request, lease: Any) -> None:
+    def _forward(self, request: Request, lease: Any, attempt: int = 0) -> None:
         if request.finished or getattr(request, "_disconnected", False):
             lease.release()
             return
         info = route_info(request)
-        if info is not None:
+        if info is not None and attempt == 0:
             info.queue_wait = lease.queued_for
 
         def ended(end: ExchangeEnd) -> None:
-            # Refused: nothing listens on the container's port any more (its app died
-            # while the container runs on) -- have the broker replace it. A response cut
-            # short is not enough: one bad request must not cost a shared y: container;
-            # a container that really died is reported by the engine's events.
-            if end.reason == "refused":
-                lease.failed()
+            if end.reason == "unforwarded":
+                # the request never reached the container's app (refused, reset): the
+                # container is failed and the request goes back to the head of its
+                # key's queue, within its deadline
+                self._retry(request, lease, attempt + 1)
+                return
+            # A response cut short is not enough to fail the container: one bad request
+            # must not cost a shared y: container; a container that really died is
+            # reported by the engine's events.
             lease.release()
 
         self.proxy.forward(
@@ -103,7 +111,20 @@ class JobResource(Resource):
             host_header=None,
             on_end=ended,
             set_route_cookie=self.prefix[1:].decode("latin-1"),
+            # a bodiless GET/HEAD the backend closed without answering is sent again,
+            # elsewhere, once
+            retry_unforwarded=2 if attempt == 0 else 1,
         )
+
+    def _retry(self, request: Request, lease: Any, attempt: int) -> None:
+        """Hand the request to another container (the broker's ``Lease.retry``)."""
+        if request.finished or getattr(request, "_disconnected", False):
+            lease.failed()
+            return
+        d = lease.retry()
+        _on_gone(request, d)
+        d.addCallbacks(lambda new: self._forward(request, new, attempt),
+                       lambda f: _fail(request, f, self.spec.display))
 
     def _launch(self, request: Request) -> Any:
         d = self.broker.launch_worker(self.spec)
