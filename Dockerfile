@@ -13,7 +13,7 @@
 # reaches them through, this container's default gateway (the host's bridge address).
 #
 # Build arguments:
-#   BASE   the base image: any Debian-like image with python3 >= 3.10 and venv
+#   BASE   the base image: any Debian-like image with python3 >= 3.11 and venv
 #          (default: the official python:3.11-slim)
 # An optional `wheels/` directory in the build context (from `pip wheel -w wheels .
 # setuptools wheel`) makes the build install offline from it (`--no-index`).

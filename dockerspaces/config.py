@@ -198,13 +198,21 @@ class Config:
             )
         return out
 
-    def instance_name(self) -> str:
-        """``--instance``, else hostname + first listening port."""
+    def instance_name(self, in_container: bool | None = None) -> str:
+        """``--instance``, else a name that survives a restart: hostname + first
+        listening port on a machine; in a container (whose hostname is its id, new on
+        every ``docker run``) ``dockerspaces`` + first listening port, so a recreated
+        dockerspaces container adopts its slot containers instead of orphaning them."""
         if self.instance:
             return self.instance
         first = self.ports[0] if self.ports else "tcp:8888"
-        port = next((p for p in first.split(":")[1:] if p.isdigit()), "0")
-        return f"{socket.gethostname()}-{port}"
+        port = next((p.removeprefix("port=") for p in first.split(":")[1:]
+                     if p.removeprefix("port=").isdigit()), "0")
+        if in_container is None:
+            from .inside import in_container as detect
+
+            in_container = detect()
+        return f"dockerspaces-{port}" if in_container else f"{socket.gethostname()}-{port}"
 
     def read_password(self) -> str | None:
         """The registry password: ``--password``, else the first line of ``--password-file``."""
