@@ -42,7 +42,8 @@ class Defaults(SynchronousTestCase):
             "keep_containers": False, "cors": False, "root": None, "allow_host": (),
             "docker_api": False, "docker_api_allow": ("127.0.0.0/8",),
             "docker_api_token_file": None, "config": None, "log_format": "text",
-            "max_body": 8 * 1024**3,
+            "max_body": 8 * 1024**3, "worker_post_only": False, "worker_release_max": 0,
+            "worker_slots": -1, "no_host_route": False,
         }
         for field, value in expected.items():
             self.assertEqual(getattr(c, field), value, field)
@@ -57,6 +58,8 @@ class Defaults(SynchronousTestCase):
             "publish-ip", "instance", "keep-containers", "cors", "root", "allow-host",
             "docker-api", "docker-api-allow", "docker-api-token-file", "config",
             "log-format", "max-body",
+            # issue 12: worker limits and the host: switch
+            "worker-post-only", "worker-release-max", "worker-slots", "no-host-route",
         }
         self.assertEqual(names, spec_names)
 
