@@ -325,3 +325,41 @@ class KeyTableTests(SynchronousTestCase):
         l2 = self.successResultOf(d2)
         started = h.engine.containers[l2.container_id].spec
         self.assertEqual(started, full)
+
+
+class ConfirmTests(SynchronousTestCase):
+    """``Lease.confirm``: was a clean close the app's end or the container's death?"""
+
+    def test_alive_after_the_grace(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        d = lease.confirm(0.25)
+        self.assertNoResult(d)
+        h.clock.advance(0.25)
+        self.assertIs(self.successResultOf(d), True)
+        lease.release()
+
+    def test_die_event_within_the_grace(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        d = lease.confirm(0.25)
+        h.clock.advance(0.05)
+        h.engine.crash(lease.container_id)
+        self.assertIs(self.successResultOf(d), False)
+        h.clock.advance(1)  # the grace timer was cancelled: nothing fires twice
+        self.assertEqual(len(events(h, "crash")), 1)
+
+    def test_already_dead(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        h.engine.crash(lease.container_id)
+        self.assertIs(self.successResultOf(lease.confirm(0.25)), False)
+
+    def test_y_crash_by_another_request(self) -> None:
+        """Another request on the shared container found it dead: the stream's clean
+        close is not taken as complete."""
+        h = Harness(slots=1)
+        l1, l2 = self.successResultOf(h.acquire(Y)), self.successResultOf(h.acquire(Y))
+        d = l1.confirm(0.25)
+        l2.retry()
+        self.assertIs(self.successResultOf(d), False)

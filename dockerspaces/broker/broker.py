@@ -861,7 +861,8 @@ class Broker:
             c.endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
         w.endpoint = c.slot.ref_info
         lease = Lease(c.endpoint, k.display, c.id, now - w.arrived, self._release,
-                      container=c, waiter=w, started=now, retry=self._retry_lease)
+                      container=c, waiter=w, started=now, retry=self._retry_lease,
+                      confirm=self._confirm_lease)
         self._publish(w, Progress("ready"))
         self._fire(w.deferred, lease)
 
@@ -935,6 +936,36 @@ class Broker:
         self._flush()
         return d
 
+    def _confirm_lease(self, lease: Lease, grace: float) -> Deferred[bool]:
+        """``Lease.confirm``: False once ``c`` is known dead within ``grace`` s, else True."""
+        c = lease.container
+        if c is None or c.crashed or c.state not in (IDLE, BUSY, WORKER):
+            return succeed(False)
+        d: Deferred[bool] = Deferred()
+
+        def alive() -> None:
+            if dead in c.on_gone:
+                c.on_gone.remove(dead)
+            if not d.called:
+                d.callback(True)
+
+        call = self._clock.callLater(grace, alive)
+
+        def dead() -> None:
+            if call.active():
+                call.cancel()
+            if not d.called:
+                d.callback(False)
+
+        c.on_gone.append(dead)
+        return d
+
+    def _gone(self, c: Container) -> None:
+        """Tell ``Lease.confirm`` watchers that ``c`` died or is going away."""
+        watchers, c.on_gone = c.on_gone, []
+        for w in watchers:
+            self._later(w)
+
     def _crash(self, c: Container, why: str) -> None:
         """The proxy found ``c`` dead (refused, reset): count one crash now, before the
         engine's event, and take it out of service (stopped once no lease is left)."""
@@ -942,6 +973,7 @@ class Broker:
             return
         c.crashed = c.suspect = True
         c.last_error = c.slot.last_error = why
+        self._gone(c)
         k = c.key
         k.idle.pop(c, None)
         self._lru.pop(c, None)
@@ -1261,6 +1293,8 @@ class Broker:
 
     def _drop_leases(self, c: Container) -> None:
         """Forget the leases in flight on a container going away (their release is a no-op)."""
+        if c.on_gone:
+            self._gone(c)
         if c.state == BUSY:
             k = c.key
             self._leases -= c.inflight

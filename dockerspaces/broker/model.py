@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 
 from ..config import HostConfig
 from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
@@ -175,6 +175,7 @@ class Container:
     last_error: str | None = None
     lease_started: float = 0.0  # x: when the current lease began
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
+    on_gone: list[Callable[[], None]] = field(factory=list)  # Lease.confirm watchers
 
     @property
     def id(self) -> str:
@@ -213,6 +214,7 @@ class Lease:
     _release: Callable[[Lease, bool], None] = field(repr=False)
     container: Container | None = field(default=None, repr=False)
     _retry: Callable[[Lease], Deferred[Lease]] | None = field(default=None, repr=False)
+    _confirm: Callable[[Lease, float], Deferred[bool]] | None = field(default=None, repr=False)
     waiter: Waiter | None = field(default=None, repr=False)
     started: float = 0.0
     released: bool = False
@@ -230,6 +232,15 @@ class Lease:
         if not self.released:
             self.released = True
             self._release(self, True)
+
+    def confirm(self, grace: float) -> Deferred[bool]:
+        """Is the container still alive? A backend's clean close looks the same whether
+        its app finished a close-delimited answer or was killed: fires False when the
+        broker learns within ``grace`` seconds that the container died (the engine's
+        event, a crash, a stop), True otherwise."""
+        if self._confirm is None or self.released:
+            return succeed(not self.released)
+        return self._confirm(self, grace)
 
     def retry(self) -> Deferred[Lease]:
         """The request never reached the container's app (refused, reset before any
