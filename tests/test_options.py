@@ -186,6 +186,23 @@ class ConfigFile(SynchronousTestCase):
         self.assertEqual((p.pattern, p.volumes, p.shm_size, p.mem_limit, p.cpus, p.ready_path, p.gpu),
                          ("selmaproject/*", ("/models:/models:ro",), "1g", "4g", 1.5, "/health", False))
 
+    def test_worker_limits(self) -> None:
+        """--worker-release-max globally and per profile; --worker-slots; the flag."""
+        path = self.write('worker-slots = 2\n[[profile]]\nimage = "team/*"\n'
+                          'worker-release-max = 3\n')
+        c = parse("--config", path, "--worker-release-max", "1", "--worker-post-only")
+        self.assertEqual((c.worker_slots, c.worker_release_max, c.worker_post_only),
+                         (2, 1, True))
+        self.assertEqual(c.profiles[0].worker_release_max, 3)
+        from dockerspaces.app import run_options_for
+        from dockerspaces.spec import parse_route
+
+        resolve = run_options_for(c)
+        self.assertEqual(resolve(parse_route("x:team:w:1:3")).worker_release_max, 3)
+        self.assertIsNone(resolve(parse_route("x:other:w:1:3")).worker_release_max)
+        self.assertIsNone(parse().worker_post_only or None)
+        self.assertRaises(usage.UsageError, parse, "--worker-slots", "-2")
+
     def test_unknown_key(self) -> None:
         e = self.assertRaises(usage.UsageError, parse, "--config", self.write("sorce = 3\n"))
         self.assertIn("sorce", str(e))
