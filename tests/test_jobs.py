@@ -26,6 +26,11 @@ class FakeLease:
     released: int = 0
     failures: int = 0
     retries: list[Deferred[Any]] = field(factory=list)
+    confirms: list[float] = field(factory=list)
+
+    def confirm(self, grace: float) -> Deferred[bool]:
+        self.confirms.append(grace)
+        return Deferred()
 
     def release(self) -> None:
         self.released += 1
@@ -116,6 +121,16 @@ class JobResourceTests(SynchronousTestCase):
         self.assertEqual(proxy.calls[1]["retry_unforwarded"], 1)
         proxy.calls[1]["on_end"](ExchangeEnd("finished", 200, 3))
         self.assertEqual((second.released, lease.released), (1, 0))
+
+    def test_close_delimited_answers_are_confirmed_by_the_broker(self) -> None:
+        """The proxy asks the lease (``Lease.confirm``) before completing a
+        close-delimited answer, with the grace for Docker's die event."""
+        from dockerspaces.web.jobs import CLOSE_GRACE
+
+        lease, proxy = FakeLease(), FakeProxy()
+        job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
+        self.assertIsInstance(proxy.calls[0]["confirm_close"](), Deferred)
+        self.assertEqual(lease.confirms, [CLOSE_GRACE])
 
     def test_retry_refused_by_the_broker_is_an_answer(self) -> None:
         lease, proxy = FakeLease(), FakeProxy()

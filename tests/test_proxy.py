@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet import error as ierror
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -75,6 +75,7 @@ class Front(Resource):
             on_end=h.ends.append,
             set_route_cookie=h.cookie,
             retry_unforwarded=h.retry,
+            confirm_close=h.confirm,
         )
 
 
@@ -90,6 +91,7 @@ class Harness:
         self.host_header: bytes | None = None
         self.cookie: str | None = None
         self.retry = 0  # Proxy.forward's retry_unforwarded
+        self.confirm: Any = None  # Proxy.forward's confirm_close
         self.proxy = Proxy(
             self.clock,
             endpoint_factory=lambda b: FakeEndpoint(self, b),
@@ -400,6 +402,36 @@ class ResponseTests(SynchronousTestCase):
         p.connectionLost(Failure(ierror.ConnectionDone()))
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 7)])
         self.assertTrue(ct.value().endswith(b"0\r\n\r\n"))
+
+    def test_close_delimited_end_of_a_dead_container_is_cut(self) -> None:
+        """A killed container's connection ends with a clean FIN: with
+        ``confirm_close`` saying it died, the answer is cut (no terminating chunk)."""
+        h = Harness()
+        asked: list[Deferred[bool]] = []
+        h.confirm = lambda: asked.append(Deferred()) or asked[-1]
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nline 1\n")
+        p.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(h.ends, [])  # not complete until the broker says so
+        self.assertFalse(ct.value().endswith(b"0\r\n\r\n"))
+        asked[0].callback(False)
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 200, 7)])
+        self.assertFalse(ct.value().endswith(b"0\r\n\r\n"))
+        self.assertTrue(ct.disconnecting)
+
+    def test_close_delimited_end_of_a_live_container_completes(self) -> None:
+        h = Harness()
+        h.confirm = lambda: succeed(True)
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nline 1\n")
+        p.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 7)])
+        self.assertTrue(ct.value().endswith(b"0\r\n\r\n"))
+
+    def test_sized_answers_are_not_confirmed(self) -> None:
+        """Only close-delimited answers wait: a sized one is complete by its length."""
+        h = Harness()
+        h.confirm = lambda: self.fail("asked")  # type: ignore[func-returns-value]
+        h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 2)])
 
     def test_cut_close_delimited_answer_to_an_http10_client_is_aborted(self) -> None:
         """Without chunking or a length the client could not tell a cut answer from a

@@ -472,7 +472,13 @@ class BackendProtocol(Protocol):
             return
         reset = reason is not None and not reason.check(ConnectionDone)
         if state == _BODY_CLOSE and not reset:
-            sink.response_done()  # a close-delimited body ends with the backend's FIN
+            # a close-delimited body ends with the backend's FIN -- as does a killed
+            # container's connection: a sink that can tell them apart is asked to
+            closed = getattr(sink, "response_closed", None)
+            if closed is not None:
+                closed(self)
+            else:
+                sink.response_done()
         else:
             sink.backend_failed(Failure(BackendGone(reason_text(reason), reset)), self)
 

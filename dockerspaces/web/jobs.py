@@ -20,6 +20,10 @@ from .proxy import ExchangeEnd, Proxy
 from .routing import Forbidden, HostPolicy
 from .site import on_lost
 
+#: seconds a close-delimited answer's end waits for news of its container's death
+#: (Docker's ``die`` event comes ~50 ms after a kill); only such answers pay it
+CLOSE_GRACE = 0.25
+
 
 def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
     """``--allow-image``: True when no pattern is set or one matches ``name:tag`` / ``name``."""
@@ -114,6 +118,9 @@ class JobResource(Resource):
             # a bodiless GET/HEAD the backend closed without answering is sent again,
             # elsewhere, once
             retry_unforwarded=2 if attempt == 0 else 1,
+            # a close-delimited answer is complete only if its container did not die
+            # (a killed container's connection ends with a clean FIN too)
+            confirm_close=lambda: lease.confirm(CLOSE_GRACE),
         )
 
     def _retry(self, request: Request, lease: Any, attempt: int) -> None:

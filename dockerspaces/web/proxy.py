@@ -127,9 +127,11 @@ class _Exchange:
         on_end: Callable[[ExchangeEnd], None] | None,
         set_route_cookie: str | None,
         retry_unforwarded: int = 0,
+        confirm_close: Callable[[], Deferred[bool]] | None = None,
     ):
         self.proxy = proxy
         self.retry_unforwarded = retry_unforwarded
+        self.confirm_close = confirm_close
         self.request = request
         self.backend = backend
         self.prefix = prefix
@@ -361,6 +363,29 @@ class _Exchange:
         if self.direct is not None:
             flush_now(self.direct)
 
+    def response_closed(self, conn: BackendProtocol) -> None:
+        """A close-delimited body ended with the backend's FIN: complete it, unless
+        ``confirm_close`` says the backend died (then the answer is cut, not ended)."""
+        if self.ended:
+            return
+        confirm = self.confirm_close
+        if confirm is None:
+            self.response_done()
+            return
+        self.conn = None
+
+        def decided(alive: bool) -> None:
+            if self.ended:
+                return
+            if alive:
+                self.response_done()
+            else:
+                self.backend_failed(Failure(BackendGone(
+                    "the container died before its answer was complete", reset=True)), conn)
+
+        confirm().addCallback(decided).addErrback(
+            lambda f: log.failure("confirming a close-delimited answer failed", f))
+
     def backend_failed(self, f: Failure, conn: BackendProtocol) -> None:
         if self.ended:
             return
@@ -559,6 +584,7 @@ class Proxy:
         on_end: Callable[[ExchangeEnd], None] | None = None,
         set_route_cookie: str | None = None,
         retry_unforwarded: int = 0,
+        confirm_close: Callable[[], Deferred[bool]] | None = None,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
@@ -569,10 +595,13 @@ class Proxy:
         without answering) a request that provably never reached the backend -- the
         connect failed, or the connection was reset before any response byte -- is not
         answered: ``on_end`` gets reason ``unforwarded`` and the caller answers it.
+        ``confirm_close`` is asked before a close-delimited answer is completed (the
+        backend's FIN ends it, but a killed container's FIN looks the same): False
+        cuts the answer as a backend failure would.
         """
         _Exchange(
             self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
-            retry_unforwarded,
+            retry_unforwarded, confirm_close,
         ).start()
         return NOT_DONE_YET
 
