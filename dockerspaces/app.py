@@ -222,7 +222,7 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
     recorder = Recorder(reactor, metrics, request_log)
-    root = Root(config, routes, recorder)
+    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies)
     site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
                      on_request_lost=recorder.lost)
     for desc in config.ports:

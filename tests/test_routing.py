@@ -14,8 +14,6 @@ from dockerspaces.web.routing import (
     cors_headers,
     is_preflight,
     preflight,
-    route_cookie_header,
-    route_from_cookie,
     route_from_referer,
 )
 
@@ -42,29 +40,6 @@ class RefererTests(SynchronousTestCase):
         for ref in (b"http://h/static/app.js", b"http://h/x:Bad:1", b"http://h/", b"", None,
                     b"http://h/monitor:broker/"):
             self.assertIsNone(route_from_referer(ref, b"h"), ref)
-
-
-class CookieTests(SynchronousTestCase):
-    def test_round_trip(self) -> None:
-        seg = "x:team:app:1:80:A=a%3Bb;B=2"
-        header = route_cookie_header(seg)
-        self.assertTrue(header.endswith(b"; Path=/; HttpOnly; SameSite=Lax"))
-        value = header.split(b";", 1)[0].split(b"=", 1)[1]
-        self.assertNotIn(b";", value)
-        req = DummyRequest([b""])
-        req.received_cookies = {b"dsroute": value}
-        self.assertEqual(route_from_cookie(req), seg)
-
-    def test_from_cookie_header(self) -> None:
-        req = DummyRequest([b""])
-        req.requestHeaders.setRawHeaders(b"cookie", [b"a=1; " + route_cookie_header(SEG).split(b";")[0]])
-        self.assertEqual(route_from_cookie(req), SEG)
-
-    def test_invalid_cookie_ignored(self) -> None:
-        for value in (b"x%3ABad", b"%ff%fe", b"monitor%3Abroker", b""):
-            req = DummyRequest([b""])
-            req.received_cookies = {b"dsroute": value}
-            self.assertIsNone(route_from_cookie(req), value)
 
 
 def resolver(table: dict[str, list[str]]) -> Any:

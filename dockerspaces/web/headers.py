@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from attrs import define
 from twisted.web.server import Request
 
+from .routecookie import without_own_cookies
 from .site import TOKEN
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ _OWN_REQUEST = frozenset(
         b"x-forwarded-host",
         b"x-forwarded-proto",
         b"x-forwarded-prefix",
+        # dockerspaces' own credential (/docker:local): never sent on
+        b"x-dockerspaces-token",
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | _OWN_REQUEST
@@ -120,10 +123,12 @@ class ClientHead:
     upgrade: bytes | None
 
 
-def read_client_head(request: Request) -> ClientHead:
+def read_client_head(request: Request, external: bool = False) -> ClientHead:
     """One pass over the client's request headers (see :class:`ClientHead`): hop-by-hop
-    headers, those named in ``Connection`` and those the proxy sets itself are left
-    out of ``kept``."""
+    headers, those named in ``Connection``, those the proxy sets itself and
+    dockerspaces' own token are left out of ``kept``; dockerspaces' own cookies are
+    taken out of ``Cookie``; ``external`` (a ``host:`` target, not one of our
+    containers) also leaves out ``Authorization``."""
     host: bytes | None = None
     xff: list[bytes] = []
     named: AbstractSet[bytes] | None = None
@@ -144,6 +149,10 @@ def read_client_head(request: Request) -> ClientHead:
                 upgrade += values
             elif lk == b"content-length" or lk == b"transfer-encoding":
                 has_body = True
+            continue
+        if lk == b"cookie":
+            values = [c for c in map(without_own_cookies, values) if c is not None]
+        elif external and lk == b"authorization":
             continue
         for v in values:
             kept.append((lk, b"%s: %s\r\n" % (k, v)))

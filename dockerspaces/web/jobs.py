@@ -210,7 +210,7 @@ class HostRoute(Resource):
     def _forward(self, request: Request, path: bytes, plan: tuple[Backend, bytes]) -> None:
         backend, host_header = plan
         self.proxy.forward(request, backend, path, prefix=self.prefix, host_header=host_header,
-                           set_route_cookie=self.cookie)
+                           set_route_cookie=self.cookie, external=True)
 
     def _denied(self, request: Request, f: Failure) -> None:
         if f.check(Forbidden):

@@ -63,6 +63,7 @@ from .headers import (
     request_head,
     rewrite_location,
 )
+from .routecookie import RouteCookies
 from .sendnow import (
     can_send_now,
     can_write_now,
@@ -128,6 +129,7 @@ class _Exchange:
         set_route_cookie: str | None,
         retry_unforwarded: int = 0,
         confirm_close: Callable[[], Deferred[bool]] | None = None,
+        external: bool = False,
     ):
         self.proxy = proxy
         self.retry_unforwarded = retry_unforwarded
@@ -137,7 +139,7 @@ class _Exchange:
         self.prefix = prefix
         self.on_end = on_end
         self.route_cookie = set_route_cookie
-        head = read_client_head(request)
+        head = read_client_head(request, external)
         self.upgrade = head.upgrade
         content = request.content
         length = 0
@@ -267,8 +269,9 @@ class _Exchange:
         content_type = grouped.get(b"content-type")
         if (content_type is not None and self.route_cookie
                 and content_type[-1][:9].lower() == b"text/html"):
-            lines.append(b"Set-Cookie: %s\r\n"
-                         % routing.route_cookie_header(self.route_cookie))
+            cookie = self.proxy.route_cookies.header(self.route_cookie, request.isSecure())
+            if cookie is not None:
+                lines.append(b"Set-Cookie: %s\r\n" % cookie)
         if cors:
             routing.cors_headers(request)  # onto responseHeaders, sent with the head
         self.head_lines = lines
@@ -559,8 +562,11 @@ class Proxy:
         endpoint_factory: Callable[[Backend], IStreamClientEndpoint] | None = None,
         error_page: Callable[[Request, int, str], None] | None = None,
         cors: bool = False,
+        route_cookies: RouteCookies | None = None,
     ):
         self.reactor = reactor
+        #: the ``dsroute`` references this proxy hands out (the root reads them back)
+        self.route_cookies = route_cookies if route_cookies is not None else RouteCookies()
         self.connect_timeout = connect_timeout
         self.tls_trust = tls_trust
         self.cors = cors
@@ -585,6 +591,7 @@ class Proxy:
         set_route_cookie: str | None = None,
         retry_unforwarded: int = 0,
         confirm_close: Callable[[], Deferred[bool]] | None = None,
+        external: bool = False,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
@@ -597,11 +604,13 @@ class Proxy:
         answered: ``on_end`` gets reason ``unforwarded`` and the caller answers it.
         ``confirm_close`` is asked before a close-delimited answer is completed (the
         backend's FIN ends it, but a killed container's FIN looks the same): False
-        cuts the answer as a backend failure would.
+        cuts the answer as a backend failure would. ``external`` (a ``host:``
+        target) keeps the client's ``Authorization`` from the backend; dockerspaces'
+        own cookies and token never reach any backend.
         """
         _Exchange(
             self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
-            retry_unforwarded, confirm_close,
+            retry_unforwarded, confirm_close, external,
         ).start()
         return NOT_DONE_YET
 

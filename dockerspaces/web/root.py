@@ -25,6 +25,7 @@ from ..spec import (
 from . import routing
 from .accesslog import Recorder
 from .errors import ErrorResource, RedirectResource
+from .routecookie import RouteCookies
 
 
 class RouteResources(Protocol):
@@ -73,8 +74,10 @@ class _Plan:
 class Root(Resource):
     """Dispatches every request by its raw first path segment."""
 
-    def __init__(self, config: Config, routes: RouteResources, recorder: Recorder | None = None):
+    def __init__(self, config: Config, routes: RouteResources, recorder: Recorder | None = None,
+                 route_cookies: RouteCookies | None = None):
         super().__init__()
+        self.route_cookies = route_cookies  # the proxy's: dsroute references it handed out
         self.config = config
         self.routes = routes
         self.recorder = recorder
@@ -148,8 +151,8 @@ class Root(Resource):
         referer = headers.getRawHeaders(b"referer", [None])[0]
         host = headers.getRawHeaders(b"host", [None])[0]
         segment = routing.route_from_referer(referer, host)
-        if segment is None:
-            segment = routing.route_from_cookie(request)
+        if segment is None and self.route_cookies is not None:
+            segment = self.route_cookies.from_request(request)
         if segment is not None:
             try:
                 plan = self._plan(segment)

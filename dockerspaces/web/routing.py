@@ -1,8 +1,8 @@
 """Pure routing helpers the root resource calls.
 
-- :func:`route_from_referer`, :func:`route_cookie_header`, :func:`route_from_cookie`:
-  the fallbacks that route a request without a known prefix (absolute asset paths,
-  WebSockets) to the route its page came from;
+- :func:`route_from_referer`: the first fallback that routes a request without a
+  known prefix (absolute asset paths, WebSockets) to the route its page came from
+  (the second, the ``dsroute`` cookie, is :mod:`dockerspaces.web.routecookie`);
 - :class:`HostPolicy`: may ``host:``/``shost:`` reach HOST:PORT (and at which address)?
 - :func:`cors_headers`, :func:`is_preflight`, :func:`preflight`: ``--cors``.
 """
@@ -13,7 +13,6 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, unquote
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
@@ -21,8 +20,6 @@ from twisted.internet.interfaces import IResolutionReceiver
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from ..spec import HostTarget, JobSpec, SpecError, parse_route, split_uri
-
-COOKIE_NAME = b"dsroute"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -69,38 +66,6 @@ def route_from_referer(referer: bytes | None, host: bytes | None) -> str | None:
         return None
     segment = split_uri(path).segment
     return segment if segment and _routable(segment) else None
-
-
-def route_cookie_header(segment: str) -> bytes:
-    """The ``Set-Cookie`` value naming ``segment`` (a raw first path segment)."""
-    value = quote(segment, safe="").encode("ascii")
-    return b"dsroute=" + value + b"; Path=/; HttpOnly; SameSite=Lax"
-
-
-def route_from_cookie(request: Any) -> str | None:
-    """The route segment named by the request's ``dsroute`` cookie, if it is valid."""
-    cookies = getattr(request, "received_cookies", None) or {}
-    raw = cookies.get(COOKIE_NAME)
-    if raw is None:
-        header = request.getHeader(b"cookie") if hasattr(request, "getHeader") else None
-        raw = _cookie_value(header, COOKIE_NAME)
-    if not raw:
-        return None
-    try:
-        segment = unquote(raw.decode("ascii").strip('"'), errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return segment if "/" not in segment and _routable(segment) else None
-
-
-def _cookie_value(header: bytes | None, name: bytes) -> bytes | None:
-    if not header:
-        return None
-    for part in header.split(b";"):
-        k, sep, v = part.strip().partition(b"=")
-        if sep and k == name:
-            return v
-    return None
 
 
 # -- host: policy ---------------------------------------------------------------------
