@@ -39,9 +39,10 @@ class FakeProxy:
     calls: list[dict[str, Any]] = field(factory=list)
 
     def forward(self, request: Any, backend: Backend, path: bytes, *, prefix: bytes,
-                host_header: bytes | None, on_end: Any = None) -> Any:
+                host_header: bytes | None, on_end: Any = None, cors: bool = True) -> Any:
         self.calls.append({"request": request, "backend": backend, "path": path,
                            "prefix": prefix, "host_header": host_header, "on_end": on_end,
+                           "cors": cors,
                            "headers": dict(request.requestHeaders.getAllRawHeaders())})
         return NOT_DONE_YET
 
@@ -93,6 +94,11 @@ class GateTests(TestCase):
         gate.render(make_request(b"/docker:local/_ping", method=b"HEAD"))
         gate.render(make_request(b"/docker:local"))
         self.assertEqual([c["path"] for c in self.proxy.calls], [b"/_ping", b"/"])
+
+    def test_never_cors(self) -> None:
+        """The Docker API is forwarded with CORS refused (no headers, even with --cors)."""
+        self.gate().render(make_request(b"/docker:local/_ping"))
+        self.assertIs(self.proxy.calls[0]["cors"], False)
 
     def test_engine_path_prepended(self) -> None:
         """An http:// engine URL with a path keeps that path in front."""

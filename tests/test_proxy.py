@@ -76,6 +76,7 @@ class Front(Resource):
             set_route_cookie=h.cookie,
             retry_unforwarded=h.retry,
             confirm_close=h.confirm,
+            cors=h.cors_allowed,
         )
 
 
@@ -92,6 +93,7 @@ class Harness:
         self.cookie: str | None = None
         self.retry = 0  # Proxy.forward's retry_unforwarded
         self.confirm: Any = None  # Proxy.forward's confirm_close
+        self.cors_allowed = True  # Proxy.forward's cors (False: /docker:local)
         self.proxy = Proxy(
             self.clock,
             endpoint_factory=lambda b: FakeEndpoint(self, b),
@@ -616,6 +618,28 @@ class ResponseTests(SynchronousTestCase):
         _, ct2 = h.client(GET)
         p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 0\r\n\r\n")
         self.assertNotIn(b"dsroute", ct2.value())
+
+    def test_no_cors_on_the_docker_api(self) -> None:
+        """/docker:local (cors=False): neither our CORS headers nor the engine's."""
+        h = Harness(cors=True)
+        h.cors_allowed = False
+        _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n"
+                       b"Content-Length: 2\r\n\r\n{}")
+        _, headers = head_of(ct.value())
+        self.assertEqual([k for k, _ in headers if k.startswith(b"access-control-")], [])
+
+    def test_cors_vary_merged_with_the_backends(self) -> None:
+        h = Harness(cors=True)
+        _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\n"
+                       b"Content-Length: 2\r\n\r\nok")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"vary"), [b"Accept-Encoding, Origin"])
+        self.assertEqual(values(headers, b"access-control-allow-origin"),
+                         [b"https://app.example"])
 
     def test_cors_replaces_backend_headers(self) -> None:
         h = Harness(cors=True)

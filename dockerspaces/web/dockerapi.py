@@ -67,6 +67,7 @@ class Forwarder(Protocol):
         prefix: bytes,
         host_header: bytes | None,
         on_end: Any = None,
+        cors: bool = True,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``."""
 
@@ -290,6 +291,7 @@ class DockerApiResource(Resource):
             prefix=PREFIX,
             host_header=None,
             on_end=self._ended,
+            cors=False,  # a web page must never read the engine's answers (SPEC)
         )
 
     def _ended(self, end: ExchangeEnd) -> None:

@@ -130,8 +130,10 @@ class _Exchange:
         retry_unforwarded: int = 0,
         confirm_close: Callable[[], Deferred[bool]] | None = None,
         external: bool = False,
+        cors: bool = True,
     ):
         self.proxy = proxy
+        self.cors = cors
         self.retry_unforwarded = retry_unforwarded
         self.confirm_close = confirm_close
         self.request = request
@@ -248,10 +250,13 @@ class _Exchange:
             tokens = connection_tokens(conn)
             if not tokens <= HOP_BY_HOP:
                 drop = HOP_BY_HOP | tokens
-        cors = self.proxy.cors
-        if cors:  # ours replace the backend's
+        cors = self.proxy.cors and self.cors
+        if cors or not self.cors:
+            # ours replace the backend's; where CORS is refused (/docker:local) none go
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
-        if raw is not None and not cors and len(drop) == len(HOP_BY_HOP) and (
+            if cors and b"vary" in grouped:  # merged with ours below
+                drop = drop | {b"vary"}
+        if raw is not None and len(drop) == len(HOP_BY_HOP) and (
             b"location" not in grouped
         ):
             # nothing to rewrite, only the standard hop-by-hop lines to leave out:
@@ -273,6 +278,9 @@ class _Exchange:
             if cookie is not None:
                 lines.append(b"Set-Cookie: %s\r\n" % cookie)
         if cors:
+            vary = grouped.get(b"vary")
+            if vary is not None:  # the backend's Vary, then Origin added to it
+                request.responseHeaders.setRawHeaders(b"vary", vary)
             routing.cors_headers(request)  # onto responseHeaders, sent with the head
         self.head_lines = lines
         self.head_names = grouped.keys() - drop
@@ -592,6 +600,7 @@ class Proxy:
         retry_unforwarded: int = 0,
         confirm_close: Callable[[], Deferred[bool]] | None = None,
         external: bool = False,
+        cors: bool = True,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
@@ -606,11 +615,12 @@ class Proxy:
         backend's FIN ends it, but a killed container's FIN looks the same): False
         cuts the answer as a backend failure would. ``external`` (a ``host:``
         target) keeps the client's ``Authorization`` from the backend; dockerspaces'
-        own cookies and token never reach any backend.
+        own cookies and token never reach any backend. ``cors`` False (the Docker
+        API) sends no CORS headers at all, neither ours (``--cors``) nor the backend's.
         """
         _Exchange(
             self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
-            retry_unforwarded, confirm_close, external,
+            retry_unforwarded, confirm_close, external, cors,
         ).start()
         return NOT_DONE_YET
 
