@@ -127,6 +127,20 @@ class RetryTests(SynchronousTestCase):
         h.clock.advance(5)
         self.successResultOf(d2)
 
+    def test_retry_of_a_live_container_releases_it(self) -> None:
+        """``retry(failed=False)``: the container is alive (an unanswered GET): no
+        crash, it stays warm and serves the request again from the head of the line."""
+        h = Harness(slots=1)
+        l1 = self.successResultOf(h.acquire(A))
+        later = h.acquire(A)
+        l2 = self.successResultOf(l1.retry(failed=False))
+        self.assertEqual(l2.container_id, l1.container_id)
+        self.assertNoResult(later)
+        self.assertEqual(events(h, "crash"), [])
+        l2.release()
+        self.successResultOf(later).release()
+        self.assertTrue(h.broker.idle)
+
     def test_retry_after_release_is_refused(self) -> None:
         h = Harness(slots=1)
         lease = self.successResultOf(h.acquire(A))

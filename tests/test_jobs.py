@@ -26,11 +26,14 @@ class FakeLease:
     released: int = 0
     failures: int = 0
     retries: list[Deferred[Any]] = field(factory=list)
-    confirms: list[float] = field(factory=list)
+    retried_failed: list[bool] = field(factory=list)
+    confirms: list[Deferred[bool]] = field(factory=list)
+    graces: list[float] = field(factory=list)
 
     def confirm(self, grace: float) -> Deferred[bool]:
-        self.confirms.append(grace)
-        return Deferred()
+        self.graces.append(grace)
+        self.confirms.append(Deferred())
+        return self.confirms[-1]
 
     def release(self) -> None:
         self.released += 1
@@ -38,9 +41,10 @@ class FakeLease:
     def failed(self) -> None:
         self.failures += 1
 
-    def retry(self) -> Deferred[Any]:
+    def retry(self, failed: bool = True) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.retries.append(d)
+        self.retried_failed.append(failed)
         return d
 
 
@@ -130,7 +134,22 @@ class JobResourceTests(SynchronousTestCase):
         lease, proxy = FakeLease(), FakeProxy()
         job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
         self.assertIsInstance(proxy.calls[0]["confirm_close"](), Deferred)
-        self.assertEqual(lease.confirms, [CLOSE_GRACE])
+        self.assertEqual(lease.graces, [CLOSE_GRACE])
+
+    def test_unanswered_get_is_sent_again_failing_only_a_dead_container(self) -> None:
+        """A bodiless GET without an answer goes again (once: the next forward allows
+        only unforwarded hand-backs); the container is failed only when the broker
+        confirms it died."""
+        for alive in (True, False):
+            lease, proxy = FakeLease(), FakeProxy()
+            job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(
+                DummyRequest([b""]))
+            proxy.calls[0]["on_end"](ExchangeEnd("unanswered", None, 0))
+            self.assertEqual(lease.retries, [])  # waits for the broker's word
+            lease.confirms[0].callback(alive)
+            self.assertEqual(lease.retried_failed, [not alive])
+            lease.retries[0].callback(FakeLease(endpoint="tcp:127.0.0.1:9101"))
+            self.assertEqual(proxy.calls[1]["retry_unforwarded"], 1)
 
     def test_retry_refused_by_the_broker_is_an_answer(self) -> None:
         lease, proxy = FakeLease(), FakeProxy()

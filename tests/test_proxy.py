@@ -346,27 +346,28 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual((ct.value(), ct.disconnecting), (b"", False))
         self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
 
-    def test_unforwarded_reset_before_any_response_byte(self) -> None:
-        """A reset before any response byte (a dead container behind docker's port)
-        means the request never reached the app: handed back, whatever its method."""
+    def test_reset_after_sending_a_post_is_a_502(self) -> None:
+        """A reset before any response byte, after the request went out: its bytes may
+        have reached the app, so a request with a body gets its 502."""
         h = Harness()
-        h.retry = 1
+        h.retry = 2
         _, ct = h.client(b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")
         p, _ = h.accept()
         p.connectionLost(Failure(ierror.ConnectionLost("reset")))
-        self.assertEqual(ct.value(), b"")
-        self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
 
-    def test_closed_without_answer_get_goes_elsewhere_once(self) -> None:
-        """A clean close before any response byte may have reached the app: a bodiless
-        GET is sent elsewhere when the caller allows it (``retry_unforwarded`` 2)..."""
-        h = Harness()
-        h.retry = 2
-        _, ct = h.client(GET)
-        p, _ = h.accept()
-        p.connectionLost(Failure(ierror.ConnectionDone()))
-        self.assertEqual(ct.value(), b"")
-        self.assertEqual(h.ends, [ExchangeEnd("unforwarded", None, 0)])
+    def test_unanswered_get_goes_elsewhere_once(self) -> None:
+        """Closed or reset before any response byte: a bodiless GET is sent elsewhere
+        when the caller allows it (``retry_unforwarded`` 2)..."""
+        for lost in (ierror.ConnectionDone(), ierror.ConnectionLost("reset")):
+            h = Harness()
+            h.retry = 2
+            _, ct = h.client(GET)
+            p, _ = h.accept()
+            p.connectionLost(Failure(lost))
+            self.assertEqual(ct.value(), b"")
+            self.assertEqual(h.ends, [ExchangeEnd("unanswered", None, 0)])
         # ... but not again, and never a request with a body
         for retry, raw in [(1, GET),
                            (2, b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")]:

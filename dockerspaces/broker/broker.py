@@ -896,12 +896,14 @@ class Broker:
                 k.service.add(now - lease.started)
         return True
 
-    def _retry_lease(self, lease: Lease) -> Deferred[Lease]:
-        """``Lease.retry``: fail the container, put the request back at the head of its
-        key's queue (same arrival, deadline and admission) and serve it again."""
+    def _retry_lease(self, lease: Lease, failed: bool) -> Deferred[Lease]:
+        """``Lease.retry``: fail (or release) the container, put the request back at the
+        head of its key's queue (same arrival, deadline and admission), serve it again."""
         self.events += 1
         w, c = lease.waiter, lease.container
-        if c is not None and self._end_lease(lease, c, sample=False):
+        ended = c is not None and self._end_lease(lease, c, sample=False)
+        if ended and failed:
+            assert c is not None
             self._crash(c, "refused or reset a connection before answering")
         if w is None:  # pragma: no cover - every broker lease has its waiter
             self._flush()
@@ -930,6 +932,8 @@ class Broker:
                 w.overdue = True
             else:
                 self._timeouts.add(w, deadline)
+            if ended and not failed and c is not None and c.inflight == 0:
+                self._became_idle(c)  # alive: it may serve the request again
             self._consider(k)
             self._settle_overdue(k)
         self._check_drained()

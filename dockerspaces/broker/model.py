@@ -213,7 +213,7 @@ class Lease:
     queued_for: float
     _release: Callable[[Lease, bool], None] = field(repr=False)
     container: Container | None = field(default=None, repr=False)
-    _retry: Callable[[Lease], Deferred[Lease]] | None = field(default=None, repr=False)
+    _retry: Callable[[Lease, bool], Deferred[Lease]] | None = field(default=None, repr=False)
     _confirm: Callable[[Lease, float], Deferred[bool]] | None = field(default=None, repr=False)
     waiter: Waiter | None = field(default=None, repr=False)
     started: float = 0.0
@@ -242,13 +242,13 @@ class Lease:
             return succeed(not self.released)
         return self._confirm(self, grace)
 
-    def retry(self) -> Deferred[Lease]:
-        """The request never reached the container's app (refused, reset before any
-        answer): the container is failed as by :meth:`failed`, and the request goes
-        back to the head of its key's queue for another container, keeping its arrival
-        time and deadline. Fires with the new lease, or fails with a
-        :class:`~dockerspaces.broker.errors.BrokerError`."""
+    def retry(self, failed: bool = True) -> Deferred[Lease]:
+        """Serve the request again: it goes back to the head of its key's queue,
+        keeping its arrival time and deadline. ``failed`` (the container refused the
+        connection, or is known dead): the container is failed as by :meth:`failed`;
+        else it is released as by :meth:`release`. Fires with the new lease, or fails
+        with a :class:`~dockerspaces.broker.errors.BrokerError`."""
         if self.released or self._retry is None:
             return fail(BackendRefused(f"{self.display}: the container refused the request"))
         self.released = True
-        return self._retry(self)
+        return self._retry(self, failed)

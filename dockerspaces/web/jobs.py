@@ -97,10 +97,16 @@ class JobResource(Resource):
 
         def ended(end: ExchangeEnd) -> None:
             if end.reason == "unforwarded":
-                # the request never reached the container's app (refused, reset): the
+                # the request never left (the container's port refused it): the
                 # container is failed and the request goes back to the head of its
                 # key's queue, within its deadline
                 self._retry(request, lease, attempt + 1)
+                return
+            if end.reason == "unanswered":
+                # a bodiless GET/HEAD got no answer: sent again, once; the container
+                # is failed only if it is known dead (Docker's die event comes later)
+                lease.confirm(CLOSE_GRACE).addCallback(
+                    lambda alive: self._retry(request, lease, attempt + 1, failed=not alive))
                 return
             # A response cut short is not enough to fail the container: one bad request
             # must not cost a shared y: container; a container that really died is
@@ -123,12 +129,15 @@ class JobResource(Resource):
             confirm_close=lambda: lease.confirm(CLOSE_GRACE),
         )
 
-    def _retry(self, request: Request, lease: Any, attempt: int) -> None:
+    def _retry(self, request: Request, lease: Any, attempt: int, failed: bool = True) -> None:
         """Hand the request to another container (the broker's ``Lease.retry``)."""
         if request.finished or getattr(request, "_disconnected", False):
-            lease.failed()
+            if failed:
+                lease.failed()
+            else:
+                lease.release()
             return
-        d = lease.retry()
+        d = lease.retry(failed)
         _on_gone(request, d)
         d.addCallbacks(lambda new: self._forward(request, new, attempt),
                        lambda f: _fail(request, f, self.spec.display))

@@ -85,9 +85,11 @@ class ExchangeEnd:
     """How one forwarded exchange ended (passed to ``on_end`` exactly once).
 
     ``reason`` is ``finished``, ``client-gone``, ``backend-error``, ``tunnel-closed``,
-    ``refused`` or ``unforwarded`` (only with ``retry_unforwarded``: the request never
-    reached the backend and nothing was answered -- the caller must answer it, e.g.
-    by forwarding it elsewhere); ``status`` the status sent to the client (None if none was);
+    ``refused``, or -- only with ``retry_unforwarded``, nothing answered, the caller
+    must answer it, e.g. by forwarding it elsewhere -- ``unforwarded`` (the connection
+    could not be made: the request never left) or ``unanswered`` (a bodiless GET/HEAD
+    whose backend closed or reset the connection before any byte of an answer);
+    ``status`` the status sent to the client (None if none was);
     ``bytes_out`` the response body bytes written to the client (tunnel: bytes
     from the backend to the client).
     """
@@ -414,7 +416,7 @@ class _Exchange:
             return
         if self.status is None and not conn.got_bytes and self._may_go_elsewhere(f):
             self._unforwarded(f"backend {self.backend} closed the connection "
-                              f"without answering ({reason_text(f)})")
+                              f"without answering ({reason_text(f)})", "unanswered")
             return
         msg = f"backend {self.backend} failed: {reason_text(f)}"
         if self.status is None or not self.request.startedWriting:
@@ -437,24 +439,20 @@ class _Exchange:
             transport.abortConnection()
 
     def _may_go_elsewhere(self, f: Failure) -> bool:
-        """Whether a request whose backend connection ended before any response byte
-        may be handed back to the caller (``retry_unforwarded``): when the connection
-        was reset (a dead container's port: the request never reached its app), or,
-        once (``retry_unforwarded`` 2), when it is a bodiless GET/HEAD whose backend
-        closed without answering (safe to send again)."""
-        mode = self.retry_unforwarded
-        if not mode or self.upgrade is not None:
+        """Whether a request sent to a backend whose connection then ended (closed or
+        reset) before any response byte may be handed back to the caller: only once
+        (``retry_unforwarded`` 2) and only a bodiless GET/HEAD -- its bytes may have
+        reached the app, so anything else gets its 502."""
+        if self.retry_unforwarded < 2 or self.upgrade is not None:
             return False
-        e = f.value
-        if isinstance(e, BackendGone) and e.reset:
-            return True
-        return mode > 1 and self.length == 0 and self.request.method in (b"GET", b"HEAD")
+        return self.length == 0 and self.request.method in (b"GET", b"HEAD")
 
-    def _unforwarded(self, message: str) -> None:
-        """End without answering: the caller forwards the request elsewhere."""
+    def _unforwarded(self, message: str, reason: str = "unforwarded") -> None:
+        """End without answering (``unforwarded``: nothing was sent; ``unanswered``: a
+        bodiless GET/HEAD got no answer): the caller forwards the request elsewhere."""
         log.info("proxy: {message}; the request goes elsewhere", message=message)
         self._unregister()
-        self._end("unforwarded", status=None)
+        self._end(reason, status=None)
 
     def response_upgraded(
         self, conn: BackendProtocol, status: int, reason: bytes, headers: Headers, rest: bytes
@@ -607,10 +605,10 @@ class Proxy:
         ``prefix`` is the route prefix (``X-Forwarded-Prefix``, Location rewriting);
         ``host_header`` None forwards the client's Host; ``set_route_cookie`` adds the
         ``dsroute`` cookie naming that segment to HTML responses. With
-        ``retry_unforwarded`` (1, or 2 to include a bodiless GET/HEAD the backend closed
-        without answering) a request that provably never reached the backend -- the
-        connect failed, or the connection was reset before any response byte -- is not
-        answered: ``on_end`` gets reason ``unforwarded`` and the caller answers it.
+        ``retry_unforwarded`` 1 a request that provably never reached the backend (the
+        connect failed) is not answered: ``on_end`` gets reason ``unforwarded`` and the
+        caller answers it; with 2, also a bodiless GET/HEAD whose backend closed or
+        reset the connection before any byte of an answer (reason ``unanswered``).
         ``confirm_close`` is asked before a close-delimited answer is completed (the
         backend's FIN ends it, but a killed container's FIN looks the same): False
         cuts the answer as a backend failure would. ``external`` (a ``host:``

@@ -17,6 +17,8 @@ from dockerspaces.engine.engine import Engine, EngineService
 from dockerspaces.engine.interface import (
     LABEL_HOST,
     LABEL_INSTANCE,
+    LABEL_KEY,
+    LABEL_SPEC,
     ContainerEvent,
     ContainerExited,
     ContainerHandle,
@@ -280,7 +282,10 @@ class WatchAndAdoptTests(EngineIntegrationBase):
             fresh = self.make_engine()
             own = await fresh.list_own()
             self.assertEqual([o.id for o in own], [h.id])
-            self.assertEqual(own[0].spec, spec)
+            # the spec label holds no env values; key and display labels name the key
+            self.assertEqual(own[0].spec, JobSpec(spec.mode, spec.name, spec.tag, spec.port))
+            self.assertEqual(own[0].labels[LABEL_KEY], spec.key)
+            self.assertNotIn("=", own[0].labels[LABEL_SPEC])
             self.assertEqual(own[0].slot_port, self.ports[0])
             self.assertTrue(own[0].running)
             await fresh.stop(own[0], 0)

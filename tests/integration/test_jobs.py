@@ -138,7 +138,11 @@ class Exclusive(JobsTestCase):
         finally:
             c.close()
         status, _, body = pending.result(60)
-        self.assertEqual(status, 502, body)
+        # a bodiless GET that got no byte of an answer is sent again, once, to a new
+        # container; a request with a body would have its 502 (its bytes may have
+        # reached the app: test_faults covers it)
+        self.assertEqual(status, 200, body)
+        self.assertNotEqual(hostname_of(body), victim)
         status, _, body = srv.get("/x:dockerspaces-test:web:1:8080/")
         self.assertEqual(status, 200, body)
         self.assertNotEqual(hostname_of(body), victim)
@@ -164,7 +168,7 @@ class Workers(JobsTestCase):
     """Worker launches (port 3)."""
 
     def test_worker_sees_env(self) -> None:
-        srv = self.server(slots=2)
+        srv = self.server(slots=3)  # workers may hold all slots but one
         status, _, body = srv.get("/x:dockerspaces-test:worker:1:3:QUEUE_URL=amqp%3A%2F%2Fmq%3A5672;N=1/")
         self.assertEqual((status, body), (200, b""))
         (info,) = srv.containers()
