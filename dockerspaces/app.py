@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import socket
 from typing import IO, Any
 
 from attrs import define, field
@@ -20,6 +21,7 @@ from .engine.engine import Engine, EngineService
 from .engine.interface import RunOptions
 from .logoutput import TextObserver
 from .metrics import Metrics
+from .netlocal import docker_networks, engine_targets, listening_ports, local_addresses
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
@@ -30,7 +32,7 @@ from .web.monitor import MonitorResource
 from .web.pages import DashboardResource, ProgressBoard, ProgressResource, WaitingRoom
 from .web.proxy import Proxy
 from .web.root import Root
-from .web.routing import HostPolicy, local_addresses, resolver_from
+from .web.routing import HostPolicy, parse_ip, resolver_from
 from .web.site import make_site
 
 
@@ -58,12 +60,26 @@ def run_options_for(config: Config) -> Any:
 
 def own_ports(config: Config) -> set[int]:
     """TCP ports this instance listens on (``host:`` may never reach them)."""
-    ports = set()
-    for desc in config.ports:
-        for part in desc.split(":")[1:2]:
-            if part.isdigit():
-                ports.add(int(part))
-    return ports
+    return listening_ports(config.ports)
+
+
+def host_policy(config: Config, hosts: list[HostConfig], reactor: Any) -> HostPolicy:
+    """The ``host:`` policy: local interfaces, Docker networks, engines and peers
+    refused unless ``--allow-host``; own ports always (blocking lookups: start only)."""
+    refused = set(engine_targets(hosts, None if config.cluster else config.docker))
+    for name, port in list(refused):
+        if parse_ip(name) is None:
+            try:
+                for info in socket.getaddrinfo(name, None):
+                    refused.add((str(info[4][0]).split("%")[0], port))
+            except OSError:
+                pass
+    return HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
+                      resolve=resolver_from(reactor.nameResolver), local=local_addresses(),
+                      blocked=docker_networks(), refused=frozenset(refused))
+
+
+_NO_HOST_ROUTE = ErrorResource(404, "host:/shost: routes are turned off here (--no-host-route)")
 
 
 @define
@@ -92,11 +108,15 @@ class Routes:
 
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
         """host:/shost:/--root."""
+        if prefix and self.config.no_host_route:
+            return _NO_HOST_ROUTE
         return HostResource(target, prefix, path, proxy=self.proxy, policy=self.policy,
                             cookie=cookie)
 
     def host_route(self, target: HostTarget, prefix: bytes) -> Resource:
         """host:/shost: as the URI's own segment: one resource for all its requests."""
+        if self.config.no_host_route:
+            return _NO_HOST_ROUTE
         return HostRoute(target, prefix, proxy=self.proxy, policy=self.policy)
 
     def monitor(self, route: MonitorRoute) -> Resource:
@@ -211,8 +231,7 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
-    policy = HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
-                        resolve=resolver_from(reactor.nameResolver), local=local_addresses())
+    policy = host_policy(config, hosts, reactor)
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
     routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=engines,
                     waiting=waiting, metrics=metrics,

@@ -133,3 +133,52 @@ class AppRequestTests(SynchronousTestCase):
                          ("host", 200, "10.9.8.7"))
         record = json.loads(out.getvalue().splitlines()[-1])
         self.assertEqual((record["path"], record["status"]), ("/host:10.0.0.7:8080/page?q=…", 200))
+
+
+class AnswersOfTheRootTests(SynchronousTestCase):
+    """400, 404 and 308 from the root itself are logged and counted like any other;
+    --no-host-route turns host:/shost: off."""
+
+    def make(self, **options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.out = io.StringIO()
+        config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"], **options})
+        top = build_service(config, self.reactor, self.out)
+        globalLogPublisher.addObserver(top.observer)  # type: ignore[attr-defined]
+        self.addCleanup(globalLogPublisher.removeObserver, top.observer)  # type: ignore[attr-defined]
+        services = list(IServiceCollection(top))
+        self.site = next(s for s in services if hasattr(s, "factory")).factory
+        self.metrics: Metrics = self.site.resource.recorder.metrics
+
+    def get(self, raw: bytes) -> bytes:
+        ch = self.site.buildProtocol(CLIENT)
+        t = StringTransport(peerAddress=CLIENT)
+        t.protocol = ch  # type: ignore[attr-defined]
+        ch.makeConnection(t)
+        ch.dataReceived(raw)
+        self.reactor.advance(0)
+        return bytes(t.value())
+
+    def lines(self) -> list[str]:
+        return [x for x in self.out.getvalue().splitlines() if "dockerspaces.request" in x]
+
+    def test_400_404_308_logged_and_counted(self) -> None:
+        self.make()
+        self.assertTrue(self.get(b"GET /x:Bad%00:1 HTTP/1.1\r\nHost: f\r\n\r\n")
+                        .startswith(b"HTTP/1.1 400"))
+        self.assertTrue(self.get(b"GET /nowhere HTTP/1.1\r\nHost: f\r\n\r\n")
+                        .startswith(b"HTTP/1.1 404"))
+        self.assertTrue(self.get(b"GET /host:example.org:80 HTTP/1.1\r\nHost: f\r\n\r\n")
+                        .startswith(b"HTTP/1.1 308"))
+        statuses = [line.split("-> ")[1].split(" ")[0] for line in self.lines()]
+        self.assertEqual(statuses, ["400", "404", "308"])
+        self.assertEqual(self.metrics.requests.get("bad", "400"), 1)
+        self.assertEqual(self.metrics.requests.get("none", "404"), 1)
+        self.assertEqual(self.metrics.requests.get("host", "308"), 1)
+
+    def test_no_host_route(self) -> None:
+        self.make(**{"no-host-route": True})
+        answer = self.get(b"GET /host:10.0.0.7:8080/ HTTP/1.1\r\nHost: f\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:80])
+        self.assertIn(b"--no-host-route", answer)

@@ -103,6 +103,25 @@ class HostPolicyTests(SynchronousTestCase):
         self.assertIn("own port", self.forbidden(p.check("10.9.9.9", 8888)))
         self.assertEqual(self.successResultOf(p.check("127.0.0.1", 8889)), "127.0.0.1")
 
+    def test_machine_docker_networks_engines_refused(self) -> None:
+        """This machine's own addresses (any port), Docker's bridge networks (slot
+        containers), and the engines' and peers' ports: refused unless allowed."""
+        import ipaddress
+
+        p = self.policy(local=frozenset({"192.168.1.20", "172.17.0.1"}),
+                        blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
+                        refused=frozenset({("10.0.0.5", 2375), ("gpu1.example", 8888)}))
+        self.assertIn("address of this machine", self.forbidden(p.check("192.168.1.20", 80)))
+        self.assertIn("address of this machine", self.forbidden(p.check("172.17.0.1", 80)))
+        self.assertIn("Docker network", self.forbidden(p.check("172.17.0.2", 8080)))
+        self.assertIn("engine or peer", self.forbidden(p.check("10.0.0.5", 2375)))
+        self.assertIn("engine or peer", self.forbidden(p.check("db.internal", 2375)))
+        self.assertIn("engine or peer", self.forbidden(p.check("GPU1.example.", 8888)))
+        self.assertEqual(self.successResultOf(p.check("db.internal", 5432)), "10.0.0.5")
+        allowed = self.policy(("172.17.0.0/16",),
+                              blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}))
+        self.assertEqual(self.successResultOf(allowed.check("172.17.0.2", 8080)), "172.17.0.2")
+
     def test_unresolvable(self) -> None:
         self.assertIn("does not resolve", self.forbidden(self.policy().check("nope.example", 80)))
 

@@ -115,17 +115,23 @@ class Root(Resource):
         try:
             plan = self._plan(raw.segment)
         except SpecError as e:
+            self._begin(request, "bad", raw.segment[:60])
             return ErrorResource(400, f"bad route {raw.segment[:200]!r}: {e}")
         if plan is None:
             return self._fallback(request, raw.rest, raw.query)
         if plan.redirect and not raw.rest and request.method in (b"GET", b"HEAD"):
+            self._begin(request, plan.kind, plan.display)
             location = plan.prefix + b"/" + (b"?" + raw.query if raw.query else b"")
             return RedirectResource(location, 308)
         return self._dispatch(request, plan, forward_path, cookie=True)
 
-    def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
+    def _begin(self, request: Request, kind: str, display: str) -> None:
+        """Log and count this request when it ends (the recorder's route info)."""
         if self.recorder is not None:
-            self.recorder.begin(request, plan.kind, plan.display)
+            self.recorder.begin(request, kind, display)
+
+    def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
+        self._begin(request, plan.kind, plan.display)
         route = plan.route
         if isinstance(route, HostTarget):
             if cookie:  # the segment is the URI's own: one resource for all its requests
@@ -161,9 +167,9 @@ class Root(Resource):
             if plan is not None and isinstance(plan.route, (JobSpec, HostTarget)):
                 return self._dispatch(request, plan, full, cookie=False)
         if self.config.root is not None:
-            if self.recorder is not None:
-                self.recorder.begin(request, "root", self.config.root.host_header)
+            self._begin(request, "root", self.config.root.host_header)
             return self.routes.host(self.config.root, b"", full, False)
+        self._begin(request, "none", "-")
         return ErrorResource(
             404,
             "no route: the path must start with /x:…, /y:…, /host:…, /shost:…, "

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -90,20 +89,6 @@ def parse_ip(text: str) -> IPAddress | None:
     return addr
 
 
-def local_addresses() -> frozenset[str]:
-    """Best-effort addresses of this machine (its host name's), for :class:`HostPolicy`.
-
-    Blocking (name lookup): call once at startup, not on the data path.
-    """
-    out = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            out.add(str(info[4][0]))
-    except OSError:
-        pass
-    return frozenset(out)
-
-
 @implementer(IResolutionReceiver)
 class _Collect:
     def __init__(self) -> None:
@@ -140,9 +125,12 @@ _NAME = object()  # verdict: a host name, not an IP literal
 class HostPolicy:
     """Which ``host:``/``shost:`` targets may be reached, and at which address.
 
-    ``allow``: ``--allow-host`` entries (names, addresses or CIDRs) that lift the
-    loopback / link-local ban; ``own_ports``: this instance's listening ports, always
-    refused on this machine's addresses (``local`` plus loopback / unspecified);
+    Refused unless ``allow`` (``--allow-host`` names, addresses or CIDRs) names them:
+    loopback and link-local addresses, every address of this machine (``local``),
+    Docker's bridge networks where slot containers live (``blocked``), and the
+    engines' and peers' (host, port) pairs (``refused``: names and addresses) --
+    each of which would bypass the broker or reach a Docker API (root). Always
+    refused: this instance's own listening ports (``own_ports``) on this machine.
     ``resolve``: name → Deferred list of address strings (e.g.
     ``resolver_from(reactor.nameResolver)``).
     """
@@ -151,6 +139,8 @@ class HostPolicy:
     own_ports: frozenset[int] | set[int]
     resolve: Callable[[str], Deferred[list[str]]] | None = None
     local: frozenset[str] = frozenset()
+    blocked: frozenset[IPNetwork] = frozenset()
+    refused: frozenset[tuple[str, int]] = frozenset()
     _names: frozenset[str] = field(init=False)
     _nets: tuple[IPNetwork, ...] = field(init=False)
     # (host, port) -> checked address, Forbidden, or _NAME (needs resolving): the
@@ -177,6 +167,10 @@ class HostPolicy:
             return fail(e)
         if address is not None:
             return succeed(address)
+        name = host.lower().rstrip(".")
+        if (name, port) in self.refused and name not in self._names:
+            return fail(Forbidden(f"{host}:{port} is a Docker engine or peer of this "
+                                  "instance; allow it with --allow-host"))
         if self.resolve is None:
             return fail(Forbidden(f"cannot resolve {host!r}: no resolver configured"))
         d = self.resolve(host)
@@ -228,19 +222,28 @@ class HostPolicy:
         addr = parse_ip(address)
         if addr is None:
             raise Forbidden(f"{host!r} resolved to an unusable address {address!r}")
-        on_this_machine = (
-            addr.is_loopback or addr.is_unspecified or str(addr) in self.local
-        )
+        text = str(addr)
+        on_this_machine = addr.is_loopback or addr.is_unspecified or text in self.local
         if port in self.own_ports and on_this_machine:
             raise Forbidden(
                 f"{host}:{port} is this dockerspaces instance's own port"
             )
         if addr.is_unspecified or addr.is_multicast:
             raise Forbidden(f"{host} ({addr}) is not a host address")
-        if (addr.is_loopback or addr.is_link_local) and not self._allowed(host, addr):
-            kind = "loopback" if addr.is_loopback else "link-local"
-            raise Forbidden(f"{host} ({addr}) is a {kind} address; allow it with --allow-host")
-        return str(addr)
+        kind = None
+        if addr.is_loopback:
+            kind = "a loopback address"
+        elif addr.is_link_local:
+            kind = "a link-local address"
+        elif text in self.local:
+            kind = "an address of this machine"
+        elif any(addr.version == n.version and addr in n for n in self.blocked):
+            kind = "in a Docker network (slot containers are reached through dockerspaces)"
+        elif (text, port) in self.refused or (host.lower().rstrip("."), port) in self.refused:
+            kind = "a Docker engine or peer of this instance"
+        if kind is not None and not self._allowed(host, addr):
+            raise Forbidden(f"{host}:{port} ({addr}) is {kind}; allow it with --allow-host")
+        return text
 
 
 # -- CORS -----------------------------------------------------------------------------
