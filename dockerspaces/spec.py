@@ -25,6 +25,8 @@ _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
 _REGISTRY = re.compile(
     r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?\Z"
 )
+#: Docker's limit on a repository name (registry and path components together)
+MAX_NAME = 255
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 _HOSTNAME = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?\Z"
@@ -194,8 +196,11 @@ def parse_host_target(rest: str, tls: bool) -> HostTarget:
         host, sep, port_part = text.partition(":")
         if sep:
             port_text = port_part
-        if not host or not _HOSTNAME.match(host):
-            raise SpecError(f"bad {what} name {host!r}")
+        if not host or len(host) > 253 or not _HOSTNAME.match(host):
+            raise SpecError(f"bad {what} name {host[:80]!r}")
+        if any(len(label) > 63 for label in host.rstrip(".").split(".")):
+            raise SpecError(f"bad {what} name {host[:80]!r}: a DNS label is at most 63 "
+                            "characters")
     if port_text is None:
         port = 443 if tls else 80
     elif port_text == "":
@@ -245,6 +250,8 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
     tag = _decode(head[-2], "tag")
     if not _TAG.match(tag):
         raise SpecError(f"bad tag {tag!r}: letters, digits, '_', '.', '-' (max 128)")
+    if sum(len(p) + 1 for p in head[:-2]) - 1 > MAX_NAME:
+        raise SpecError(f"image name too long (at most {MAX_NAME} characters, as Docker)")
     name: list[str] = []
     for i, p in enumerate(head[:-2]):
         comp = _decode(p, "image name")
@@ -254,8 +261,10 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
             _REGISTRY.match(comp) if i == 0 and len(head) > 3 else None
         ) or _COMPONENT.match(comp)
         if not ok:
-            raise SpecError(f"bad image name component {comp!r}")
+            raise SpecError(f"bad image name component {comp[:80]!r}")
         name.append(comp)
+    if len("/".join(name)) > MAX_NAME:
+        raise SpecError(f"image name too long (at most {MAX_NAME} characters, as Docker)")
     env = _parse_env(env_raw) if env_raw is not None else ()
     if mode == "y" and port == WORKER_PORT:
         raise SpecError("y: with port 3 is not allowed: port 3 marks an x: worker launch")

@@ -49,6 +49,26 @@ class SiteTests(SynchronousTestCase):
         channel.makeConnection(t)
         return channel, t
 
+    def test_over_long_heads_get_414_and_431(self) -> None:
+        """A URI over the line limit gets 414, a header line over it or a head over
+        the total or count limits 431 -- not a silent close."""
+        heads = {
+            b"414": b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"431": b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_500 + b"\r\n\r\n",
+            b"431 ": b"GET / HTTP/1.1\r\n" + b"".join(
+                b"X%d: %s\r\n" % (i, b"a" * 900) for i in range(110)) + b"\r\n",
+            b"431  ": b"GET / HTTP/1.1\r\n" + b"".join(
+                b"X%d: a\r\n" % i for i in range(600)) + b"\r\n",
+        }
+        for status, raw in heads.items():
+            channel, t = self.connect()
+            for i in range(0, len(raw), 4096):
+                channel.dataReceived(raw[i:i + 4096])
+            self.assertTrue(t.value().startswith(b"HTTP/1.1 " + status.strip() + b" "),
+                            t.value()[:60])
+            self.assertTrue(t.disconnecting)
+            self.assertEqual(t.value().count(b"HTTP/1.1 "), 1)
+
     def test_body_within_limit(self) -> None:
         ch, t = self.connect()
         ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"a" * 100)

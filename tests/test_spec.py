@@ -120,6 +120,13 @@ class Errors(SynchronousTestCase):
         "host:a:b": "bad port",
         "host:exa mple": "bad host",
         "host:a:": "trailing",
+        # issue 12: what Docker or DNS would refuse is a 400 here, not a pull or a hang
+        "host:" + "a" * 64 + ".example": "63 characters",
+        "shost:" + "a" * 64: "63 characters",
+        "host:" + "a." * 130 + "b": "bad host name",
+        "x:" + "a" * 10_000 + ":1:80": "too long",
+        "x:" + ":".join(["a"] * 3_000) + ":1:80": "too long",
+        "x:" + ":".join(["abcd"] * 60) + ":1:80": "too long",
     }
 
     def test_cases(self) -> None:

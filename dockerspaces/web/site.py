@@ -369,6 +369,33 @@ class HeadDeadlineChannel(HTTPChannel):
         if self._buffer:  # bytes handed back while the request was handled
             LineReceiver.dataReceived(self, b"")
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line over ``MAX_LENGTH``: 414 for the request
+        line (a URI too long), 431 for a header line -- twisted.web only closes."""
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            self._refuse(b"414 URI Too Long")
+        else:
+            self._refuse(b"431 Request Header Fields Too Large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's 400-and-close, but 431 when the head is over
+        ``totalHeadersSize`` or has more than ``maxHeaders`` lines."""
+        if (self._receivedHeaderSize > self.totalHeadersSize
+                or self._receivedHeaderCount > self.maxHeaders):
+            self._refuse(b"431 Request Header Fields Too Large")
+        else:
+            self._refuse(b"400 Bad Request")
+
+    def _refuse(self, status: bytes) -> None:
+        if self.transport is None or getattr(self, "_refused", False):
+            return
+        self._refused = True
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+        self.loseConnection()
+        # no more parsing of what the client sends after the refused head
+        self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
+
     # One DelayedCall per connection, moved rather than replaced: disarming only clears
     # the flag (a timer that fires disarmed does nothing), re-arming resets the pending
     # call -- a new callLater plus a cancel per request cost more than the deadline.
