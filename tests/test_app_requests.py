@@ -182,3 +182,10 @@ class AnswersOfTheRootTests(SynchronousTestCase):
         answer = self.get(b"GET /host:10.0.0.7:8080/ HTTP/1.1\r\nHost: f\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:80])
         self.assertIn(b"--no-host-route", answer)
+
+    def test_monitor_other_methods_are_405(self) -> None:
+        """Not twisted.web's 501 "Huh?": a 405 naming the methods allowed."""
+        self.make()
+        answer = self.get(b"PUT /monitor:metrics HTTP/1.1\r\nHost: f\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 405"), answer[:80])
+        self.assertIn(b"Allow: GET, HEAD", answer)

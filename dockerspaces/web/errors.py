@@ -63,6 +63,23 @@ class ErrorResource(Resource):
         return write_error(request, self.status, self.message, self.retry_after)
 
 
+class MethodNotAllowed(Resource):
+    """A leaf answering 405 with ``Allow`` (twisted.web would answer 501 "Huh?")."""
+
+    isLeaf = True
+
+    def __init__(self, allow: bytes = b"GET, HEAD"):
+        super().__init__()
+        self.allow = allow
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        """Write the 405 answer."""
+        request.setHeader(b"allow", self.allow)
+        method = request.method.decode("latin-1", "replace")[:20]
+        return write_error(request, 405, f"{method!r} is not allowed here; use "
+                           f"{self.allow.decode()}")
+
+
 class RedirectResource(Resource):
     """A leaf answering with a redirect (308 keeps method and body)."""
 

@@ -24,7 +24,7 @@ from ..spec import (
 )
 from . import routing
 from .accesslog import Recorder
-from .errors import ErrorResource, RedirectResource
+from .errors import ErrorResource, MethodNotAllowed, RedirectResource
 from .routecookie import RouteCookies
 
 
@@ -69,6 +69,9 @@ class _Plan:
             self.kind, self.display = "monitor", route.name
         else:
             self.kind, self.display = "docker", "local"
+
+
+_MONITOR_METHODS = MethodNotAllowed(b"GET, HEAD")
 
 
 class Root(Resource):
@@ -143,6 +146,8 @@ class Root(Resource):
         if isinstance(route, JobSpec):
             return self.routes.job(route, plan.prefix, path)
         if isinstance(route, MonitorRoute):
+            if request.method not in (b"GET", b"HEAD"):
+                return _MONITOR_METHODS
             return self.routes.monitor(route)
         if isinstance(route, DockerApiRoute):
             return _NoCors(self.routes.docker_api(path))
