@@ -19,6 +19,9 @@ line.  CGIs (every HTTP image has them):
 - ``/cgi-bin/sleep?N``  -- sleeps N seconds (default ``$SLEEP`` or 5), then ``slept N``.
 - ``/cgi-bin/stream?N`` -- N lines (default 5), one per second: ``line i``.
 - ``/cgi-bin/status?C`` -- answers with HTTP status C (default 500).
+- ``/cgi-bin/work/ID_S_N`` -- echoes a POST body, then N lines S seconds apart, then
+  ``done ID``. httpd runs with ``-vv``: each request it reads is a ``url:PATH`` line in
+  the container's log (the fault-injection test's proof that a request was forwarded).
 
 Images (constants below):
 
@@ -87,7 +90,8 @@ mkdir -p /www
   echo "</pre></body></html>"
 } > /www/index.html
 echo "ds-serve: listening on ${PORT:-8080}"
-httpd -f -p "${PORT:-8080}" -h /www &
+# -vv: one "url:PATH" line per request in the container's log, once httpd has read it
+httpd -f -vv -p "${PORT:-8080}" -h /www &
 wait $!
 """
 
@@ -125,6 +129,24 @@ while [ "$i" -le "$n" ]; do
   i=$((i + 1))
   [ "$i" -le "$n" ] && sleep 1
 done
+"""
+
+_CGI_WORK = r"""#!/bin/sh
+# work/ID_SECONDS_LINES: echoes a POST body, then LINES lines SECONDS apart, "done ID"
+q="${PATH_INFO#/}"
+id="${q%%_*}"; rest="${q#*_}"; secs="${rest%%_*}"; lines="${rest#*_}"
+printf 'Content-Type: text/plain\r\n\r\n'
+if [ -n "$CONTENT_LENGTH" ] && [ "$CONTENT_LENGTH" -gt 0 ]; then
+  head -c "$CONTENT_LENGTH"
+  echo
+fi
+i=1
+while [ "$i" -le "${lines:-1}" ]; do
+  echo "line $i"
+  i=$((i + 1))
+  sleep "${secs:-0}"
+done
+echo "done $id"
 """
 
 _CGI_STATUS = r"""#!/bin/sh
@@ -169,6 +191,7 @@ _FILES = {
     "cgi-echo": _CGI_ECHO,
     "cgi-sleep": _CGI_SLEEP,
     "cgi-stream": _CGI_STREAM,
+    "cgi-work": _CGI_WORK,
     "cgi-status": _CGI_STATUS,
     "ds-exit": _EXIT,
     "ds-deaf": _DEAF,
@@ -184,10 +207,11 @@ _HTTP_COMMON = (
     "COPY cgi-echo /www/cgi-bin/echo\n"
     "COPY cgi-sleep /www/cgi-bin/sleep\n"
     "COPY cgi-stream /www/cgi-bin/stream\n"
+    "COPY cgi-work /www/cgi-bin/work\n"
     "COPY cgi-status /www/cgi-bin/status\n"
     'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-serve", "/www/cgi-bin/env",'
     ' "/www/cgi-bin/echo", "/www/cgi-bin/sleep", "/www/cgi-bin/stream",'
-    ' "/www/cgi-bin/status"]\n'
+    ' "/www/cgi-bin/work", "/www/cgi-bin/status"]\n'
 )
 
 _DOCKERFILES: dict[str, str] = {

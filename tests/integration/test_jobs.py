@@ -211,3 +211,25 @@ class Adoption(JobsTestCase):
         third.start()
         self.assertIn(third.stop(), (0, -signal.SIGTERM))
         self.assertEqual(len(first.containers(all=True)), 0, "containers left after a normal stop")
+
+
+class HostRefusals(JobsTestCase):
+    """host: cannot reach a slot container directly, nor this machine's Docker bridge."""
+
+    def test_slot_container_and_bridge_gateway_refused(self) -> None:
+        srv = self.server(slots=1)
+        status, _, body = srv.get("/x:dockerspaces-test:web:1:8080/")
+        self.assertEqual(status, 200, body)
+        (info,) = srv.containers()
+        c = docker_client()
+        try:
+            net = c.inspect_container(info["Id"])["NetworkSettings"]
+        finally:
+            c.close()
+        ip, gateway = net["IPAddress"], net["Gateway"]
+        self.assertTrue(ip and gateway, net)
+        for target in (f"{ip}:8080", f"{gateway}:{srv.start_port}", f"{gateway}:{srv.port}"):
+            status, _, body = srv.get(f"/host:{target}/")
+            self.assertEqual(status, 403, (target, body))
+        status, _, body = srv.get("/host:" + "a" * 64 + ".example/")
+        self.assertEqual(status, 400, body)

@@ -1,0 +1,421 @@
+"""The fault-injection scenario (issue 12), shared by ``test_faults`` and
+``bench/faults.py``: real dockerspaces process, real containers, real kills.
+
+N requests over 3 images on 2 slots from C concurrent clients (raw sockets, HTTP/1.1,
+``Connection: close``) while a killer ``docker kill``s a busy container every few
+seconds, a tenth of the clients hang up mid-request, and once a container is
+``docker rm -f``-ed while it starts.
+
+Every request is accounted for. Its id is in its path (``/cgi-bin/work/ID_S_N``) and
+the test images' httpd logs each request it reads (``url:PATH``): the container logs,
+followed from every container's start until it is gone, prove which requests reached an
+app ("forwarded"). Outcomes:
+
+``ok``            200, complete (length met or terminating chunk), ``done ID`` in it
+``truncated``     200 that *looked* complete but lacks ``done ID`` -- must be 0
+``aborted``       the answer was cut (no terminating chunk, reset) -- only if forwarded
+``5xx``           an error answer (502 only if forwarded)
+``lost``          no answer within the client timeout -- must be 0
+``gone``          our own client hung up (10 %)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import attrs
+
+from .dockerutil import docker_client
+from .procs import Server
+
+ROUTES = (
+    "/x:selmaproject:tts:777:5002",
+    "/x:dockerspaces-test:web:1:8080:DELAY=1",  # a slower start: time to rm -f it
+    "/x:dockerspaces-test:slowhttp:1:8080",
+)
+
+
+@attrs.define
+class Outcome:
+    """One request's fate."""
+
+    id: int
+    kind: str
+    sent: float
+    ended: float = 0.0
+    status: int | None = None
+    klass: str = "lost"
+    detail: str = ""
+
+
+@attrs.define
+class Report:
+    """What a run found; :meth:`table` prints it, :meth:`violations` lists the bars missed."""
+
+    outcomes: list[Outcome]
+    forwarded: set[int]
+    kills: list[tuple[float, str]]
+    removed_while_starting: str | None
+    start_retried: bool
+    crashes: float
+    leaked: list[str]
+    seconds: float
+
+    def counts(self) -> Counter[str]:
+        return Counter(o.klass for o in self.outcomes)
+
+    def never_forwarded_failed(self) -> list[Outcome]:
+        """502s and cut answers of requests no app ever read."""
+        return [o for o in self.outcomes
+                if o.klass in ("502", "aborted") and o.id not in self.forwarded]
+
+    def expected_crashes(self) -> int:
+        rm_counted = self.removed_while_starting is not None and not self.start_retried
+        return len(self.kills) + (1 if rm_counted else 0)
+
+    def violations(self) -> list[str]:
+        c = self.counts()
+        out = []
+        bad = self.never_forwarded_failed()
+        if bad:
+            out.append(f"{len(bad)} never-forwarded request(s) got a 502 or a cut answer: "
+                       + ", ".join(f"#{o.id} {o.kind} {o.klass}" for o in bad[:10]))
+        if c["truncated"]:
+            out.append(f"{c['truncated']} truncated answer(s) looked complete")
+        if c["lost"]:
+            lost = [o for o in self.outcomes if o.klass == "lost"]
+            out.append(f"{c['lost']} request(s) lost: " + ", ".join(
+                f"#{o.id} {o.detail}" for o in lost[:10]))
+        if self.leaked:
+            out.append("leaked: " + "; ".join(self.leaked))
+        if self.crashes != self.expected_crashes():
+            out.append(f"crash counter {self.crashes:g} != {self.expected_crashes()} "
+                       f"({len(self.kills)} kills)")
+        return out
+
+    def table(self, title: str = "fault injection") -> str:
+        c = self.counts()
+        n = len(self.outcomes)
+        rows = [
+            ("requests", n),
+            ("ok (complete, correct)", c["ok"]),
+            ("502, forwarded", sum(1 for o in self.outcomes
+                                   if o.klass == "502" and o.id in self.forwarded)),
+            ("502, never forwarded  [bar 0]", sum(1 for o in self.outcomes
+                                                  if o.klass == "502"
+                                                  and o.id not in self.forwarded)),
+            ("cut answer, forwarded", sum(1 for o in self.outcomes
+                                          if o.klass == "aborted" and o.id in self.forwarded)),
+            ("cut answer, never forwarded  [bar 0]", sum(
+                1 for o in self.outcomes if o.klass == "aborted" and o.id not in self.forwarded)),
+            ("other 5xx", sum(v for k, v in c.items() if k.startswith("5") and k != "502")),
+            ("truncated, looked complete  [bar 0]", c["truncated"]),
+            ("lost, no answer  [bar 0]", c["lost"]),
+            ("client hung up (ours)", c["gone"]),
+            ("containers killed", len(self.kills)),
+            ("removed while starting", 1 if self.removed_while_starting else 0),
+            ("  ... start tried again", "yes" if self.start_retried else "no"),
+            ("crashes counted  [bar = kills]", f"{self.crashes:g}"),
+            ("containers/slots leaked  [bar 0]", len(self.leaked)),
+            ("seconds", f"{self.seconds:.0f}"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [title, "-" * (width + 10)]
+        lines += [f"{name:<{width}}  {value}" for name, value in rows]
+        others = sorted(k for k in c if k.startswith("5") and k != "502")
+        if others:
+            lines.append("other 5xx: " + ", ".join(f"{k}×{c[k]}" for k in others))
+        return "\n".join(lines)
+
+
+# -- the HTTP client --------------------------------------------------------------------
+
+
+def _read_answer(sock: socket.socket, deadline: float) -> tuple[int | None, bool, bytes, str]:
+    """(status, complete, body, why-incomplete) of one HTTP/1.1 answer."""
+    buf = b""
+    status = None
+    try:
+        while b"\r\n\r\n" not in buf:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                return None, False, b"", "closed before a head"
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in rest:
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    data = sock.recv(65536)
+                    if not data:
+                        return status, False, body, "closed inside a chunked body"
+                    rest += data
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                while len(rest) < size + 2:
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    data = sock.recv(65536)
+                    if not data:
+                        return status, False, body + rest[:size], "closed inside a chunk"
+                    rest += data
+                if size == 0:
+                    return status, True, body, ""
+                body += rest[:size]
+                rest = rest[size + 2:]
+        if b"content-length" in headers:
+            n = int(headers[b"content-length"])
+            while len(rest) < n:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                data = sock.recv(65536)
+                if not data:
+                    return status, False, rest, "closed before the length"
+                rest += data
+            return status, True, rest[:n], ""
+        while True:  # close-delimited: complete only by what it says
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                return status, True, rest, ""
+            rest += data
+    except (ConnectionResetError, BrokenPipeError):
+        return status, False, b"", "reset"
+    except TimeoutError:
+        return status, False, b"", "timeout"
+
+
+def _one(port: int, o: Outcome, route: str, hang_up: float | None, timeout: float) -> None:
+    spec = {"short": "0.05_1", "stream": "0.5_4", "post": "0.05_1"}[o.kind]
+    path = f"{route}/cgi-bin/work/{o.id}_{spec}"
+    body = f"payload-{o.id}".encode() if o.kind == "post" else b""
+    method = "POST" if o.kind == "post" else "GET"
+    head = (f"{method} {path} HTTP/1.1\r\nHost: ds\r\nConnection: close\r\n"
+            + (f"Content-Length: {len(body)}\r\n" if body else "") + "\r\n").encode()
+    o.sent = time.monotonic()
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError as e:
+        o.klass, o.detail, o.ended = "lost", f"connect: {e}", time.monotonic()
+        return
+    try:
+        sock.sendall(head + body)
+        if hang_up is not None:
+            time.sleep(hang_up)
+            o.klass, o.ended = "gone", time.monotonic()
+            return
+        status, complete, got, why = _read_answer(sock, time.monotonic() + timeout)
+    finally:
+        sock.close()
+    o.ended, o.status = time.monotonic(), status
+    if status is None:
+        o.klass, o.detail = ("lost" if why == "timeout" else "aborted"), why
+    elif not complete:
+        o.klass, o.detail = "aborted", why
+    elif status == 200:
+        ok = f"done {o.id}".encode() in got and (o.kind != "post" or body in got)
+        o.klass = "ok" if ok else "truncated"
+        o.detail = "" if ok else got[-80:].decode(errors="replace")
+    else:
+        o.klass, o.detail = str(status), got[:120].decode(errors="replace")
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+class _LogFollower:
+    """Follows every container of the instance from its start: request ids its httpd
+    read (``url:/…/cgi-bin/work/ID_…``)."""
+
+    pattern = re.compile(rb"url:[^ ]*/cgi-bin/work/(\d+)_")
+
+    def __init__(self, instance: str):
+        self.instance = instance
+        self.seen: set[int] = set()
+        self.followed: set[str] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._poll, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _poll(self) -> None:
+        c = docker_client()
+        try:
+            while not self.stop.is_set():
+                for info in c.containers(filters={
+                        "label": f"dockerspaces.instance={self.instance}"}):
+                    cid = info["Id"]
+                    if cid not in self.followed:
+                        self.followed.add(cid)
+                        t = threading.Thread(target=self._follow, args=(cid,), daemon=True)
+                        t.start()
+                        self.threads.append(t)
+                time.sleep(0.02)
+        finally:
+            c.close()
+
+    def _follow(self, cid: str) -> None:
+        c = docker_client()
+        try:
+            buf = b""
+            for chunk in c.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    m = self.pattern.search(line)
+                    if m:
+                        with self.lock:
+                            self.seen.add(int(m.group(1)))
+                if self.stop.is_set():
+                    break
+        except Exception:  # noqa: BLE001, S110 - the container went: its lines are in
+            pass
+        finally:
+            c.close()
+
+
+def _busy_container(srv: Server) -> str | None:
+    try:
+        snap = srv.snapshot()
+    except (OSError, AssertionError):
+        return None
+    busy = [s["Container"] for s in snap["TargetSlots"]
+            if s["State"] == "Run" and s.get("InFlight") and s.get("Container")]
+    return random.choice(busy) if busy else None
+
+
+def _starting_container(srv: Server) -> str | None:
+    try:
+        snap = srv.snapshot()
+    except (OSError, AssertionError):
+        return None
+    starting = [s["Container"] for s in snap["TargetSlots"]
+                if s["State"] == "Starting" and s.get("Container")]
+    return starting[0] if starting else None
+
+
+def _metric(srv: Server, name: str) -> float:
+    _status, _, body = srv.get("/monitor:metrics", timeout=10)
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith((name + "{", name + " ")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _settled(srv: Server, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = srv.snapshot()
+        busy = [s for s in snap["TargetSlots"]
+                if s["State"] in ("Starting", "Stopping", "Run") or s.get("InFlight")]
+        if (not busy and not snap["Queues"]) or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.2)
+
+
+def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: float = 3.0,
+        hang_up: float = 0.1, seed: int = 12, client_timeout: float = 90.0,
+        log: Any = print) -> Report:
+    """Drive the scenario against a started server (``--target 2``) and account."""
+    rng = random.Random(seed)
+    follower = _LogFollower(srv.instance)
+    follower.start()
+    kinds = ["short"] * 6 + ["stream"] * 2 + ["post"] * 2
+    outcomes = [Outcome(i, rng.choice(kinds), 0.0) for i in range(requests)]
+    plan = [(o, ROUTES[rng.randrange(len(ROUTES))],
+             rng.uniform(0.05, 1.0) if rng.random() < hang_up else None) for o in outcomes]
+    kills: list[tuple[float, str]] = []
+    removed: list[str] = []
+    done = threading.Event()
+    start = time.monotonic()
+
+    def killer() -> None:
+        c = docker_client()
+        try:
+            next_kill = start + kill_every
+            while not done.is_set():
+                now = time.monotonic()
+                if not removed and now - start > 5:
+                    cid = _starting_container(srv)
+                    if cid is not None:
+                        try:
+                            c.remove_container(cid, force=True)
+                            removed.append(cid)
+                            log(f"faults: removed {cid[:12]} while it was starting")
+                        except Exception as e:  # noqa: BLE001 - it got away
+                            log(f"faults: rm -f {cid[:12]} failed: {e}")
+                if now >= next_kill:
+                    cid = _busy_container(srv)
+                    if cid is not None and cid not in removed:
+                        try:
+                            c.kill(cid)
+                            kills.append((time.monotonic() - start, cid))
+                            next_kill = now + kill_every * rng.uniform(0.7, 1.3)
+                        except Exception as e:  # noqa: BLE001 - stopped meanwhile
+                            log(f"faults: kill {cid[:12]} failed: {e}")
+                time.sleep(0.05)
+        finally:
+            c.close()
+
+    k = threading.Thread(target=killer, daemon=True)
+    k.start()
+    lock = threading.Lock()
+    queue = list(plan)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                o, route, hang = queue.pop(0)
+            _one(srv.port, o, route, hang, client_timeout)
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    k.join()
+    seconds = time.monotonic() - start
+    snap = _settled(srv, 60)
+    time.sleep(1.0)  # the followers read the last lines
+    follower.stop.set()
+    crashes = _metric(srv, "dockerspaces_container_crashes_total")
+    # leaks: every container of the instance is one the broker holds in a slot
+    held = {s["Container"][:12] for s in snap["TargetSlots"] if s.get("Container")}
+    leaked = []
+    c = docker_client()
+    try:
+        for info in c.containers(all=True, filters={
+                "label": f"dockerspaces.instance={srv.instance}"}):
+            if info["Id"][:12] not in held:
+                leaked.append(f"container {info['Id'][:12]} ({info['State']}) not in a slot")
+            elif info["State"] != "running":
+                leaked.append(f"container {info['Id'][:12]} is {info['State']}")
+    finally:
+        c.close()
+    for s in snap["TargetSlots"]:
+        if s["State"] not in ("Free", "Wait") or s.get("InFlight"):
+            leaked.append(f"slot {s['Port']} is {s['State']} with {s.get('InFlight')} in flight")
+    if snap["Queues"]:
+        leaked.append(f"queues not empty: {snap['Queues']}")
+    return Report(outcomes, set(follower.seen), kills, removed[0] if removed else None,
+                  "starting it again" in srv.output(), crashes, leaked, seconds)
