@@ -290,24 +290,15 @@ class _LogFollower:
             c.close()
 
 
-def _busy_container(srv: Server) -> str | None:
+def _containers_in(srv: Server, state: str) -> list[str]:
+    """Containers of slots in ``state`` (``Run``: only with a request in flight)."""
     try:
         snap = srv.snapshot()
     except (OSError, AssertionError):
-        return None
-    busy = [s["Container"] for s in snap["TargetSlots"]
-            if s["State"] == "Run" and s.get("InFlight") and s.get("Container")]
-    return random.choice(busy) if busy else None
-
-
-def _starting_container(srv: Server) -> str | None:
-    try:
-        snap = srv.snapshot()
-    except (OSError, AssertionError):
-        return None
-    starting = [s["Container"] for s in snap["TargetSlots"]
-                if s["State"] == "Starting" and s.get("Container")]
-    return starting[0] if starting else None
+        return []
+    return [s["Container"] for s in snap["TargetSlots"]
+            if s["State"] == state and s.get("Container")
+            and (state != "Run" or s.get("InFlight"))]
 
 
 def _metric(srv: Server, name: str) -> float:
@@ -353,7 +344,8 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
             while not done.is_set():
                 now = time.monotonic()
                 if not removed and now - start > 5:
-                    cid = _starting_container(srv)
+                    starting = _containers_in(srv, "Starting")
+                    cid = starting[0] if starting else None
                     if cid is not None:
                         try:
                             c.remove_container(cid, force=True)
@@ -362,8 +354,9 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
                         except Exception as e:  # noqa: BLE001 - it got away
                             log(f"faults: rm -f {cid[:12]} failed: {e}")
                 if now >= next_kill:
-                    cid = _busy_container(srv)
-                    if cid is not None and cid not in removed:
+                    busy = [c for c in _containers_in(srv, "Run") if c not in removed]
+                    cid = rng.choice(busy) if busy else None
+                    if cid is not None:
                         try:
                             c.kill(cid)
                             kills.append((time.monotonic() - start, cid))
