@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import socket
+from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define, field
@@ -19,9 +19,9 @@ from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
 from .engine.interface import RunOptions
+from .hostguard import HostPolicyService, host_policy, warn_refused_root
 from .logoutput import TextObserver
 from .metrics import Metrics
-from .netlocal import docker_networks, engine_targets, listening_ports, local_addresses
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
@@ -32,7 +32,7 @@ from .web.monitor import MonitorResource
 from .web.pages import DashboardResource, ProgressBoard, ProgressResource, WaitingRoom
 from .web.proxy import Proxy
 from .web.root import Root
-from .web.routing import HostPolicy, parse_ip, resolver_from
+from .web.routing import HostPolicy
 from .web.site import make_site
 
 
@@ -58,28 +58,27 @@ def run_options_for(config: Config) -> Any:
     return resolve
 
 
-def own_ports(config: Config) -> set[int]:
-    """TCP ports this instance listens on (``host:`` may never reach them)."""
-    return listening_ports(config.ports)
-
-
-def host_policy(config: Config, hosts: list[HostConfig], reactor: Any) -> HostPolicy:
-    """The ``host:`` policy: local interfaces, Docker networks, engines and peers
-    refused unless ``--allow-host``; own ports always (blocking lookups: start only)."""
-    refused = set(engine_targets(hosts, None if config.cluster else config.docker))
-    for name, port in list(refused):
-        if parse_ip(name) is None:
-            try:
-                for info in socket.getaddrinfo(name, None):
-                    refused.add((str(info[4][0]).split("%")[0], port))
-            except OSError:
-                pass
-    return HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
-                      resolve=resolver_from(reactor.nameResolver), local=local_addresses(),
-                      blocked=docker_networks(), refused=frozenset(refused))
-
-
 _NO_HOST_ROUTE = ErrorResource(404, "host:/shost: routes are turned off here (--no-host-route)")
+
+
+class PolicyBound(Resource):
+    """One ``host:`` segment's shared resource (``make()``), made again when the host
+    policy changes (:attr:`HostPolicy.generation`): it caches its target's verdict."""
+
+    isLeaf = True
+
+    def __init__(self, make: Callable[[], Resource], policy: HostPolicy):
+        super().__init__()
+        self.make, self.policy = make, policy
+        self.generation = policy.generation
+        self.route = make()
+
+    def render(self, request: Any) -> Any:
+        """Render with the current policy's resource."""
+        if self.generation != self.policy.generation:
+            self.generation = self.policy.generation
+            self.route = self.make()
+        return self.route.render(request)
 
 
 @define
@@ -117,7 +116,8 @@ class Routes:
         """host:/shost: as the URI's own segment: one resource for all its requests."""
         if self.config.no_host_route:
             return _NO_HOST_ROUTE
-        return HostRoute(target, prefix, proxy=self.proxy, policy=self.policy)
+        return PolicyBound(lambda: HostRoute(target, prefix, proxy=self.proxy,
+                                             policy=self.policy), self.policy)
 
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""
@@ -232,6 +232,9 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
     policy = host_policy(config, hosts, reactor)
+    HostPolicyService(policy, engines, reactor).setServiceParent(top)
+    if config.root is not None:
+        warn_refused_root(policy, config.root)
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
     routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=engines,
                     waiting=waiting, metrics=metrics,
@@ -243,7 +246,7 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     recorder = Recorder(reactor, metrics, request_log)
     root = Root(config, routes, recorder, route_cookies=proxy.route_cookies)
     site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
-                     on_request_lost=recorder.lost)
+                     on_request_lost=recorder.lost, on_refused=recorder.refused)
     for desc in config.ports:
         strports.service(desc, site).setServiceParent(top)
     return top

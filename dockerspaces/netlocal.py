@@ -83,10 +83,17 @@ def parse_route_table(text: str, prefixes: tuple[str, ...] = _BRIDGE_PREFIXES
     return out
 
 
+def interface_addresses(proc: str = "/proc") -> frozenset[str]:
+    """Every address of this machine's interfaces, read off ``/proc`` alone (no host
+    name lookup, which could block on DNS): safe to call again while running."""
+    return frozenset(parse_fib_trie(_read(f"{proc}/net/fib_trie"))
+                     | parse_if_inet6(_read(f"{proc}/net/if_inet6")))
+
+
 def local_addresses(proc: str = "/proc") -> frozenset[str]:
-    """Every address of this machine's interfaces (see module docstring)."""
-    out = parse_fib_trie(_read(f"{proc}/net/fib_trie")) | parse_if_inet6(
-        _read(f"{proc}/net/if_inet6"))
+    """Every address of this machine's interfaces and what its host name resolves
+    to (blocking: at start-up only)."""
+    out = set(interface_addresses(proc))
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None):
             out.add(str(info[4][0]).split("%")[0])

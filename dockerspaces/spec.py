@@ -10,6 +10,7 @@ Malformed segments raise :class:`SpecError` naming the bad part.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from functools import lru_cache
 from typing import Literal
@@ -23,7 +24,7 @@ _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
 _REGISTRY = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?\Z"
+    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::([0-9]{1,5}))?\Z"
 )
 #: Docker's limit on a repository name (registry and path components together)
 MAX_NAME = 255
@@ -173,6 +174,50 @@ Route = JobSpec | HostTarget | MonitorRoute | DockerApiRoute
 MONITOR_NAMES = frozenset({"broker", "metrics", "health", "progress"})
 
 
+#: DNS limits (RFC 1035): a label 1-63 characters, a name at most 253 (no final dot)
+MAX_LABEL = 63
+MAX_HOST_NAME = 253
+
+
+def check_host_name(host: str, what: str = "host") -> None:
+    """Raise :class:`SpecError` unless ``host`` is a name DNS and IDNA can carry: labels
+    of 1-63 letters, digits and inner hyphens, at most 253 characters in all, an
+    ``xn--`` label valid Punycode. (What resolving or TLS would otherwise trip over
+    later, when the request is no longer easy to answer.)"""
+    if len(host.rstrip(".")) > MAX_HOST_NAME:
+        raise SpecError(f"bad {what} name {host[:80]!r}…: a host name is at most "
+                        f"{MAX_HOST_NAME} characters")
+    if not host or not _HOSTNAME.match(host):
+        raise SpecError(f"bad {what} name {host[:80]!r}: letters, digits, inner '-', "
+                        "labels joined by '.'")
+    for label in host.rstrip(".").split("."):
+        if len(label) > MAX_LABEL:
+            raise SpecError(f"bad {what} name {host[:80]!r}: a DNS label is at most "
+                            f"{MAX_LABEL} characters")
+        if label[2:4] == "--" and label[:4].lower() == "xn--":
+            try:
+                label.lower().encode("ascii").decode("idna")
+            except UnicodeError:
+                raise SpecError(f"bad {what} name {host[:80]!r}: {label!r} is not a valid "
+                                "IDNA label") from None
+
+
+def _check_tls_name(host: str) -> None:
+    """A ``shost:`` name must also be one TLS can verify a certificate for: twisted's
+    ``optionsForClientTLS`` takes IDNA 2008 names (``idna``, a dependency of
+    ``twisted[tls]``), stricter than DNS (no ``--`` in a label's 3rd and 4th place
+    unless ``xn--``, Punycode of allowed code points only)."""
+    try:
+        import idna
+    except ImportError:  # pragma: no cover - twisted[tls] brings it
+        return
+    try:
+        idna.encode(host)
+    except UnicodeError as e:  # idna.IDNAError is one
+        raise SpecError(f"bad shost name {host[:80]!r}: not a name TLS can verify ({e})"
+                        ) from None
+
+
 def parse_host_target(rest: str, tls: bool) -> HostTarget:
     """Parse the part after ``host:``/``shost:``: ``HOST[:PORT]`` or ``[V6][:PORT]``."""
     what = "shost" if tls else "host"
@@ -191,16 +236,18 @@ def parse_host_target(rest: str, tls: bool) -> HostTarget:
                 raise SpecError(f"bad {what} {text!r}: expected ':PORT' after ']'")
             port_text = tail[1:]
         if not host or not _IPV6.match(host) or ":" not in host:
-            raise SpecError(f"bad {what} address {host!r}")
+            raise SpecError(f"bad {what} address {host[:80]!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise SpecError(f"bad {what} address {host[:80]!r}: not an IPv6 address") from None
     else:
         host, sep, port_part = text.partition(":")
         if sep:
             port_text = port_part
-        if not host or len(host) > 253 or not _HOSTNAME.match(host):
-            raise SpecError(f"bad {what} name {host[:80]!r}")
-        if any(len(label) > 63 for label in host.rstrip(".").split(".")):
-            raise SpecError(f"bad {what} name {host[:80]!r}: a DNS label is at most 63 "
-                            "characters")
+        check_host_name(host, what)
+        if tls:
+            _check_tls_name(host)
     if port_text is None:
         port = 443 if tls else 80
     elif port_text == "":
@@ -250,18 +297,22 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
     tag = _decode(head[-2], "tag")
     if not _TAG.match(tag):
         raise SpecError(f"bad tag {tag!r}: letters, digits, '_', '.', '-' (max 128)")
-    if sum(len(p) + 1 for p in head[:-2]) - 1 > MAX_NAME:
+    # before decoding anything: a percent-encoded character takes 3 raw ones
+    if sum(len(p) + 1 for p in head[:-2]) - 1 > 3 * MAX_NAME:
         raise SpecError(f"image name too long (at most {MAX_NAME} characters, as Docker)")
     name: list[str] = []
     for i, p in enumerate(head[:-2]):
         comp = _decode(p, "image name")
         if comp != comp.lower():
-            raise SpecError(f"image name component {comp!r} must be lower-case")
-        ok = (
-            _REGISTRY.match(comp) if i == 0 and len(head) > 3 else None
-        ) or _COMPONENT.match(comp)
-        if not ok:
-            raise SpecError(f"bad image name component {comp[:80]!r}")
+            raise SpecError(f"image name component {comp[:80]!r} must be lower-case")
+        # Docker reads a first component with '.' or ':' (or "localhost") before others
+        # as a registry: then it must be a host name with an optional port
+        registry = i == 0 and len(head) > 3 and (
+            "." in comp or ":" in comp or comp == "localhost")
+        m = (_REGISTRY if registry else _COMPONENT).match(comp)
+        if not m or (registry and m.group(1) is not None and not 0 < int(m.group(1)) < 65536):
+            what = "registry" if registry else "image name component"
+            raise SpecError(f"bad {what} {comp[:80]!r}")
         name.append(comp)
     if len("/".join(name)) > MAX_NAME:
         raise SpecError(f"image name too long (at most {MAX_NAME} characters, as Docker)")

@@ -4,21 +4,35 @@ proxied, logged once and counted once, whether it finishes or its client leaves.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
+import os
 from typing import Any
 
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerspaces.app import ProxyService, build_service
+from dockerspaces.config import HostConfig
+from dockerspaces.engine.fake import FakeEngine
+from dockerspaces.engine.interface import NetworkInfo
+from dockerspaces.hostguard import (
+    HostPolicyService,
+    container_ranges,
+    host_policy,
+    own_ports,
+)
 from dockerspaces.metrics import Metrics
+from dockerspaces.netlocal import interface_addresses
 from dockerspaces.options import build_config
+from dockerspaces.web.routing import Forbidden, HostPolicy
 
 CLIENT = IPv4Address("TCP", "10.9.8.7", 4000)
 GET = b"GET /host:10.0.0.7:8080/page?q=secret HTTP/1.1\r\nHost: front\r\n\r\n"
@@ -135,16 +149,15 @@ class AppRequestTests(SynchronousTestCase):
         self.assertEqual((record["path"], record["status"]), ("/host:10.0.0.7:8080/page?q=…", 200))
 
 
-class AnswersOfTheRootTests(SynchronousTestCase):
-    """400, 404 and 308 from the root itself are logged and counted like any other;
-    --no-host-route turns host:/shost: off."""
+class _Harness(SynchronousTestCase):
+    """build_service with options; raw requests in, answers and log lines out."""
 
     def make(self, **options: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.running = True
         self.out = io.StringIO()
         config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"], **options})
-        top = build_service(config, self.reactor, self.out)
+        top = self.top = build_service(config, self.reactor, self.out)
         globalLogPublisher.addObserver(top.observer)  # type: ignore[attr-defined]
         self.addCleanup(globalLogPublisher.removeObserver, top.observer)  # type: ignore[attr-defined]
         services = list(IServiceCollection(top))
@@ -162,6 +175,11 @@ class AnswersOfTheRootTests(SynchronousTestCase):
 
     def lines(self) -> list[str]:
         return [x for x in self.out.getvalue().splitlines() if "dockerspaces.request" in x]
+
+
+class AnswersOfTheRootTests(_Harness):
+    """400, 404 and 308 from the root itself are logged and counted like any other;
+    --no-host-route turns host:/shost: off."""
 
     def test_400_404_308_logged_and_counted(self) -> None:
         self.make()
@@ -189,3 +207,180 @@ class AnswersOfTheRootTests(SynchronousTestCase):
         answer = self.get(b"PUT /monitor:metrics HTTP/1.1\r\nHost: f\r\nContent-Length: 0\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 405"), answer[:80])
         self.assertIn(b"Allow: GET, HEAD", answer)
+
+
+class RefusedAndBadAnswersTests(_Harness):
+    """What the channel refuses before routing (400, 413, 414, 431) is logged and
+    counted too; a bad route's log line shows no env value."""
+
+    def test_refused_heads_logged_and_counted(self) -> None:
+        self.make(**{"max-body": "100"})
+        answers = [
+            self.get(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: f\r\n\r\n"),
+            self.get(b"GET /p?k=v HTTP/1.1\r\nHost: f\r\nX: " + b"a" * 16_500 + b"\r\n\r\n"),
+            self.get(b"GET  /p HTTP/1.1\r\nHost: f\r\n\r\n"),
+            self.get(b"POST /x:a:1:80:T=s3cr3t/ HTTP/1.1\r\nHost: f\r\nContent-Length: 101\r\n\r\n"),
+        ]
+        self.assertEqual([a[9:12] for a in answers], [b"414", b"431", b"400", b"413"])
+        lines = self.lines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("bad - GET /" + "a" * 195 + " -> 414 0B", lines[0])
+        self.assertIn("(uri-too-long)", lines[0])
+        self.assertIn("bad - GET /p?k=… -> 431 0B", lines[1])
+        self.assertIn("-> 400 0B", lines[2])
+        self.assertIn("(bad-request)", lines[2])
+        self.assertIn("-> 413 0B", lines[3])
+        self.assertNotIn("s3cr3t", "\n".join(lines))
+        for status in ("414", "431", "400", "413"):
+            self.assertEqual(self.metrics.requests.get("bad", status), 1, status)
+        self.assertEqual(self.metrics.in_flight.get("bad"), 0)
+
+    def test_bad_route_logged_without_env_values(self) -> None:
+        self.make()
+        answer = self.get(b"GET /x:A:1:80:TOKEN=s3cr3t/ HTTP/1.1\r\nHost: f\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:60])
+        (line,) = self.lines()
+        self.assertIn("bad x:A:1:80:TOKEN=… GET", line)
+        self.assertNotIn("s3cr3t", line)
+        self.assertEqual(self.metrics.requests.get("bad", "400"), 1)
+
+    def test_no_host_route_keeps_root(self) -> None:
+        """--no-host-route turns host:/shost: off, also through a Referer; --root (the
+        operator's own target) still answers."""
+        self.make(**{"no-host-route": True, "root": "10.0.0.7:8080"})
+        backends: list[Any] = []
+        proxy = next(s.proxy for s in IServiceCollection(self.top)
+                     if isinstance(s, ProxyService))
+        proxy._endpoint_factory = lambda backend: _Endpoint(backends)  # type: ignore[assignment,return-value]
+        for raw in (b"GET /shost:example.org/ HTTP/1.1\r\nHost: f\r\n\r\n",
+                    b"GET /a.js HTTP/1.1\r\nHost: f\r\nReferer: /host:10.0.0.8:80/\r\n\r\n"):
+            answer = self.get(raw)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:60])
+            self.assertIn(b"--no-host-route", answer)
+        self.assertEqual(backends, [])
+        self.get(b"GET /page HTTP/1.1\r\nHost: f\r\n\r\n")
+        (_, bt), = backends
+        self.assertTrue(bt.value().startswith(b"GET /page HTTP/1.1\r\n"))
+        self.assertIn(b"Host: 10.0.0.7:8080\r\n", bt.value())
+
+
+class HostPolicyWiringTests(_Harness):
+    """The host: policy as build_service wires it: engines and peers refused on every
+    port, Docker networks learnt from the engines while running (a host: segment's
+    cached verdict follows), own ports in every strports form."""
+
+    def test_engines_and_peers_refused_on_every_port(self) -> None:
+        config = build_config({"instance": "t", "port": ["tcp:0"], "cluster": [
+            "9100:1:tcp://10.1.2.3:2375", "9200:1:http://10.1.2.4:7878/docker:local",
+            "9300:1:ssh://ops@10.1.2.5"]})
+        policy = host_policy(config, config.hosts(), MemoryReactorClock())
+        for ip in ("10.1.2.3", "10.1.2.4", "10.1.2.5"):
+            for port in (22, 2375, 7878, 8080, 9100):
+                with self.assertRaises(Forbidden) as e:
+                    policy.check_literal(ip, port)
+                self.assertIn("Docker engine or peer", e.exception.reason)
+        self.assertEqual(policy.check_literal("10.1.2.6", 2375), "10.1.2.6")
+        allowed = host_policy(build_config({
+            "instance": "t", "port": ["tcp:0"], "allow-host": ["10.1.2.3"],
+            "cluster": ["9100:1:tcp://10.1.2.3:2375"]}), config.hosts()[:1], MemoryReactorClock())
+        self.assertEqual(allowed.check_literal("10.1.2.3", 8080), "10.1.2.3")
+
+    def test_own_ports_every_strports_form(self) -> None:
+        config = build_config({"instance": "t", "port": [
+            "tcp:8888", "tcp:port=8889:interface=127.0.0.1", "ssl:port=8443:privateKey=k.pem",
+            "ssl:8444:privateKey=k.pem", "tcp6:port=9000:interface=\\:\\:1", "unix:/tmp/ds.sock"]})
+        self.assertEqual(own_ports(config), {8888, 8889, 8443, 8444, 9000})
+        policy = host_policy(config, config.hosts(), MemoryReactorClock())
+        for port in (8888, 8889, 8443, 8444, 9000):
+            with self.assertRaises(Forbidden) as e:
+                policy.check_literal("127.0.0.1", port)
+            self.assertIn("own port", e.exception.reason)
+
+    def test_container_ranges(self) -> None:
+        nets = [
+            NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
+            NetworkInfo("slots", "bridge", ("10.77.0.0/24", "fd00:77::/64"), ("10.77.0.128/25",)),
+            NetworkInfo("lan", "macvlan", ("192.168.1.0/24",), ("192.168.1.192/27",)),
+            NetworkInfo("lan2", "ipvlan", ("192.168.2.0/24",)),
+            NetworkInfo("host", "host"),
+            NetworkInfo("odd", "bridge", ("not-a-cidr",)),
+        ]
+        self.assertEqual(container_ranges(nets), {ipaddress.ip_network(n) for n in (
+            "172.17.0.0/16", "10.77.0.0/24", "fd00:77::/64", "192.168.1.192/27",
+            "192.168.2.0/24")})
+
+    def test_host_route_follows_policy_updates(self) -> None:
+        """A host: segment's shared resource caches its literal's verdict; when an
+        engine's networks arrive later, the next request is refused."""
+        self.make()
+        backends: list[Any] = []
+        proxy = next(s.proxy for s in IServiceCollection(self.top)
+                     if isinstance(s, ProxyService))
+        proxy._endpoint_factory = lambda backend: _Endpoint(backends)  # type: ignore[assignment,return-value]
+        raw = b"GET /host:10.77.0.5:8080/ HTTP/1.1\r\nHost: f\r\n\r\n"
+        self.get(raw)
+        self.assertEqual(len(backends), 1)
+        policy = self.site.resource.routes.policy
+        policy.update("engine:local", networks=[ipaddress.ip_network("10.77.0.0/24")])
+        answer = self.get(raw)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403"), answer[:60])
+        self.assertIn(b"Docker network", answer)
+        self.assertEqual(len(backends), 1)
+
+    def test_root_refused_is_warned_at_start(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make(root="127.0.0.1:8080")
+        warned = [e for e in events if "--root" in str(e.get("log_format", ""))]
+        self.assertEqual(len(warned), 1)
+        self.assertIn("loopback", warned[0]["why"])
+
+
+class HostPolicyServiceTests(SynchronousTestCase):
+    """The engines' networks and this machine's addresses, asked at start and every
+    interval; an engine that fails keeps its last answer and is warned about once."""
+
+    def test_refresh(self) -> None:
+        clock = Clock()
+        policy = HostPolicy(allow=(), own_ports=set(), local=frozenset({"192.168.1.20"}))
+        gpu = FakeEngine(clock, HostConfig("gpu1", "tcp://10.1.2.3:2375", 9100, 1))
+        gpu.network_list = [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))]
+        local = FakeEngine(clock, HostConfig("local", "unix:///var/run/docker.sock", 9200, 1))
+        addresses = {"192.168.1.20"}
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        svc = HostPolicyService(policy, {"gpu1": gpu, "local": local}, clock, interval=60,
+                                read_local=lambda: set(addresses))
+        svc.startService()
+        self.assertEqual(policy.blocked_now, {ipaddress.ip_network("10.77.0.0/24"),
+                                              ipaddress.ip_network("172.17.0.0/16")})
+        self.assertEqual(policy.generation, 2)  # one per engine; the addresses as given
+        gpu.set_down(True)
+        gpu.network_list = []
+        addresses.add("10.8.0.1")  # an interface came up
+        clock.advance(60)
+        clock.advance(60)
+        self.assertIn(ipaddress.ip_network("10.77.0.0/24"), policy.blocked_now)  # kept
+        self.assertIn("10.8.0.1", policy.local_now)
+        down = [e for e in events if "cannot list the networks" in str(e.get("log_format"))]
+        self.assertEqual(len(down), 1)  # once per outage
+        gpu.set_down(False)
+        clock.advance(60)
+        self.assertEqual(policy.blocked_now, {ipaddress.ip_network("172.17.0.0/16")})
+        svc.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_interface_addresses_from_proc(self) -> None:
+        """Re-read while running from /proc alone (no host-name lookup)."""
+        proc = self.mktemp()
+        os.makedirs(os.path.join(proc, "net"))
+        with open(os.path.join(proc, "net", "fib_trie"), "w") as f:
+            f.write("Main:\n  +-- 10.0.0.0/24 2 0 2\n     |-- 10.0.0.7\n"
+                    "        /32 host LOCAL\n")
+        with open(os.path.join(proc, "net", "if_inet6"), "w") as f:
+            f.write("fd000000000000000000000000000002 04 40 00 82     eth0\n")
+        self.assertEqual(interface_addresses(proc), {"10.0.0.7", "fd00::2"})
+        self.assertEqual(interface_addresses(os.path.join(proc, "nowhere")), frozenset())
+        self.assertIn("127.0.0.1", interface_addresses())

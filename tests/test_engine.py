@@ -38,6 +38,7 @@ from dockerspaces.engine.interface import (
     EngineError,
     EngineUnreachable,
     ImageNotFound,
+    NetworkInfo,
     NotReady,
     OwnedContainer,
     PortAllocated,
@@ -124,6 +125,7 @@ class FakeClient:
         self.stop_error: Exception | None = None
         self.remove_error: Exception | None = None
         self.listing: list[dict[str, Any]] = []
+        self.network_listing: list[dict[str, Any]] = []
         self.event_streams: list[Any] = []
         self.ping_ok = True
         self.closed = False
@@ -217,6 +219,10 @@ class FakeClient:
         if isinstance(nxt, BaseException):
             raise nxt
         return nxt
+
+    def networks(self) -> list[dict[str, Any]]:
+        self.calls.append(("networks", None))
+        return self.network_listing
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -833,6 +839,31 @@ class MiscTests(EngineTestCase):
         self.assertTrue(self.successResultOf(eng.ping()))
         self.client.ping_ok = False
         self.assertFalse(self.successResultOf(eng.ping()))
+
+    def test_networks_ipam_ranges(self) -> None:
+        """networks(): every network's IPAM subnets and IP ranges (none for host/none);
+        an engine that does not answer fails as unreachable."""
+        eng = self.make()
+        self.client.network_listing = [
+            {"Name": "bridge", "Driver": "bridge",
+             "IPAM": {"Config": [{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]}},
+            {"Name": "lan", "Driver": "macvlan",
+             "IPAM": {"Config": [{"Subnet": "192.168.1.0/24", "IPRange": "192.168.1.192/27"},
+                                 {"Subnet": "fd00:1::/64"}]}},
+            {"Name": "host", "Driver": "host", "IPAM": {"Driver": "default", "Config": []}},
+            {"Name": "none", "Driver": "null", "IPAM": {"Config": None}},
+        ]
+        got = self.successResultOf(eng.networks())
+        self.assertEqual(got, [
+            NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
+            NetworkInfo("lan", "macvlan", ("192.168.1.0/24", "fd00:1::/64"), ("192.168.1.192/27",)),
+            NetworkInfo("host", "host"),
+            NetworkInfo("none", "null"),
+        ])
+        self.assertEqual(self.client.calls[-1], ("networks", None))
+        self.client.networks = lambda: (_ for _ in ()).throw(  # type: ignore[method-assign]
+            requests.exceptions.ConnectionError("refused"))
+        self.failureResultOf(eng.networks(), EngineUnreachable)
 
     def test_endpoint_for(self) -> None:
         eng = self.make()

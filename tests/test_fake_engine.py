@@ -12,6 +12,7 @@ from dockerspaces.engine.interface import (
     ContainerExited,
     EngineUnreachable,
     ImageNotFound,
+    NetworkInfo,
     NotReady,
     PortAllocated,
     PullProgress,
@@ -153,6 +154,17 @@ class FakeEngineTests(SynchronousTestCase):
         self.assertEqual(owned[ours].slot_port, 9100)
         self.assertEqual(owned[ours].spec, SPEC)
         self.assertFalse(owned[stopped].running)
+
+    def test_networks(self) -> None:
+        """networks: Docker's default bridge unless a test sets ``network_list``;
+        EngineUnreachable while down."""
+        nets = self.successResultOf(self.engine.networks())
+        self.assertIn(NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)), nets)
+        self.engine.network_list = [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))]
+        self.assertEqual(self.successResultOf(self.engine.networks()),
+                         [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))])
+        self.engine.set_down(True)
+        self.failureResultOf(self.engine.networks(), EngineUnreachable)
 
     def test_endpoint(self) -> None:
         """endpoint_for names the host address and slot port."""

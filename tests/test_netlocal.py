@@ -6,8 +6,8 @@ import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dockerspaces.app import own_ports
 from dockerspaces.config import Config, HostConfig
+from dockerspaces.hostguard import own_ports
 from dockerspaces.netlocal import (
     DEFAULT_BRIDGE,
     docker_networks,

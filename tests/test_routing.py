@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from dockerspaces.web.routing import (
     Forbidden,
     HostPolicy,
+    ResolveError,
     cors_headers,
     is_preflight,
     preflight,
+    resolver_from,
     route_from_referer,
 )
 
@@ -57,6 +62,7 @@ class HostPolicyTests(SynchronousTestCase):
             "sneaky.example": ["93.184.216.34", "127.0.0.1"],
             "meta.example": ["169.254.169.254"],
             "db.internal": ["10.0.0.5"],
+            "gpu1.example": ["203.0.113.9"],
         }
         return HostPolicy(allow=allow, own_ports={8888}, resolve=resolver(table), **kw)
 
@@ -104,23 +110,53 @@ class HostPolicyTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(p.check("127.0.0.1", 8889)), "127.0.0.1")
 
     def test_machine_docker_networks_engines_refused(self) -> None:
-        """This machine's own addresses (any port), Docker's bridge networks (slot
-        containers), and the engines' and peers' ports: refused unless allowed."""
-        import ipaddress
-
-        p = self.policy(local=frozenset({"192.168.1.20", "172.17.0.1"}),
+        """This machine's own addresses (any port), Docker's networks (slot
+        containers), and the engines' and peers' names and addresses (any port):
+        refused unless allowed."""
+        p = self.policy(local=frozenset({"192.168.1.20", "172.17.0.1", "fd00::2"}),
                         blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
-                        refused=frozenset({("10.0.0.5", 2375), ("gpu1.example", 8888)}))
+                        engines=frozenset({"10.0.0.5", "GPU1.example."}))
         self.assertIn("address of this machine", self.forbidden(p.check("192.168.1.20", 80)))
         self.assertIn("address of this machine", self.forbidden(p.check("172.17.0.1", 80)))
+        self.assertIn("[fd00::2]:443 (fd00::2) is an address of this machine",
+                      self.forbidden(p.check("fd00::2", 443)))
         self.assertIn("Docker network", self.forbidden(p.check("172.17.0.2", 8080)))
-        self.assertIn("engine or peer", self.forbidden(p.check("10.0.0.5", 2375)))
-        self.assertIn("engine or peer", self.forbidden(p.check("db.internal", 2375)))
-        self.assertIn("engine or peer", self.forbidden(p.check("GPU1.example.", 8888)))
-        self.assertEqual(self.successResultOf(p.check("db.internal", 5432)), "10.0.0.5")
-        allowed = self.policy(("172.17.0.0/16",),
-                              blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}))
+        for port in (2375, 22, 8080):
+            self.assertIn("engine or peer", self.forbidden(p.check("10.0.0.5", port)))
+            self.assertIn("engine or peer", self.forbidden(p.check("db.internal", port)))
+            self.assertIn("engine or peer", self.forbidden(p.check("gpu1.example", port)))
+        self.assertEqual(self.successResultOf(p.check("example.org", 2375)), "93.184.216.34")
+        allowed = self.policy(("172.17.0.0/16", "10.0.0.5"),
+                              blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
+                              engines=frozenset({"10.0.0.5"}))
         self.assertEqual(self.successResultOf(allowed.check("172.17.0.2", 8080)), "172.17.0.2")
+        self.assertEqual(self.successResultOf(allowed.check("db.internal", 2375)), "10.0.0.5")
+
+    def test_update_networks_and_addresses(self) -> None:
+        """update() adds what an engine or a later read says; each change forgets the
+        cached verdicts and raises the generation; the same news changes nothing."""
+        p = self.policy(local=frozenset({"192.168.1.20"}))
+        self.assertEqual(p.check_literal("10.77.0.5", 8080), "10.77.0.5")
+        self.assertEqual(p.check_literal("192.168.1.30", 80), "192.168.1.30")
+        self.assertEqual(p.generation, 0)
+        net = ipaddress.ip_network("10.77.0.0/24")
+        self.assertTrue(p.update("engine:gpu1", networks=[net]))
+        self.assertEqual(p.generation, 1)
+        with self.assertRaises(Forbidden) as e:
+            p.check_literal("10.77.0.5", 8080)
+        self.assertIn("Docker network", e.exception.reason)
+        self.assertFalse(p.update("engine:gpu1", networks=[net]))
+        self.assertFalse(p.update("local", local=[]))  # nothing added: no change
+        self.assertEqual(p.generation, 1)
+        self.assertTrue(p.update("local", local=["192.168.1.30"]))
+        self.assertIn("address of this machine", self.forbidden(p.check("192.168.1.30", 80)))
+        self.assertIn("address of this machine", self.forbidden(p.check("192.168.1.20", 80)))
+        self.assertEqual(p.local_now, {"192.168.1.20", "192.168.1.30"})
+        # a source's new answer replaces its old one; the others' stay
+        self.assertTrue(p.update("engine:gpu1", networks=[]))
+        self.assertEqual(p.check_literal("10.77.0.5", 8080), "10.77.0.5")
+        self.assertEqual(p.generation, 3)
+        self.assertEqual(p.blocked_now, frozenset())
 
     def test_unresolvable(self) -> None:
         self.assertIn("does not resolve", self.forbidden(self.policy().check("nope.example", 80)))
@@ -149,6 +185,72 @@ class HostPolicyTests(SynchronousTestCase):
         for i in range(routing.VERDICT_CACHE + 10):
             p.check_literal("10.0.0.5", i + 1)
         self.assertLessEqual(len(p._verdicts), routing.VERDICT_CACHE)
+
+
+class _Resolver:
+    """An IHostnameResolver that answers only when told to."""
+
+    def __init__(self, fail_with: Exception | None = None) -> None:
+        self.asked: list[tuple[Any, str]] = []
+        self.fail_with = fail_with
+
+    def resolveHostName(self, receiver: Any, name: str, port: int = 0) -> Any:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.asked.append((receiver, name))
+        receiver.resolutionBegan(None)
+        return receiver
+
+    def answer(self, *hosts: str) -> None:
+        receiver, _ = self.asked.pop(0)
+        for h in hosts:
+            receiver.addressResolved(IPv4Address("TCP", h, 0))
+        receiver.resolutionComplete()
+
+
+class ResolverTests(SynchronousTestCase):
+    """resolver_from: a lookup always fires -- with the addresses, or a ResolveError for
+    a name getaddrinfo cannot encode (twisted's GAIResolver would fail in a Deferred of
+    its own and never complete: the request hung) or after the timeout."""
+
+    def test_addresses(self) -> None:
+        r = _Resolver()
+        d = resolver_from(r, Clock())("example.org")
+        self.assertNoResult(d)
+        r.answer("93.184.216.34", "93.184.216.35")
+        self.assertEqual(self.successResultOf(d), ["93.184.216.34", "93.184.216.35"])
+
+    def test_unencodable_name_fails_at_once(self) -> None:
+        r = _Resolver()
+        for name in ("a" * 64 + ".example", "a..b"):
+            f = self.failureResultOf(resolver_from(r)(name), ResolveError)
+            self.assertIn("cannot look up", f.getErrorMessage())
+        self.assertEqual(r.asked, [])
+        f = self.failureResultOf(resolver_from(_Resolver(ValueError("no")))("x.example"),
+                                 ResolveError)
+        self.assertIn("no", f.getErrorMessage())
+
+    def test_timeout_then_late_answer_ignored(self) -> None:
+        clock, r = Clock(), _Resolver()
+        d = resolver_from(r, clock, timeout=5)("slow.example")
+        clock.advance(4.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        f = self.failureResultOf(d, ResolveError)
+        self.assertIn("within 5 s", f.getErrorMessage())
+        r.answer("10.0.0.1")  # the resolver's own late answer: dropped, no error
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_answer_cancels_timer(self) -> None:
+        clock, r = Clock(), _Resolver()
+        d = resolver_from(r, clock, timeout=5)("example.org")
+        r.answer("10.0.0.1")
+        self.assertEqual(self.successResultOf(d), ["10.0.0.1"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_policy_passes_resolve_errors_on(self) -> None:
+        p = HostPolicy(allow=(), own_ports=set(), resolve=resolver_from(_Resolver()))
+        self.failureResultOf(p.check("a" * 64 + ".example", 80), ResolveError)
 
 
 class CorsTests(SynchronousTestCase):

@@ -69,6 +69,51 @@ class SiteTests(SynchronousTestCase):
             self.assertTrue(t.disconnecting)
             self.assertEqual(t.value().count(b"HTTP/1.1 "), 1)
 
+    def test_refusals_reach_on_refused(self) -> None:
+        """Every answer the channel gives itself (400, 413, 414, 431) is reported to
+        the site's on_refused once, with what is known of the request line (at most
+        200 bytes of the URI) and the client -- so it can be logged and counted."""
+        refused: list[tuple[Any, ...]] = []
+        self.site.on_refused = lambda *a: refused.append(a)
+        heads = [
+            b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /p?q=1 HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_500 + b"\r\n\r\n",
+            b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /h HTTP/1.1\r\nHost x\r\n\r\n",
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n",
+        ]
+        for raw in heads:
+            channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+            t = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5))
+            channel.makeConnection(t)
+            for i in range(0, len(raw), 4096):
+                channel.dataReceived(raw[i:i + 4096])
+            channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")  # nothing more is read
+            status = int(t.value()[9:12])
+            self.assertEqual(refused[-1][0], status)
+        self.assertEqual([r[0] for r in refused], [414, 431, 400, 400, 413])
+        self.assertEqual([r[4] for r in refused], ["uri-too-long", "head-too-large",
+                                                    "bad-request", "bad-request",
+                                                    "body-too-large"])
+        self.assertEqual(refused[0][1:3], (b"GET", b"/" + b"a" * 195))
+        self.assertEqual(refused[1][1:3], (b"GET", b"/p?q=1"))
+        self.assertEqual(refused[3][1:3], (b"GET", b"/h"))
+        self.assertEqual(refused[4][1:3], (b"POST", b"/up"))
+        self.assertEqual({r[3].host for r in refused}, {"10.0.0.9"})
+        self.assertEqual(self.logged, [])  # no request was processed
+
+    def test_request_line_over_the_head_total_is_414(self) -> None:
+        """A request line within the line limit but over ``totalHeadersSize`` (a site
+        with a smaller total) is a URI too long, not a header problem."""
+        channel, t = self.connect()
+        channel.totalHeadersSize = 1000
+        channel.dataReceived(b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 414 URI Too Long\r\n"), t.value()[:40])
+        channel, t = self.connect()
+        channel.totalHeadersSize = 1000
+        channel.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * 2000 + b"\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 431 "), t.value()[:40])
+
     def test_body_within_limit(self) -> None:
         ch, t = self.connect()
         ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"a" * 100)

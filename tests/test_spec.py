@@ -46,6 +46,34 @@ class Examples(SynchronousTestCase):
         assert isinstance(s, JobSpec)
         self.assertEqual(s.ref, "localhost:5000/team/app:1")
 
+    def test_docker_grammar_edges_accepted(self) -> None:
+        """What Docker's reference grammar accepts parses here too: separators '__'
+        and '-+', a registry with a port, exactly 255 characters, the longest
+        labels and names DNS allows, a valid IDNA label, an IPv4-mapped IPv6 literal."""
+        for seg, ref in {
+            "x:a__b:c--d:1:80": "a__b/c--d:1",
+            "x:localhost:team:app:1:80": "localhost/team/app:1",
+            "x:reg-1.example%3A65535:a.b:1:80": "reg-1.example:65535/a.b:1",
+            "x:a_b.c:1:80": "a_b.c:1",  # one component: a repository, not a registry
+            "x:" + ":".join(["abcd"] * 51) + ":1:80": "/".join(["abcd"] * 51) + ":1",
+            "x:" + "a" * 255 + ":" + "t" * 128 + ":80": "a" * 255 + ":" + "t" * 128,
+        }.items():
+            s = parse_route(seg)
+            assert isinstance(s, JobSpec), seg
+            self.assertEqual(s.ref, ref)
+        longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253
+        for seg, host in {
+            "host:" + longest: longest,
+            "shost:" + longest + ".": longest + ".",
+            "host:xn--80ak6aa92e.example": "xn--80ak6aa92e.example",
+            "shost:xn--80ak6aa92e.example": "xn--80ak6aa92e.example",
+            "host:ab--c.example": "ab--c.example",  # DNS has it; only TLS names may not
+            "host:[::ffff:10.0.0.1]:81": "::ffff:10.0.0.1",
+        }.items():
+            t = parse_route(seg)
+            assert isinstance(t, HostTarget), seg
+            self.assertEqual(t.host, host)
+
     def test_worker_env(self) -> None:
         seg = (
             "x:dockers.priberam.com:worker-sidecar:dockerspaces:3:"
@@ -127,6 +155,20 @@ class Errors(SynchronousTestCase):
         "x:" + "a" * 10_000 + ":1:80": "too long",
         "x:" + ":".join(["a"] * 3_000) + ":1:80": "too long",
         "x:" + ":".join(["abcd"] * 60) + ":1:80": "too long",
+        "x:" + ":".join(["abcd"] * 52) + ":1:80": "too long",  # 259 characters
+        "x:" + "%61" * 256 + ":1:80": "too long",  # 256 once decoded
+        "host:" + ".".join(["a" * 63] * 4): "at most 253",
+        "host:[:::::]": "not an IPv6 address",
+        "host:[1::2::3]:80": "not an IPv6 address",
+        "shost:xn--a.example": "not a valid IDNA label",
+        "host:XN--ZZ": "not a valid IDNA label",
+        "shost:ab--c.example": "not a name TLS can verify",
+        "shost:xn--ls8h.example": "not a name TLS can verify",
+        # a first component with '.' or ':' is a registry to Docker: a host[:port]
+        "x:foo_bar.example:app:1:80": "bad registry",
+        "x:registry.example%3A99999:app:1:80": "bad registry",
+        "x:registry.example%3A0:app:1:80": "bad registry",
+        "x:-reg.example:app:1:80": "bad registry",
     }
 
     def test_cases(self) -> None:
@@ -205,7 +247,9 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
     port = draw(st.integers(1, 65535).filter(lambda p: not (mode == "y" and p == 3)))
     return JobSpec(
         mode,
-        tuple(draw(st.lists(_lower, min_size=1, max_size=3))),
+        # Docker reads a first component with '.' before others as a registry (no '_')
+        tuple(draw(st.lists(_lower, min_size=1, max_size=3).filter(
+            lambda n: len(n) == 1 or "." not in n[0] or "_" not in n[0]))),
         draw(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,12}", fullmatch=True)),
         port,
         tuple(draw(_env).items()),

@@ -55,6 +55,7 @@ from .interface import (
     EngineError,
     EngineUnreachable,
     ImageNotFound,
+    NetworkInfo,
     NotReady,
     OwnedContainer,
     PortAllocated,
@@ -825,6 +826,14 @@ class Engine:
         d.addErrback(lambda _f: False)
         return d
 
+    def networks(self) -> Deferred[list[NetworkInfo]]:
+        """Every network of the engine with its IPAM address ranges."""
+
+        def networks_sync(client: Any) -> list[NetworkInfo]:
+            return [network_from_docker(n) for n in client.networks() or []]
+
+        return self._run(networks_sync)
+
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """``tcp:<address>:<slot.port>`` (an IPv6 address in brackets), as the proxy's
         ``Backend`` takes it; the proxy applies its own connect timeout."""
@@ -851,6 +860,21 @@ def event_from_docker(raw: dict[str, Any]) -> ContainerEvent | None:
     except ValueError:
         exit_code = None
     return ContainerEvent(kind=action, container_id=cid, exit_code=exit_code)  # type: ignore[arg-type]
+
+
+def network_from_docker(info: dict[str, Any]) -> NetworkInfo:
+    """A :class:`NetworkInfo` from one ``networks()`` list entry."""
+    subnets: list[str] = []
+    ranges: list[str] = []
+    for conf in (info.get("IPAM") or {}).get("Config") or []:
+        if not isinstance(conf, dict):
+            continue
+        if conf.get("Subnet"):
+            subnets.append(str(conf["Subnet"]))
+        if conf.get("IPRange"):
+            ranges.append(str(conf["IPRange"]))
+    return NetworkInfo(name=str(info.get("Name") or ""), driver=str(info.get("Driver") or ""),
+                       subnets=tuple(subnets), ip_ranges=tuple(ranges))
 
 
 def owned_from_docker(info: dict[str, Any], labels: dict[str, str]) -> OwnedContainer:

@@ -32,6 +32,7 @@ from .interface import (
     ContainerHandle,
     ContainerRemoved,
     EngineUnreachable,
+    NetworkInfo,
     NotReady,
     OwnedContainer,
     PortAllocated,
@@ -93,6 +94,12 @@ class FakeEngine:
         self._next_start: list[Exception] = []
         self._next_ready: list[Exception] = []
         self._pull_failures: dict[str, Exception] = {}
+        #: what :meth:`networks` answers (Docker's default bridge; tests change it)
+        self.network_list: list[NetworkInfo] = [
+            NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
+            NetworkInfo("host", "host"),
+            NetworkInfo("none", "null"),
+        ]
 
     # ---------------------------------------------------------------- injection
 
@@ -310,6 +317,10 @@ class FakeEngine:
     def ping(self) -> Deferred[bool]:
         """False while down."""
         return succeed(not self.down)
+
+    def networks(self) -> Deferred[list[NetworkInfo]]:
+        """``network_list``; EngineUnreachable while down."""
+        return self._op(0, lambda: list(self.network_list))
 
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """``tcp:ADDRESS:PORT`` of the slot."""

@@ -71,6 +71,18 @@ class PullProgress:
     total: int | None = None
 
 
+@frozen
+class NetworkInfo:
+    """A Docker network and the address ranges of its IPAM configuration: ``subnets``
+    (``Subnet``) and ``ip_ranges`` (``IPRange``, where the engine allocates container
+    addresses when set), as CIDR strings; ``host`` and ``none`` networks have none."""
+
+    name: str
+    driver: str
+    subnets: tuple[str, ...] = ()
+    ip_ranges: tuple[str, ...] = ()
+
+
 EventKind = Literal["die", "oom", "stop", "destroy"]
 
 
@@ -171,6 +183,9 @@ class IEngine(Protocol):
 
     def ping(self) -> Deferred[bool]:
         """True when the engine answers."""
+
+    def networks(self) -> Deferred[list[NetworkInfo]]:
+        """The engine's networks with their address ranges (for the ``host:`` policy)."""
 
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """Client endpoint description (e.g. ``tcp:127.0.0.1:9100``) for a slot's container."""

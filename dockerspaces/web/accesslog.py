@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
@@ -11,6 +13,9 @@ from ..metrics import Metrics
 from .site import on_lost
 
 _ATTR = "_dockerspaces_route"
+#: the route kind of a request refused before routing (malformed or over a limit),
+#: as of a malformed route segment
+REFUSED = "bad"
 
 
 @define
@@ -52,6 +57,16 @@ class Recorder:
     def lost(self, request: Request) -> None:
         """The client went before ``request`` was done (the site's ``on_request_lost``)."""
         self.done(request, "client-gone")
+
+    def refused(self, status: int, method: bytes, uri: bytes, client: Any,
+                reason: str) -> None:
+        """An answer the channel gave before any request was processed (the site's
+        ``on_refused``: 400 malformed head, 413, 414, 431): logged and counted as
+        route kind ``bad``; ``uri`` is what could be read of it (maybe nothing)."""
+        self.log(REFUSED, "-", method or b"-", uri or b"-", status, 0, 0.0, None, client,
+                 reason)
+        if self.metrics is not None:
+            self.metrics.request_done(REFUSED, status, 0.0)
 
     def done(self, request: Request, reason: str | None = None) -> None:
         """Log and count the request once (site log hook, or the client going away)."""

@@ -118,7 +118,9 @@ class Root(Resource):
         try:
             plan = self._plan(raw.segment)
         except SpecError as e:
-            self._begin(request, "bad", raw.segment[:60])
+            # logged without env values: the segment up to its first '=' (as redact_path)
+            seg = raw.segment
+            self._begin(request, "bad", seg.split("=", 1)[0][:60] + ("=…" if "=" in seg else ""))
             return ErrorResource(400, f"bad route {raw.segment[:200]!r}: {e}")
         if plan is None:
             return self._fallback(request, raw.rest, raw.query)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from attrs import field, frozen
@@ -91,6 +91,9 @@ def parse_ip(text: str) -> IPAddress | None:
 
 @implementer(IResolutionReceiver)
 class _Collect:
+    """Gathers one resolution's addresses into ``d`` (which may already have fired
+    with a timeout: what the resolver reports afterwards is dropped)."""
+
     def __init__(self) -> None:
         self.addresses: list[str] = []
         self.d: Deferred[list[str]] = Deferred()
@@ -102,15 +105,53 @@ class _Collect:
         self.addresses.append(address.host)
 
     def resolutionComplete(self) -> None:
-        self.d.callback(self.addresses)
+        if not self.d.called:
+            self.d.callback(self.addresses)
 
 
-def resolver_from(resolver: Any) -> Callable[[str], Deferred[list[str]]]:
-    """Adapt an ``IHostnameResolver`` (e.g. ``reactor.nameResolver``) to a lookup function."""
+class ResolveError(Exception):
+    """A host name that cannot be looked up (not encodable, or no answer in time)."""
+
+
+#: longest wait for a ``host:`` name's addresses (the system resolver's own retries
+#: can take longer; the request gets a 502 instead of waiting for them)
+RESOLVE_TIMEOUT = 15.0
+
+
+def resolver_from(resolver: Any, clock: Any = None, timeout: float = RESOLVE_TIMEOUT
+                  ) -> Callable[[str], Deferred[list[str]]]:
+    """Adapt an ``IHostnameResolver`` (e.g. ``reactor.nameResolver``) to a lookup function.
+
+    The lookup always fires: a name the resolver could not encode (twisted's
+    ``GAIResolver`` would fail in a Deferred of its own and never complete) fails with
+    :class:`ResolveError` at once, and with a ``clock``, so does a lookup without an
+    answer after ``timeout`` seconds.
+    """
 
     def resolve(name: str) -> Deferred[list[str]]:
+        try:
+            name.encode("idna")  # what getaddrinfo does with it
+        except UnicodeError as e:
+            return fail(ResolveError(f"cannot look up {name[:80]!r}: {e}"))
         c = _Collect()
-        resolver.resolveHostName(c, name, 0)
+        try:
+            resolver.resolveHostName(c, name, 0)
+        except Exception as e:  # noqa: BLE001 - a resolver refusing the name at once
+            return fail(ResolveError(f"cannot look up {name[:80]!r}: {e}"))
+        if clock is not None and not c.d.called:
+            def expire() -> None:
+                if not c.d.called:
+                    c.d.errback(ResolveError(
+                        f"no address for {name[:80]!r} within {timeout:g} s"))
+
+            timer = clock.callLater(timeout, expire)
+
+            def done(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            c.d.addBoth(done)
         return c.d
 
     return resolve
@@ -121,18 +162,31 @@ VERDICT_CACHE = 1024
 _NAME = object()  # verdict: a host name, not an IP literal
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _norm(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
 @frozen
 class HostPolicy:
     """Which ``host:``/``shost:`` targets may be reached, and at which address.
 
     Refused unless ``allow`` (``--allow-host`` names, addresses or CIDRs) names them:
     loopback and link-local addresses, every address of this machine (``local``),
-    Docker's bridge networks where slot containers live (``blocked``), and the
-    engines' and peers' (host, port) pairs (``refused``: names and addresses) --
-    each of which would bypass the broker or reach a Docker API (root). Always
-    refused: this instance's own listening ports (``own_ports``) on this machine.
-    ``resolve``: name → Deferred list of address strings (e.g.
-    ``resolver_from(reactor.nameResolver)``).
+    Docker's networks, where slot containers have addresses of their own
+    (``blocked``), and the engines and peers (``engines``: their names and addresses,
+    every port) -- each of which would bypass the broker or reach a Docker API (root
+    on that host). Always refused: this instance's own listening ports
+    (``own_ports``) on this machine. ``resolve``: name → Deferred list of address
+    strings (e.g. ``resolver_from(reactor.nameResolver)``).
+
+    What a running instance learns later (the engines' network lists, addresses of
+    interfaces that came up) is added with :meth:`update`; each change forgets the
+    cached verdicts and raises ``generation``, so that callers caching a verdict of
+    their own know to ask again.
     """
 
     allow: tuple[str, ...]
@@ -140,11 +194,21 @@ class HostPolicy:
     resolve: Callable[[str], Deferred[list[str]]] | None = None
     local: frozenset[str] = frozenset()
     blocked: frozenset[IPNetwork] = frozenset()
-    refused: frozenset[tuple[str, int]] = frozenset()
+    engines: frozenset[str] = frozenset()
     _names: frozenset[str] = field(init=False)
     _nets: tuple[IPNetwork, ...] = field(init=False)
+    _engine_names: frozenset[str] = field(init=False)
+    # what update() added, per source; merged into the two sets the checks read
+    _added_local: dict[str, frozenset[str]] = field(init=False, factory=dict, eq=False,
+                                                    repr=False)
+    _added_nets: dict[str, frozenset[IPNetwork]] = field(init=False, factory=dict, eq=False,
+                                                         repr=False)
+    _local_now: frozenset[str] = field(init=False, eq=False, repr=False)
+    _blocked_now: tuple[IPNetwork, ...] = field(init=False, eq=False, repr=False)
+    #: how many times :meth:`update` changed the policy
+    generation: int = field(init=False, default=0, eq=False)
     # (host, port) -> checked address, Forbidden, or _NAME (needs resolving): the
-    # verdict for an IP literal is a pure function of the (immutable) policy
+    # verdict for an IP literal is a pure function of the policy (until an update)
     _verdicts: dict[tuple[str, int], str | Forbidden | object] = field(
         init=False, factory=dict, eq=False, repr=False
     )
@@ -155,22 +219,64 @@ class HostPolicy:
             try:
                 nets.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
-                names.add(entry.lower().rstrip("."))
+                names.add(_norm(entry))
         object.__setattr__(self, "_names", frozenset(names))
         object.__setattr__(self, "_nets", tuple(nets))
+        object.__setattr__(self, "_engine_names", frozenset(_norm(e) for e in self.engines))
+        self._merge()
+
+    def _merge(self) -> None:
+        local = set(self.local)
+        for more in self._added_local.values():
+            local |= more
+        nets = set(self.blocked)
+        for added in self._added_nets.values():
+            nets |= added
+        object.__setattr__(self, "_local_now", frozenset(local))
+        object.__setattr__(self, "_blocked_now", tuple(nets))
+
+    def update(self, source: str, *, local: Iterable[str] | None = None,
+               networks: Iterable[IPNetwork] | None = None) -> bool:
+        """Set the addresses of this machine (``local``) and the Docker networks
+        (``networks``) that ``source`` (e.g. an engine's name) adds to those given at
+        construction; None leaves that part of ``source``'s as it was. True when the
+        policy changed: cached verdicts are forgotten and ``generation`` goes up."""
+        changed = False
+        if local is not None:
+            new_local = frozenset(str(a) for a in local)
+            if self._added_local.get(source, frozenset()) != new_local:
+                self._added_local[source] = new_local
+                changed = True
+        if networks is not None:
+            new_nets = frozenset(networks)
+            if self._added_nets.get(source, frozenset()) != new_nets:
+                self._added_nets[source] = new_nets
+                changed = True
+        if changed:
+            self._merge()
+            self._verdicts.clear()
+            object.__setattr__(self, "generation", self.generation + 1)
+        return changed
+
+    @property
+    def local_now(self) -> frozenset[str]:
+        """Every address of this machine known now (given and updated)."""
+        return self._local_now
+
+    @property
+    def blocked_now(self) -> frozenset[IPNetwork]:
+        """Every refused Docker network known now (given and updated)."""
+        return frozenset(self._blocked_now)
 
     def check(self, host: str, port: int) -> Deferred[str]:
-        """The address to connect to for HOST:PORT, or a failure with :class:`Forbidden`."""
+        """The address to connect to for HOST:PORT, or a failure with :class:`Forbidden`
+        (:class:`ResolveError` when the name cannot be looked up)."""
         try:
             address = self.check_literal(host, port)
         except Forbidden as e:
             return fail(e)
         if address is not None:
             return succeed(address)
-        name = host.lower().rstrip(".")
-        if (name, port) in self.refused and name not in self._names:
-            return fail(Forbidden(f"{host}:{port} is a Docker engine or peer of this "
-                                  "instance; allow it with --allow-host"))
         if self.resolve is None:
             return fail(Forbidden(f"cannot resolve {host!r}: no resolver configured"))
         d = self.resolve(host)
@@ -190,8 +296,9 @@ class HostPolicy:
         """:meth:`check` without a Deferred for an IP-literal HOST: the address to connect
         to, or :class:`Forbidden` raised; ``None`` when HOST is a name (use :meth:`check`).
 
-        Verdicts are cached per (HOST, PORT) (at most :data:`VERDICT_CACHE` entries):
-        for a literal they depend on nothing but the policy itself.
+        Verdicts are cached per (HOST, PORT) (at most :data:`VERDICT_CACHE` entries,
+        forgotten at each :meth:`update`): for a literal they depend on nothing but
+        the policy itself.
         """
         key = (host, port)
         verdict = self._verdicts.get(key)
@@ -214,7 +321,7 @@ class HostPolicy:
         return verdict  # type: ignore[return-value]
 
     def _allowed(self, host: str, addr: IPAddress) -> bool:
-        if host.lower().rstrip(".") in self._names:
+        if _norm(host) in self._names:
             return True
         return any(addr.version == n.version and addr in n for n in self._nets)
 
@@ -223,11 +330,11 @@ class HostPolicy:
         if addr is None:
             raise Forbidden(f"{host!r} resolved to an unusable address {address!r}")
         text = str(addr)
-        on_this_machine = addr.is_loopback or addr.is_unspecified or text in self.local
+        target = _hostport(host, port)
+        local = self._local_now
+        on_this_machine = addr.is_loopback or addr.is_unspecified or text in local
         if port in self.own_ports and on_this_machine:
-            raise Forbidden(
-                f"{host}:{port} is this dockerspaces instance's own port"
-            )
+            raise Forbidden(f"{target} is this dockerspaces instance's own port")
         if addr.is_unspecified or addr.is_multicast:
             raise Forbidden(f"{host} ({addr}) is not a host address")
         kind = None
@@ -235,14 +342,14 @@ class HostPolicy:
             kind = "a loopback address"
         elif addr.is_link_local:
             kind = "a link-local address"
-        elif text in self.local:
+        elif text in local:
             kind = "an address of this machine"
-        elif any(addr.version == n.version and addr in n for n in self.blocked):
+        elif any(addr.version == n.version and addr in n for n in self._blocked_now):
             kind = "in a Docker network (slot containers are reached through dockerspaces)"
-        elif (text, port) in self.refused or (host.lower().rstrip("."), port) in self.refused:
+        elif text in self._engine_names or _norm(host) in self._engine_names:
             kind = "a Docker engine or peer of this instance"
         if kind is not None and not self._allowed(host, addr):
-            raise Forbidden(f"{host}:{port} ({addr}) is {kind}; allow it with --allow-host")
+            raise Forbidden(f"{target} ({addr}) is {kind}; allow it with --allow-host")
         return text
 
 

@@ -10,7 +10,9 @@
   previous request) is disconnected — ``HTTPChannel.timeOut`` is only an idle timeout
   that every byte resets;
 - HTTP/1.1 only: the channel is a plain ``HTTPChannel`` (no HTTP/2 negotiation);
-- no access log by default: :meth:`ProxySite.log` calls ``on_request_logged``;
+- no access log by default: :meth:`ProxySite.log` calls ``on_request_logged``, and
+  ``on_refused`` hears of the answers the channel gives itself (400 for a malformed
+  head, 413, and 414/431 where twisted.web would only close the connection);
 - no form parsing: a POST body is never read into ``request.args`` (twisted.web reads
   a whole ``multipart/form-data`` upload into memory to parse it); it stays in the
   spool for the proxy to stream;
@@ -215,6 +217,8 @@ class LimitedRequest(Request):
         channel.lineReceived = lambda line: None
         channel.transport.write(_too_large(size, limit))
         channel.transport.loseConnection()
+        refused(channel, 413, getattr(channel, "_command", b""),
+                getattr(channel, "_path", b"")[:_LOGGED_URI], "body-too-large")
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """Process the request unless it was refused for its size.
@@ -244,6 +248,26 @@ class LimitedRequest(Request):
     @args.setter
     def args(self, value: dict[bytes, list[bytes]]) -> None:
         self._args = value
+
+
+#: at most this much of a refused request's URI reaches the log
+_LOGGED_URI = 200
+#: the channel's own answers (twisted.web's ``RESPONSES`` has no 431)
+_REFUSALS = {400: b"Bad Request", 414: b"URI Too Long",
+             431: b"Request Header Fields Too Large"}
+
+
+def refused(channel: Any, code: int, method: bytes, uri: bytes, reason: str) -> None:
+    """Tell the channel's site (its ``on_refused``, if any) about an answer given
+    without a request being processed: ``code`` (400, 413, 414, 431), what is known of
+    the request line, and the client's address."""
+    site = getattr(channel, "site", None)
+    hook = getattr(site, "on_refused", None)
+    if hook is None:
+        return
+    transport = getattr(channel, "transport", None)
+    client = transport.getPeer() if transport is not None else None
+    hook(code, method, uri, client, reason)
 
 
 def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
@@ -373,28 +397,43 @@ class HeadDeadlineChannel(HTTPChannel):
         """A request line or header line over ``MAX_LENGTH``: 414 for the request
         line (a URI too long), 431 for a header line -- twisted.web only closes."""
         if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
-            self._refuse(b"414 URI Too Long")
+            self._refuse(414, "uri-too-long", line)
         else:
-            self._refuse(b"431 Request Header Fields Too Large")
+            self._refuse(431, "head-too-large")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        """twisted.web's 400-and-close, but 431 when the head is over
-        ``totalHeadersSize`` or has more than ``maxHeaders`` lines."""
-        if (self._receivedHeaderSize > self.totalHeadersSize
-                or self._receivedHeaderCount > self.maxHeaders):
-            self._refuse(b"431 Request Header Fields Too Large")
+        """twisted.web's 400-and-close, but 414 when the request line alone is over
+        ``totalHeadersSize``, 431 when the head is or has more than ``maxHeaders``
+        lines."""
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+                self._refuse(414, "uri-too-long")
+            else:
+                self._refuse(431, "head-too-large")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self._refuse(431, "head-too-large")
         else:
-            self._refuse(b"400 Bad Request")
+            self._refuse(400, "bad-request")
 
-    def _refuse(self, status: bytes) -> None:
+    def _refuse(self, code: int, reason: str, line: bytes | None = None) -> None:
+        """Answer ``code`` with no body, close, tell the site (``on_refused``)."""
         if self.transport is None or getattr(self, "_refused", False):
             return
         self._refused = True
-        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n" % (code, _REFUSALS[code]))
         self.loseConnection()
         # no more parsing of what the client sends after the refused head
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]
+        if line is not None:  # the request line itself: what of it can be read
+            method, _, rest = line[:_LOGGED_URI].partition(b" ")
+            uri = rest.partition(b" ")[0]
+        elif self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            method = uri = b""
+        else:
+            method = getattr(self, "_command", b"")
+            uri = getattr(self, "_path", b"")[:_LOGGED_URI]
+        refused(self, code, method, uri, reason)
 
     # One DelayedCall per connection, moved rather than replaced: disarming only clears
     # the flag (a timer that fires disarmed does nothing), re-arming resets the pending
@@ -485,6 +524,7 @@ class ProxySite(Site):
         head_timeout: float = 30.0,
         on_request_logged: Callable[[Request], None] | None = None,
         on_request_lost: Callable[[Request], None] | None = None,
+        on_refused: Callable[[int, bytes, bytes, Any, str], None] | None = None,
     ):
         # No twisted.web idle timeout: the head deadline already closes connections that
         # idle between requests, and a response may take as long as it takes; the idle
@@ -495,6 +535,9 @@ class ProxySite(Site):
         self.on_request_logged = on_request_logged
         #: called with a request whose client went before it was done
         self.on_request_lost = on_request_lost
+        #: called as ``(status, method, uri, client address, reason)`` for an answer
+        #: the channel gave itself, no request processed (400, 413, 414, 431)
+        self.on_refused = on_refused
 
     def buildProtocol(self, addr: Any) -> Any:
         """A channel with this site's head deadline."""
@@ -519,6 +562,6 @@ class ProxySite(Site):
 def make_site(resource: IResource, reactor: Any, **options: Any) -> ProxySite:
     """The site dockerspaces listens with (see the module docstring); ``options`` are
     :class:`ProxySite`'s (``max_body``, ``head_timeout``, ``on_request_logged``,
-    ``on_request_lost``)."""
+    ``on_request_lost``, ``on_refused``)."""
     install_request_line_parser()
     return ProxySite(resource, reactor, **options)

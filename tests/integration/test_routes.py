@@ -10,10 +10,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
+import docker.errors  # type: ignore[import-untyped]
+from docker.types import IPAMConfig, IPAMPool  # type: ignore[import-untyped]
 from twisted.trial.unittest import TestCase
 
-from .dockerutil import docker_available
-from .images import TTS, ensure_test_images
+from .dockerutil import TEST_LABEL, docker_available, docker_client, unique_instance
+from .images import TTS, WEB, ensure_test_images
 from .procs import Server
 
 
@@ -51,6 +53,10 @@ class RoutesTestCase(TestCase):
     timeout = 120
     extra: tuple[str, ...] = ()
 
+    def server_args(self) -> tuple[str, ...]:
+        """dockerspaces' options (the backend's port ``self.bport`` is known)."""
+        return self.extra
+
     def setUp(self) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
         self.bport = self.httpd.server_address[1]
@@ -59,7 +65,7 @@ class RoutesTestCase(TestCase):
         self.addCleanup(self.httpd.server_close)
         self.addCleanup(self.httpd.shutdown)
         Backend.seen.clear()
-        self.srv = Server(*self.extra, slots=1)
+        self.srv = Server(*self.server_args(), slots=1)
         self.addCleanup(self.srv.cleanup)
         self.srv.start()
 
@@ -197,3 +203,128 @@ class LogsAndMetrics(RoutesTestCase):
                         out[-3000:])
         self.assertNotIn("s3cr3t", out)
         self.assertNotIn("s3cr3t", text.decode())
+
+
+class DockerNetworkRefused(TestCase):
+    """A network the engine has (custom bridge name, so no local route name gives it
+    away) is refused once the engine has been asked: its gateway (an address of this
+    machine) and a container on it -- which answers when --allow-host names the
+    network, so the refusal is what keeps it out."""
+
+    skip = docker_available()
+    timeout = 120
+
+    def setUp(self) -> None:
+        ensure_test_images(WEB)
+        self.client = docker_client()
+        self.addCleanup(self.client.close)
+        name = unique_instance("net")
+        self.net = None
+        for third in range(200, 250):
+            subnet = f"10.213.{third}.0/24"
+            try:
+                self.net = self.client.create_network(
+                    name, driver="bridge", labels={TEST_LABEL: "1"},
+                    options={"com.docker.network.bridge.name": "ds" + name[-8:]},
+                    ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]))
+                break
+            except docker.errors.APIError:  # that subnet is taken: try the next
+                continue
+        assert self.net is not None, "no free 10.213.x.0/24 subnet"
+        self.addCleanup(self.client.remove_network, self.net["Id"])
+        self.gateway, self.ip = f"10.213.{third}.1", f"10.213.{third}.9"
+        self.subnet = subnet
+        host_config = self.client.create_host_config()
+        c = self.client.create_container(
+            WEB, labels={TEST_LABEL: "1"}, host_config=host_config,
+            networking_config=self.client.create_networking_config(
+                {name: self.client.create_endpoint_config(ipv4_address=self.ip)}))
+        self.addCleanup(self.client.remove_container, c["Id"], force=True)
+        self.client.start(c["Id"])
+
+    def server(self, *args: str) -> Server:
+        srv = Server(*args, slots=1)
+        self.addCleanup(srv.cleanup)
+        return srv.start()
+
+    def wait_status(self, srv: Server, path: str, want: int) -> bytes:
+        deadline = time.monotonic() + 20
+        while True:
+            status, _, body = srv.get(path, timeout=10)
+            if status == want or time.monotonic() > deadline:
+                self.assertEqual(status, want, body)
+                return body
+            time.sleep(0.2)
+
+    def test_refused_then_allowed(self) -> None:
+        srv = self.server()
+        body = self.wait_status(srv, f"/host:{self.ip}:8080/", 403)
+        self.assertIn(b"Docker network", body)
+        body = self.wait_status(srv, f"/host:{self.gateway}:{srv.port}/", 403)
+        body = self.wait_status(srv, f"/host:{self.gateway}:8080/", 403)
+        self.assertIn(b"address of this machine", body)
+        srv.cleanup()
+        allowed = self.server("--allow-host", self.subnet)
+        self.wait_status(allowed, f"/host:{self.ip}:8080/", 200)
+
+
+class InputRefusals(RoutesTestCase):
+    """Over a real socket: over-long heads get 414/431 (not a bare close), bad host
+    names and image names a 400 (nothing started); all of them logged and counted."""
+
+    def raw(self, data: bytes) -> bytes:
+        s = socket.create_connection(("127.0.0.1", self.srv.port), timeout=10)
+        try:
+            s.sendall(data)
+            out = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    return out
+                out += b
+        finally:
+            s.close()
+
+    def test_refusals(self) -> None:
+        self.assertTrue(self.raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .startswith(b"HTTP/1.1 414 "))
+        self.assertTrue(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100_000
+                                 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_400
+                                 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 "))
+        for path, words in {
+            "/host:" + "a" * 64 + ".example/": b"63 characters",
+            "/shost:xn--a.example/": b"IDNA",
+            "/host:[1::2::3]/": b"IPv6",
+            "/x:" + "a" * 10_000 + ":1:80/": b"too long",
+            "/x:" + ":".join(["a"] * 3_000) + ":1:80/": b"too long",
+            "/x:foo_bar.example:app:1:80/": b"bad registry",
+        }.items():
+            status, _, body = self.srv.get(path, timeout=10)
+            self.assertEqual(status, 400, (path[:40], body))
+            self.assertIn(words, body)
+        self.assertEqual(self.srv.containers(all=True), [])  # nothing pulled or started
+        _, _, text = self.srv.get("/monitor:metrics")
+        for status in (b"414", b"431", b"400"):
+            self.assertIn(b'dockerspaces_requests_total{kind="bad",status="' + status + b'"}',
+                          text)
+        out = self.srv.output()
+        self.assertIn("(uri-too-long)", out)
+        self.assertIn("(head-too-large)", out)
+        self.assertNotIn("Unhandled error", out)
+
+
+class NoHostRoute(RoutesTestCase):
+    """--no-host-route: host:/shost: answer 404; --root still forwards."""
+
+    def server_args(self) -> tuple[str, ...]:
+        return ("--no-host-route", "--allow-host", "127.0.0.1",
+                "--root", f"127.0.0.1:{self.bport}")
+
+    def test_off_but_root_works(self) -> None:
+        status, _, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a")
+        self.assertEqual(status, 404)
+        self.assertIn(b"--no-host-route", body)
+        status, _, body = self.srv.get("/somewhere")
+        self.assertEqual(status, 200)
+        self.assertIn(b"path=/somewhere", body)
