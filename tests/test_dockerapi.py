@@ -8,8 +8,11 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -27,6 +30,10 @@ from dockerspaces.web.dockerapi import (
     read_token,
     redact_api_path,
 )
+from dockerspaces.web.errors import ErrorResource
+from dockerspaces.web.proxy import Proxy
+from dockerspaces.web.root import Root
+from dockerspaces.web.site import make_site
 
 TOKEN = "s3cr3t-T0ken"
 SOCK = Backend.unix("/var/run/docker.sock")
@@ -347,3 +354,142 @@ class HelperTests(TestCase):
                          "/v1.41/images/create?fromImage=busybox&tag=1")
         self.assertEqual(redact_api_path(b"/x?registryAuth=abc&X-Token=q"),
                          "/x?registryAuth=…&X-Token=…")
+
+
+# -- --cors never reaches /docker:local (issue 12 item 8) ------------------------------
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"ok"
+
+
+@define
+class _Routes:
+    """Root's route builders: /docker:local is the gate (or disabled), the rest a leaf."""
+
+    gate: Resource
+
+    def job(self, spec: Any, prefix: bytes, path: bytes) -> Resource:
+        return _Leaf()
+
+    def host(self, target: Any, prefix: bytes, path: bytes, cookie: bool) -> Resource:
+        return _Leaf()
+
+    def host_route(self, target: Any, prefix: bytes) -> Resource:
+        return _Leaf()
+
+    def monitor(self, route: Any) -> Resource:
+        return _Leaf()
+
+    def docker_api(self, path: bytes) -> Resource:
+        return self.gate
+
+
+ORIGIN = b"Origin: https://app.example\r\n"
+PREFLIGHT = ORIGIN + b"Access-Control-Request-Method: DELETE\r\n"
+
+
+class CorsThroughTheRootTests(SynchronousTestCase):
+    """With ``--cors`` the whole path (root, gate, proxy) keeps CORS off the engine API:
+    neither our headers nor the engine's own, and a preflight is not answered for it."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.pending: list[tuple[Any, Deferred[Any]]] = []
+
+        class Endpoint:
+            def connect(_, factory: Any) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                self.pending.append((factory, d))
+                return d
+
+        endpoint: Any = Endpoint()
+        self.proxy = Proxy(self.clock, endpoint_factory=lambda b: endpoint, cors=True)
+        config = Config(cors=True, docker_api=True)
+        self.gate = DockerApiResource(config, self.proxy, SOCK, None,
+                                      parse_networks(("127.0.0.0/8",)))
+        self.routes = _Routes(self.gate)
+        self.site = make_site(Root(config, self.routes), self.clock, max_body=1 << 20)
+
+    def send(self, head: bytes, client: str = "127.0.0.1") -> StringTransport:
+        addr = IPv4Address("TCP", client, 40000)
+        channel = self.site.buildProtocol(addr)
+        t = StringTransport(peerAddress=addr)
+        channel.makeConnection(t)
+        channel.dataReceived(head + b"\r\n")
+        return t
+
+    def engine_answers(self, response: bytes) -> bytes:
+        """The pending engine connection is made and answers ``response``; returns
+        what the engine was sent."""
+        factory, d = self.pending.pop(0)
+        p = factory.buildProtocol(None)
+        bt = StringTransport()
+        p.makeConnection(bt)
+        d.callback(p)
+        sent = bt.value()
+        p.dataReceived(response)
+        return sent
+
+    def answer(self, t: StringTransport) -> tuple[int, dict[bytes, list[bytes]]]:
+        head = t.value().split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        headers: dict[bytes, list[bytes]] = {}
+        for line in head[1:]:
+            k, _, v = line.partition(b":")
+            headers.setdefault(k.strip().lower(), []).append(v.strip())
+        return int(head[0].split(b" ")[1]), headers
+
+    def cors_of(self, headers: dict[bytes, list[bytes]]) -> list[bytes]:
+        return [k for k in headers if k.startswith(b"access-control-")]
+
+    def test_engine_answers_carry_no_cors(self) -> None:
+        t = self.send(b"GET /docker:local/_ping HTTP/1.1\r\nHost: f\r\n" + ORIGIN)
+        self.engine_answers(
+            b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n"
+            b"Access-Control-Allow-Credentials: true\r\nVary: Accept\r\n"
+            b"Content-Length: 2\r\n\r\nOK")
+        status, headers = self.answer(t)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.cors_of(headers), [])
+        self.assertEqual(headers[b"vary"], [b"Accept"])
+        self.assertTrue(t.value().endswith(b"\r\n\r\nOK"))
+
+    def test_preflight_is_not_answered_for_the_engine(self) -> None:
+        """A preflight goes through the gate like any request (here: to the engine,
+        whose own allow headers are removed); it never gets our 204 with allow headers."""
+        t = self.send(b"OPTIONS /docker:local/v1.41/containers/x HTTP/1.1\r\nHost: f\r\n"
+                      + PREFLIGHT)
+        sent = self.engine_answers(
+            b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n"
+            b"Access-Control-Allow-Methods: DELETE\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(sent.startswith(b"OPTIONS /v1.41/containers/x HTTP/1.1\r\n"))
+        status, headers = self.answer(t)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.cors_of(headers), [])
+
+    def test_refused_and_disabled_answers_carry_no_cors(self) -> None:
+        t = self.send(b"OPTIONS /docker:local/_ping HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT,
+                      client="10.1.2.3")
+        status, headers = self.answer(t)
+        self.assertEqual((status, self.cors_of(headers)), (403, []))
+        self.routes.gate = ErrorResource(404, "/docker:local is disabled")
+        for method in (b"GET", b"OPTIONS"):
+            t = self.send(method + b" /docker:local/_ping HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT)
+            status, headers = self.answer(t)
+            self.assertEqual((status, self.cors_of(headers)), (404, []))
+        self.assertEqual(self.pending, [])
+
+    def test_other_routes_do_get_cors(self) -> None:
+        """The control: the same requests elsewhere are CORS answers."""
+        t = self.send(b"OPTIONS /host:example.org:80/x HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT)
+        status, headers = self.answer(t)
+        self.assertEqual(status, 204)
+        self.assertEqual(headers[b"access-control-allow-origin"], [b"https://app.example"])
+        self.assertEqual(headers[b"access-control-allow-methods"], [b"DELETE"])
+        t = self.send(b"GET /host:example.org:80/x HTTP/1.1\r\nHost: f\r\n" + ORIGIN)
+        status, headers = self.answer(t)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"access-control-allow-credentials"], [b"true"])

@@ -17,11 +17,13 @@ from twisted.internet import error as ierror
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from zope.interface import directlyProvides  # type: ignore[import-untyped]
 
 from dockerspaces.web.backend import Backend, BackendProtocol
 from dockerspaces.web.headers import (
@@ -76,6 +78,7 @@ class Front(Resource):
             set_route_cookie=h.cookie,
             retry_unforwarded=h.retry,
             confirm_close=h.confirm,
+            external=h.external,
             cors=h.cors_allowed,
         )
 
@@ -94,6 +97,7 @@ class Harness:
         self.retry = 0  # Proxy.forward's retry_unforwarded
         self.confirm: Any = None  # Proxy.forward's confirm_close
         self.cors_allowed = True  # Proxy.forward's cors (False: /docker:local)
+        self.external = False  # Proxy.forward's external (True: a host: target)
         self.proxy = Proxy(
             self.clock,
             endpoint_factory=lambda b: FakeEndpoint(self, b),
@@ -101,9 +105,13 @@ class Harness:
         )
         self.site = make_site(Front(self), self.clock, max_body=1 << 20)
 
-    def client(self, raw: bytes) -> tuple[Any, StringTransport]:
+    def client(self, raw: bytes, secure: bool = False) -> tuple[Any, StringTransport]:
+        """A client connection sending ``raw`` (``secure``: as on a TLS listener)."""
         channel = self.site.buildProtocol(CLIENT)
         t = StringTransport(peerAddress=CLIENT)
+        if secure:
+            directlyProvides(t, ISSLTransport)  # (an ITCPTransport as well)
+            t.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
         t.protocol = channel  # as a real tcp transport has
         channel.makeConnection(t)
         channel.dataReceived(raw)
@@ -168,6 +176,58 @@ class RequestHeadTests(SynchronousTestCase):
         self.assertEqual(values(headers, b"x-forwarded-prefix"), [b"/x:team:app:1:8080"])
         self.assertEqual(values(headers, b"accept"), [b"a", b"b"])
         self.assertEqual(values(headers, b"content-length"), [])
+
+    def own_credentials_request(self, extra: bytes = b"") -> bytes:
+        return (
+            b"GET /p HTTP/1.1\r\nHost: f\r\nCookie: a=1; dsroute=AbCd; b=2\r\n"
+            b"Cookie: dsroute=EfGh\r\nCookie: c=3\r\nX-Dockerspaces-Token: t0ken\r\n"
+            b"x-dockerspaces-token: t1ken\r\nAuthorization: Bearer app-credential\r\n"
+            + extra + b"\r\n"
+        )
+
+    def test_own_cookies_and_token_never_reach_a_container(self) -> None:
+        """Issue 12 item 7: the dsroute cookie (each Cookie line) and X-Dockerspaces-Token
+        (any spelling) stay here; the app's own cookies and, for one of our containers,
+        Authorization go on."""
+        h = Harness()
+        h.client(self.own_credentials_request())
+        _, bt = h.accept()
+        sent = bt.value()
+        _, headers = head_of(sent)
+        self.assertEqual(values(headers, b"cookie"), [b"a=1; b=2", b"c=3"])
+        self.assertEqual(values(headers, b"authorization"), [b"Bearer app-credential"])
+        for gone in (b"dsroute", b"AbCd", b"EfGh", b"t0ken", b"t1ken"):
+            self.assertNotIn(gone, sent)
+        self.assertEqual(values(headers, b"x-dockerspaces-token"), [])
+
+    def test_host_target_gets_no_authorization(self) -> None:
+        """A host:/shost: target (``external``) gets neither our cookie and token nor the
+        client's Authorization."""
+        h = Harness()
+        h.external = True
+        h.client(self.own_credentials_request())
+        _, bt = h.accept()
+        sent = bt.value()
+        _, headers = head_of(sent)
+        self.assertEqual(values(headers, b"cookie"), [b"a=1; b=2", b"c=3"])
+        self.assertEqual(values(headers, b"authorization"), [])
+        for gone in (b"dsroute", b"app-credential", b"t0ken", b"t1ken"):
+            self.assertNotIn(gone, sent)
+
+    def test_upgrade_head_filtered_too(self) -> None:
+        """A WebSocket handshake (tunnelled) carries no more of ours than a request."""
+        h = Harness()
+        h.external = True
+        h.client(self.own_credentials_request(
+            b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n"
+            b"Sec-WebSocket-Version: 13\r\n"))
+        _, bt = h.accept()
+        sent = bt.value()
+        _, headers = head_of(sent)
+        self.assertEqual(values(headers, b"upgrade"), [b"websocket"])
+        self.assertEqual(values(headers, b"cookie"), [b"a=1; b=2", b"c=3"])
+        for gone in (b"dsroute", b"app-credential", b"t0ken", b"t1ken"):
+            self.assertNotIn(gone, sent)
 
     def test_host_override(self) -> None:
         h = Harness()
@@ -620,6 +680,45 @@ class ResponseTests(SynchronousTestCase):
         p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 0\r\n\r\n")
         self.assertNotIn(b"dsroute", ct2.value())
 
+    def test_route_cookie_is_an_opaque_reference(self) -> None:
+        """Issue 12 item 7: the cookie names an env-bearing segment without holding it:
+        the proxy's table maps the value back, nothing of the segment is in it."""
+        h = Harness()
+        seg = "x:team:app:1:8080:SECRET=hunter22;TOKEN=abc%3Bdef"
+        h.cookie = seg
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+        [cookie] = values(head_of(ct.value())[1], b"set-cookie")
+        value = cookie.split(b";", 1)[0].removeprefix(b"dsroute=")
+        for leak in (b"hunter22", b"SECRET", b"TOKEN", b"abc", b"team", b"x:", b"8080"):
+            self.assertNotIn(leak, cookie)
+        self.assertEqual(h.proxy.route_cookies.segment(value), seg)
+        self.assertNotIn(b"Secure", cookie)  # a plain listener
+
+    def test_route_cookie_secure_on_tls(self) -> None:
+        """On a TLS listener the cookie is ``Secure``."""
+        h = Harness()
+        h.cookie = "x:team:app:1:8080"
+        _, ct = h.client(GET, secure=True)
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 0\r\n\r\n")
+        [cookie] = values(head_of(ct.value())[1], b"set-cookie")
+        self.assertTrue(cookie.startswith(b"dsroute="), cookie)
+        self.assertEqual(cookie.split(b"; ")[1:], [b"Path=/", b"HttpOnly", b"SameSite=Lax",
+                                                    b"Secure"])
+
+    def test_route_cookie_from_the_injected_key(self) -> None:
+        """The key is injectable (same key, same reference; another key, another)."""
+        from dockerspaces.web.routecookie import RouteCookies
+
+        seg = "x:team:app:1:8080"
+        a = Proxy(MemoryReactorClock(), route_cookies=RouteCookies(key=b"k" * 32))
+        b = Proxy(MemoryReactorClock(), route_cookies=RouteCookies(key=b"k" * 32))
+        c = Proxy(MemoryReactorClock(), route_cookies=RouteCookies(key=b"j" * 32))
+        self.assertEqual(a.route_cookies.ref(seg), b.route_cookies.ref(seg))
+        self.assertNotEqual(a.route_cookies.ref(seg), c.route_cookies.ref(seg))
+        self.assertIsNone(c.route_cookies.segment(a.route_cookies.ref(seg)))
+
     def test_no_cors_on_the_docker_api(self) -> None:
         """/docker:local (cors=False): neither our CORS headers nor the engine's."""
         h = Harness(cors=True)
@@ -641,6 +740,39 @@ class ResponseTests(SynchronousTestCase):
         self.assertEqual(values(headers, b"vary"), [b"Accept-Encoding, Origin"])
         self.assertEqual(values(headers, b"access-control-allow-origin"),
                          [b"https://app.example"])
+
+    def test_cors_vary_merge_keeps_every_token_once(self) -> None:
+        """Several backend Vary lines (one folded: the header block is not plain) keep
+        every token, with Origin once: added, or already named in any spelling; a
+        ``*`` stays alone."""
+        h = Harness(cors=True)
+        req = b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n"
+
+        def tokens(ct: StringTransport) -> list[bytes]:
+            return [t.strip() for v in values(head_of(ct.value())[1], b"vary")
+                    for t in v.split(b",")]
+
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: Cookie,\r\n"
+                         b" Accept\r\nContent-Length: 2\r\n\r\nok", req)
+        self.assertEqual(tokens(ct), [b"Accept-Encoding", b"Cookie", b"Accept", b"Origin"])
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nok"))
+        ct, _ = Harness(cors=True).answer(
+            b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: origin\r\n"
+            b"Content-Length: 0\r\n\r\n", req)
+        self.assertEqual(tokens(ct), [b"Accept-Encoding", b"origin"])
+        ct, _ = Harness(cors=True).answer(
+            b"HTTP/1.1 200 OK\r\nVary: *\r\nContent-Length: 0\r\n\r\n", req)
+        self.assertEqual(tokens(ct), [b"*"])
+
+    def test_cors_vary_on_a_streamed_answer(self) -> None:
+        """A streamed answer's head goes out before any body byte: the merged Vary
+        and our CORS headers are in it."""
+        h = Harness(cors=True)
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nVary: Accept\r\nTransfer-Encoding: chunked\r\n\r\n",
+                         b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"vary"), [b"Accept, Origin"])
+        self.assertEqual(values(headers, b"access-control-allow-origin"), [b"https://app.example"])
 
     def test_cors_replaces_backend_headers(self) -> None:
         h = Harness(cors=True)

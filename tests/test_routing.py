@@ -299,3 +299,68 @@ class CorsTests(SynchronousTestCase):
         self.assertFalse(is_preflight(self.request(b"OPTIONS", origin=b"https://a")))
         self.assertFalse(is_preflight(self.request(b"GET", origin=b"https://a",
                                                    access_control_request_method=b"GET")))
+
+
+class RouteCookieFallbackTests(SynchronousTestCase):
+    """The root routes by the ``dsroute`` cookie only through the proxy's table: an
+    unknown, evicted, forged or raw-segment cookie falls through (--root, else 404)."""
+
+    SEG = "x:team:app:1:80:SECRET=hunter22"
+
+    def root(self, root_target: Any = None, size: int = 8) -> tuple[Any, list[Any], Any]:
+        from dockerspaces.config import Config
+        from dockerspaces.web.root import Root
+        from dockerspaces.web.routecookie import RouteCookies
+
+        calls: list[Any] = []
+
+        class Routes:
+            def job(self, spec: Any, prefix: bytes, path: bytes) -> Any:
+                calls.append(("job", spec.segment(), prefix, path))
+                return "job"
+
+            def host(self, target: Any, prefix: bytes, path: bytes, cookie: bool) -> Any:
+                calls.append(("host", target.segment(), prefix, path, cookie))
+                return "host"
+
+        cookies = RouteCookies(size=size, key=b"k" * 32)
+        routes: Any = Routes()
+        return Root(Config(root=root_target), routes, route_cookies=cookies), calls, cookies
+
+    def request(self, cookie: bytes | None) -> DummyRequest:
+        req = DummyRequest([b""])
+        req.uri = b"/static/app.js?v=1"
+        if cookie is not None:
+            req.requestHeaders.setRawHeaders(b"cookie", [b"theme=dark; dsroute=" + cookie])
+        return req
+
+    def test_reference_routes_to_its_segment(self) -> None:
+        root, calls, cookies = self.root()
+        ref = cookies.ref(self.SEG)
+        assert ref is not None
+        self.assertNotIn(b"hunter22", ref)
+        self.assertEqual(root.getChildWithDefault(b"static", self.request(ref)), "job")
+        self.assertEqual(calls, [("job", self.SEG, b"/" + self.SEG.encode(),
+                                  b"/static/app.js?v=1")])
+
+    def test_unknown_forged_evicted_or_raw_fall_through(self) -> None:
+        from dockerspaces.spec import HostTarget
+
+        for root_target, answer in ((None, 404), (HostTarget("example.org", 80), "host")):
+            root, calls, cookies = self.root(root_target, size=2)
+            evicted = cookies.ref("x:a:1:80")
+            cookies.ref("x:b:1:80")
+            cookies.ref("x:c:1:80")
+            other_key = self.root()[2].ref(self.SEG)  # a reference of another start
+            assert evicted is not None and other_key is not None
+            for value in (evicted, other_key, b"AAAAAAAAAAAAAAAAAAAAAA",
+                          self.SEG.encode(), b"x%3Ateam%3Aapp%3A1%3A80", b"", None):
+                child = root.getChildWithDefault(b"static", self.request(value))
+                if answer == 404:
+                    self.assertEqual(getattr(child, "status", None), 404, value)
+                else:
+                    self.assertEqual(child, answer, value)
+            if answer == "host":
+                self.assertEqual({c[:2] for c in calls}, {("host", "host:example.org:80")})
+            else:
+                self.assertEqual(calls, [])

@@ -23,7 +23,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from .dockerutil import TEST_LABEL, docker_available, docker_client, remove_containers
-from .images import BASE, ensure_test_images
+from .images import BASE, TTS, ensure_test_images
 from .procs import Server
 
 CLIS = [p for p in ("/usr/bin/docker", "/usr/local/bin/docker") if os.access(p, os.X_OK)]
@@ -302,6 +302,63 @@ class ClosedRoute(CliTestCase):
             self.assertIn(b"--docker-api-allow", r.stderr)
         status, _, body = srv.get(f"/host:127.0.0.1:{srv.port}/docker:local/_ping")
         self.assertEqual(status, 403, body)
+
+
+class NothingOfOursReachesAContainer(TestCase):
+    """Issue 12 items 7 and 8 against the real engine: a job container never sees the
+    ``dsroute`` cookie (an opaque reference, no env values) or the token; with
+    ``--cors`` the engine's answers through ``/docker:local`` carry no CORS headers."""
+
+    skip = docker_available()
+    timeout = 180
+
+    def setUp(self) -> None:
+        ensure_test_images(TTS)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(TOKEN + "\n")
+        self.srv = Server("--docker-api", "--docker-api-token-file", path, "--cors", slots=1)
+        self.addCleanup(self.srv.cleanup)
+        self.srv.start()
+
+    def test_container_sees_no_cookie_or_token_of_ours(self) -> None:
+        seg = "/x:selmaproject:tts:777:5002:SECRET=hunter22"
+        status, headers, body = self.srv.get(seg + "/")
+        self.assertEqual(status, 200, body)
+        self.assertIn(b"SECRET=hunter22", body)  # the container has its env
+        cookie = headers.get("set-cookie", "")
+        self.assertTrue(cookie.startswith("dsroute="), cookie)
+        for leak in ("hunter22", "SECRET", "selmaproject", "5002"):
+            self.assertNotIn(leak, cookie)
+        ref = cookie.split(";", 1)[0]
+        status, _, body = self.srv.get("/cgi-bin/env", headers={
+            "Cookie": "theme=dark; " + ref, "X-Dockerspaces-Token": TOKEN})
+        self.assertEqual(status, 200, body)  # routed by the cookie to the container
+        text = body.decode()
+        self.assertIn("REQUEST_URI=/cgi-bin/env", text)
+        self.assertIn("HTTP_COOKIE=theme=dark", text)
+        self.assertNotIn("dsroute", text)
+        self.assertNotIn(TOKEN, text)
+        self.assertNotIn("X_DOCKERSPACES_TOKEN", text)
+        # a forged reference routes nowhere (no --root: 404), the raw segment neither
+        for forged in ("dsroute=AAAAAAAAAAAAAAAAAAAAAA", "dsroute=" + seg[1:]):
+            status, _, _ = self.srv.get("/cgi-bin/env", headers={"Cookie": forged})
+            self.assertEqual(status, 404, forged)
+
+    def test_cors_never_on_the_engine_api(self) -> None:
+        origin = {"Origin": "https://app.example", "X-Dockerspaces-Token": TOKEN}
+        status, headers, body = self.srv.get("/docker:local/_ping", headers=origin)
+        self.assertEqual((status, body), (200, b"OK"))
+        self.assertEqual([k for k in headers if k.startswith("access-control-")], [])
+        preflight = dict(origin, **{"Access-Control-Request-Method": "DELETE"})
+        status, headers, _ = self.srv.request("OPTIONS", "/docker:local/v1.41/containers/json",
+                                              headers=preflight)
+        self.assertNotEqual(status, 204)
+        self.assertEqual([k for k in headers if k.startswith("access-control-")], [])
+        # the control: a preflight elsewhere is answered here
+        status, headers, _ = self.srv.request("OPTIONS", "/host:example.org/x", headers=preflight)
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
 
 
 def _readline(p: subprocess.Popen[bytes], timeout: float) -> bytes:
