@@ -100,3 +100,13 @@ class NotForwardedTests(SynchronousTestCase):
         self.assertEqual(without_own_cookies(b"dsroute=x;a=1"), b"a=1")
         self.assertIsNone(without_own_cookies(b"dsroute=x"))
         self.assertEqual(without_own_cookies(b"mydsroute=1"), b"mydsroute=1")
+
+    def test_referer_with_env_not_sent_to_host_targets(self) -> None:
+        """A page of ours with env in its route links elsewhere: the Referer naming
+        the env values stays here for host: targets; other Referers go on."""
+        leaky = b"https://ds.example/x:team:app:1:80:TOKEN=hunter22/page"
+        self.assertNotIn(b"hunter22", self.head({b"referer": [leaky]}, external=True))
+        self.assertIn(b"hunter22", self.head({b"referer": [leaky]}))  # our own container
+        plain = b"https://ds.example/x:team:app:1:80/page?a=b"
+        self.assertIn(plain, self.head({b"referer": [plain]}, external=True))
+        self.assertIn(b"/y:a:1:80/", self.head({b"referer": [b"/y:a:1:80/"]}, external=True))

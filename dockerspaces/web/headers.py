@@ -154,6 +154,10 @@ def read_client_head(request: Request, external: bool = False) -> ClientHead:
             values = [c for c in map(without_own_cookies, values) if c is not None]
         elif external and lk == b"authorization":
             continue
+        elif external and lk == b"referer":
+            # a page of ours under /x:…:NAME=VALUE/ linking to a host: target would
+            # hand it the env values: such a Referer stays here
+            values = [v for v in values if not _names_env(v)]
         for v in values:
             kept.append((lk, b"%s: %s\r\n" % (k, v)))
     if named:
@@ -164,6 +168,16 @@ def read_client_head(request: Request, external: bool = False) -> ClientHead:
     else:
         wants = None
     return ClientHead(b"".join([line for _, line in kept]), host, xff, has_body, wants)
+
+
+def _names_env(referer: bytes) -> bool:
+    """True when a Referer's first path segment is a job route with env (``=``)."""
+    path = referer
+    if b"://" in path[:12]:
+        path = path.split(b"://", 1)[1]
+        path = path[path.find(b"/"):] if b"/" in path else b"/"
+    first = path.lstrip(b"/").split(b"/", 1)[0].split(b"?", 1)[0]
+    return first[:2] in (b"x:", b"y:") and b"=" in first
 
 
 def _client_ip(request: Request) -> bytes | None:
