@@ -149,6 +149,11 @@ def translate(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: translate the flags and run twistd in the foreground."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("--version", "-version", "-V"):
+        from .about import version_text
+
+        print(version_text())
+        raise SystemExit(0)
     try:
         plugin_args = translate(args)
     except CompatError as e:

@@ -39,6 +39,13 @@ class Options(usage.Options):
         self.given: dict[str, Any] = {}
         self.config: Config | None = None
 
+    def opt_version(self) -> None:
+        """Print dockerspaces' version (with Twisted's and docker-py's) and exit."""
+        from .about import version_text
+
+        print(version_text())
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         """Collect the given options, read ``--config``, validate into a Config."""
         for o in OPTIONS:
