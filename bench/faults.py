@@ -23,7 +23,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--kill-every", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--title", default="fault injection")
+    ap.add_argument("--details", action="store_true",
+                    help="one line per request that did not end ok (or hung up)")
     args = ap.parse_args()
     ensure_test_images(TTS, WEB, SLOWHTTP)
     srv = Server("--queue-timeout", "240", "--start-timeout", "60", slots=2)
@@ -32,14 +35,15 @@ def main() -> None:
     srv.start()
     try:
         report = faults.run(srv, requests=args.requests, clients=args.clients,
-                            kill_every=args.kill_every)
+                            kill_every=args.kill_every, seed=args.seed)
     finally:
         srv.cleanup()
-    print(report.table(args.title))
-    missed = report.violations()
-    print("bars missed:" if missed else "every bar met")
-    for v in missed:
-        print("  - " + v)
+    print(report.table(args.title))  # ends with the bars missed, if any
+    if args.details:
+        for o in report.outcomes:
+            if o.klass not in ("ok", "gone"):
+                fwd = "forwarded" if o.id in report.forwarded else "never forwarded"
+                print(f"#{o.id} {o.kind} {o.klass} ({fwd}) {o.detail[:100]!r}")
 
 
 if __name__ == "__main__":

@@ -3,20 +3,37 @@
 
 N requests over 3 images on 2 slots from C concurrent clients (raw sockets, HTTP/1.1,
 ``Connection: close``) while a killer ``docker kill``s a busy container every few
-seconds, a tenth of the clients hang up mid-request, and once a container is
-``docker rm -f``-ed while it starts.
+seconds, a tenth of the clients hang up mid-request (half of them after sending, half
+after the first bytes of the answer), and once a container is ``docker rm -f``-ed
+while it starts.
 
 Every request is accounted for. Its id is in its path (``/cgi-bin/work/ID_S_N``) and
 the test images' httpd logs each request it reads (``url:PATH``): the container logs,
 followed from every container's start until it is gone, prove which requests reached an
 app ("forwarded"). Outcomes:
 
-``ok``            200, complete (length met or terminating chunk), ``done ID`` in it
-``truncated``     200 that *looked* complete but lacks ``done ID`` -- must be 0
-``aborted``       the answer was cut (no terminating chunk, reset) -- only if forwarded
-``5xx``           an error answer (502 only if forwarded)
-``lost``          no answer within the client timeout -- must be 0
-``gone``          our own client hung up (10 %)
+``ok``            200, complete (Content-Length met or terminating chunk seen), its
+                  body ends with ``done ID`` (and holds the POST body) -- the only
+                  way to be ``ok``
+``truncated``     an answer that *looked* complete (length met, terminating chunk, or
+                  a close-delimited body ended by a clean FIN) but lacks ``done ID``
+                  -- must be 0
+``aborted``       cut: closed or reset before the head or inside the body (no
+                  terminating chunk, length not met) -- only if forwarded
+``502``/``5xx``   an error answer with its status (502 only if forwarded)
+``lost``          no answer, or an answer that stalled, within the client timeout --
+                  must be 0
+``gone``          our own client hung up (10 %; not judged)
+
+The bars (:meth:`Report.violations`): no 502 and no cut answer for a request no app
+ever read; no ``truncated``; no ``lost``; the 502s and cut answers together no more
+than the requests in flight on the containers when they were killed (the killer reads
+``InFlight`` of the slot from ``/monitor:broker/`` just before each kill -- a check
+that does not rely on the logs); every container of the instance in a slot and
+running, every slot's container running, every slot free or idle, no queue, once the
+load is over; ``dockerspaces_container_crashes_total`` equal to the kills (plus one
+if the container removed while starting was counted as a crash rather than started
+again).
 """
 
 from __future__ import annotations
@@ -63,9 +80,10 @@ class Report:
     kills: list[tuple[float, str]]
     removed_while_starting: str | None
     start_retried: bool
-    crashes: float
+    crashes: float | None
     leaked: list[str]
     seconds: float
+    in_flight_at_kills: int = 0
 
     def counts(self) -> Counter[str]:
         return Counter(o.klass for o in self.outcomes)
@@ -74,6 +92,10 @@ class Report:
         """502s and cut answers of requests no app ever read."""
         return [o for o in self.outcomes
                 if o.klass in ("502", "aborted") and o.id not in self.forwarded]
+
+    def failed(self) -> list[Outcome]:
+        """502s and cut answers, forwarded or not."""
+        return [o for o in self.outcomes if o.klass in ("502", "aborted")]
 
     def expected_crashes(self) -> int:
         rm_counted = self.removed_while_starting is not None and not self.start_retried
@@ -92,9 +114,14 @@ class Report:
             lost = [o for o in self.outcomes if o.klass == "lost"]
             out.append(f"{c['lost']} request(s) lost: " + ", ".join(
                 f"#{o.id} {o.detail}" for o in lost[:10]))
+        if len(self.failed()) > self.in_flight_at_kills:
+            out.append(f"{len(self.failed())} 502s and cut answers, more than the "
+                       f"{self.in_flight_at_kills} request(s) in flight at the kills")
         if self.leaked:
             out.append("leaked: " + "; ".join(self.leaked))
-        if self.crashes != self.expected_crashes():
+        if self.crashes is None:
+            out.append("dockerspaces_container_crashes_total is not in /monitor:metrics")
+        elif self.crashes != self.expected_crashes():
             out.append(f"crash counter {self.crashes:g} != {self.expected_crashes()} "
                        f"({len(self.kills)} kills)")
         return out
@@ -119,9 +146,11 @@ class Report:
             ("lost, no answer  [bar 0]", c["lost"]),
             ("client hung up (ours)", c["gone"]),
             ("containers killed", len(self.kills)),
+            ("in flight at the kills  [bar >= 502s + cut]", self.in_flight_at_kills),
             ("removed while starting", 1 if self.removed_while_starting else 0),
             ("  ... start tried again", "yes" if self.start_retried else "no"),
-            ("crashes counted  [bar = kills]", f"{self.crashes:g}"),
+            ("crashes counted  [bar = kills]",
+             "n/a" if self.crashes is None else f"{self.crashes:g}"),
             ("containers/slots leaked  [bar 0]", len(self.leaked)),
             ("seconds", f"{self.seconds:.0f}"),
         ]
@@ -131,6 +160,9 @@ class Report:
         others = sorted(k for k in c if k.startswith("5") and k != "502")
         if others:
             lines.append("other 5xx: " + ", ".join(f"{k}×{c[k]}" for k in others))
+        missed = self.violations()
+        lines.append("bars missed:" if missed else "every bar met")
+        lines += ["  - " + v for v in missed]
         return "\n".join(lines)
 
 
@@ -194,10 +226,12 @@ def _read_answer(sock: socket.socket, deadline: float) -> tuple[int | None, bool
     except (ConnectionResetError, BrokenPipeError):
         return status, False, b"", "reset"
     except TimeoutError:
-        return status, False, b"", "timeout"
+        return status, False, b"", "timeout" if status is None else "stalled"
 
 
 def _one(port: int, o: Outcome, route: str, hang_up: float | None, timeout: float) -> None:
+    """Send ``o``'s request and classify the answer; ``hang_up``: close that many
+    seconds after sending (positive) or after the first byte of the answer (negative)."""
     spec = {"short": "0.05_1", "stream": "0.5_4", "post": "0.05_1"}[o.kind]
     path = f"{route}/cgi-bin/work/{o.id}_{spec}"
     body = f"payload-{o.id}".encode() if o.kind == "post" else b""
@@ -213,16 +247,23 @@ def _one(port: int, o: Outcome, route: str, hang_up: float | None, timeout: floa
     try:
         sock.sendall(head + body)
         if hang_up is not None:
-            time.sleep(hang_up)
+            if hang_up > 0:
+                time.sleep(hang_up)
+            else:
+                sock.settimeout(timeout)
+                try:
+                    sock.recv(1)
+                except OSError:
+                    pass
             o.klass, o.ended = "gone", time.monotonic()
             return
         status, complete, got, why = _read_answer(sock, time.monotonic() + timeout)
     finally:
         sock.close()
     o.ended, o.status = time.monotonic(), status
-    if status is None:
-        o.klass, o.detail = ("lost" if why == "timeout" else "aborted"), why
-    elif not complete:
+    if why in ("timeout", "stalled"):
+        o.klass, o.detail = "lost", why
+    elif status is None or not complete:
         o.klass, o.detail = "aborted", why
     elif status == 200:
         ok = f"done {o.id}".encode() in got and (o.kind != "post" or body in got)
@@ -290,19 +331,23 @@ class _LogFollower:
             c.close()
 
 
-def _containers_in(srv: Server, state: str) -> list[str]:
-    """Containers of slots in ``state`` (``Run``: only with a request in flight)."""
+def _containers_in(srv: Server, state: str) -> dict[str, int]:
+    """Containers of slots in ``state`` (``Run``: only with a request in flight), with
+    the requests in flight on each."""
     try:
         snap = srv.snapshot()
     except (OSError, AssertionError):
-        return []
-    return [s["Container"] for s in snap["TargetSlots"]
+        return {}
+    return {s["Container"]: int(s.get("InFlight") or 0) for s in snap["TargetSlots"]
             if s["State"] == state and s.get("Container")
-            and (state != "Run" or s.get("InFlight"))]
+            and (state != "Run" or s.get("InFlight"))}
 
 
-def _metric(srv: Server, name: str) -> float:
-    _status, _, body = srv.get("/monitor:metrics", timeout=10)
+def _metric(srv: Server, name: str) -> float | None:
+    """The sum of ``name``'s samples; None when the metric is not exposed at all."""
+    status, _, body = srv.get("/monitor:metrics", timeout=10)
+    if status != 200 or name not in body.decode():
+        return None
     total = 0.0
     for line in body.decode().splitlines():
         if line.startswith((name + "{", name + " ")):
@@ -331,8 +376,10 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
     kinds = ["short"] * 6 + ["stream"] * 2 + ["post"] * 2
     outcomes = [Outcome(i, rng.choice(kinds), 0.0) for i in range(requests)]
     plan = [(o, ROUTES[rng.randrange(len(ROUTES))],
-             rng.uniform(0.05, 1.0) if rng.random() < hang_up else None) for o in outcomes]
+             (rng.uniform(0.05, 1.0) * rng.choice([1, -1])) if rng.random() < hang_up else None)
+            for o in outcomes]
     kills: list[tuple[float, str]] = []
+    in_flight: list[int] = []
     removed: list[str] = []
     done = threading.Event()
     start = time.monotonic()
@@ -344,7 +391,7 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
             while not done.is_set():
                 now = time.monotonic()
                 if not removed and now - start > 5:
-                    starting = _containers_in(srv, "Starting")
+                    starting = list(_containers_in(srv, "Starting"))
                     cid = starting[0] if starting else None
                     if cid is not None:
                         try:
@@ -354,12 +401,14 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
                         except Exception as e:  # noqa: BLE001 - it got away
                             log(f"faults: rm -f {cid[:12]} failed: {e}")
                 if now >= next_kill:
-                    busy = [c for c in _containers_in(srv, "Run") if c not in removed]
+                    running = _containers_in(srv, "Run")
+                    busy = sorted(c for c in running if c not in removed)
                     cid = rng.choice(busy) if busy else None
                     if cid is not None:
                         try:
                             c.kill(cid)
                             kills.append((time.monotonic() - start, cid))
+                            in_flight.append(running[cid])
                             next_kill = now + kill_every * rng.uniform(0.7, 1.3)
                         except Exception as e:  # noqa: BLE001 - stopped meanwhile
                             log(f"faults: kill {cid[:12]} failed: {e}")
@@ -378,7 +427,10 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
                 if not queue:
                     return
                 o, route, hang = queue.pop(0)
-            _one(srv.port, o, route, hang, client_timeout)
+            try:
+                _one(srv.port, o, route, hang, client_timeout)
+            except Exception as e:  # noqa: BLE001 - a garbled answer: counted, not hidden
+                o.klass, o.detail, o.ended = "lost", f"client: {e!r}", time.monotonic()
 
     workers = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for w in workers:
@@ -392,17 +444,23 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
     time.sleep(1.0)  # the followers read the last lines
     follower.stop.set()
     crashes = _metric(srv, "dockerspaces_container_crashes_total")
-    # leaks: every container of the instance is one the broker holds in a slot
+    # leaks: every container of the instance is one the broker holds in a slot, and
+    # every container a slot holds is running
     held = {s["Container"][:12] for s in snap["TargetSlots"] if s.get("Container")}
     leaked = []
     c = docker_client()
     try:
+        running = set()
         for info in c.containers(all=True, filters={
                 "label": f"dockerspaces.instance={srv.instance}"}):
+            if info["State"] == "running":
+                running.add(info["Id"][:12])
             if info["Id"][:12] not in held:
                 leaked.append(f"container {info['Id'][:12]} ({info['State']}) not in a slot")
             elif info["State"] != "running":
                 leaked.append(f"container {info['Id'][:12]} is {info['State']}")
+        for cid in sorted(held - running):
+            leaked.append(f"a slot holds container {cid}, which is not running")
     finally:
         c.close()
     for s in snap["TargetSlots"]:
@@ -411,4 +469,5 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
     if snap["Queues"]:
         leaked.append(f"queues not empty: {snap['Queues']}")
     return Report(outcomes, set(follower.seen), kills, removed[0] if removed else None,
-                  "starting it again" in srv.output(), crashes, leaked, seconds)
+                  "starting it again" in srv.output(), crashes, leaked, seconds,
+                  sum(in_flight))

@@ -1,8 +1,16 @@
 """Fault injection against the real engine (issue 12): nothing lost that was never
 forwarded, no cut answer that looks whole, no leak, every crash counted once.
 
-The scenario and its accounting are in :mod:`tests.integration.faults`; this runs it
-once (about two minutes) and prints the table."""
+The scenario, its accounting (each request's id in its path, the containers' own httpd
+logs as the proof that it was forwarded, the in-flight count at each kill as a
+cross-check) and the bars are in :mod:`tests.integration.faults`; this runs it once
+(about two minutes) and prints the table (``bench/faults.py`` prints the same by hand).
+
+dockerspaces runs as its own ``twistd -n dockerspaces`` process (:class:`.procs.Server`,
+``PYTHONPATH`` = the checkout holding this file), not in-process: the kills, the log
+followers and the 20 blocking clients then never share a reactor with the code under
+test, and the same file copied into a worktree of an older commit measures that
+commit (RELIABILITY.md's "before")."""
 
 from __future__ import annotations
 
