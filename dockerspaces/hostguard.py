@@ -138,7 +138,7 @@ class HostPolicyService(Service):
         self._failing.discard(name)
         ranges = container_ranges(networks)
         if self.policy.update(f"engine:{name}", networks=ranges):
-            log.info("host: policy: Docker networks of engine {name} refused: {nets}",
+            log.info("host: policy: no host: target in the Docker networks of engine {name}: {nets}",
                      name=name, nets=", ".join(sorted(str(n) for n in ranges)) or "none")
 
     def _failed(self, f: Failure, name: str) -> None:

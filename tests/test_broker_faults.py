@@ -322,6 +322,23 @@ class KeyTableTests(SynchronousTestCase):
             self.failureResultOf(h.acquire(f"x:img:{i}:80"), StartFailed)
         self.assertEqual(len(h.broker._keys), 0)
 
+    def test_a_key_waiting_for_admission_is_kept(self) -> None:
+        """A waiter still in the admission queue holds its key: forgetting it would
+        put a later arrival of the same key in a new line, served first (found by the
+        state machine)."""
+        h = Harness(slots=1, source=1, queue=5)
+        la = self.successResultOf(h.acquire(A))
+        db1 = h.acquire(B)
+        kb = h.broker._keys[spec(B).key]
+        h.broker._maybe_forget(kb)
+        self.assertIs(h.broker._keys.get(spec(B).key), kb)
+        db2 = h.acquire(B)
+        la.release()
+        lb1 = self.successResultOf(db1)
+        self.assertNoResult(db2)
+        lb1.release()
+        self.successResultOf(db2).release()
+
     def test_adopted_key_takes_the_requests_env(self) -> None:
         """A container adopted from a label without env values serves its key; a second
         container started for that key gets the request's env."""

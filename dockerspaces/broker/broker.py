@@ -269,7 +269,8 @@ class Broker:
         w = self._new_waiter(spec, progress)
         err = self._refuse_reason(w)
         if err is not None:
-            w.done = True
+            self._end_waiter(w)
+            self._maybe_forget(w.key)
             return fail(err)
         self._timeouts.add(w, w.arrived + self.settings.queue_timeout)
         if spec.mode == "y":
@@ -288,7 +289,8 @@ class Broker:
         w = self._new_waiter(spec, progress)
         err = self._refuse_reason(w)
         if err is not None:
-            w.done = True
+            self._end_waiter(w)
+            self._maybe_forget(w.key)
             return fail(err)
         self._worker_timeouts.add(w, w.arrived + self.settings.worker_timeout)
         self._admit_or_queue(w)
@@ -502,9 +504,16 @@ class Broker:
                                            adopted=key != spec.key)
         return k
 
+    def _end_waiter(self, w: Waiter) -> None:
+        """``w`` is over (served, failed, cancelled): it no longer holds its key."""
+        if not w.done:
+            w.done = True
+            w.key.live -= 1
+
     def _maybe_forget(self, k: KeyState) -> None:
-        """Drop a key nobody waits for and no container holds (the table stays bounded)."""
-        if (k.waiters or k.containers or k.starting or k.busy or k in self._hungry
+        """Drop a key no waiter (in any line) holds and no container uses, so the
+        table stays bounded by what is in use."""
+        if (k.live or k.waiters or k.containers or k.starting or k.busy or k in self._hungry
                 or (k.recheck is not None and k.recheck.active())):
             return
         if self._keys.get(k.key) is k:
@@ -515,6 +524,7 @@ class Broker:
         holder: list[Waiter] = []
         d: Deferred[Any] = Deferred(lambda _d: self._cancel(holder[0]))
         w = Waiter(spec, self._key_for(spec), d, self._clock.seconds(), progress)
+        w.key.live += 1
         holder.append(w)
         self.events += 1
         return w
@@ -606,7 +616,7 @@ class Broker:
     def _fail(self, w: Waiter, err: BrokerError) -> None:
         if w.done:
             return
-        w.done = True
+        self._end_waiter(w)
         self._leave_line(w)
         self._unadmit(w)
         self._publish(w, Progress("failed", detail=str(err)))
@@ -618,7 +628,7 @@ class Broker:
         if w.done:
             return
         self.events += 1
-        w.done = True
+        self._end_waiter(w)
         self._leave_line(w)
         self._unadmit(w)
         self._publish_positions(w.key)
@@ -845,7 +855,7 @@ class Broker:
         if k.waiters.pop(w, 0) is None and w.progress is not None:
             k.watchers -= 1
         self._timeouts.discard(w)
-        w.done = True
+        self._end_waiter(w)
         w.assigned = now
         c.inflight += 1
         self._leases += 1
@@ -910,6 +920,7 @@ class Broker:
             return fail(BackendRefused(f"{lease.display}: the container refused the request"))
         d: Deferred[Lease] = Deferred(lambda _d: self._cancel(w))
         w.deferred, w.done, w.assigned, w.endpoint = d, False, None, ""
+        w.key.live += 1
         w.retries += 1
         k = w.key
         if self._draining:
@@ -1157,7 +1168,7 @@ class Broker:
             c.timer = self._clock.callLater(self.settings.release, self._protection_over, c)
             w = c.worker
             if w is not None and not w.done:
-                w.done = True
+                self._end_waiter(w)
                 w.assigned = now
                 self._unadmit(w)
                 assert c.handle is not None

@@ -149,6 +149,7 @@ class KeyState:
     recheck: IDelayedCall | None = None
     status: Progress | None = None  # latest pull/start progress, for progress_of()
     adopted: bool = False  # ``spec`` was read from a label (no env values): replace it
+    live: int = 0  # waiters of this key not yet done (admission queue included)
     restarts: int = 0  # starts retried because the container was removed from outside
 
 
