@@ -164,5 +164,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     from twisted.scripts.twistd import run
 
-    sys.argv = ["docker-spaces", "--nodaemon", "--pidfile=", "--logfile=-", "dockerspaces"] + plugin_args
+    sys.argv = ["docker-spaces", "--nodaemon", "--pidfile=", "--logfile=-", "dockerspaces", *plugin_args]
     run()

@@ -59,7 +59,7 @@ class HostConfig:
         if self.address_override:
             return self.address_override
         if self.local:
-            return "127.0.0.1" if self.publish_ip in ("0.0.0.0", "::") else self.publish_ip
+            return "127.0.0.1" if self.publish_ip in ("0.0.0.0", "::") else self.publish_ip  # noqa: S104 - a comparison, not a bind
         host = urlsplit(self.url).hostname or "127.0.0.1"
         return host
 
@@ -103,7 +103,7 @@ def parse_cluster(text: str) -> tuple[int, int, str]:
         raise ConfigError(f"--cluster {text!r}: PORT and SLOTS must be whole numbers") from None
     if slots < 0:
         raise ConfigError(f"--cluster {text!r}: SLOTS must be >= 0")
-    if not 1 <= port or port + max(slots, 1) - 1 > 65535:
+    if not port >= 1 or port + max(slots, 1) - 1 > 65535:
         raise ConfigError(f"--cluster {text!r}: ports {port}..{port + slots - 1} out of 1-65535")
     validate_engine_url(url, "--cluster")
     return port, slots, url
@@ -183,8 +183,10 @@ class Config:
         inside = local_slot_address()  # None unless dockerspaces runs in a container
         for port, slots, url in entries:
             local = url.startswith("unix://")
-            ip = self.publish_ip or ((inside or "127.0.0.1") if local else "0.0.0.0")
-            override = inside if local and ip in (inside, "0.0.0.0", "::") else None
+            # a remote engine publishes slot ports on all its interfaces: the front
+            # reaches them over the network (--publish-ip narrows it)
+            ip = self.publish_ip or ((inside or "127.0.0.1") if local else "0.0.0.0")  # noqa: S104 - remote slots are reached over the network
+            override = inside if local and ip in (inside, "0.0.0.0", "::") else None  # noqa: S104 - a comparison
             out.append(
                 HostConfig(
                     name=host_name_for(url, taken),

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.sep not in program:
         here = os.path.join(os.path.dirname(sys.executable), program)
         program = here if os.path.exists(here) else program
-    os.execvp(program, [program, *args])
+    os.execvp(program, [program, *args])  # noqa: S606 - the image's entrypoint becomes it
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised by the image test

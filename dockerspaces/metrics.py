@@ -43,7 +43,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Labels, values: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    pairs = list(zip(names, values)) + list(extra)
+    pairs = list(zip(names, values, strict=False)) + list(extra)
     if not pairs:
         return ""
     return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in pairs) + "}"
@@ -157,7 +157,7 @@ class Histogram:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} histogram"
         for labels, s in sorted(self.series.items()):
-            for bound, c in zip(self.buckets, accumulate(s.counts)):
+            for bound, c in zip(self.buckets, accumulate(s.counts), strict=False):
                 le = (("le", repr(float(bound))),)
                 yield f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {c}"
             inf = (("le", "+Inf"),)

@@ -255,11 +255,9 @@ def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...
         if key == "config" or key not in BY_NAME:
             raise ConfigError(f"config: unknown key {raw_key!r}")
         opt = BY_NAME[key]
-        if opt.multi and not isinstance(value, list):
-            value = [value]
         if opt.flag and not isinstance(value, bool):
             raise ConfigError(f"config: {raw_key!r} must be true or false")
-        values[key] = value
+        values[key] = [value] if opt.multi and not isinstance(value, list) else value
     return values, profiles
 
 
@@ -309,7 +307,8 @@ def _check(config: Config) -> None:
     used: dict[int, str] = {}
     for h in hosts:
         if h.start_port + max(h.slots, 1) - 1 > 65535:
-            raise ConfigError(f"--start-port: slots {h.start_port}..{h.start_port + h.slots - 1} exceed 65535")
+            last = h.start_port + h.slots - 1
+            raise ConfigError(f"--start-port: slots {h.start_port}..{last} exceed 65535")
         for p in range(h.start_port, h.start_port + h.slots):
             if p in used and used[p] == h.publish_ip + h.address:
                 raise ConfigError(f"--cluster: port {p} is used by two slots of the same host")

@@ -411,9 +411,6 @@ def redact_path(uri: bytes) -> str:
         route = None
         if "=" in raw.segment:
             return "/" + raw.segment.split("=", 1)[0] + "=…"
-    if isinstance(route, JobSpec) and route.env:
-        seg = route.display.replace(" ", ":")
-    else:
-        seg = raw.segment
+    seg = route.display.replace(" ", ":") if isinstance(route, JobSpec) and route.env else raw.segment
     tail = raw.rest + (b"?" + raw.query if raw.query else b"")
     return "/" + seg + tail.decode("latin-1")

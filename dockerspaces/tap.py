@@ -80,7 +80,8 @@ def makeService(options: Options) -> IService:
     from .app import build_service
     from .logoutput import twistd_destination
 
-    assert options.config is not None
+    if options.config is None:  # postOptions always sets it
+        raise usage.UsageError("no configuration")
     # under twistd, ``options.parent`` holds its own options (--logfile, --nodaemon, …)
     log_out = twistd_destination(getattr(options, "parent", None))
     return build_service(options.config, reactor, log_out)

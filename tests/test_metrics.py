@@ -69,7 +69,8 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(s[("dockerspaces_request_duration_seconds_count", kx)], 2)
         self.assertAlmostEqual(s[("dockerspaces_request_duration_seconds_sum", kx)], 4.3)
         # cumulative buckets: 0.3 is <= 0.5, 4.0 is not <= 2.5 but <= 5.0
-        le = lambda b: (("kind", "x"), ("le", b))
+        def le(b):
+            return (("kind", "x"), ("le", b))
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("0.25"))], 0)
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("0.5"))], 1)
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("2.5"))], 1)

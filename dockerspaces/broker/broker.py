@@ -912,8 +912,7 @@ class Broker:
         self.events += 1
         w, c = lease.waiter, lease.container
         ended = c is not None and self._end_lease(lease, c, sample=False)
-        if ended and failed:
-            assert c is not None
+        if ended and failed and c is not None:
             self._crash(c, "refused or reset a connection before answering")
         if w is None:  # pragma: no cover - every broker lease has its waiter
             self._flush()
@@ -1171,9 +1170,8 @@ class Broker:
                 self._end_waiter(w)
                 w.assigned = now
                 self._unadmit(w)
-                assert c.handle is not None
                 self._publish(w, Progress("ready"))
-                self._fire(w.deferred, c.handle)
+                self._fire(w.deferred, c.handle)  # set: the chain created it
         else:
             self._became_idle(c)
             self._settle_overdue(k)
@@ -1475,7 +1473,7 @@ class Broker:
         except Exception as e:  # noqa: BLE001 - any failure means "down"
             d = fail(e)
 
-        def got(owned: list[OwnedContainer]) -> None:  
+        def got(owned: list[OwnedContainer]) -> None:
             h.reconciling = False
             self._adopt(h, owned)
             h.up = True

@@ -215,7 +215,7 @@ def _close_stream(stream: Any, client: Any) -> None:
         log.debug("closing a stream failed: {e!r}", e=e)
     try:
         client.close()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - best effort at shutdown
         log.debug("closing a client failed: {e!r}", e=e)
 
 
@@ -567,7 +567,8 @@ class Engine:
                 raise ImageNotFound(f"image {spec.ref} is not present on engine {self.name}: {msg}") from None
             if _status(e) == 409:
                 raise EngineError(f"container name {name} is already in use on {self.name}") from None
-            raise EngineError(f"creating a container for {spec.display} on {self.name} failed: {msg}") from None
+            raise EngineError(
+                f"creating a container for {spec.display} on {self.name} failed: {msg}") from None
         return ContainerHandle(
             id=result["Id"], name=name, host=self.name, slot=slot, key=spec.key, spec=spec
         )
@@ -791,7 +792,7 @@ class Engine:
                 if client is not None:
                     try:
                         client.close()
-                    except Exception:  # noqa: BLE001, S110
+                    except Exception:  # noqa: BLE001, S110 - a broken event stream: a new client next round
                         pass
             if self._stopping.wait(backoff):
                 break

@@ -46,7 +46,7 @@ from .errors import write_error
 from .proxy import ExchangeEnd
 from .routing import parse_ip
 
-TOKEN_HEADER = "X-Dockerspaces-Token"
+TOKEN_HEADER = "X-Dockerspaces-Token"  # noqa: S105 - a header name, not a secret
 PREFIX = b"/docker:local"
 SAFE_METHODS = frozenset({b"GET", b"HEAD"})
 _SECRET_WORDS = ("auth", "pass", "secret", "token", "cred")

@@ -75,8 +75,8 @@ def connection_tokens(values: Sequence[bytes]) -> AbstractSet[bytes]:
         if known is not None:
             out |= known
             continue
-        for t in v.split(b","):
-            t = t.strip().lower()
+        for raw in v.split(b","):
+            t = raw.strip().lower()
             if t:
                 out.add(t)
     return out
@@ -147,18 +147,19 @@ def read_client_head(request: Request, external: bool = False) -> ClientHead:
                 named = tokens if named is None else named | tokens
             elif lk == b"upgrade":
                 upgrade += values
-            elif lk == b"content-length" or lk == b"transfer-encoding":
+            elif lk in {b"content-length", b"transfer-encoding"}:
                 has_body = True
             continue
+        sent = values
         if lk == b"cookie":
-            values = [c for c in map(without_own_cookies, values) if c is not None]
+            sent = [c for c in map(without_own_cookies, values) if c is not None]
         elif external and lk == b"authorization":
             continue
         elif external and lk == b"referer":
             # a page of ours under /x:…:NAME=VALUE/ linking to a host: target would
             # hand it the env values: such a Referer stays here
-            values = [v for v in values if not _names_env(v)]
-        for v in values:
+            sent = [v for v in values if not _names_env(v)]
+        for v in sent:
             kept.append((lk, b"%s: %s\r\n" % (k, v)))
     if named:
         wants = upgrade[0] if upgrade and b"upgrade" in named else None

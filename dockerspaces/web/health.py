@@ -61,7 +61,7 @@ class HealthResource(Resource):
 
         def done(results: list[tuple[bool, Any]]) -> tuple[bool, dict[str, Any]]:
             engines = {}
-            for name, (ok, value) in zip(names, results):
+            for name, (ok, value) in zip(names, results, strict=True):
                 engines[name] = "up" if ok and value else (
                     "down" if ok else f"down: {value.getErrorMessage()[:200]}")
             serving = bool(self.serving())

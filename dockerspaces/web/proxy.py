@@ -316,7 +316,7 @@ class _Exchange:
         # backend's own headers of the same name win, no Server/Date of ours
         for name, values in request.responseHeaders.getAllRawHeaders():
             lk = name.lower()
-            if lk in kept or lk == b"server" or lk == b"date":
+            if lk in kept or lk in {b"server", b"date"}:
                 continue
             have_length = have_length or lk == b"content-length"
             for v in values:

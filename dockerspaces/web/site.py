@@ -97,7 +97,7 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         raise ValueError("Invalid request-target")
     if target == b"":
         raise ValueError("Empty request-target")
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+    if version not in {b"HTTP/1.1", b"HTTP/1.0"}:
         raise ValueError("Invalid version")
     return method, target, version
 

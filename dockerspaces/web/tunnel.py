@@ -235,7 +235,8 @@ def start_tunnel(
     splice = Splice(closed)
     conn.tunnel = _BackendEnd(splice.backend, conn)
     transport: Any = channel.transport
-    assert transport is not None
+    if transport is None:  # the client went while the backend answered
+        return
     transport.write(switching_head(reason, headers, ex.upgrade or b"websocket"))
     try:
         buffered = take_over(channel, splice.client)

@@ -188,7 +188,7 @@ class OpenRoute(CliTestCase):
                 c = docker_client()
                 try:
                     cid = c.create_container(BASE, "true", labels={
-                        TEST_LABEL: "1", label.split("=")[0]: label.split("=")[1],
+                        TEST_LABEL: "1", label.split("=", maxsplit=1)[0]: label.split("=")[1],
                         self.run_label.split("=")[0]: self.run_label.split("=")[1]})["Id"]
                 finally:
                     c.close()

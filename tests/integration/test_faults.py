@@ -34,7 +34,7 @@ class FaultInjection(TestCase):
         srv = Server("--queue-timeout", "240", "--start-timeout", "60", slots=2)
         self.addCleanup(srv.cleanup)
         srv.start()
-        report = faults.run(srv, log=lambda line: print(line))
+        report = faults.run(srv, log=print)
         print("\n" + report.table())
         self.assertGreaterEqual(len(report.kills), 10, "too few kills to mean anything")
         self.assertIsNotNone(report.removed_while_starting,

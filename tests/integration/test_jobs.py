@@ -74,7 +74,7 @@ class Exclusive(JobsTestCase):
             sampler.join()
         statuses = [r[0] for r in results]
         self.assertEqual(statuses, [200] * 30, [r[2][:200] for r in results if r[0] != 200])
-        for (_, _, body), path in zip(results, paths):
+        for (_, _, body), _path in zip(results, paths):
             self.assertIn(b"slept 0.3", body)
         self.assertLessEqual(running_max, 2)
         self.assertGreaterEqual(running_max, 1)
