@@ -232,11 +232,13 @@ def start_tunnel(
         ex.bytes_out = splice.bytes_to_client
         ex._end("tunnel-closed")
 
-    splice = Splice(closed)
-    conn.tunnel = _BackendEnd(splice.backend, conn)
     transport: Any = channel.transport
     if transport is None:  # the client went while the backend answered
+        conn.abort()
+        ex._end("client-gone")
         return
+    splice = Splice(closed)
+    conn.tunnel = _BackendEnd(splice.backend, conn)
     transport.write(switching_head(reason, headers, ex.upgrade or b"websocket"))
     try:
         buffered = take_over(channel, splice.client)
