@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define, field
@@ -61,26 +60,6 @@ def run_options_for(config: Config) -> Any:
 _NO_HOST_ROUTE = ErrorResource(404, "host:/shost: routes are turned off here (--no-host-route)")
 
 
-class PolicyBound(Resource):
-    """One ``host:`` segment's shared resource (``make()``), made again when the host
-    policy changes (:attr:`HostPolicy.generation`): it caches its target's verdict."""
-
-    isLeaf = True
-
-    def __init__(self, make: Callable[[], Resource], policy: HostPolicy):
-        super().__init__()
-        self.make, self.policy = make, policy
-        self.generation = policy.generation
-        self.route = make()
-
-    def render(self, request: Any) -> Any:
-        """Render with the current policy's resource."""
-        if self.generation != self.policy.generation:
-            self.generation = self.policy.generation
-            self.route = self.make()
-        return self.route.render(request)
-
-
 @define
 class Routes:
     """Builds the resource for each route kind (see ``web.root.RouteResources``)."""
@@ -116,8 +95,7 @@ class Routes:
         """host:/shost: as the URI's own segment: one resource for all its requests."""
         if self.config.no_host_route:
             return _NO_HOST_ROUTE
-        return PolicyBound(lambda: HostRoute(target, prefix, proxy=self.proxy,
-                                             policy=self.policy), self.policy)
+        return HostRoute(target, prefix, proxy=self.proxy, policy=self.policy)
 
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""

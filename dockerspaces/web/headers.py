@@ -53,6 +53,9 @@ _OWN_REQUEST = frozenset(
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | _OWN_REQUEST
+# request headers sent on filtered: our cookie out of Cookie; for host: targets no
+# Authorization and no Referer naming env values
+_FILTERED = frozenset({b"cookie", b"authorization", b"referer"})
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -151,14 +154,17 @@ def read_client_head(request: Request, external: bool = False) -> ClientHead:
                 has_body = True
             continue
         sent = values
-        if lk == b"cookie":
-            sent = [c for c in map(without_own_cookies, values) if c is not None]
-        elif external and lk == b"authorization":
-            continue
-        elif external and lk == b"referer":
-            # a page of ours under /x:…:NAME=VALUE/ linking to a host: target would
-            # hand it the env values: such a Referer stays here
-            sent = [v for v in values if not _names_env(v)]
+        if lk in _FILTERED:  # one set lookup for the common header
+            if lk == b"cookie":
+                sent = [c for c in map(without_own_cookies, values) if c is not None]
+            elif not external:
+                pass
+            elif lk == b"authorization":
+                continue
+            else:
+                # a page of ours under /x:…:NAME=VALUE/ linking to a host: target
+                # would hand it the env values: such a Referer stays here
+                sent = [v for v in values if not _names_env(v)]
         for v in sent:
             kept.append((lk, b"%s: %s\r\n" % (k, v)))
     if named:

@@ -182,8 +182,10 @@ class HostRoute(Resource):
         self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
         self.cookie = prefix[1:].decode("latin-1") if cookie and prefix else None
         # the backend and Host for an allowed IP literal: its verdict depends on the
-        # policy alone, so it is checked once per route
+        # policy alone, so it is checked once per route -- and again when the policy
+        # changes (HostPolicy.generation: the engines' networks are re-read)
         self._literal: tuple[Backend, bytes] | None = None
+        self._generation = policy.generation
 
     def render(self, request: Request) -> Any:
         """Forward the request URI less the route segment."""
@@ -192,6 +194,9 @@ class HostRoute(Resource):
     def serve(self, request: Request, path: bytes) -> Any:
         """Check the host (resolving a name first), then forward ``path``."""
         plan = self._literal
+        if plan is not None and self._generation != self.policy.generation:
+            plan = self._literal = None
+            self._generation = self.policy.generation
         if plan is None:
             t = self.target
             try:
