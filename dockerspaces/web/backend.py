@@ -149,15 +149,7 @@ _HEAD, _BODY_LEN, _BODY_CHUNKED, _BODY_CLOSE, _IDLE, _TUNNEL, _DONE = range(7)
 
 
 class BackendGone(Exception):
-    """The backend connection ended before the response was complete.
-
-    ``reset`` is True when it did not end cleanly (a reset, a write error) rather
-    than with the backend's FIN.
-    """
-
-    def __init__(self, message: str, reset: bool = False) -> None:
-        super().__init__(message)
-        self.reset = reset
+    """The backend connection ended before the response was complete."""
 
 
 @implementer(IPushProducer)
@@ -480,7 +472,7 @@ class BackendProtocol(Protocol):
             else:
                 sink.response_done()
         else:
-            sink.backend_failed(Failure(BackendGone(reason_text(reason), reset)), self)
+            sink.backend_failed(Failure(BackendGone(reason_text(reason))), self)
 
 
 def reason_text(reason: Failure | BaseException | None) -> str:

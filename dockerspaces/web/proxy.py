@@ -394,7 +394,7 @@ class _Exchange:
                 self.response_done()
             else:
                 self.backend_failed(Failure(BackendGone(
-                    "the container died before its answer was complete", reset=True)), conn)
+                    "the container died before its answer was complete")), conn)
 
         confirm().addCallback(decided).addErrback(
             lambda f: log.failure("confirming a close-delimited answer failed", f))
