@@ -394,3 +394,42 @@ class ConfirmTests(SynchronousTestCase):
         d = l1.confirm(0.25)
         l2.retry()
         self.assertIs(self.successResultOf(d), False)
+
+
+class DiedBeforeTests(SynchronousTestCase):
+    """``Lease.died_before``: had the container's process ended before a request was
+    sent? (Then the app never read it, whatever its method.)"""
+
+    def test_exit_before_the_send(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        d = lease.died_before(h.clock.seconds() + 0.01, 1.0)
+        self.assertNoResult(d)
+        h.clock.advance(0.05)
+        h.engine.crash(lease.container_id, exited_at=h.clock.seconds() - 0.05)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(len(events(h, "crash")), 1)
+        # the hand-back that follows counts nothing twice and is served again
+        again = lease.retry()
+        h.clock.advance(1)
+        self.assertNotEqual(self.successResultOf(again).container_id, lease.container_id)
+        self.assertEqual(len(events(h, "crash")), 1)
+
+    def test_exit_after_the_send(self) -> None:
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        sent = h.clock.seconds()
+        h.clock.advance(0.05)
+        h.engine.crash(lease.container_id, exited_at=h.clock.seconds())
+        self.assertIs(self.successResultOf(lease.died_before(sent, 1.0)), False)
+
+    def test_no_exit_time_within_the_grace(self) -> None:
+        """Alive, or an engine whose clock is not ours (no exit time): False."""
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        d = lease.died_before(h.clock.seconds() + 1, 1.0)
+        h.clock.advance(0.5)
+        h.engine.crash(lease.container_id)  # a die event without an exit time
+        self.assertNoResult(d)
+        h.clock.advance(0.5)
+        self.assertIs(self.successResultOf(d), False)

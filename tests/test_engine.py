@@ -22,6 +22,7 @@ from dockerspaces.engine.auth import RegistryAuth
 from dockerspaces.engine.engine import (
     Engine,
     EngineService,
+    docker_time,
     event_from_docker,
     pull_error,
 )
@@ -829,6 +830,37 @@ class EventTests(EngineTestCase):
         self.assertEqual(
             eng.event_filters()["label"], ["dockerspaces.instance=inst1", "dockerspaces.host=local"]
         )
+
+
+    def test_die_carries_the_exit_time_on_a_local_engine(self) -> None:
+        """A local engine's ``die`` event carries the container's ``State.FinishedAt``
+        (the proxy compares it with its own clock); a remote engine's does not."""
+        remote = HostConfig("far", "tcp://10.0.0.9:2375", 9100, 2)
+        die = {"Action": "die", "Actor": {"ID": "a", "Attributes": {"exitCode": "137"}},
+               "timeNano": 7}
+        for host, expected in [(HOST, 1796287362.5), (remote, None)]:
+            eng = self.make(host=host)
+            self.client.states["a"] = [{"Status": "exited",
+                                        "FinishedAt": "2026-12-03T08:42:42.500000000Z"}]
+
+            class Stopper(FakeStream):
+                def __iter__(inner, eng: Engine = eng) -> Any:
+                    eng._stopping.set()
+                    return iter([])
+
+            self.client.event_streams = [FakeStream([die]), Stopper([])]
+            got: list[ContainerEvent] = []
+            eng._callbacks.append(got.append)
+            t = threading.Thread(target=eng._watch_loop, kwargs={"backoff_start": 0.001})
+            t.start()
+            t.join(5)
+            self.assertEqual(got, [ContainerEvent("die", "a", 137, expected)])
+
+    def test_docker_time(self) -> None:
+        self.assertEqual(docker_time("2026-12-03T08:42:42.123456Z"), 1796287362.123456)
+        self.assertEqual(docker_time("2026-12-03T09:42:42+01:00"), 1796287362.0)
+        for nothing in ("", "0001-01-01T00:00:00Z", "yesterday"):
+            self.assertIsNone(docker_time(nothing))
 
 
 class MiscTests(EngineTestCase):

@@ -35,6 +35,11 @@ class FakeLease:
         self.confirms.append(Deferred())
         return self.confirms[-1]
 
+    def died_before(self, when: float, grace: float) -> Deferred[bool]:
+        self.graces.append(grace)
+        self.confirms.append(Deferred())
+        return self.confirms[-1]
+
     def release(self) -> None:
         self.released += 1
 
@@ -135,6 +140,18 @@ class JobResourceTests(SynchronousTestCase):
         job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
         self.assertIsInstance(proxy.calls[0]["confirm_close"](), Deferred)
         self.assertEqual(lease.graces, [CLOSE_GRACE])
+
+    def test_the_proxy_may_ask_whether_the_container_died_before_a_send(self) -> None:
+        """``died_before`` goes to ``Lease.died_before`` with the grace for Docker's die
+        event and an inspect; its "unforwarded" end hands the request back failed."""
+        from dockerspaces.web.jobs import EXIT_GRACE
+
+        lease, proxy = FakeLease(), FakeProxy()
+        job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
+        self.assertIs(proxy.calls[0]["died_before"](12.5), lease.confirms[0])
+        self.assertEqual(lease.graces, [EXIT_GRACE])
+        proxy.calls[0]["on_end"](ExchangeEnd("unforwarded", None, 0))
+        self.assertEqual(lease.retried_failed, [True])
 
     def test_unanswered_get_is_sent_again_failing_only_a_dead_container(self) -> None:
         """A bodiless GET without an answer goes again (once: the next forward allows

@@ -80,6 +80,7 @@ class Front(Resource):
             confirm_close=h.confirm,
             external=h.external,
             cors=h.cors_allowed,
+            died_before=h.died_before,
         )
 
 
@@ -96,6 +97,7 @@ class Harness:
         self.cookie: str | None = None
         self.retry = 0  # Proxy.forward's retry_unforwarded
         self.confirm: Any = None  # Proxy.forward's confirm_close
+        self.died_before: Any = None  # Proxy.forward's died_before
         self.cors_allowed = True  # Proxy.forward's cors (False: /docker:local)
         self.external = False  # Proxy.forward's external (True: a host: target)
         self.proxy = Proxy(
@@ -438,6 +440,56 @@ class ResponseTests(SynchronousTestCase):
             p.connectionLost(Failure(ierror.ConnectionDone()))
             self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
             self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_post_to_a_container_dead_before_it_was_sent_goes_elsewhere(self) -> None:
+        """A POST whose backend closed without answering: 502 unless the broker says
+        the container's process ended before the request's first byte went out
+        (behind docker-proxy a dead app's port still accepts) -- then it was never
+        read, and it is handed back ``unforwarded`` like a refused connect."""
+        post = b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi"
+        for dead_before, end in [(True, ExchangeEnd("unforwarded", None, 0)),
+                                 (False, ExchangeEnd("backend-error", 502, 0))]:
+            h = Harness()
+            h.retry = 1
+            asked: list[tuple[float, Deferred[bool]]] = []
+
+            def died_before(t: float, asked: list[Any] = asked) -> Deferred[bool]:
+                asked.append((t, Deferred()))
+                return asked[-1][1]
+
+            h.died_before = died_before
+            h.clock.advance(100)
+            _, ct = h.client(post)
+            p, _ = h.accept()
+            h.clock.advance(5)
+            p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+            self.assertEqual(h.ends, [])  # waits for the broker's word
+            self.assertEqual(asked[0][0], 100)  # the time the request was sent
+            asked[0][1].callback(dead_before)
+            self.assertEqual(h.ends, [end])
+            self.assertEqual(ct.value().startswith(b"HTTP/1.1 502 "), not dead_before)
+
+    def test_died_before_not_asked_once_an_answer_began(self) -> None:
+        h = Harness()
+        h.retry = 1
+        h.died_before = lambda t: self.fail("asked")  # type: ignore[func-returns-value]
+        h.client(b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")
+        p, _ = h.accept()
+        p.dataReceived(b"HTTP/1.1 200 O")
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertEqual(h.ends, [ExchangeEnd("backend-error", 502, 0)])
+
+    def test_client_gone_while_asking_when_it_died(self) -> None:
+        h = Harness()
+        h.retry = 1
+        asked: list[Deferred[bool]] = []
+        h.died_before = lambda t: asked.append(Deferred()) or asked[-1]
+        proto, _ = h.client(b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")
+        p, _ = h.accept()
+        p.connectionLost(Failure(ierror.ConnectionLost("reset")))
+        proto.connectionLost(Failure(ierror.ConnectionDone()))
+        asked[0].callback(True)
+        self.assertEqual([e.reason for e in h.ends], ["client-gone"])
 
     def test_once_bytes_came_back_it_is_a_502(self) -> None:
         """Any response byte means the app had the request: never handed back."""

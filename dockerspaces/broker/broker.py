@@ -872,7 +872,7 @@ class Broker:
         w.endpoint = c.slot.ref_info
         lease = Lease(c.endpoint, k.display, c.id, now - w.arrived, self._release,
                       container=c, waiter=w, started=now, retry=self._retry_lease,
-                      confirm=self._confirm_lease)
+                      confirm=self._confirm_lease, died_before=self._died_before)
         self._publish(w, Progress("ready"))
         self._fire(w.deferred, lease)
 
@@ -972,6 +972,32 @@ class Broker:
                 d.callback(False)
 
         c.on_gone.append(dead)
+        return d
+
+    def _died_before(self, lease: Lease, when: float, grace: float) -> Deferred[bool]:
+        """``Lease.died_before``: waits up to ``grace`` s for the container's exit time."""
+        c = lease.container
+        if c is None:
+            return succeed(False)
+        if c.exited_at is not None:
+            return succeed(c.exited_at < when)
+        d: Deferred[bool] = Deferred()
+
+        def unknown() -> None:
+            if exited in c.on_exit:
+                c.on_exit.remove(exited)
+            if not d.called:
+                d.callback(False)
+
+        call = self._clock.callLater(grace, unknown)
+
+        def exited() -> None:
+            if call.active():
+                call.cancel()
+            if not d.called:
+                d.callback(c.exited_at is not None and c.exited_at < when)
+
+        c.on_exit.append(exited)
         return d
 
     def _gone(self, c: Container) -> None:
@@ -1410,7 +1436,13 @@ class Broker:
         if ev.kind not in ("die", "oom"):
             return
         c = self._by_id.get(ev.container_id)
+        if c is not None and ev.exited_at is not None:
+            c.exited_at = ev.exited_at
+            watchers, c.on_exit = c.on_exit, []
+            for w in watchers:
+                self._later(w)
         if c is None or c.state not in (IDLE, BUSY, WORKER):
+            self._flush()
             return  # unknown, starting (its start fails with the log tail) or stopping
         self.events += 1
         if not c.crashed:  # else counted when the proxy found it dead

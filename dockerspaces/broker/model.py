@@ -177,6 +177,8 @@ class Container:
     lease_started: float = 0.0  # x: when the current lease began
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
     on_gone: list[Callable[[], None]] = field(factory=list)  # Lease.confirm watchers
+    exited_at: float | None = None  # its process's end (a die event), when known
+    on_exit: list[Callable[[], None]] = field(factory=list)  # Lease.died_before watchers
 
     @property
     def id(self) -> str:
@@ -216,6 +218,8 @@ class Lease:
     container: Container | None = field(default=None, repr=False)
     _retry: Callable[[Lease, bool], Deferred[Lease]] | None = field(default=None, repr=False)
     _confirm: Callable[[Lease, float], Deferred[bool]] | None = field(default=None, repr=False)
+    _died_before: Callable[[Lease, float, float], Deferred[bool]] | None = field(
+        default=None, repr=False)
     waiter: Waiter | None = field(default=None, repr=False)
     started: float = 0.0
     released: bool = False
@@ -242,6 +246,16 @@ class Lease:
         if self._confirm is None or self.released:
             return succeed(not self.released)
         return self._confirm(self, grace)
+
+    def died_before(self, when: float, grace: float) -> Deferred[bool]:
+        """Did the container's process end before ``when`` (the broker clock's seconds)?
+        Fires True once the engine reports, within ``grace`` seconds, an exit time
+        earlier than ``when``: bytes first sent at ``when`` were never read by the app
+        (behind docker-proxy a dead app's connection is still accepted, then closed).
+        False when alive, later, or unknown (a remote engine's clock is not ours)."""
+        if self._died_before is None:
+            return succeed(False)
+        return self._died_before(self, when, grace)
 
     def retry(self, failed: bool = True) -> Deferred[Lease]:
         """Serve the request again: it goes back to the head of its key's queue,

@@ -24,8 +24,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+import attrs
 import docker  # type: ignore[import-untyped]
 import docker.auth  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -773,6 +775,8 @@ class Engine:
                         continue  # replayed by "since" after a reconnect
                     last_nano = max(last_nano, nano)
                     event = event_from_docker(raw)
+                    if event is not None and event.kind == "die" and self.host.local:
+                        event = attrs.evolve(event, exited_at=self._exited_at(event.container_id))
                     if event is not None:
                         self._reactor.callFromThread(self._dispatch, event)
             except Exception as e:  # noqa: BLE001 - reconnect after any failure
@@ -797,6 +801,16 @@ class Engine:
             if self._stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, backoff_max)
+
+    def _exited_at(self, container_id: str) -> float | None:
+        """When ``container_id``'s process ended (its ``State.FinishedAt``), in the event
+        thread; None when unknown. Only for engines on this machine: the proxy compares
+        it with its own clock (a request sent after it never reached the app)."""
+        try:
+            state = self._client().inspect_container(container_id).get("State") or {}
+        except Exception:  # noqa: BLE001 - removed meanwhile, engine gone: not known
+            return None
+        return docker_time(str(state.get("FinishedAt") or ""))
 
     # ------------------------------------------------------------------- adoption
 
@@ -842,6 +856,17 @@ class Engine:
         if ":" in addr:
             return f"tcp:[{addr}]:{slot.port}"
         return f"tcp:{addr}:{slot.port}"
+
+
+def docker_time(text: str) -> float | None:
+    """Unix seconds of a Docker RFC 3339 timestamp (nanoseconds cut to micro); None for
+    an empty or zero one (``0001-01-01T00:00:00Z``: not happened)."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if m is None or m.group(1) < "1971":
+        return None
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    stamp = datetime.fromisoformat(m.group(1) + zone).timestamp()
+    return stamp + float("0." + (m.group(2) or "0"))
 
 
 def event_from_docker(raw: dict[str, Any]) -> ContainerEvent | None:

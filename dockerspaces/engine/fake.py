@@ -123,8 +123,9 @@ class FakeEngine:
         self.down = down
 
     def crash(self, container_id: str, exit_code: int = 137, log_tail: str = "",
-              kind: str = "die") -> None:
-        """The container exits; watchers get a ``die`` (or ``oom``) event."""
+              kind: str = "die", exited_at: float | None = None) -> None:
+        """The container exits; watchers get a ``die`` (or ``oom``) event, carrying
+        ``exited_at`` as an engine on this machine reports it."""
         c = self.containers[container_id]
         c.running = False
         c.exit_code = exit_code
@@ -133,7 +134,8 @@ class FakeEngine:
         for d in waiters:
             d.errback(ContainerExited(f"container exited with code {exit_code}", exit_code,
                                       log_tail))
-        self._emit(ContainerEvent("oom" if kind == "oom" else "die", container_id, exit_code))
+        self._emit(ContainerEvent("oom" if kind == "oom" else "die", container_id, exit_code,
+                                  exited_at))
 
     def seed(self, spec: JobSpec | None, port: int | None, *, running: bool = True,
              instance: str | None = None, host: str | None = None) -> str:

@@ -88,11 +88,14 @@ EventKind = Literal["die", "oom", "stop", "destroy"]
 
 @frozen
 class ContainerEvent:
-    """A container lifecycle event from the engine's event stream."""
+    """A container lifecycle event from the engine's event stream; ``exited_at`` (a
+    ``die`` on an engine sharing this machine's clock): when the container's process
+    ended, as Unix seconds from the engine's own record (``State.FinishedAt``)."""
 
     kind: EventKind
     container_id: str
     exit_code: int | None = None
+    exited_at: float | None = None
 
 
 @frozen

@@ -23,6 +23,9 @@ from .site import on_lost
 #: seconds a close-delimited answer's end waits for news of its container's death
 #: (Docker's ``die`` event comes ~50 ms after a kill); only such answers pay it
 CLOSE_GRACE = 0.25
+#: seconds a request with a body that got no answer waits for its container's exit
+#: time (the ``die`` event, then one inspect); only such failures pay it
+EXIT_GRACE = 1.0
 
 
 def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
@@ -127,6 +130,9 @@ class JobResource(Resource):
             # a close-delimited answer is complete only if its container did not die
             # (a killed container's connection ends with a clean FIN too)
             confirm_close=lambda: lease.confirm(CLOSE_GRACE),
+            # a request with a body that nothing answered may go elsewhere as well
+            # if its container had exited before it was sent
+            died_before=lambda when: lease.died_before(when, EXIT_GRACE),
         )
 
     def _retry(self, request: Request, lease: Any, attempt: int, failed: bool = True) -> None:

@@ -115,6 +115,7 @@ class _Exchange:
     producing = False
     retried = False
     connecting: Deferred[Any] | None = None
+    sent_at: float | None = None  # when the request's first byte went (with died_before)
     direct: Any = None  # the client's tcp.Connection, when plain TCP
     head_lines: list[bytes] = []  # noqa: RUF012 - replaced, never mutated: the backend's header lines
     head_names: AbstractSet[bytes] = frozenset()  # their lower-cased names
@@ -133,11 +134,13 @@ class _Exchange:
         confirm_close: Callable[[], Deferred[bool]] | None = None,
         external: bool = False,
         cors: bool = True,
+        died_before: Callable[[float], Deferred[bool]] | None = None,
     ):
         self.proxy = proxy
         self.cors = cors
         self.retry_unforwarded = retry_unforwarded
         self.confirm_close = confirm_close
+        self.died_before = died_before
         self.request = request
         self.backend = backend
         self.prefix = prefix
@@ -229,6 +232,8 @@ class _Exchange:
 
     def _send(self, conn: BackendProtocol) -> None:
         self.conn = conn
+        if self.died_before is not None and self.sent_at is None:
+            self.sent_at = self.proxy.reactor.seconds()
         if self.body is not None:
             self.body.seek(0, 0)
         conn.send(self, self.head, self.body, self.length)
@@ -419,6 +424,11 @@ class _Exchange:
                               f"without answering ({reason_text(f)})", "unanswered")
             return
         msg = f"backend {self.backend} failed: {reason_text(f)}"
+        if (self.status is None and not conn.got_bytes and self.retry_unforwarded
+                and self.died_before is not None and self.sent_at is not None
+                and self.upgrade is None):
+            self._unless_unread(msg, self.died_before, self.sent_at)
+            return
         if self.status is None or not self.request.startedWriting:
             # nothing sent yet (a sized head waits for its body): still a clean 502
             self._error(502, msg, "backend-error")
@@ -437,6 +447,27 @@ class _Exchange:
             channel.loseConnection()
         else:
             transport.abortConnection()
+
+    def _unless_unread(self, msg: str, died_before: Callable[[float], Deferred[bool]],
+                       sent_at: float) -> None:
+        """Nothing answered a request that may have been read: 502 -- unless its
+        container's process had ended before the first byte was sent (``died_before``:
+        behind docker-proxy a dead app's port still accepts, then closes), and then the
+        request provably never reached the app and goes elsewhere, whatever its method."""
+
+        def decided(unread: bool) -> None:
+            if self.ended:
+                return
+            if unread:
+                self._unforwarded(msg + " after its container had exited")
+            else:
+                self._error(502, msg, "backend-error")
+
+        def failed(f: Failure) -> None:
+            log.failure("asking when a backend died failed", f)
+            decided(False)
+
+        died_before(sent_at).addCallback(decided).addErrback(failed)
 
     def _may_go_elsewhere(self, f: Failure) -> bool:
         """Whether a request sent to a backend whose connection then ended (closed or
@@ -599,6 +630,7 @@ class Proxy:
         confirm_close: Callable[[], Deferred[bool]] | None = None,
         external: bool = False,
         cors: bool = True,
+        died_before: Callable[[float], Deferred[bool]] | None = None,
     ) -> Any:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
@@ -611,14 +643,18 @@ class Proxy:
         reset the connection before any byte of an answer (reason ``unanswered``).
         ``confirm_close`` is asked before a close-delimited answer is completed (the
         backend's FIN ends it, but a killed container's FIN looks the same): False
-        cuts the answer as a backend failure would. ``external`` (a ``host:``
+        cuts the answer as a backend failure would. ``died_before(t)`` (with
+        ``retry_unforwarded``) is asked when the backend ended the connection before
+        any answer byte of a request that may have been read (one with a body): True
+        -- the backend's process had ended before the request's first byte went at
+        ``t`` -- makes it ``unforwarded`` too. ``external`` (a ``host:``
         target) keeps the client's ``Authorization`` from the backend; dockerspaces'
         own cookies and token never reach any backend. ``cors`` False (the Docker
         API) sends no CORS headers at all, neither ours (``--cors``) nor the backend's.
         """
         _Exchange(
             self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
-            retry_unforwarded, confirm_close, external, cors,
+            retry_unforwarded, confirm_close, external, cors, died_before,
         ).start()
         return NOT_DONE_YET
 
