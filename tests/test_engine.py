@@ -833,8 +833,9 @@ class EventTests(EngineTestCase):
 
 
     def test_die_carries_the_exit_time_on_a_local_engine(self) -> None:
-        """A local engine's ``die`` event carries the container's ``State.FinishedAt``
-        (the proxy compares it with its own clock); a remote engine's does not."""
+        """A local engine's ``die`` event is followed by ``exited`` with the container's
+        ``State.FinishedAt`` (the proxy compares it with its own clock); a remote
+        engine's is not."""
         remote = HostConfig("far", "tcp://10.0.0.9:2375", 9100, 2)
         die = {"Action": "die", "Actor": {"ID": "a", "Attributes": {"exitCode": "137"}},
                "timeNano": 7}
@@ -854,7 +855,9 @@ class EventTests(EngineTestCase):
             t = threading.Thread(target=eng._watch_loop, kwargs={"backoff_start": 0.001})
             t.start()
             t.join(5)
-            self.assertEqual(got, [ContainerEvent("die", "a", 137, expected)])
+            die_event = ContainerEvent("die", "a", 137)
+            self.assertEqual(got, [die_event] if expected is None else
+                             [die_event, ContainerEvent("exited", "a", 137, expected)])
 
     def test_docker_time(self) -> None:
         self.assertEqual(docker_time("2026-12-03T08:42:42.123456Z"), 1796287362.123456)

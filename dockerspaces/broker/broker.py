@@ -109,6 +109,7 @@ class ContainerView:
 
 SLOT_QUARANTINE = 60.0  # seconds a slot whose port is taken by something else is left alone
 MAX_RETRIES = 5  # times one request may be handed back unforwarded (Lease.retry)
+EXITS_KEPT = 256  # exit times remembered for Lease.died_before
 START_RETRIES = 2  # starts of one key tried again after a removal from outside
 
 ContainerHook = Callable[..., None]
@@ -210,6 +211,10 @@ class Broker:
         self._keys: dict[str, KeyState] = {}
         self._by_spec: dict[JobSpec, KeyState] = {}  # cache: spec.key hashes the env
         self._by_id: dict[str, Container] = {}
+        # exit times of containers that died lately (the engine's "exited" events), and
+        # the containers whose Lease.died_before watchers wait for theirs
+        self._exits: OrderedDict[str, float] = OrderedDict()
+        self._exit_watch: dict[str, Container] = {}
         self._lru: OrderedDict[Container, None] = OrderedDict()
         self._hungry: OrderedDict[Claimant, None] = OrderedDict()
         self._admission: OrderedDict[Waiter, None] = OrderedDict()
@@ -977,15 +982,18 @@ class Broker:
     def _died_before(self, lease: Lease, when: float, grace: float) -> Deferred[bool]:
         """``Lease.died_before``: waits up to ``grace`` s for the container's exit time."""
         c = lease.container
-        if c is None:
+        if c is None or not c.id:
             return succeed(False)
-        if c.exited_at is not None:
-            return succeed(c.exited_at < when)
+        cid = c.id
+        if cid in self._exits:
+            return succeed(self._exits[cid] < when)
         d: Deferred[bool] = Deferred()
 
         def unknown() -> None:
             if exited in c.on_exit:
                 c.on_exit.remove(exited)
+            if not c.on_exit:
+                self._exit_watch.pop(cid, None)
             if not d.called:
                 d.callback(False)
 
@@ -995,9 +1003,11 @@ class Broker:
             if call.active():
                 call.cancel()
             if not d.called:
-                d.callback(c.exited_at is not None and c.exited_at < when)
+                exit_time = self._exits.get(cid)
+                d.callback(exit_time is not None and exit_time < when)
 
         c.on_exit.append(exited)
+        self._exit_watch[cid] = c
         return d
 
     def _gone(self, c: Container) -> None:
@@ -1433,16 +1443,22 @@ class Broker:
     # ------------------------------------------------------------------ hosts and events
 
     def _on_event(self, h: HostState, ev: Any) -> None:
+        c = self._by_id.get(ev.container_id)
+        if ev.kind == "exited":  # the exit time, after the die: Lease.died_before
+            if ev.exited_at is not None:
+                self._exits[ev.container_id] = ev.exited_at
+                if len(self._exits) > EXITS_KEPT:
+                    self._exits.popitem(last=False)
+                watching = self._exit_watch.pop(ev.container_id, None)
+                if watching is not None:
+                    watchers, watching.on_exit = watching.on_exit, []
+                    for w in watchers:
+                        self._later(w)
+                    self._flush()
+            return
         if ev.kind not in ("die", "oom"):
             return
-        c = self._by_id.get(ev.container_id)
-        if c is not None and ev.exited_at is not None:
-            c.exited_at = ev.exited_at
-            watchers, c.on_exit = c.on_exit, []
-            for w in watchers:
-                self._later(w)
         if c is None or c.state not in (IDLE, BUSY, WORKER):
-            self._flush()
             return  # unknown, starting (its start fails with the log tail) or stopping
         self.events += 1
         if not c.crashed:  # else counted when the proxy found it dead

@@ -177,7 +177,6 @@ class Container:
     lease_started: float = 0.0  # x: when the current lease began
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
     on_gone: list[Callable[[], None]] = field(factory=list)  # Lease.confirm watchers
-    exited_at: float | None = None  # its process's end (a die event), when known
     on_exit: list[Callable[[], None]] = field(factory=list)  # Lease.died_before watchers
 
     @property

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-import attrs
 import docker  # type: ignore[import-untyped]
 import docker.auth  # type: ignore[import-untyped]
 import docker.errors  # type: ignore[import-untyped]
@@ -775,10 +774,14 @@ class Engine:
                         continue  # replayed by "since" after a reconnect
                     last_nano = max(last_nano, nano)
                     event = event_from_docker(raw)
-                    if event is not None and event.kind == "die" and self.host.local:
-                        event = attrs.evolve(event, exited_at=self._exited_at(event.container_id))
                     if event is not None:
                         self._reactor.callFromThread(self._dispatch, event)
+                    if event is not None and event.kind == "die" and self.host.local:
+                        # after the die itself (which must not wait for an inspect)
+                        exited = self._exited_at(event.container_id)
+                        if exited is not None:
+                            self._reactor.callFromThread(self._dispatch, ContainerEvent(
+                                "exited", event.container_id, event.exit_code, exited))
             except Exception as e:  # noqa: BLE001 - reconnect after any failure
                 if self._stopping.is_set():
                     break

@@ -134,8 +134,9 @@ class FakeEngine:
         for d in waiters:
             d.errback(ContainerExited(f"container exited with code {exit_code}", exit_code,
                                       log_tail))
-        self._emit(ContainerEvent("oom" if kind == "oom" else "die", container_id, exit_code,
-                                  exited_at))
+        self._emit(ContainerEvent("oom" if kind == "oom" else "die", container_id, exit_code))
+        if exited_at is not None:
+            self._emit(ContainerEvent("exited", container_id, exit_code, exited_at))
 
     def seed(self, spec: JobSpec | None, port: int | None, *, running: bool = True,
              instance: str | None = None, host: str | None = None) -> str:

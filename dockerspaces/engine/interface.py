@@ -83,14 +83,15 @@ class NetworkInfo:
     ip_ranges: tuple[str, ...] = ()
 
 
-EventKind = Literal["die", "oom", "stop", "destroy"]
+EventKind = Literal["die", "oom", "stop", "destroy", "exited"]
 
 
 @frozen
 class ContainerEvent:
-    """A container lifecycle event from the engine's event stream; ``exited_at`` (a
-    ``die`` on an engine sharing this machine's clock): when the container's process
-    ended, as Unix seconds from the engine's own record (``State.FinishedAt``)."""
+    """A container lifecycle event from the engine's event stream. ``exited`` (only
+    from an engine sharing this machine's clock) follows a ``die`` with ``exited_at``:
+    when the container's process ended, as Unix seconds from the engine's own record
+    (``State.FinishedAt``)."""
 
     kind: EventKind
     container_id: str
