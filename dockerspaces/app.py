@@ -121,7 +121,9 @@ def container_hook(metrics: Metrics) -> Any:
     """The broker's container-event hook: one log line and the metrics per event."""
 
     def hook(event: str, display: str, host: str, slot: int, *, container: str | None = None,
-             seconds: float | None = None, detail: str | None = None) -> None:
+             seconds: float | None = None, detail: str | None = None,
+             owner: str | None = None, gpus: int = 0) -> None:
+        # owner (the user it was started for) and gpus: for usage records, wired later
         logs.log_container(event, display, host, slot, container=container, seconds=seconds,
                            detail=detail)
         metrics.container_event(event, host, seconds=seconds)

@@ -50,6 +50,7 @@ from .errors import (
     Draining,
     NoCapacity,
     Overloaded,
+    OverQuota,
     QueueTimeout,
     StartFailed,
     StartTimeout,
@@ -68,17 +69,20 @@ from .model import (
     IDelayedCall,
     KeyState,
     Lease,
+    Owner,
     Progress,
     ProgressCallback,
     Slot,
     Waiter,
 )
+from .quota import Quotas, over_quota
 
 __all__ = [
     "Broker",
     "BrokerSettings",
     "ContainerView",
     "Lease",
+    "Owner",
     "Progress",
 ]
 
@@ -113,8 +117,10 @@ EXITS_KEPT = 256  # exit times remembered for Lease.died_before
 START_RETRIES = 2  # starts of one key tried again after a removal from outside
 
 ContainerHook = Callable[..., None]
-"""``hook(event, display, host, slot, container=, seconds=, detail=)`` for logs and metrics;
-events: pull-start, pull-end, create, start, ready, fail, stop, evict, crash."""
+"""``hook(event, display, host, slot, container=, seconds=, detail=, owner=, gpus=)`` for
+logs, metrics and usage; events: pull-start, pull-end, create, start, ready, fail, stop,
+evict, crash. ``owner``: the user the container was started for (None without accounts);
+``gpus``: the GPUs attached to it."""
 
 
 def redact(text: str, spec: JobSpec) -> str:
@@ -231,6 +237,10 @@ class Broker:
         self._ping_loop: LoopingCall | None = None
         self._pulls: dict[tuple[str, str], PullProgress] = {}
         self._started_count = 0
+        self._quotas = Quotas()
+        self._kicked: set[str] = set()  # users whose holds dropped while they wait
+        self._seq = 0  # one counter stamping arrivals and services (fair share turns)
+        self._gpuless = any(s.info.gpu is None for s in self._slots)
         self.events = 0  # mutations processed (for benchmarks)
 
     # ------------------------------------------------------------------ public API
@@ -263,16 +273,23 @@ class Broker:
     def _watcher(self, h: HostState) -> Callable[[Any], None]:
         return lambda ev: self._on_event(h, ev)
 
-    def acquire(self, spec: JobSpec, progress: ProgressCallback | None = None) -> Deferred[Lease]:
-        """A lease on a container for ``spec`` (x: exclusive, y: shared).
+    @property
+    def quotas(self) -> Quotas:
+        """Per-user holds and waiting requests (read only: tests, dashboards)."""
+        return self._quotas
+
+    def acquire(self, spec: JobSpec, progress: ProgressCallback | None = None,
+                owner: Owner | None = None) -> Deferred[Lease]:
+        """A lease on a container for ``spec`` (x: exclusive, y: shared), for ``owner``
+        (None: accounts off; else its quotas apply, see ``docs/broker.md``).
 
         Cancelling the Deferred means the client went away while waiting: it leaves
         the line; a cold start it triggered still finishes and the container stays warm.
         """
         if spec.worker:
             raise ValueError("acquire() is for x:/y: requests; use launch_worker()")
-        w = self._new_waiter(spec, progress)
-        err = self._refuse_reason(w)
+        w = self._new_waiter(spec, progress, owner)
+        err = self._refuse_reason(w) or self._quota_refusal(w)
         if err is not None:
             self._end_waiter(w)
             self._maybe_forget(w.key)
@@ -286,13 +303,15 @@ class Broker:
         return w.deferred
 
     def launch_worker(
-        self, spec: JobSpec, progress: ProgressCallback | None = None
+        self, spec: JobSpec, progress: ProgressCallback | None = None,
+        owner: Owner | None = None,
     ) -> Deferred[ContainerHandle]:
-        """Start one more container of a port-3 spec; fires once it has started."""
+        """Start one more container of a port-3 spec for ``owner``; fires once it has
+        started."""
         if not spec.worker:
             raise ValueError("launch_worker() needs an x: spec with port 3")
-        w = self._new_waiter(spec, progress)
-        err = self._refuse_reason(w)
+        w = self._new_waiter(spec, progress, owner)
+        err = self._refuse_reason(w) or self._quota_refusal(w)
         if err is not None:
             self._end_waiter(w)
             self._maybe_forget(w.key)
@@ -342,7 +361,8 @@ class Broker:
         return drained
 
     def snapshot(self) -> dict[str, Any]:
-        """The ``/monitor:broker/`` JSON (SPEC's shape plus Hosts, Pulls, Admission)."""
+        """The ``/monitor:broker/`` JSON (SPEC's shape plus Hosts, Pulls, Admission,
+        and who holds what and waits: per slot ``Users``, ``QueueUsers``)."""
         now = self._clock.seconds()
         source_slots: list[dict[str, Any]] = []
         for w in self._admitted:
@@ -383,16 +403,26 @@ class Broker:
                     max(0, math.ceil(c.protected_until - now))
                     if c is not None and c.state == WORKER else None
                 ),
+                "Users": self._quotas.users_of(c) if c is not None else [],
             })
         queues: dict[str, int] = {}
+        queue_users: dict[str, dict[str, int]] = {}
+
+        def by_user(display: str, user: str, n: int) -> None:
+            per = queue_users.setdefault(display, {})
+            per[user] = per.get(user, 0) + n
+
         for k in self._keys.values():
             if k.waiters:
                 queues[k.spec.display] = queues.get(k.spec.display, 0) + len(k.waiters)
-        for w in self._admission:
+                if not k.waiters.anonymous:
+                    for user, n in k.waiters.users().items():
+                        by_user(k.spec.display, user, n)
+        lone = list(self._admission) + [cl for cl in self._hungry if isinstance(cl, Waiter)]
+        for w in lone:
             queues[w.spec.display] = queues.get(w.spec.display, 0) + 1
-        for cl in self._hungry:
-            if isinstance(cl, Waiter):
-                queues[cl.spec.display] = queues.get(cl.spec.display, 0) + 1
+            if w.owner is not None:
+                by_user(w.spec.display, w.owner.user, 1)
         return {
             "SourceName": "TCP",
             "TargetName": "Docker",
@@ -401,6 +431,7 @@ class Broker:
             "SourceSlots": source_slots,
             "TargetSlots": target_slots,
             "Queues": queues,
+            "QueueUsers": queue_users,
             "Hosts": [
                 {"Name": h.name, "Up": h.up, "Since": int(h.since), "Slots": len(h.slots),
                  "Free": sum(1 for s in h.slots if s.container is None and s.evicting is None),
@@ -457,7 +488,10 @@ class Broker:
             return
         self._flushing = True
         try:
-            while self._jobs:
+            while self._jobs or self._kicked:
+                if self._kicked:  # before any caller's callback can arrive again
+                    self._serve_kicked()
+                    continue
                 job = self._jobs.popleft()
                 try:
                     job()
@@ -509,11 +543,20 @@ class Broker:
                                            adopted=key != spec.key)
         return k
 
+    def _live(self, w: Waiter) -> None:
+        """``w`` is not yet served (it arrived, or was handed back): it holds its key
+        and counts among its owner's waiting requests."""
+        w.key.live += 1
+        if w.owner is not None:
+            self._quotas.wait(w.owner.user)
+
     def _end_waiter(self, w: Waiter) -> None:
         """``w`` is over (served, failed, cancelled): it no longer holds its key."""
         if not w.done:
             w.done = True
             w.key.live -= 1
+            if w.owner is not None:
+                self._quotas.unwait(w.owner.user)
 
     def _maybe_forget(self, k: KeyState) -> None:
         """Drop a key no waiter (in any line) holds and no container uses, so the
@@ -525,11 +568,14 @@ class Broker:
             del self._keys[k.key]
             self._by_spec = {sp: v for sp, v in self._by_spec.items() if v is not k}
 
-    def _new_waiter(self, spec: JobSpec, progress: ProgressCallback | None) -> Waiter:
+    def _new_waiter(self, spec: JobSpec, progress: ProgressCallback | None,
+                    owner: Owner | None = None) -> Waiter:
         holder: list[Waiter] = []
         d: Deferred[Any] = Deferred(lambda _d: self._cancel(holder[0]))
-        w = Waiter(spec, self._key_for(spec), d, self._clock.seconds(), progress)
-        w.key.live += 1
+        self._seq += 1
+        w = Waiter(spec, self._key_for(spec), d, self._clock.seconds(), progress,
+                   owner=owner, seq=self._seq)
+        self._live(w)
         holder.append(w)
         self.events += 1
         return w
@@ -543,6 +589,132 @@ class Broker:
             if (h.up or h.reconciling) and h.slots:
                 return None
         return NoCapacity("every Docker host is down")
+
+    # ------------------------------------------------------------------ quotas
+
+    def _uses_gpu(self, k: KeyState) -> bool:
+        if k.uses_gpu is None:
+            k.uses_gpu = self._run_options(k.spec).gpu
+        return k.uses_gpu
+
+    def _gpus_in(self, k: KeyState, slot: Slot) -> int:
+        """GPUs a container of ``k`` gets in ``slot``."""
+        return 1 if slot.info.gpu is not None and self._uses_gpu(k) else 0
+
+    def _least_gpus(self, k: KeyState) -> int:
+        """The fewest GPUs a new container of ``k`` can have (0 with a GPU-less slot)."""
+        return 0 if self._gpuless or not self._uses_gpu(k) else 1
+
+    def _may_start(self, o: Owner, k: KeyState) -> bool:
+        """True when ``o`` may hold one more container of ``k`` (in some slot); else
+        ``o`` is marked blocked (a look again when they hold less)."""
+        if self._quotas.may_add(o, self._least_gpus(k)):
+            return True
+        self._quotas.block(o.user)
+        return False
+
+    def _may_take(self, w: Waiter, c: Container) -> bool:
+        """True when handing ``c`` to ``w`` keeps its owner within quota (else the
+        owner is marked blocked: a look again when they hold less)."""
+        if w.owner is None or self._quotas.may_hold(w.owner, c):
+            return True
+        self._quotas.block(w.owner.user)
+        return False
+
+    def _fits(self, o: Owner | None, k: KeyState) -> Callable[[Slot], bool] | None:
+        """The slots a new container of ``k`` for ``o`` may take (None: any)."""
+        if o is None or o.gpus is None or not self._uses_gpu(k):
+            return None
+        return lambda slot: self._quotas.may_add(o, self._gpus_in(k, slot))
+
+    def _quota_retry_after(self, k: KeyState) -> int:
+        """Retry-After of an OverQuota: the key's expected service time, at least 1 s."""
+        service = scaling.service_estimate(k.service.value,
+                                           self._mean_age(k, self._clock.seconds()))
+        return max(1, math.ceil(service))
+
+    def _takes_at_once(self, w: Waiter) -> bool:
+        """True when an arriving x:/y: request will be handed a container at once:
+        admitted now, and a container of its key it may take is idle (x:) or up (y:).
+        (No waiter that may take an idle container is ever left waiting.)"""
+        k = w.key
+        if k.spec.mode == "y":
+            c = self._usable_y(k)
+            return c is not None and self._may_take(w, c)
+        if len(self._admitted) >= self.settings.source or self._admission:
+            return False
+        return any(self._may_take(w, c) for c in k.idle)
+
+    def _quota_refusal(self, w: Waiter) -> OverQuota | None:
+        """An arrival's quota check, in the step that admits it: a request that could
+        only be given a container beyond its owner's container/GPU quota fails at
+        once, unless the owner holds (or is starting) a container of the same key
+        (then it waits for it); a request that has to wait fails when its owner has
+        ``queued`` requests waiting already. A worker launch always waits for its
+        start and never shares: over the container/GPU quota it fails at once."""
+        o = w.owner
+        if o is None:
+            return None
+        k = w.key
+        if w.spec.worker or not self._takes_at_once(w):
+            if not self._may_start(o, k) and (
+                    w.spec.worker or not self._quotas.held_of_key(o.user, k)):
+                return over_quota(o, self._quotas.refusal(o),
+                                  self._quota_retry_after(k))
+            if o.queued is not None and self._quotas.queued(o.user) > o.queued:
+                return over_quota(o, "queued", self._quota_retry_after(k))
+        return None
+
+    def _unhold(self, user: str, c: Container) -> None:
+        if self._quotas.unhold(user, c):
+            self._kick(user)
+
+    def _kick(self, user: str) -> None:
+        """``user`` holds less now: if a request of theirs was passed over for the
+        quota, their keys are considered again (at the flush, before any callback)."""
+        if self._quotas.unblock(user) and not self._draining:
+            self._kicked.add(user)
+
+    def _serve_kicked(self) -> None:
+        """Consider again the keys the kicked users wait for."""
+        users, self._kicked = self._kicked, set()
+        for k in list(self._keys.values()):
+            if k.waiters.owned and any(k.waiters.has_user(u) for u in users):
+                self._consider(k)
+
+    def _demand(self, k: KeyState) -> int:
+        """Waiters of x: key ``k`` that containers could serve, for the scale-out rule:
+        a user's waiters count up to the containers of ``k`` they hold or start plus
+        those they may still add (all of them without a limit, or without accounts)."""
+        line = k.waiters
+        if line.anonymous:
+            return len(line)
+        total = 0
+        for _, n, head in line.groups():
+            o = head.owner
+            room = None if o is None else self._quotas.room(o, self._least_gpus(k))
+            if room is None or o is None:
+                total += n
+                continue
+            cap = self._quotas.held_of_key(o.user, k) + room
+            if cap < n:
+                self._quotas.block(o.user)  # a look again when they hold less
+            total += min(n, cap)
+        return total
+
+    def _start_for(self, k: KeyState) -> Waiter | None:
+        """Whom the next container of x: key ``k`` is started for: the next request,
+        in turn order, of a user with more waiters than starts of ``k`` under way for
+        them, who may hold one more container. None: nobody may."""
+        starting: dict[str | None, int] = {}
+        for c in k.containers:
+            if c.state == STARTING:
+                starting[c.owner] = starting.get(c.owner, 0) + 1
+        for user, n, head in k.waiters.groups():
+            o = head.owner
+            if n > starting.get(user, 0) and (o is None or self._may_start(o, k)):
+                return head
+        return None
 
     def _admit_or_queue(self, w: Waiter) -> None:
         if len(self._admitted) < self.settings.source and not self._admission:
@@ -587,18 +759,20 @@ class Broker:
 
     def _enqueue(self, w: Waiter) -> None:
         k = w.key
-        k.waiters[w] = None
+        k.waiters.add(w)
         w.waiting = True
         k.hold = False  # a new arrival retries a key whose last start failed
         if w.progress is not None:
             k.watchers += 1
-            self._publish(w, Progress("queued", position=len(k.waiters),
+            position = len(k.waiters) if k.waiters.anonymous else next(
+                i for i, q in enumerate(k.waiters.in_order(), 1) if q is w)
+            self._publish(w, Progress("queued", position=position,
                                       detail=k.status.detail if k.status else None))
         self._consider(k)
 
     def _publish_positions(self, k: KeyState) -> None:
         if k.watchers:
-            for i, q in enumerate(k.waiters, 1):
+            for i, q in enumerate(k.waiters.in_order(), 1):
                 if q.progress is not None:
                     self._publish(q, Progress("queued", position=i))
 
@@ -612,7 +786,7 @@ class Broker:
         if w.waiting:
             w.waiting = False
             k = w.key
-            if k.waiters.pop(w, 0) is None and w.progress is not None:
+            if k.waiters.leave(w) and w.progress is not None:
                 k.watchers -= 1
             self._hungry.pop(w, None)
         self._timeouts.discard(w)
@@ -660,7 +834,7 @@ class Broker:
             return False
         if k.spec.mode == "y":
             return True
-        for i, q in enumerate(k.waiters):
+        for i, q in enumerate(k.waiters.in_order()):
             if i >= k.starting:
                 return False
             if q is w:
@@ -692,8 +866,21 @@ class Broker:
     def _wants_more(self, k: KeyState) -> bool:
         now = self._clock.seconds()
         service = scaling.service_estimate(k.service.value, self._mean_age(k, now))
-        return scaling.wants_more(len(k.waiters), k.starting, k.busy, service,
-                                  self._cold_estimate(k))
+        demand = self._demand(k) if k.waiters.owned else len(k.waiters)
+        return scaling.wants_more(demand, k.starting, k.busy, service, self._cold_estimate(k))
+
+    def _next_pair(self, k: KeyState) -> tuple[Waiter, Container] | None:
+        """An idle container of x: key ``k`` and the next waiter, in turn order, that
+        may take it within its owner's quota."""
+        for c in k.idle:
+            w = k.waiters.first(self._taker_of(c))
+            if w is not None:
+                return w, c
+        return None
+
+    def _taker_of(self, c: Container) -> Callable[[Waiter], bool]:
+        """Who may be handed ``c`` (a predicate for ``Line.first``)."""
+        return lambda w: self._may_take(w, c)
 
     def _consider(self, k: KeyState) -> None:
         """Serve, start for, or park key ``k`` according to the rules."""
@@ -701,10 +888,14 @@ class Broker:
             self._consider_y(k)
             return
         handed = False
-        while k.waiters and k.idle:
-            c = next(iter(k.idle))
-            w = next(iter(k.waiters))
-            self._assign(w, c)
+        while k.idle and k.waiters:
+            if k.waiters.owned:
+                pair = self._next_pair(k)
+                if pair is None:
+                    break
+                self._assign(*pair)
+            else:  # FIFO
+                self._assign(next(iter(k.waiters)), next(iter(k.idle)))
             handed = True
         if handed:
             self._publish_positions(k)
@@ -712,45 +903,55 @@ class Broker:
             self._hungry.pop(k, None)
             return
         while self._wants_more(k):
-            slot = self._take_capacity(k)
+            owner = None
+            if k.waiters.owned:
+                w = self._start_for(k)
+                if w is None:
+                    break
+                owner = w.owner
+            slot = self._take_capacity(k, self._fits(owner, k) if owner is not None else None)
             if slot is None:
                 self._hungry[k] = None
                 return
-            self._start_container(k, slot)
+            self._start_container(k, slot, owner=owner)
         self._hungry.pop(k, None)
         self._schedule_recheck(k)
 
-    def _consider_y(self, k: KeyState) -> None:
-        usable = None
-        pending = False
+    def _usable_y(self, k: KeyState) -> Container | None:
+        """The running container of y: key ``k`` taking new leases, if any."""
         for c in k.containers:
-            if c.state in (IDLE, BUSY) and c.slot.host.up:
-                if c.suspect:
-                    pending = True
-                else:
-                    usable = c
-                    break
-            elif c.state == STARTING:
-                pending = True
+            if c.state in (IDLE, BUSY) and c.slot.host.up and not c.suspect:
+                return c
+        return None
+
+    def _consider_y(self, k: KeyState) -> None:
+        usable = self._usable_y(k)
         if usable is not None:
-            while k.waiters:
-                self._assign(next(iter(k.waiters)), usable)
+            for q in list(k.waiters.in_order()):  # all at once: those within quota
+                if self._may_take(q, usable):
+                    self._assign(q, usable)
             self._hungry.pop(k, None)
             return
+        pending = any(c.state == STARTING or (c.state in (IDLE, BUSY) and c.slot.host.up)
+                      for c in k.containers)
         if not k.waiters or pending or k.hold or self._draining:
             self._hungry.pop(k, None)
             return
-        slot = self._take_capacity(k)
+        w = k.waiters.first(lambda w: w.owner is None or self._may_start(w.owner, k))
+        if w is None:
+            self._hungry.pop(k, None)
+            return
+        slot = self._take_capacity(k, self._fits(w.owner, k))
         if slot is None:
             self._hungry[k] = None
         else:
             self._hungry.pop(k, None)
-            self._start_container(k, slot)
+            self._start_container(k, slot, owner=w.owner)
 
     def _schedule_recheck(self, k: KeyState) -> None:
         if not k.waiters or not k.busy:
             return
-        t = scaling.time_to_scale(len(k.waiters), k.starting, k.busy, k.service.value,
+        t = scaling.time_to_scale(self._demand(k), k.starting, k.busy, k.service.value,
                                   k.lease_start_sum / k.busy, self._cold_estimate(k))
         if t is None:
             return
@@ -777,6 +978,11 @@ class Broker:
         if self._draining:
             self._fail(w, Draining("dockerspaces is shutting down"))
             return
+        o = w.owner
+        if o is not None and not self._may_start(o, w.key):
+            self._fail(w, over_quota(o, self._quotas.refusal(o),
+                                     self._quota_retry_after(w.key)))
+            return
         limit = self._run_options(w.spec).worker_release_max
         if limit is None:
             limit = self.settings.worker_release_max
@@ -796,13 +1002,13 @@ class Broker:
             w.waiting = True  # workers hold their share of the slots: wait for one to end
             self._hungry[w] = None
             return
-        slot = self._take_capacity(w.key)
+        slot = self._take_capacity(w.key, self._fits(o, w.key))
         if slot is None:
             w.waiting = True
             self._hungry[w] = None
             return
         self._worker_timeouts.discard(w)
-        w.container = self._start_container(w.key, slot, worker=w)
+        w.container = self._start_container(w.key, slot, worker=w, owner=o)
 
     def _reclaim_worker(self, w: Waiter) -> None:
         """A worker's start was lost with its host: look for a slot elsewhere."""
@@ -810,18 +1016,21 @@ class Broker:
         self._worker_timeouts.add(w, self._clock.seconds() + self.settings.worker_timeout)
         self._claim_worker(w)
 
-    def _take_capacity(self, k: KeyState) -> Slot | None:
-        """A slot for a new container of ``k``: a free one, else evict the LRU idle one."""
+    def _take_capacity(self, k: KeyState, fits: Callable[[Slot], bool] | None = None
+                       ) -> Slot | None:
+        """A slot for a new container of ``k``: a free one, else evict the LRU idle one.
+        ``fits``: only slots it accepts (the owner's GPU quota)."""
         best: HostState | None = None
         for h in self._hosts:
-            if h.up and h.free and (best is None or len(h.free) > len(best.free)):
+            if h.up and h.free and (best is None or len(h.free) > len(best.free)) and (
+                    fits is None or any(fits(s) for s in h.free)):
                 best = h
         if best is not None:
-            slot = next(iter(best.free))
+            slot = next(s for s in best.free if fits is None or fits(s))
             del best.free[slot]
             return slot
         for c in self._lru:
-            if c.key is not k and c.slot.host.up:
+            if c.key is not k and c.slot.host.up and (fits is None or fits(c.slot)):
                 slot = c.slot
                 self._stop(c, self.settings.stop, evict=True)
                 return slot
@@ -857,10 +1066,13 @@ class Broker:
         now = self._clock.seconds()
         k = w.key
         w.waiting = False
-        if k.waiters.pop(w, 0) is None and w.progress is not None:
+        self._seq += 1
+        if k.waiters.leave(w, served=self._seq) and w.progress is not None:
             k.watchers -= 1
         self._timeouts.discard(w)
         self._end_waiter(w)
+        if w.owner is not None:
+            self._quotas.hold(w.owner.user, c)
         w.assigned = now
         c.inflight += 1
         self._leases += 1
@@ -903,6 +1115,9 @@ class Broker:
         c.inflight -= 1
         self._leases -= 1
         c.last_used = now
+        w = lease.waiter
+        if w is not None and w.owner is not None:
+            self._unhold(w.owner.user, c)
         k = c.key
         if k.spec.mode == "x":
             k.busy -= 1
@@ -924,7 +1139,7 @@ class Broker:
             return fail(BackendRefused(f"{lease.display}: the container refused the request"))
         d: Deferred[Lease] = Deferred(lambda _d: self._cancel(w))
         w.deferred, w.done, w.assigned, w.endpoint = d, False, None, ""
-        w.key.live += 1
+        self._live(w)
         w.retries += 1
         k = w.key
         if self._draining:
@@ -936,8 +1151,7 @@ class Broker:
         else:
             log.info("request for {display} handed back unforwarded (try {n}): back to the "
                      "head of its queue", display=w.spec.display, n=w.retries)
-            k.waiters[w] = None
-            k.waiters.move_to_end(w, last=False)
+            k.waiters.put_back(w)
             w.waiting = True
             if w.progress is not None:
                 k.watchers += 1
@@ -1055,17 +1269,23 @@ class Broker:
 
     # ------------------------------------------------------------------ containers
 
-    def _start_container(self, k: KeyState, slot: Slot, worker: Waiter | None = None
-                         ) -> Container:
+    def _start_container(self, k: KeyState, slot: Slot, worker: Waiter | None = None,
+                         owner: Owner | None = None) -> Container:
+        """Start a container of ``k`` in ``slot`` (for a worker launch, or for a
+        request of ``owner``, who holds it while it starts)."""
         now = self._clock.seconds()
-        c = Container(k, slot, STARTING, since=now, worker=worker)
+        opts = self._run_options(k.spec)
+        c = Container(k, slot, STARTING, since=now, worker=worker,
+                      owner=owner.user if owner is not None else None,
+                      gpus=1 if slot.info.gpu is not None and opts.gpu else 0)
+        if c.owner is not None:
+            self._quotas.hold(c.owner, c)  # a worker's, until it is gone
         slot.container = c
         slot.since = now
         k.containers[c] = None
         k.starting += 1
         self._pending += 1
         self._started_count += 1
-        opts = self._run_options(k.spec)
         timeout = opts.start_timeout or self.settings.start_timeout
         c.timer = self._clock.callLater(timeout, self._start_timed_out, c)
         deadline = now + timeout
@@ -1147,7 +1367,7 @@ class Broker:
             return
         self._on_container(event, c.key.spec.display, c.slot.host.name, c.slot.info.port,
                            container=c.handle.id if c.handle is not None else None,
-                           seconds=seconds, detail=detail)
+                           seconds=seconds, detail=detail, owner=c.owner, gpus=c.gpus)
 
     def _key_status(self, c: Container, p: Progress) -> None:
         if c.worker is not None:
@@ -1176,6 +1396,8 @@ class Broker:
         c.timer = None
         self._pending -= 1
         c.key.starting -= 1
+        if c.owner is not None and not c.key.spec.worker:
+            self._unhold(c.owner, c)  # started: held by whoever it serves
 
     def _chain_ok(self, c: Container) -> None:
         self.events += 1
@@ -1341,7 +1563,10 @@ class Broker:
         self._check_drained()
 
     def _drop_leases(self, c: Container) -> None:
-        """Forget the leases in flight on a container going away (their release is a no-op)."""
+        """Forget the leases in flight on a container going away (their release is a
+        no-op), and who held it."""
+        for user in self._quotas.clear(c):
+            self._kick(user)
         if c.on_gone:
             self._gone(c)
         if c.state == BUSY:
@@ -1564,7 +1789,8 @@ class Broker:
                 continue
             k = self._adopted_key(spec, o.labels)
             handle = ContainerHandle(o.id, o.name, h.name, slot.info, k.key, spec)
-            c = Container(k, slot, IDLE, since=now, handle=handle, last_used=now)
+            c = Container(k, slot, IDLE, since=now, handle=handle, last_used=now,
+                          gpus=self._gpus_in(k, slot))
             slot.container = c
             slot.since = now
             h.free.pop(slot, None)

@@ -72,3 +72,18 @@ class BackendRefused(BrokerError):
 
     status = 503
     default_retry_after = 5
+
+
+class OverQuota(BrokerError):
+    """429 at once: the request's user reached a quota of their group (containers or
+    GPUs held at once, requests waiting at once). ``retry_after`` is at least 1 s;
+    ``user`` and ``quota`` (``"containers"``, ``"gpus"``, ``"queued"``) say which."""
+
+    status = 429
+    default_retry_after = 1
+
+    def __init__(self, message: str, retry_after: int | None = None, *, user: str = "",
+                 quota: str = ""):
+        super().__init__(message, max(1, retry_after) if retry_after is not None else None)
+        self.user = user
+        self.quota = quota

@@ -1,4 +1,5 @@
-"""The broker's values and state: settings, progress, leases, slots, containers, waiters.
+"""The broker's values and state: settings, progress, leases, owners, slots, containers,
+waiters.
 
 Values are ``@frozen``; the mutable records (``@define``) are owned and mutated only by
 :class:`dockerspaces.broker.broker.Broker`.
@@ -17,6 +18,7 @@ from ..config import HostConfig
 from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
 from ..spec import JobSpec
 from .errors import BackendRefused
+from .quota import Line
 from .scaling import Ewma
 
 
@@ -83,6 +85,17 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@frozen
+class Owner:
+    """Who a request is for, and that user's limits (None = unlimited)."""
+
+    user: str
+    containers: int | None = None  # containers held at once
+    gpus: int | None = None  # GPUs held at once
+    queued: int | None = None  # requests waiting at once
+    group: str | None = None  # for metrics labels (never the user)
+
+
 @define(eq=False)
 class HostState:
     """One engine and its slots, with its up/down state."""
@@ -131,12 +144,12 @@ class Slot:
 
 @define(eq=False)
 class KeyState:
-    """Everything about one key: waiters FIFO, containers, measurements."""
+    """Everything about one key: its line of waiters, containers, measurements."""
 
     key: str
     spec: JobSpec
     display: str = ""
-    waiters: OrderedDict[Waiter, None] = field(factory=OrderedDict)
+    waiters: Line = field(factory=Line)
     containers: dict[Container, None] = field(factory=dict)
     idle: OrderedDict[Container, None] = field(factory=OrderedDict)
     starting: int = 0
@@ -151,6 +164,7 @@ class KeyState:
     adopted: bool = False  # ``spec`` was read from a label (no env values): replace it
     live: int = 0  # waiters of this key not yet done (admission queue included)
     restarts: int = 0  # starts retried because the container was removed from outside
+    uses_gpu: bool | None = None  # its run options attach the slot's GPU (cached)
 
 
 @define(eq=False)
@@ -178,6 +192,8 @@ class Container:
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
     on_gone: list[Callable[[], None]] = field(factory=list)  # Lease.confirm watchers
     on_exit: list[Callable[[], None]] = field(factory=list)  # Lease.died_before watchers
+    owner: str | None = None  # the user it was started for (None: accounts off, adopted)
+    gpus: int = 0  # GPUs attached (its slot's, unless the image's profile says gpu = false)
 
     @property
     def id(self) -> str:
@@ -203,6 +219,8 @@ class Waiter:
     endpoint: str = ""  # addr:port once served (for the monitor)
     retries: int = 0  # times handed back unforwarded (Lease.retry)
     overdue: bool = False  # queue deadline passed while a start was under way for it
+    owner: Owner | None = None  # who it is for (None: accounts off)
+    seq: int = 0  # arrival order (fair share turns)
 
 
 @define(eq=False)
