@@ -35,7 +35,10 @@ RUN python3 -m venv /opt/dockerspaces \
  && /opt/dockerspaces/bin/python -m compileall -q /opt/dockerspaces/lib
 
 FROM ${BASE}
+# --auth accounts keeps its SQLite state here (mount a volume to keep it); the server
+# and `docker exec … dockerspaces-admin` both find it through DOCKERSPACES_STATE
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    DOCKERSPACES_STATE=/var/lib/dockerspaces/dockerspaces.sqlite \
     PATH=/usr/local/bin:/opt/dockerspaces/bin:/usr/sbin:/usr/bin:/sbin:/bin
 COPY --from=build /opt/dockerspaces /opt/dockerspaces
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/dockerspaces \

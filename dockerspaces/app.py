@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
+import re
 from typing import IO, Any
 
 from attrs import define, field
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from . import logs
+from .accounts.identity import make_portal
+from .accounts.service import AccountsService, open_snapshot
 from .broker.broker import Broker
 from .broker.model import BrokerSettings
 from .config import Config, HostConfig
@@ -23,6 +28,7 @@ from .logoutput import TextObserver
 from .metrics import Metrics
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
+from .web.auth import AuthGate
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
 from .web.errors import ErrorResource
 from .web.health import HealthResource, MetricsResource
@@ -33,6 +39,8 @@ from .web.proxy import Proxy
 from .web.root import Root
 from .web.routing import HostPolicy
 from .web.site import make_site
+
+log = Logger()
 
 
 def run_options_for(config: Config) -> Any:
@@ -117,16 +125,18 @@ class Routes:
         return self.docker_api_resource
 
 
-def container_hook(metrics: Metrics) -> Any:
-    """The broker's container-event hook: one log line and the metrics per event."""
+def container_hook(metrics: Metrics, accounts: AccountsService | None = None) -> Any:
+    """The broker's container-event hook: one log line and the metrics per event, and
+    with accounts the usage rows (``owner``: the user it was started for)."""
 
     def hook(event: str, display: str, host: str, slot: int, *, container: str | None = None,
              seconds: float | None = None, detail: str | None = None,
              owner: str | None = None, gpus: int = 0) -> None:
-        # owner (the user it was started for) and gpus: for usage records, wired later
         logs.log_container(event, display, host, slot, container=container, seconds=seconds,
                            detail=detail)
         metrics.container_event(event, host, seconds=seconds)
+        if accounts is not None:
+            accounts.container_event(event, container, display, owner, gpus)
 
     return hook
 
@@ -171,6 +181,48 @@ class BrokerService(Service):
         return waited
 
 
+def exposed_ports(ports: tuple[str, ...]) -> list[str]:
+    """The listening endpoints reachable beyond loopback (a TCP/TLS port without an
+    ``interface=`` on a loopback address; UNIX sockets are local)."""
+    out = []
+    for desc in ports:
+        kind, _, rest = desc.partition(":")
+        if kind.lower() not in ("tcp", "tcp6", "ssl", "tls"):
+            continue
+        m = re.search(r"(?:^|:)interface=((?:\\:|[^:])*)", rest)
+        interface = m.group(1).replace("\\:", ":").strip("[]") if m else ""
+        try:
+            local = bool(interface) and ipaddress.ip_address(interface).is_loopback
+        except ValueError:
+            local = interface == "localhost"
+        if not local:
+            out.append(desc)
+    return out
+
+
+def warn_if_exposed(ports: tuple[str, ...]) -> None:
+    """``--auth none`` on a port others can reach: say so once at start."""
+    exposed = exposed_ports(ports)
+    if exposed:
+        log.warn(  # noqa: G010 - twisted.logger
+            "--auth none: anyone who reaches {ports} may start any allowed image and read "
+            "the monitor; use --auth accounts (README: Accounts) or listen on loopback only",
+            ports=", ".join(_redact_port(p) for p in exposed))
+
+
+def _redact_port(desc: str) -> str:
+    """An endpoint description without its key/certificate paths (log lines)."""
+    return ":".join(p for p in desc.split(":") if "=" not in p or p.startswith("interface="))
+
+
+def user_containers(broker: Broker, user: str) -> list[tuple[str, str, str | None]]:
+    """A signed-in user's applications for the home page: (displayed key, state, link)
+    of the containers the user holds; the link (the route prefix) only for keys
+    without env values (they stay out of pages)."""
+    return [(v.display, v.state, "/" + v.spec.segment() + "/" if not v.spec.env else None)
+            for v in broker.containers() if v.spec is not None and user in v.users]
+
+
 def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[str, Engine]]:
     """One Engine per configured host."""
     auth = RegistryAuth.from_config(config)
@@ -206,8 +258,12 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
         worker_slots=config.worker_slots,
     )
     metrics = Metrics()
+    accounts = None
+    if config.auth == "accounts":
+        accounts = AccountsService(config.state, reactor, open_snapshot(config.state))
+        accounts.setServiceParent(top)
     broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
-                    run_options_for(config), on_container=container_hook(metrics))
+                    run_options_for(config), on_container=container_hook(metrics, accounts))
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
@@ -224,7 +280,14 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
     recorder = Recorder(reactor, metrics, request_log)
-    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies)
+    gate = None
+    if accounts is not None:
+        gate = AuthGate(accounts, make_portal(accounts), reactor,
+                        session_lifetime=config.session_lifetime,
+                        containers=lambda user: user_containers(broker, user))
+    else:
+        warn_if_exposed(config.ports)
+    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=gate)
     site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
                      on_request_lost=recorder.lost, on_refused=recorder.refused)
     for desc in config.ports:

@@ -13,6 +13,7 @@ from .spec import HostTarget, SpecError, parse_host_target
 ENGINE_SCHEMES = ("unix", "ssh", "http", "https", "tcp")
 PULL_POLICIES = ("always", "missing", "never")
 LOG_FORMATS = ("text", "json")
+AUTH_MODES = ("none", "accounts")
 GIB = 1024**3
 
 
@@ -168,6 +169,9 @@ class Config:
     docker_api: bool = False
     docker_api_allow: tuple[str, ...] = ("127.0.0.0/8",)
     docker_api_token_file: str | None = None
+    auth: str = "none"
+    state: str = "dockerspaces.sqlite"
+    session_lifetime: float = 86400.0
     config: str | None = None
     log_format: str = "text"
     max_body: int = 8 * GIB

@@ -82,8 +82,10 @@ _safe_path_cached = lru_cache(maxsize=1024)(_safe_path)
 
 
 def request_text(kind: str, route: str, method: str, path: str, status: int, nbytes: int,
-                 seconds: float, queue_wait: float | None, reason: str | None) -> str:
-    """The readable text of a request line (``path`` already made safe)."""
+                 seconds: float, queue_wait: float | None, reason: str | None,
+                 user: str | None = None) -> str:
+    """The readable text of a request line (``path`` already made safe; ``user``: the
+    signed-in user, with ``--auth accounts``)."""
     # One f-string: twisted.logger's own formatting of a many-field format string was
     # a fifth of the proxy's CPU per small request.
     text = f"{kind} {route} {method} {path} -> {status} {nbytes}B in {seconds:.3f}s"
@@ -91,6 +93,8 @@ def request_text(kind: str, route: str, method: str, path: str, status: int, nby
         text += f" queued {queue_wait:.3f}s"
     if reason:
         text += f" ({reason})"
+    if user is not None:
+        text += f" user={user}"
     return text
 
 
@@ -107,6 +111,7 @@ def log_request(
     client: str | None = None,
     reason: str | None = None,
     logger: Logger | None = None,
+    user: str | None = None,
 ) -> None:
     """Log one finished (or abandoned) proxied request as a :mod:`twisted.logger` event.
 
@@ -117,7 +122,7 @@ def log_request(
     """
     m = method.decode("latin-1") if isinstance(method, bytes) else method
     path = safe_path(uri)
-    text = request_text(kind, route, m, path, status, nbytes, seconds, queue_wait, reason)
+    text = request_text(kind, route, m, path, status, nbytes, seconds, queue_wait, reason, user)
     log = logger or _request_log
     # The event ``log.info("{ds_text}", ds_…=…)`` would build, handed to the logger's
     # observer (the global publisher: twistd's or the JSON observer) directly:
@@ -135,6 +140,7 @@ def log_request(
         "ds_queue_wait": queue_wait,
         "ds_client": client,
         "ds_reason": reason,
+        "ds_user": user,
         "log_logger": log,
         "log_level": LogLevel.info,
         "log_namespace": log.namespace,
@@ -169,17 +175,19 @@ class RequestLog:
 
     def __call__(self, kind: str, route: str, method: bytes, uri: bytes, status: int,
                  nbytes: int, seconds: float, queue_wait: float | None, client: Any,
-                 reason: str | None) -> None:
-        """Log one request (``client`` is the peer address object, or None)."""
+                 reason: str | None, user: str | None = None) -> None:
+        """Log one request (``client`` is the peer address object, or None; ``user`` the
+        signed-in user)."""
         text = self.text
         if text is None:
             log_request(kind=kind, route=route, method=method, uri=uri, status=status,
                         nbytes=nbytes, seconds=seconds, queue_wait=queue_wait,
-                        client=getattr(client, "host", None), reason=reason, logger=self.logger)
+                        client=getattr(client, "host", None), reason=reason, logger=self.logger,
+                        user=user)
             return
         text.line(_REQUEST_HEAD,
                   request_text(kind, route, method.decode("latin-1"), safe_path(uri), status, nbytes,
-                               seconds, queue_wait, reason),
+                               seconds, queue_wait, reason, user),
                   self.now())
 
 

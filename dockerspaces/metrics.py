@@ -193,6 +193,10 @@ class Metrics:
                                "Containers that exited or failed unexpectedly, by host.", ("host",))
         self.events = Counter(p + "container_events_total", "Container events, by event and host.",
                               ("event", "host"))
+        self.group_requests = Counter(p + "group_requests_total",
+                                      "Requests of signed-in users (--auth accounts), by the "
+                                      "user's group (never by user), route kind and status.",
+                                      ("group", "kind", "status"))
 
     # --- what the layers call -------------------------------------------------------
 
@@ -220,6 +224,10 @@ class Metrics:
         self.request_seconds.observe(kind, value=max(0.0, seconds))
         if queue_wait is not None:
             self.queue_seconds.observe(kind, value=max(0.0, queue_wait))
+
+    def group_request(self, group: str | None, kind: str, status: int) -> None:
+        """A signed-in user's request ended (``group``: the first of the user's groups)."""
+        self.group_requests.inc(group or "-", kind, str(status))
 
     def container_event(self, event: str, host: str = "local", seconds: float | None = None) -> None:
         """A container event (names as :data:`dockerspaces.logs.CONTAINER_EVENTS`).

@@ -8,6 +8,7 @@ coercion; ``tap.Options`` (twistd) and ``compat`` (the original's flags) both en
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from attrs import frozen
 
 from .config import (
+    AUTH_MODES,
     LOG_FORMATS,
     PULL_POLICIES,
     Config,
@@ -195,6 +197,13 @@ OPTIONS: tuple[Opt, ...] = (
         "CIDR allowed to use /docker:local (repeatable)", multi=True),
     Opt("docker-api-token-file", "docker_api_token_file", None, _str,
         "file with the token /docker:local callers must present"),
+    Opt("auth", "auth", "none", _choice("auth", AUTH_MODES),
+        "none (anyone who reaches the port) | accounts (users, groups, tokens in --state)"),
+    Opt("state", "state", os.environ.get("DOCKERSPACES_STATE") or "dockerspaces.sqlite", _str,
+        "SQLite file of accounts, sessions and usage (--auth accounts; created on first "
+        "start; default $DOCKERSPACES_STATE, else in the working directory)"),
+    Opt("session-lifetime", "session_lifetime", 86400.0, _seconds("session-lifetime"),
+        "a browser login lasts this long (s)"),
     Opt("config", "config", None, _str, "TOML file with any of these options"),
     Opt("log-format", "log_format", "text", _choice("log-format", LOG_FORMATS), "text|json"),
     Opt("max-body", "max_body", 8 * 1024**3, _size, "largest request body (bytes, or 8GiB, 500M)"),
@@ -247,6 +256,14 @@ def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...
     profiles: tuple[ImageProfile, ...] = ()
     for raw_key, value in data.items():
         key = raw_key.replace("_", "-")
+        if key == "auth" and isinstance(value, dict):  # [auth] mode/state/session-lifetime
+            for sub, v in value.items():
+                name = {"mode": "auth"}.get(sub.replace("_", "-"), sub.replace("_", "-"))
+                if name not in ("auth", "state", "session-lifetime"):
+                    raise ConfigError(f"config: [auth]: unknown key {sub!r} "
+                                      "(mode, state, session-lifetime)")
+                values[name] = v
+            continue
         if key in ("profile", "profiles"):
             if not isinstance(value, list):
                 raise ConfigError("config: 'profile' must be an array of tables ([[profile]])")

@@ -62,6 +62,14 @@ class Options(usage.Options):
             from .web.dockerapi import check_config
 
             check_config(self.config)
+            if self.config.auth == "accounts":
+                from .accounts.model import AccountsError
+                from .accounts.service import open_snapshot
+
+                try:
+                    open_snapshot(self.config.state)  # created, migrated, readable
+                except (AccountsError, OSError) as e:
+                    raise ConfigError(f"--state {self.config.state}: {e}") from None
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

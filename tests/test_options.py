@@ -60,6 +60,8 @@ class Defaults(SynchronousTestCase):
             "log-format", "max-body",
             # issue 12: worker limits and the host: switch
             "worker-post-only", "worker-release-max", "worker-slots", "no-host-route",
+            # issue 13: accounts
+            "auth", "state", "session-lifetime",
         }
         self.assertEqual(names, spec_names)
 
@@ -329,3 +331,80 @@ class VersionTests(SynchronousTestCase):
 
         self.check(lambda: main(["--version"]))
         self.check(lambda: main(["-version"]))
+
+
+class AuthOptions(SynchronousTestCase):
+    """--auth, --state, --session-lifetime and the config file's [auth] table."""
+
+    def test_defaults_and_flags(self) -> None:
+        c = parse()
+        self.assertEqual((c.auth, c.session_lifetime), ("none", 86400.0))
+        import os
+        import tempfile
+
+        from twisted.python.usage import UsageError
+
+        state = os.path.join(tempfile.mkdtemp(), "s.sqlite")
+        c = parse("--auth", "accounts", "--state", state, "--session-lifetime", "600")
+        self.assertEqual((c.auth, c.state, c.session_lifetime), ("accounts", state, 600.0))
+        self.assertTrue(os.path.exists(state))  # created (and migrated) at option time
+        self.assertRaises(UsageError, parse, "--auth", "ldap")
+        with self.assertRaises(UsageError) as e:
+            parse("--auth", "accounts", "--state", "/nonexistent-dir/s.sqlite")
+        self.assertIn("cannot open the state file", str(e.exception))
+
+    def test_auth_table_in_the_config_file(self) -> None:
+        import os
+        import tempfile
+
+        from dockerspaces.config import ConfigError
+        from dockerspaces.options import build_config
+
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "c.toml")
+        with open(path, "w") as f:
+            f.write('target = 1\n[auth]\nmode = "accounts"\nstate = "/s.sqlite"\n'
+                    "session-lifetime = 60\n")
+        c = build_config({"config": path})
+        self.assertEqual((c.auth, c.state, c.session_lifetime), ("accounts", "/s.sqlite", 60.0))
+        with open(path, "w") as f:
+            f.write('[auth]\nrealm = "x"\n')
+        with self.assertRaises(ConfigError) as e:
+            build_config({"config": path})
+        self.assertIn("[auth]: unknown key 'realm'", str(e.exception))
+
+    def test_the_example_config_parses(self) -> None:
+        import os
+
+        from dockerspaces.options import build_config
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        c = build_config({"config": os.path.join(here, "conf", "dockerspaces.toml")})
+        self.assertEqual(c.auth, "none")
+
+
+class Exposure(SynchronousTestCase):
+    """--auth none warns at start when a port is reachable beyond loopback."""
+
+    def test_exposed_ports(self) -> None:
+        from dockerspaces.app import exposed_ports
+
+        ports = ("tcp:8888", "tcp:8889:interface=127.0.0.1", "unix:/run/ds.sock",
+                 "ssl:443:privateKey=k.pem:certKey=c.pem", "tcp6:8890:interface=\\:\\:1",
+                 "tcp:8891:interface=10.0.0.5", "tcp:8892:interface=localhost")
+        self.assertEqual(exposed_ports(ports), ["tcp:8888", "ssl:443:privateKey=k.pem:certKey=c.pem",
+                                                "tcp:8891:interface=10.0.0.5"])
+
+    def test_warning_names_the_ports_not_the_key_files(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        from dockerspaces.app import warn_if_exposed
+
+        seen: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        warn_if_exposed(("tcp:8888:interface=127.0.0.1",))
+        self.assertEqual([e for e in seen if "--auth none" in str(e.get("log_format"))], [])
+        warn_if_exposed(("ssl:443:privateKey=/etc/k.pem:certKey=c.pem",))
+        (event,) = [e for e in seen if "--auth none" in str(e.get("log_format"))]
+        self.assertEqual(event["ports"], "ssl:443")

@@ -109,6 +109,8 @@ class ContainerView:
     display: str
     state: str
     inflight: int
+    spec: JobSpec | None = None
+    users: tuple[str, ...] = ()  # who holds it (accounts)
 
 
 SLOT_QUARANTINE = 60.0  # seconds a slot whose port is taken by something else is left alone
@@ -465,7 +467,8 @@ class Broker:
             for c in (s.evicting, s.container):
                 if c is not None and c.handle is not None:
                     out.append(ContainerView(c.id, s.host.name, s.info.port, c.key.key,
-                                             c.key.spec.display, c.state, c.inflight))
+                                             c.key.spec.display, c.state, c.inflight,
+                                             c.key.spec, tuple(self._quotas.users_of(c))))
         return out
 
     @property

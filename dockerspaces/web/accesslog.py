@@ -13,6 +13,8 @@ from ..metrics import Metrics
 from .site import on_lost
 
 _ATTR = "_dockerspaces_route"
+#: the request attribute holding the signed-in identity (``--auth accounts``)
+IDENTITY_ATTR = "_dockerspaces_identity"
 #: the route kind of a request refused before routing (malformed or over a limit),
 #: as of a malformed route segment
 REFUSED = "bad"
@@ -76,8 +78,12 @@ class Recorder:
         info.done = True
         seconds = self.clock.seconds() - info.started
         status = 499 if reason == "client-gone" else request.code or 0
+        identity = getattr(request, IDENTITY_ATTR, None)
         self.log(info.kind, info.route, request.method, request.uri, status,
                  getattr(request, "sentLength", 0) or 0, seconds, info.queue_wait,
-                 request.getClientAddress(), reason or info.reason)
+                 request.getClientAddress(), reason or info.reason,
+                 None if identity is None else identity.user)
         if self.metrics is not None:
             self.metrics.request_done(info.kind, status, seconds, info.queue_wait)
+            if identity is not None:
+                self.metrics.group_request(identity.group, info.kind, status)

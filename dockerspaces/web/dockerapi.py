@@ -235,7 +235,8 @@ class DockerApiResource(Resource):
             config,
             proxy,
             backend,
-            load_token(config),
+            # --auth accounts: the gate asked for a token with the docker-api scope
+            None if config.auth == "accounts" else load_token(config),
             parse_networks(config.docker_api_allow),
             engine_path=engine_path,
         )

@@ -53,6 +53,10 @@ _OWN_REQUEST = frozenset(
     }
 )
 _DROP_REQUEST = HOP_BY_HOP | _OWN_REQUEST
+#: set on a request whose ``Authorization`` header was dockerspaces' own credential
+#: (``--auth accounts``): never forwarded then
+OWN_AUTH_ATTR = "_dockerspaces_own_auth"
+
 # request headers sent on filtered: our cookie out of Cookie; for host: targets no
 # Authorization and no Referer naming env values
 _FILTERED = frozenset({b"cookie", b"authorization", b"referer"})
@@ -157,10 +161,13 @@ def read_client_head(request: Request, external: bool = False) -> ClientHead:
         if lk in _FILTERED:  # one set lookup for the common header
             if lk == b"cookie":
                 sent = [c for c in map(without_own_cookies, values) if c is not None]
+            elif lk == b"authorization":
+                # a host: target never gets it; our containers do unless it was
+                # dockerspaces' own (--auth accounts: the gate marked it)
+                if external or getattr(request, OWN_AUTH_ATTR, False):
+                    continue
             elif not external:
                 pass
-            elif lk == b"authorization":
-                continue
             else:
                 # a page of ours under /x:…:NAME=VALUE/ linking to a host: target
                 # would hand it the env values: such a Referer stays here

@@ -11,8 +11,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..broker.model import Owner
 from ..spec import HostTarget, JobSpec, split_uri_cached
-from .accesslog import route_info
+from .accesslog import IDENTITY_ATTR, route_info
 from .backend import Backend
 from .errors import finish_error, status_of, write_error
 from .pages import wants_html
@@ -34,6 +35,17 @@ def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
         return True
     return any(fnmatch.fnmatchcase(spec.ref, p) or fnmatch.fnmatchcase(spec.image, p)
                for p in patterns)
+
+
+def owner_of(request: Request) -> Owner | None:
+    """The broker's :class:`Owner` of a signed-in request (``--auth accounts``): the user
+    and their quota; None without accounts."""
+    identity = getattr(request, IDENTITY_ATTR, None)
+    if identity is None:
+        return None
+    q = identity.quota
+    return Owner(identity.user, containers=q.containers, gpus=q.gpus, queued=q.queued,
+                 group=identity.group)
 
 
 def _on_gone(request: Request, d: Deferred[Any]) -> None:
@@ -78,13 +90,21 @@ class JobResource(Resource):
                                    "POST only here (--worker-post-only)")
             return self._launch(request)
         if self.waiting is not None and wants_html(request):
-            d = self.waiting.acquire(request, self.spec.display,
-                                     lambda cb: self.broker.acquire(self.spec, progress=cb))
+            owner = owner_of(request)
+            if owner is None:
+                d = self.waiting.acquire(request, self.spec.display,
+                                         lambda cb: self.broker.acquire(self.spec, progress=cb))
+            else:
+                d = self.waiting.acquire(
+                    request, self.spec.display,
+                    lambda cb: self.broker.acquire(self.spec, progress=cb, owner=owner))
             _on_gone(request, d)
             d.addCallbacks(lambda lease: None if lease is None else self._forward(request, lease),
                            lambda f: _fail(request, f, self.spec.display))
             return NOT_DONE_YET
-        d = self.broker.acquire(self.spec)
+        owner = owner_of(request)
+        d = (self.broker.acquire(self.spec) if owner is None
+             else self.broker.acquire(self.spec, owner=owner))
         _on_gone(request, d)
         d.addCallbacks(lambda lease: self._forward(request, lease),
                        lambda f: _fail(request, f, self.spec.display))
@@ -149,7 +169,9 @@ class JobResource(Resource):
                        lambda f: _fail(request, f, self.spec.display))
 
     def _launch(self, request: Request) -> Any:
-        d = self.broker.launch_worker(self.spec)
+        owner = owner_of(request)
+        d = (self.broker.launch_worker(self.spec) if owner is None
+             else self.broker.launch_worker(self.spec, owner=owner))
         _on_gone(request, d)
 
         def started(_: object) -> None:

@@ -6,7 +6,7 @@ parses ``request.uri`` itself, so the job grammar sees the raw segment.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -26,6 +26,9 @@ from . import routing
 from .accesslog import Recorder
 from .errors import ErrorResource, MethodNotAllowed, RedirectResource
 from .routecookie import RouteCookies
+
+if TYPE_CHECKING:
+    from .auth import AuthGate
 
 
 class RouteResources(Protocol):
@@ -78,8 +81,9 @@ class Root(Resource):
     """Dispatches every request by its raw first path segment."""
 
     def __init__(self, config: Config, routes: RouteResources, recorder: Recorder | None = None,
-                 route_cookies: RouteCookies | None = None):
+                 route_cookies: RouteCookies | None = None, gate: AuthGate | None = None):
         super().__init__()
+        self.gate = gate  # --auth accounts: every routed request is checked by it
         self.route_cookies = route_cookies  # the proxy's: dsroute references it handed out
         self.config = config
         self.routes = routes
@@ -115,6 +119,9 @@ class Root(Resource):
 
     def _resolve(self, request: Request) -> Resource:
         raw, forward_path = split_uri_cached(request.uri)
+        if self.gate is not None and raw.segment.startswith("auth:"):
+            self._begin(request, "auth", raw.segment[5:])
+            return self.gate.page(request, raw.segment[5:])
         try:
             plan = self._plan(raw.segment)
         except SpecError as e:
@@ -138,6 +145,18 @@ class Root(Resource):
     def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
         if self.recorder is not None:  # (not _begin: one call fewer on every request)
             self.recorder.begin(request, plan.kind, plan.display)
+        gate = self.gate
+        if gate is not None:
+            route = plan.route
+            kind = plan.kind
+            if isinstance(route, MonitorRoute):
+                kind = {"health": "monitor-public", "progress": "signed-in"}.get(
+                    route.name, "monitor")
+            return gate.guard(request, kind, route if isinstance(route, JobSpec) else None,
+                              lambda: self._route(request, plan, path, cookie))
+        return self._route(request, plan, path, cookie)
+
+    def _route(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
         route = plan.route
         if isinstance(route, HostTarget):
             if cookie:  # the segment is the URI's own: one resource for all its requests
@@ -165,6 +184,11 @@ class Root(Resource):
         referer = headers.getRawHeaders(b"referer", [None])[0]
         host = headers.getRawHeaders(b"host", [None])[0]
         segment = routing.route_from_referer(referer, host)
+        if segment is None and self.gate is not None and full == b"/":
+            # --auth accounts: "/" is the signed-in user's page (a link from inside an
+            # app, with its Referer, still goes to the app)
+            self._begin(request, "home", "/")
+            return self.gate.home(request)
         if segment is None and self.route_cookies is not None:
             segment = self.route_cookies.from_request(request)
         if segment is not None:
@@ -176,7 +200,11 @@ class Root(Resource):
                 return self._dispatch(request, plan, full, cookie=False)
         if self.config.root is not None:
             self._begin(request, "root", self.config.root.host_header)
-            return self.routes.host(self.config.root, b"", full, False)
+            root = self.config.root
+            if self.gate is not None:
+                return self.gate.guard(request, "root", None,
+                                       lambda: self.routes.host(root, b"", full, False))
+            return self.routes.host(root, b"", full, False)
         self._begin(request, "none", "-")
         return ErrorResource(
             404,

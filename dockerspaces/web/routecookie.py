@@ -23,8 +23,9 @@ from attrs import define, field
 
 COOKIE_NAME = b"dsroute"
 
-#: our own cookies: never forwarded to a backend
-OWN_COOKIES = frozenset({COOKIE_NAME})
+#: our own cookies (the route, and --auth accounts' session and CSRF cookies): never
+#: forwarded to a backend; each name starts with "ds"
+OWN_COOKIES = frozenset({COOKIE_NAME, b"dssession", b"dscsrf"})
 
 #: longest route segment remembered (longer ones get no cookie)
 MAX_SEGMENT = 4096
@@ -97,7 +98,7 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 
 def without_own_cookies(header: bytes) -> bytes | None:
     """A ``Cookie`` header line less dockerspaces' own cookies (None if nothing is left)."""
-    if b"dsroute" not in header:
+    if b"ds" not in header:
         return header
     parts = [p for p in header.split(b";")
              if p.strip().partition(b"=")[0] not in OWN_COOKIES]

@@ -1,0 +1,1 @@
+"""Accounts (``--auth accounts``): users, groups, tokens, sessions, usage, in SQLite."""
