@@ -275,7 +275,7 @@ class Metrics:
         metrics: list[Any] = [
             self.requests, self.in_flight, self.request_seconds, self.queue_seconds,
             self.pull_seconds, self.ready_seconds, self.starts, self.evictions, self.crashes,
-            self.events,
+            self.events, self.group_requests,
         ]
         metrics += self.snapshot_gauges(snapshot)
         out: list[str] = []

@@ -143,3 +143,20 @@ def _id(token: str) -> str:
     parsed = parse_token(token)
     assert parsed is not None
     return parsed[0]
+
+
+class HookTests(SynchronousTestCase):
+    def test_container_hook_feeds_usage(self) -> None:
+        from dockerspaces.app import container_hook
+        from dockerspaces.metrics import Metrics
+
+        seen: list[tuple[Any, ...]] = []
+
+        class Accounts:
+            def container_event(self, *args: Any) -> None:
+                seen.append(args)
+
+        hook = container_hook(Metrics(), Accounts())  # type: ignore[arg-type]
+        hook("start", "x:a", "local", 9100, container="c1", owner="alice", gpus=1)
+        hook("evict", "x:a", "local", 9100, container="c1", owner="alice", gpus=1)
+        self.assertEqual(seen, [("start", "c1", "x:a", "alice", 1), ("evict", "c1", "x:a", "alice", 1)])

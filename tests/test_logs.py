@@ -156,3 +156,10 @@ class ApplicationTests(unittest.TestCase):
         app = Application("t")
         logs.ObservedMultiService(None).setServiceParent(app)
         self.assertIsNone(app.getComponent(ILogObserver, None))
+
+
+class UserTests(unittest.TestCase):
+    def test_request_line_names_the_user(self) -> None:
+        text = logs.request_text("x", "k", "GET", "/x:a/", 200, 2, 0.1, None, None, "alice")
+        self.assertTrue(text.endswith(" user=alice"))
+        self.assertNotIn("user=", logs.request_text("x", "k", "GET", "/", 200, 2, 0.1, None, None))

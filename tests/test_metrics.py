@@ -138,3 +138,20 @@ class HistogramBuckets(unittest.TestCase):
         want = [sum(1 for v in values if v <= b) for b in bounds] + [len(values)]
         self.assertEqual(got, want)
         self.assertEqual(h.count(), len(values))
+
+
+class GroupTests(unittest.TestCase):
+    """--auth accounts: requests counted by the user's group, never by user."""
+
+    def test_group_requests(self) -> None:
+        m = Metrics()
+        m.group_request("ml", "x", 200)
+        m.group_request("ml", "x", 200)
+        m.group_request(None, "y", 429)
+        s = samples(m.render(SNAPSHOT))
+        key = ("dockerspaces_group_requests_total",
+               (("group", "ml"), ("kind", "x"), ("status", "200")))
+        self.assertEqual(s[key], 2)
+        self.assertEqual(s[("dockerspaces_group_requests_total",
+                            (("group", "-"), ("kind", "y"), ("status", "429")))], 1)
+        self.assertNotIn(b'user="', m.render(SNAPSHOT))
