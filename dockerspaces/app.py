@@ -246,17 +246,7 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     engine_services.setServiceParent(top)
     for e in engines.values():
         EngineService(e).setServiceParent(engine_services)
-    settings = BrokerSettings(
-        source=config.source,
-        queue=config.queue,
-        queue_timeout=config.queue_timeout,
-        start_timeout=config.start_timeout,
-        worker_timeout=config.worker_timeout,
-        release=config.release,
-        stop=config.stop,
-        worker_release_max=config.worker_release_max,
-        worker_slots=config.worker_slots,
-    )
+    settings = BrokerSettings.from_config(config)
     metrics = Metrics()
     accounts = None
     if config.auth == "accounts":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -133,7 +134,9 @@ def parse_allow_host(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @frozen
 class Config:
-    """Every option of dockerspaces, validated (defaults as SPEC's table)."""
+    """Every option of dockerspaces, validated. The defaults (SPEC's table) are declared
+    here and nowhere else: the option table (``options.Opt.default``) and the broker's
+    settings (``BrokerSettings``) read them from these fields."""
 
     ports: tuple[str, ...] = ("tcp:8888",)
     docker: str = "unix:///var/run/docker.sock"
@@ -170,7 +173,7 @@ class Config:
     docker_api_allow: tuple[str, ...] = ("127.0.0.0/8",)
     docker_api_token_file: str | None = None
     auth: str = "none"
-    state: str = "dockerspaces.sqlite"
+    state: str = os.environ.get("DOCKERSPACES_STATE") or "dockerspaces.sqlite"
     session_lifetime: float = 86400.0
     config: str | None = None
     log_format: str = "text"

@@ -8,11 +8,11 @@ coercion; ``tap.Options`` (twistd) and ``compat`` (the original's flags) both en
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from attrs import frozen
 
 from .config import (
@@ -128,85 +128,93 @@ def _port_desc(v: Any) -> str:
     return text
 
 
+_CONFIG_DEFAULTS = {f.name: f.default for f in attrs.fields(Config)}
+
+
 @frozen
 class Opt:
-    """One option: name (as on the command line), Config field, default, coercion, help."""
+    """One option: name (as on the command line), Config field, coercion, help. Its
+    default is the Config field's (declared once, there)."""
 
     name: str
     field: str
-    default: Any
     coerce: Callable[[Any], Any]
     help: str
     flag: bool = False
     multi: bool = False
     short: str | None = None
 
+    @property
+    def default(self) -> Any:
+        """The Config field's default."""
+        return _CONFIG_DEFAULTS[self.field]
+
 
 OPTIONS: tuple[Opt, ...] = (
-    Opt("port", "ports", ("tcp:8888",), _port_desc,
+    Opt("port", "ports", _port_desc,
         "listening endpoint (strports: tcp:8888, ssl:443:privateKey=K:certKey=C, unix:/p); repeatable",
         multi=True, short="p"),
-    Opt("docker", "docker", "unix:///var/run/docker.sock", _engine_url,
+    Opt("docker", "docker", _engine_url,
         "the single Docker engine (ignored with --cluster)"),
-    Opt("target", "target", 5, _int("target"), "slots on the single engine (0: none)"),
-    Opt("start-port", "start_port", 9100, _int("start-port", 1, 65535),
+    Opt("target", "target", _int("target"), "slots on the single engine (0: none)"),
+    Opt("start-port", "start_port", _int("start-port", 1, 65535),
         "first host port of the single engine's slots"),
-    Opt("cluster", "cluster", (), parse_cluster,
+    Opt("cluster", "cluster", parse_cluster,
         "PORT:SLOTS:URL, one engine each (repeatable)", multi=True),
-    Opt("gpu", "gpu", 0, parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
-    Opt("source", "source", 15, _int("source", 1), "x: requests and worker launches admitted at once"),
-    Opt("queue", "queue", 1000, _int("queue"), "requests waiting for admission beyond --source"),
-    Opt("queue-timeout", "queue_timeout", 300.0, _seconds("queue-timeout"),
+    Opt("gpu", "gpu", parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
+    Opt("source", "source", _int("source", 1), "x: requests and worker launches admitted at once"),
+    Opt("queue", "queue", _int("queue"), "requests waiting for admission beyond --source"),
+    Opt("queue-timeout", "queue_timeout", _seconds("queue-timeout"),
         "longest wait until a container is assigned (s) -> 503"),
-    Opt("start-timeout", "start_timeout", 600.0, _seconds("start-timeout"),
+    Opt("start-timeout", "start_timeout", _seconds("start-timeout"),
         "pull + start + ready deadline (s) -> 504"),
-    Opt("worker-timeout", "worker_timeout", 1800.0, _seconds("worker-timeout"),
+    Opt("worker-timeout", "worker_timeout", _seconds("worker-timeout"),
         "longest wait of a worker launch for a slot (s) -> 503"),
-    Opt("release", "release", 1800.0, _seconds("release"),
+    Opt("release", "release", _seconds("release"),
         "a worker is protected from eviction this long after it starts (s)"),
-    Opt("stop", "stop", 0.0, _seconds("stop"), "grace between SIGTERM and SIGKILL (s)"),
-    Opt("pull", "pull", "missing", _choice("pull", PULL_POLICIES), "always|missing|never"),
-    Opt("registry", "registry", None, _str, "registry URL the credentials belong to (default Docker Hub)"),
-    Opt("user", "user", None, _str, "registry user"),
-    Opt("password", "password", None, _str, "registry password (prefer --password-file)"),
-    Opt("password-file", "password_file", None, _str, "file holding the registry password"),
-    Opt("email", "email", None, _str, "registry e-mail"),
-    Opt("auths", "auths", None, _str, "docker config.json-style credentials for several registries"),
-    Opt("allow-image", "allow_image", (), _str, "only matching images may be started (repeatable)",
+    Opt("stop", "stop", _seconds("stop"), "grace between SIGTERM and SIGKILL (s)"),
+    Opt("pull", "pull", _choice("pull", PULL_POLICIES), "always|missing|never"),
+    Opt("registry", "registry", _str, "registry URL the credentials belong to (default Docker Hub)"),
+    Opt("user", "user", _str, "registry user"),
+    Opt("password", "password", _str, "registry password (prefer --password-file)"),
+    Opt("password-file", "password_file", _str, "file holding the registry password"),
+    Opt("email", "email", _str, "registry e-mail"),
+    Opt("auths", "auths", _str, "docker config.json-style credentials for several registries"),
+    Opt("allow-image", "allow_image", _str, "only matching images may be started (repeatable)",
         multi=True),
-    Opt("worker-post-only", "worker_post_only", False, bool,
+    Opt("worker-post-only", "worker_post_only", bool,
         "worker launches (port 3) only by POST; other methods get 405", flag=True),
-    Opt("worker-release-max", "worker_release_max", 0, _int("worker-release-max"),
+    Opt("worker-release-max", "worker_release_max", _int("worker-release-max"),
         "workers of one image key holding slots at once (0: no limit) -> 503"),
-    Opt("worker-slots", "worker_slots", -1, _int("worker-slots", -1),
+    Opt("worker-slots", "worker_slots", _int("worker-slots", -1),
         "slots workers may hold at once, all hosts together (-1: all but one; 0: none)"),
-    Opt("publish-ip", "publish_ip", None, _ip,
+    Opt("publish-ip", "publish_ip", _ip,
         "address slot ports are published on (default 127.0.0.1 local, 0.0.0.0 remote)"),
-    Opt("instance", "instance", None, _str, "label marking this instance's containers"),
-    Opt("keep-containers", "keep_containers", False, bool,
+    Opt("instance", "instance", _str, "label marking this instance's containers"),
+    Opt("keep-containers", "keep_containers", bool,
         "leave containers running at shutdown; the next start adopts them", flag=True),
-    Opt("cors", "cors", False, bool, "answer CORS preflights, echo Origin", flag=True),
-    Opt("root", "root", None, parse_root, "default HOST[:PORT] for unmatched requests"),
-    Opt("allow-host", "allow_host", (), _allow_host,
+    Opt("cors", "cors", bool, "answer CORS preflights, echo Origin", flag=True),
+    Opt("root", "root", parse_root, "default HOST[:PORT] for unmatched requests"),
+    Opt("allow-host", "allow_host", _allow_host,
         "HOST or CIDR that host:/--root may reach even if loopback/link-local (repeatable)",
         multi=True),
-    Opt("no-host-route", "no_host_route", False, bool, "turn host:/shost: routes off (404)",
+    Opt("no-host-route", "no_host_route", bool, "turn host:/shost: routes off (404)",
         flag=True),
-    Opt("docker-api", "docker_api", False, bool, "enable /docker:local", flag=True),
-    Opt("docker-api-allow", "docker_api_allow", ("127.0.0.0/8",), _cidr,
+    Opt("docker-api", "docker_api", bool, "enable /docker:local", flag=True),
+    Opt("docker-api-allow", "docker_api_allow", _cidr,
         "CIDR allowed to use /docker:local (repeatable)", multi=True),
-    Opt("docker-api-token-file", "docker_api_token_file", None, _str,
+    Opt("docker-api-token-file", "docker_api_token_file", _str,
         "file with the token /docker:local callers must present"),
-    Opt("auth", "auth", "none", _choice("auth", AUTH_MODES),
+    Opt("auth", "auth", _choice("auth", AUTH_MODES),
         "none (anyone who reaches the port) | accounts (users, groups, tokens in --state)"),
-    Opt("state", "state", os.environ.get("DOCKERSPACES_STATE") or "dockerspaces.sqlite", _str,
+    Opt("state", "state", _str,
         "SQLite file of accounts, sessions and usage (--auth accounts; created on first "
         "start; default $DOCKERSPACES_STATE, else in the working directory)"),
-    Opt("session-lifetime", "session_lifetime", 86400.0, _seconds("session-lifetime"),
+    Opt("session-lifetime", "session_lifetime", _seconds("session-lifetime"),
         "a browser login lasts this long (s)"),
-    Opt("config", "config", None, _str, "TOML file with any of these options"),
-    Opt("log-format", "log_format", "text", _choice("log-format", LOG_FORMATS), "text|json"),
-    Opt("max-body", "max_body", 8 * 1024**3, _size, "largest request body (bytes, or 8GiB, 500M)"),
+    Opt("config", "config", _str, "TOML file with any of these options"),
+    Opt("log-format", "log_format", _choice("log-format", LOG_FORMATS), "text|json"),
+    Opt("max-body", "max_body", _size, "largest request body (bytes, or 8GiB, 500M)"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -408,3 +408,27 @@ class Exposure(SynchronousTestCase):
         warn_if_exposed(("ssl:443:privateKey=/etc/k.pem:certKey=c.pem",))
         (event,) = [e for e in seen if "--auth none" in str(e.get("log_format"))]
         self.assertEqual(event["ports"], "ssl:443")
+
+
+class DefaultsOnce(SynchronousTestCase):
+    """Defaults are declared once, on Config; the option table and the broker settings
+    read them (issue 15)."""
+
+    def test_option_and_broker_defaults_are_configs(self) -> None:
+        import attrs
+
+        from dockerspaces.broker.model import BrokerSettings
+
+        config_defaults = {f.name: f.default for f in attrs.fields(Config)}
+        for o in OPTIONS:
+            self.assertEqual(o.default, config_defaults[o.field], o.name)
+        for f in attrs.fields(BrokerSettings):
+            if f.name in config_defaults:
+                self.assertEqual(f.default, config_defaults[f.name], f.name)
+
+    def test_broker_settings_from_config(self) -> None:
+        from dockerspaces.broker.model import BrokerSettings
+
+        c = parse("--source", "3", "--queue-timeout", "9", "--worker-slots", "2")
+        s = BrokerSettings.from_config(c)
+        self.assertEqual((s.source, s.queue_timeout, s.worker_slots, s.queue), (3, 9.0, 2, 1000))

@@ -11,15 +11,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 
-from ..config import HostConfig
+from ..config import Config, HostConfig
 from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
 from ..spec import JobSpec
 from .errors import BackendRefused
 from .quota import Line
 from .scaling import Ewma
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in attrs.fields(Config)}
 
 
 class IDelayedCall(Protocol):
@@ -57,18 +60,25 @@ GONE = "gone"  # forgotten (died, stopped, host lost)
 
 @frozen
 class BrokerSettings:
-    """The broker's options (SPEC "Options and defaults")."""
+    """The broker's options; the defaults are :class:`~dockerspaces.config.Config`'s
+    (SPEC "Options and defaults"), declared there once."""
 
-    source: int = 15
-    queue: int = 1000
-    queue_timeout: float = 300
-    start_timeout: float = 600
-    worker_timeout: float = 1800
-    release: float = 1800
-    stop: float = 0
-    ping_interval: float = 5
-    worker_release_max: int = 0  # workers of one key holding slots at once; 0: no limit
-    worker_slots: int = -1  # slots workers may hold, all hosts; -1: all but one (>= 1)
+    source: int = _DEFAULTS["source"]
+    queue: int = _DEFAULTS["queue"]
+    queue_timeout: float = _DEFAULTS["queue_timeout"]
+    start_timeout: float = _DEFAULTS["start_timeout"]
+    worker_timeout: float = _DEFAULTS["worker_timeout"]
+    release: float = _DEFAULTS["release"]
+    stop: float = _DEFAULTS["stop"]
+    ping_interval: float = 5  # seconds between engine pings (not an option)
+    worker_release_max: int = _DEFAULTS["worker_release_max"]  # per key; 0: no limit
+    worker_slots: int = _DEFAULTS["worker_slots"]  # all hosts; -1: all but one (>= 1)
+
+    @classmethod
+    def from_config(cls, config: Config) -> BrokerSettings:
+        """The settings named like a Config field, taken from ``config``."""
+        return cls(**{f.name: getattr(config, f.name) for f in attrs.fields(cls)
+                      if hasattr(config, f.name)})
 
 
 @frozen
