@@ -19,8 +19,9 @@ from attrs import field, frozen
 
 #: route names a group may be allowed
 ROUTES = ("x", "y", "worker", "host", "monitor", "docker-api")
+#: how every token string starts (``dst_<id>_<secret>``)
 TOKEN_PREFIX = "dst_"  # noqa: S105 - a prefix, not a secret
-_TOKEN = re.compile(r"dst_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})")
+_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})")
 
 
 class AccountsError(Exception):
@@ -94,7 +95,7 @@ class Snapshot:
 
 def parse_token(text: str) -> tuple[str, str] | None:
     """``(id, secret)`` of a token string, or None when it is not one."""
-    m = _TOKEN.fullmatch(text.strip())
+    m = _TOKEN.fullmatch(text.strip()) if isinstance(text, str) else None
     return (m.group(1), m.group(2)) if m else None
 
 
