@@ -217,10 +217,12 @@ def _redact_port(desc: str) -> str:
 
 def user_containers(broker: Broker, user: str) -> list[tuple[str, str, str | None]]:
     """A signed-in user's applications for the home page: (displayed key, state, link)
-    of the containers the user holds; the link (the route prefix) only for keys
-    without env values (they stay out of pages)."""
+    of the containers the user holds or that were started for them (warm ones too);
+    the link (the route prefix) only for keys without env values (they stay out of
+    pages)."""
     return [(v.display, v.state, "/" + v.spec.segment() + "/" if not v.spec.env else None)
-            for v in broker.containers() if v.spec is not None and user in v.users]
+            for v in broker.containers()
+            if v.spec is not None and (user in v.users or v.owner == user)]
 
 
 def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[str, Engine]]:

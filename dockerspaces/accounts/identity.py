@@ -47,6 +47,7 @@ class Identity:
     quota: Quota
     via: str  # "token", "password" or "session"
     token_id: str | None = None
+    scopes: frozenset[str] | None = None  # the token's, when it narrows the routes
 
     @property
     def group(self) -> str | None:
@@ -111,8 +112,12 @@ def identity_for(snapshot: Snapshot, principal: Principal) -> Identity | None:
         gpus=_merge([g.quota.gpus for g in groups]),
         queued=_merge([g.quota.queued for g in groups]),
     )
+    scopes = None
+    if principal.token_id is not None:
+        scopes = snapshot.tokens[principal.token_id].scopes
     return Identity(user.name, tuple(g.name for g in groups), routes, tuple(images),
-                    any(g.admin for g in groups), quota, principal.via, principal.token_id)
+                    any(g.admin for g in groups), quota, principal.via, principal.token_id,
+                    scopes)
 
 
 # -- credentials ---------------------------------------------------------------------

@@ -111,6 +111,7 @@ class ContainerView:
     inflight: int
     spec: JobSpec | None = None
     users: tuple[str, ...] = ()  # who holds it (accounts)
+    owner: str | None = None  # the user it was started for (accounts)
 
 
 SLOT_QUARANTINE = 60.0  # seconds a slot whose port is taken by something else is left alone
@@ -468,7 +469,8 @@ class Broker:
                 if c is not None and c.handle is not None:
                     out.append(ContainerView(c.id, s.host.name, s.info.port, c.key.key,
                                              c.key.spec.display, c.state, c.inflight,
-                                             c.key.spec, tuple(self._quotas.users_of(c))))
+                                             c.key.spec, tuple(self._quotas.users_of(c)),
+                                             c.owner))
         return out
 
     @property

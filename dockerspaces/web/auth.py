@@ -231,10 +231,11 @@ class AuthGate:
             return ErrorResource(403, "/docker:local takes API tokens with the docker-api "
                                  "scope only (not passwords or browser sessions)")
         if needed is not None and not identity.may_use(needed):
-            what = "token's scopes" if identity.token_id and needed not in identity.routes \
-                and identity.via == "token" else "groups"
-            return ErrorResource(403, f"{identity.user} may not use the {needed!r} route "
-                                 f"(not allowed by the {what}: {', '.join(identity.groups) or 'none'})")
+            if identity.scopes is not None and needed not in identity.scopes:
+                why = f"not in the token's scopes: {', '.join(sorted(identity.scopes)) or 'none'}"
+            else:
+                why = f"not allowed by the groups: {', '.join(identity.groups) or 'none'}"
+            return ErrorResource(403, f"{identity.user} may not use the {needed!r} route ({why})")
         if spec is not None and not identity.may_run(spec.ref, spec.image):
             return ErrorResource(403, f"{identity.user} may not run image {spec.ref} (no "
                                  f"image pattern of the groups {', '.join(identity.groups) or 'none'} "

@@ -43,6 +43,16 @@ Images (constants below):
 =======================================  =================================================
 
 All carry the label ``dockerspaces.test.image=1`` and a content hash label.
+
+One image is not busybox: :data:`WSAPP` ``dockerspaces-test/wsapp:1`` (build it with
+:func:`ensure_wsapp_image`) is the Debian + python3 base of the Dockerfile test
+(``ensure_pybase()`` in :mod:`tests.integration.test_dockerfile`) plus a stdlib-only
+script on 8080 (``DELAY`` env delays listening): ``/`` (any path) is an HTML page
+(``<p id=app>image=dockerspaces-test/wsapp:1``) whose script opens a WebSocket at
+``ws(s)://host`` + its own directory + ``ws`` -- under the route prefix --, sends
+``hello from the page`` and writes ``echo: <answer>`` into ``<pre id=ws>``; a path
+ending in ``/ws`` with ``Upgrade: websocket`` is a hand-written RFC 6455 echo (text and
+binary messages, fragments, ping, close).
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ HEALTH = "dockerspaces-test/health:1"
 EXIT = "dockerspaces-test/exit:1"
 DEAF = "dockerspaces-test/deaf:1"
 WORKER = "dockerspaces-test/worker:1"
+WSAPP = "dockerspaces-test/wsapp:1"
 
 TTS_PORT = 5002
 WEB_PORT = 8080
@@ -262,6 +273,122 @@ _DOCKERFILES: dict[str, str] = {
     ),
 }
 
+_WSAPP = r'''"""wsapp: an index page whose script opens a WebSocket under its own path, and the
+echo behind it (RFC 6455 by hand: handshake, masked client frames, text echo)."""
+import base64
+import hashlib
+import os
+import signal
+import struct
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+PAGE = b"""<!doctype html><html><head><meta charset=utf-8><title>wsapp</title></head>
+<body><h1>wsapp</h1><p id=app>image=dockerspaces-test/wsapp:1</p><pre id=ws>connecting</pre>
+<script>
+var out = document.getElementById('ws');
+var url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host
+    + location.pathname.replace(/[^/]*$/, '') + 'ws';
+var sock = new WebSocket(url);
+sock.onopen = function () { out.textContent = 'open'; sock.send('hello from the page'); };
+sock.onmessage = function (e) { out.textContent = 'echo: ' + e.data; sock.close(); };
+sock.onerror = function () { out.textContent = 'error'; };
+</script></body></html>
+"""
+
+
+def read_exact(f, n):
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def read_frame(f):
+    """(fin, opcode, payload) of one client frame (clients must mask)."""
+    b0, b1 = read_exact(f, 2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", read_exact(f, 2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", read_exact(f, 8))[0]
+    if not b1 & 0x80:
+        raise ValueError("unmasked client frame")
+    mask = read_exact(f, 4)
+    data = read_exact(f, n)
+    return b0 & 0x80, b0 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+
+
+def frame(opcode, payload):
+    """One unmasked, final server frame."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
+        if self.path.split("?")[0].endswith("/ws") and upgrade:
+            return self.echo()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def echo(self):
+        key = self.headers.get("Sec-WebSocket-Key", "").strip().encode()
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        message, first = b"", 0
+        try:
+            while True:
+                fin, op, data = read_frame(self.rfile)
+                if op == 0x8:  # close: answer it and stop
+                    self.wfile.write(frame(0x8, data[:2]))
+                    return
+                if op == 0x9:  # ping
+                    self.wfile.write(frame(0xA, data))
+                elif op in (0x0, 0x1, 0x2):
+                    first = first or op
+                    message += data
+                    if fin:
+                        print(f"wsapp: echo {len(message)} bytes", flush=True)
+                        self.wfile.write(frame(first, message))
+                        message, first = b"", 0
+                self.wfile.flush()
+        except (EOFError, ConnectionError, ValueError):
+            return
+
+    def log_message(self, fmt, *args):
+        sys.stdout.write("wsapp: %s\n" % (fmt % args))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 ignores it otherwise
+    time.sleep(float(os.environ.get("DELAY") or 0))
+    port = int(os.environ.get("PORT") or 8080)
+    print(f"wsapp: listening on {port}", flush=True)
+    ThreadingHTTPServer(("", port), Handler).serve_forever()
+'''
+
 HASH_LABEL = "dockerspaces.test.hash"
 _LOCK_PATH = os.path.join(tempfile.gettempdir(), "dockerspaces-test-images.lock")
 _done: set[str] = set()
@@ -291,8 +418,8 @@ def _current_hash(client: Any, tag: str) -> str | None:
     return labels.get(HASH_LABEL)
 
 
-def _build(client: Any, context: str, tag: str, digest: str) -> None:
-    dockerfile = _DOCKERFILES[tag] + f'LABEL {HASH_LABEL}="{digest}"\n'
+def _build(client: Any, context: str, tag: str, digest: str, text: str | None = None) -> None:
+    dockerfile = (text or _DOCKERFILES[tag]) + f'LABEL {HASH_LABEL}="{digest}"\n'
     name = "Dockerfile." + tag.replace("/", "_").replace(":", "_")
     with open(os.path.join(context, name), "w") as f:
         f.write(dockerfile)
@@ -350,3 +477,37 @@ def ensure_test_images(*tags: str) -> None:
         client.close()
     _done.update(wanted)
     _done.add(BASE)
+
+
+def ensure_wsapp_image() -> str:
+    """Build :data:`WSAPP` unless present and current (blocking; needs the python3 base
+    image, which ``ensure_pybase`` makes by debootstrap once or skips the test)."""
+    if WSAPP in _done:
+        return WSAPP
+    from .test_dockerfile import ensure_pybase  # lazily: that module imports this one
+
+    base = ensure_pybase()
+    client = docker_client(timeout=300)
+    try:
+        base_id = client.inspect_image(base)["Id"]
+        dockerfile = (f"FROM {base}\nCOPY wsapp.py /wsapp.py\n"
+                      f"ENV PORT={WEB_PORT}\nEXPOSE {WEB_PORT}\n" + _LABELS
+                      + 'CMD ["python3", "-u", "/wsapp.py"]\n')
+        digest = hashlib.sha256((base_id + dockerfile + _WSAPP).encode()).hexdigest()[:16]
+        with open(_LOCK_PATH, "a") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            try:
+                if _current_hash(client, WSAPP) != digest:
+                    context = tempfile.mkdtemp(prefix="ds-test-wsapp-")
+                    try:
+                        with open(os.path.join(context, "wsapp.py"), "w") as f:
+                            f.write(_WSAPP)
+                        _build(client, context, WSAPP, digest, dockerfile)
+                    finally:
+                        shutil.rmtree(context, ignore_errors=True)
+            finally:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+    finally:
+        client.close()
+    _done.add(WSAPP)
+    return WSAPP

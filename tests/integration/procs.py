@@ -2,8 +2,10 @@
 
 :class:`Server` starts ``twistd -n dockerspaces …`` (or ``docker-spaces``) from this
 checkout on a free loopback port with a unique ``--instance`` (so cleanup touches only
-its own containers), waits until ``/monitor:broker/`` answers, and offers small blocking
-HTTP helpers.  Tests using it are blocking on purpose: the server is another process.
+its own containers), waits until ``/monitor:broker/`` answers (``probe=`` names another
+path, e.g. ``/monitor:health``, which stays open under ``--auth accounts``;
+``probe_headers=`` adds credentials), and offers small blocking HTTP helpers.  Tests
+using it are blocking on purpose: the server is another process.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Server:
 
     def __init__(self, *args: str, slots: int = 2, instance: str | None = None,
                  port: int | None = None, command: str = "twistd",
-                 start_port: int | None = None, extra_env: dict[str, str] | None = None):
+                 start_port: int | None = None, extra_env: dict[str, str] | None = None,
+                 probe: str = "/monitor:broker/", probe_headers: dict[str, str] | None = None):
         self.port = port or free_port()
         self.instance = instance or unique_instance("srv")
         self.slots = slots
@@ -44,6 +47,7 @@ class Server:
         self.args = list(args)
         self.command = command
         self.env = dict(os.environ, PYTHONPATH=REPO, **(extra_env or {}))
+        self.probe, self.probe_headers = probe, probe_headers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(REPO, "_trial_temp", f"server-{self.instance}.log")
 
@@ -56,7 +60,7 @@ class Server:
         return base + own + self.args
 
     def start(self, timeout: float = 30.0) -> Server:
-        """Start and wait until /monitor:broker/ answers."""
+        """Start and wait until the probe path (/monitor:broker/) answers 200."""
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=self.env, stdout=self._log,
@@ -66,7 +70,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"dockerspaces exited {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                status, _, _ = self.request("GET", "/monitor:broker/", timeout=2)
+                status, _, _ = self.request("GET", self.probe, headers=self.probe_headers,
+                                            timeout=2)
                 if status == 200:
                     return self
             except OSError:

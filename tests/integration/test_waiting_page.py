@@ -11,107 +11,18 @@ An API client (no ``text/html``) on the same cold route blocks and gets the app.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-import urllib.request
 from typing import Any
 
 from twisted.trial import unittest
 
-from .dockerutil import docker_available, free_port
+from .browser import Browser, Session
+from .browser import chromium_missing as _chromium_missing
+from .dockerutil import docker_available
 from .images import WEB, ensure_test_images
-from .procs import REPO, Server
-
-CHROMIUM = os.environ.get("DOCKERSPACES_TEST_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = os.path.join(REPO, "test-artifacts")
-
-
-def _chromium_missing() -> str | None:
-    if not os.path.exists(CHROMIUM):
-        return f"{CHROMIUM} is not installed (apt-get install chromium)"
-    try:
-        import websockets  # noqa: F401
-    except ImportError:
-        return "the websockets package is not installed"
-    return None
-
-
-class Browser:
-    """Headless Chromium with a DevTools websocket to one page (blocking helpers)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.profile = tempfile.mkdtemp(prefix="ds-chromium-")
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-             f"--remote-debugging-port={self.port}", "--remote-allow-origins=*",
-             "--window-size=1000,700", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.ws_url = self._page_ws()
-
-    def _page_ws(self, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=2) as r:
-                    targets = json.loads(r.read())
-                pages = [t for t in targets if t.get("type") == "page"]
-                if pages:
-                    return str(pages[0]["webSocketDebuggerUrl"])
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("Chromium's DevTools endpoint did not come up")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
-class Session:
-    """One DevTools websocket session (async)."""
-
-    def __init__(self, ws: Any):
-        self.ws, self.next_id = ws, 0
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        my = self.next_id
-        await self.ws.send(json.dumps({"id": my, "method": method, "params": params}))
-        while True:
-            msg = json.loads(await self.ws.recv())
-            if msg.get("id") == my:
-                if "error" in msg:
-                    raise AssertionError(f"{method}: {msg['error']}")
-                return msg.get("result", {})  # type: ignore[no-any-return]
-
-    async def evaluate(self, expr: str) -> Any:
-        r = await self.call("Runtime.evaluate", expression=expr, returnByValue=True)
-        return r.get("result", {}).get("value")
-
-    async def screenshot(self, name: str) -> str:
-        os.makedirs(ARTIFACTS, exist_ok=True)
-        r = await self.call("Page.captureScreenshot", format="png")
-        path = os.path.join(ARTIFACTS, name)
-        _write(path, base64.b64decode(r["data"]))
-        return path
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+from .procs import Server
 
 
 class WaitingPageTests(unittest.TestCase):
