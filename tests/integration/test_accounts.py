@@ -44,6 +44,7 @@ from .browser import Browser, Session, chromium_missing
 from .dockerutil import docker_available, docker_client
 from .images import TTS, WEB, WSAPP, ensure_test_images, ensure_wsapp_image
 from .procs import REPO, Server
+from .wait import eventually
 
 TTS_PATH = "/x:selmaproject:tts:777:5002/"
 WEB_PATH = "/x:dockerspaces-test:web:1:8080/"
@@ -53,20 +54,6 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;
 #: for this shared 2-core machine
 LIVE = 1.5
 CLIS = [p for p in ("/usr/bin/docker", "/usr/local/bin/docker") if os.access(p, os.X_OK)]
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
-    """Call ``check`` until it returns something true; the seconds that took.
-    Fails with ``what`` and the last value after ``timeout`` seconds."""
-    t0 = time.monotonic()
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
-        time.sleep(interval)
 
 
 def basic(user: str, secret: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from .dockerutil import docker_available, docker_client
 from .images import SLOWHTTP, TTS, WEB, WORKER, ensure_test_images
 from .procs import Server
+from .wait import eventually
 
 SKIP = docker_available()
 
@@ -104,21 +105,12 @@ class Exclusive(JobsTestCase):
         srv = self.server("--source", "1", slots=1)
         first = ThreadPoolExecutor(1).submit(
             srv.get, "/x:dockerspaces-test:web:1:8080/cgi-bin/sleep?3")
-        time.sleep(1.5)  # the first holds the only container
+        eventually(lambda: in_flight(srv) == 1, 30, "the first request holds the only container")
         sock = socket.create_connection(("127.0.0.1", srv.port))
         sock.sendall(b"GET /x:dockerspaces-test:web:1:8080/ HTTP/1.1\r\nHost: t\r\n\r\n")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sum(srv.snapshot()["Queues"].values() or [0]) >= 1:
-                break
-            time.sleep(0.1)
-        else:
-            self.fail("the second request never queued")
+        eventually(lambda: queued(srv) >= 1, 10, "the second request queued", interval=0.1)
         sock.close()  # leave the queue
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and sum(srv.snapshot()["Queues"].values() or [0]):
-            time.sleep(0.1)
-        self.assertEqual(sum(srv.snapshot()["Queues"].values() or [0]), 0)
+        eventually(lambda: queued(srv) == 0, 10, "the queue empty again", interval=0.1)
         self.assertEqual(first.result(60)[0], 200)
         status, _, _ = srv.get("/x:dockerspaces-test:web:1:8080/")
         self.assertEqual(status, 200)
@@ -129,7 +121,7 @@ class Exclusive(JobsTestCase):
         self.assertEqual(status, 200)
         victim = hostname_of(body)
         pending = ThreadPoolExecutor(1).submit(srv.get, "/x:dockerspaces-test:web:1:8080/cgi-bin/sleep?5")
-        time.sleep(1.5)
+        eventually(lambda: in_flight(srv) == 1, 30, "the request in flight on the container")
         c = docker_client()
         try:
             (info,) = [i for i in c.containers(filters={"label": f"dockerspaces.instance={srv.instance}"})
@@ -233,3 +225,13 @@ class HostRefusals(JobsTestCase):
             self.assertEqual(status, 403, (target, body))
         status, _, body = srv.get("/host:" + "a" * 64 + ".example/")
         self.assertEqual(status, 400, body)
+
+
+def queued(srv: Server) -> int:
+    """Requests waiting in the server's queues."""
+    return sum(srv.snapshot()["Queues"].values() or [0])
+
+
+def in_flight(srv: Server) -> int:
+    """Requests in flight on the server's containers."""
+    return sum(int(s.get("InFlight") or 0) for s in srv.snapshot()["TargetSlots"])
