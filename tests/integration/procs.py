@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 from .dockerutil import (
@@ -26,6 +25,7 @@ from .dockerutil import (
     remove_instance_containers,
     unique_instance,
 )
+from .wait import eventually
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -65,20 +65,25 @@ class Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dockerspaces exited {self.proc.returncode}:\n{self.output()[-4000:]}")
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"dockerspaces exited {proc.returncode}:\n{self.output()[-4000:]}")
             try:
                 status, _, _ = self.request("GET", self.probe, headers=self.probe_headers,
                                             timeout=2)
-                if status == 200:
-                    return self
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("dockerspaces did not answer:\n" + self.output()[-4000:])
-            time.sleep(0.1)
+                return False
+            return status == 200
+
+        try:
+            eventually(answers, timeout, "dockerspaces answering", interval=0.1)
+        except AssertionError as e:
+            if "not within" not in str(e):
+                raise
+            raise AssertionError("dockerspaces did not answer:\n" + self.output()[-4000:]) from None
+        return self
 
     def output(self) -> str:
         """Everything the process logged so far."""
@@ -133,12 +138,14 @@ class Server:
         """The /monitor:broker/ JSON once every host is up: the broker has listed and
         adopted (or removed) its labelled containers, which it does after the port
         opens."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def all_up() -> dict[str, Any] | None:
             snap = self.snapshot()
-            if all(h["Up"] for h in snap["Hosts"]) or time.monotonic() > deadline:
-                return snap
-            time.sleep(0.1)
+            return snap if all(h["Up"] for h in snap["Hosts"]) else None
+
+        try:
+            return eventually(all_up, timeout, "every host up", interval=0.1)
+        except AssertionError:
+            return self.snapshot()  # the caller's assertions say what is missing
 
     def containers(self, all: bool = False) -> list[dict[str, Any]]:
         """This instance's containers as docker sees them."""

@@ -13,7 +13,6 @@ to the peer).
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from .dockerutil import docker_available, free_port
 from .images import WEB, ensure_test_images
 from .procs import Server, _free_range
+from .wait import eventually
 
 HOST_LABEL = "dockerspaces.host"
 
@@ -73,11 +73,10 @@ class Cluster(TestCase):
         return {h["Name"]: h for h in self.front.snapshot()["Hosts"]}
 
     def wait_for(self, what: str, pred: Any, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}; hosts: {self.hosts()}")
-            time.sleep(0.3)
+        try:
+            eventually(pred, timeout, what, interval=0.3)
+        except AssertionError:
+            self.fail(f"timed out waiting for {what}; hosts: {self.hosts()}")
 
     def container_hosts(self) -> dict[str, str]:
         """Container id -> host label of the front's running containers."""
@@ -123,7 +122,9 @@ class Cluster(TestCase):
         with ThreadPoolExecutor(2) as pool:
             inflight = [pool.submit(self.front.get, web_path(n, "cgi-bin/sleep?4"), timeout=150)
                         for n in names]
-            time.sleep(1.0)
+            self.wait_for("both requests in flight on the peer", lambda: sum(
+                int(s.get("InFlight") or 0) for s in self.front.snapshot()["TargetSlots"]
+                if s["Host"] == self.peer_host) == 2)
             self.assertIn(self.peer.stop(), (0, -15))  # twistd re-raises SIGTERM at exit
             results = self.fire([web_path(f"Q{n}", "") for n in range(4)])
             done = [f.result() for f in inflight]
