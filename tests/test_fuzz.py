@@ -35,7 +35,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import reactor as global_reactor
-from twisted.internet._resolver import GAIResolver
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -49,6 +48,7 @@ from dockerspaces.broker.model import BrokerSettings
 from dockerspaces.config import Config, HostConfig
 from dockerspaces.engine.fake import FakeEngine
 from dockerspaces.metrics import Metrics
+from dockerspaces.twistedseam import gai_resolver
 from dockerspaces.web.accesslog import Recorder
 from dockerspaces.web.proxy import Proxy
 from dockerspaces.web.root import Root
@@ -334,7 +334,7 @@ class FuzzTests(TestCase):
         proxy = Proxy(reactor, endpoint_factory=lambda backend: _Refusing())
         # the real lookup path (twisted's GAIResolver, its thread pool, resolver_from)
         # with a getaddrinfo that needs no network
-        resolve = resolver_from(GAIResolver(reactor, getaddrinfo=_getaddrinfo), reactor)
+        resolve = resolver_from(gai_resolver(reactor, _getaddrinfo), reactor)
         policy = HostPolicy(allow=(), own_ports=set(), resolve=resolve)
         config = Config(ports=("tcp:0",), cors=True)
         metrics = Metrics()

@@ -42,6 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from ..config import HostConfig
 from ..spec import JobSpec, SpecError, parse_route
 from .auth import RegistryAuth, registry_of, split_ref
+from .dockerseam import json_stream, post_streaming
 from .interface import (
     LABEL_DISPLAY,
     LABEL_HOST,
@@ -457,17 +458,11 @@ class Engine:
         headers = {"X-Registry-Auth": docker.auth.encode_header(auth_config)} if auth_config else {}
         self._progress(pull, PullProgress(ref, f"pulling {ref} from {registry}"), force=True)
         try:
-            response = client._post(
-                client._url("/images/create"),
-                params={"fromImage": repo, "tag": tag},
-                headers=headers,
-                stream=True,
-                timeout=None,
-            )
-            client._raise_for_status(response)
+            response = post_streaming(client, "/images/create",
+                                      params={"fromImage": repo, "tag": tag}, headers=headers)
         except docker.errors.APIError as e:
             raise pull_error(ref, registry, _explanation(e), auth_config is not None) from None
-        stream = CancellableStream(client._stream_helper(response, decode=True), response)
+        stream = CancellableStream(json_stream(client, response), response)
         key = self._track(stream, client)
         try:
             for chunk in stream:

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
+from .dockerseam import server_api_version, set_api_version
+
 DEFAULT_TIMEOUT = 60
 
 
@@ -108,10 +110,10 @@ def make_client(
         client.headers.update(extra_headers)
     if version == "auto":
         try:
-            client._version = client._retrieve_server_version()
+            set_api_version(client, server_api_version(client))
         except Exception:
             client.close()
             raise
     else:
-        client._version = version
+        set_api_version(client, version)
     return client

@@ -30,9 +30,9 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.http import _ChunkedTransferDecoder
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from ..twistedseam import ChunkedDecoder, when_switched
 from .headers import (
     BadResponse,
     Headers,
@@ -44,6 +44,21 @@ from .sendnow import write_now
 
 if TYPE_CHECKING:
     from .proxy import _Exchange
+
+
+def _queue(t: Any, data: bytes) -> None:
+    t.write(data)
+
+
+#: how a request head goes to the backend: at once (:func:`write_now`, a fast path of
+#: the seam), or queued by the transport's ``write`` with the fast paths off
+_write_head: Callable[[Any, bytes], None] = write_now
+
+
+@when_switched
+def _use_fast_paths(on: bool) -> None:
+    global _write_head  # noqa: PLW0603 - bound once by the seam's switch, not tested per request
+    _write_head = write_now if on else _queue
 
 
 _MAX_HEAD = 64 * 1024
@@ -241,7 +256,7 @@ class BackendProtocol(Protocol):
         self.got_bytes = False
         self.head_request = sink.request.method == b"HEAD"
         self.expect_upgrade = sink.upgrade is not None
-        write_now(self.transport, head)
+        _write_head(self.transport, head)
         if length > 0:
             self.body_sent = False
             _BodySender(body, self.transport, length, self._body_done).start()
@@ -364,7 +379,7 @@ class BackendProtocol(Protocol):
             self._complete()
         elif chunked:
             self.state = _BODY_CHUNKED
-            self._decoder = _ChunkedTransferDecoder(self._chunk_data, self._chunks_done)
+            self._decoder = ChunkedDecoder(self._chunk_data, self._chunks_done)
             if rest:
                 self.dataReceived(bytes(rest))
         elif length is not None:

@@ -375,7 +375,7 @@ class _Exchange:
             self._error(502, f"backend {self.backend} sent no response", "backend-error")
             return
         self._end("finished")
-        if not request.startedWriting and not request._disconnected:
+        if not request.startedWriting and request.channel is not None:  # (None: client gone)
             self._write_head()
         request.finish()
         if self.direct is not None:
@@ -531,7 +531,7 @@ class _Exchange:
             and not request.chunked
             and request.method != b"HEAD"
             and request.code not in NO_BODY_CODES
-            and not request._disconnected
+            and request.channel is not None  # (None once the client is gone)
             and can_send_now(t)
         ):
             request.sentLength += len(data)
@@ -558,7 +558,7 @@ class _Exchange:
         request = self.request
         sent = None if request.startedWriting else status
         self._end(reason, status=sent)
-        if not getattr(request, "_disconnected", False) and request.channel is not None:
+        if request.channel is not None:  # (None once the client is gone)
             self.proxy.error_page(request, status, message)
 
     def _end(self, reason: str, status: int | None = -1) -> None:

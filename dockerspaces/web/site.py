@@ -27,22 +27,33 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
-from twisted.protocols.basic import LineReceiver
-from twisted.python.failure import Failure
-from twisted.web import http as _http
-from twisted.web import http_headers as _http_headers
 from twisted.web import resource as _resource
-from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.http import parse_qs as _parse_qs
-from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site, version
+
+from ..twistedseam import (
+    TOKEN,
+    TWISTED_PARSE_REQUEST_LINE,
+    SeamChannel,
+    SeamRequest,
+    head_received,
+    install_request_line_parser,
+    parse_request_line,
+    reading_request_line,
+    request_line_seen,
+    simple_head,
+)
+
+__all__ = [
+    "TOKEN", "TWISTED_PARSE_REQUEST_LINE", "HeadDeadlineChannel", "LimitedRequest", "ProxySite",
+    "http_date", "install_request_line_parser", "make_site", "on_lost", "parse_request_line",
+    "refused", "simple_head",
+]
 
 _BODY_413 = "request body of {size} exceeds the limit of {limit} bytes (--max-body)\n"
 
@@ -76,38 +87,6 @@ class _NullSpool:
         pass
 
 
-#: an HTTP token (RFC 9110 5.6.2), as a regular-expression fragment
-TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN = re.compile(TOKEN)
-_BAD_TARGET = re.compile(rb"[\x00-\x20\xb1-\xff]")
-
-#: twisted.web's own parser (what :func:`parse_request_line` must agree with)
-TWISTED_PARSE_REQUEST_LINE = _http._parseRequestLine
-
-
-def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
-    """``twisted.web.http._parseRequestLine``, its per-byte Python loops (the method a
-    token, the target printable) done by regular expressions: same result, same
-    ``ValueError``; twisted.web's loop cost more than the rest of routing a request
-    with a 20-byte URI, and grows with the URI."""
-    method, target, version = line.split(b" ")
-    if _TOKEN.fullmatch(method) is None:
-        raise ValueError("Invalid method")
-    if _BAD_TARGET.search(target) is not None:
-        raise ValueError("Invalid request-target")
-    if target == b"":
-        raise ValueError("Empty request-target")
-    if version not in {b"HTTP/1.1", b"HTTP/1.0"}:
-        raise ValueError("Invalid version")
-    return method, target, version
-
-
-def install_request_line_parser() -> None:
-    """Make twisted.web's HTTP channel use :func:`parse_request_line` (idempotent)."""
-    if getattr(_http, "_parseRequestLine", None) is TWISTED_PARSE_REQUEST_LINE:
-        _http._parseRequestLine = parse_request_line
-
-
 _date_cache: list[Any] = [None, b""]
 
 
@@ -120,34 +99,13 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[no-any-return]
 
 
-class LimitedRequest(Request):
+class LimitedRequest(SeamRequest):
     """A ``Request`` that refuses bodies over the site's ``max_body`` with ``413``
     (and the other changes of the module docstring)."""
 
     rejected = False
-    _args: dict[bytes, list[bytes]] | None = None
     _received = 0
     _lost_hooks: list[Callable[[Any], object]] | None = None
-
-    def process(self) -> None:
-        """``server.Request.process`` without setting ``Server``/``Date`` up front
-        (:meth:`write` adds them when the head goes out)."""
-        self.site = self.channel.site  # type: ignore[attr-defined]
-        self.prepath = []
-        self.postpath = [unquote_to_bytes(p) if b"%" in p else p
-                         for p in self.path[1:].split(b"/")]
-        if self.path == b"*":
-            self._handleStar()  # type: ignore[attr-defined]
-            return
-        try:
-            resrc = self.site.getResourceFor(self)
-            if _resource._IEncodingResource.providedBy(resrc):  # type: ignore[attr-defined]
-                encoder = resrc.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(resrc)
-        except BaseException:  # noqa: BLE001 - as twisted.web: any error is a 500
-            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         """Add the default headers with the head, then write as usual."""
@@ -210,6 +168,8 @@ class LimitedRequest(Request):
         if self.content is not None and not isinstance(self.content, _NullSpool):
             self.content.close()
         self.content = _NullSpool()  # type: ignore[assignment]
+        # a chunked body may still end within this read: never process the request
+        self.requestReceived = lambda command, path, version: None  # type: ignore[method-assign]
         channel: Any = self.channel
         channel.persistent = False
         # drop whatever else the client sends on this connection
@@ -217,37 +177,8 @@ class LimitedRequest(Request):
         channel.lineReceived = lambda line: None
         channel.transport.write(_too_large(size, limit))
         channel.transport.loseConnection()
-        refused(channel, 413, getattr(channel, "_command", b""),
-                getattr(channel, "_path", b"")[:_LOGGED_URI], "body-too-large")
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """Process the request unless it was refused for its size.
-
-        ``http.Request.requestReceived`` without what a proxy never uses up front: the
-        query is parsed into ``args`` only when something reads them, and a POST body
-        is never parsed (the site has ``parsePOSTFormSubmission=False``)."""
-        if self.rejected:
-            return
-        if self.content is not None:
-            self.content.seek(0, 0)
-        self.method, self.uri, self.clientproto = command, path, version
-        self.path = path.split(b"?", 1)[0]
-        self._args = None
-        self.process()
-
-    @property  # type: ignore[override]
-    def args(self) -> dict[bytes, list[bytes]]:
-        """The query arguments (``parse_qs`` of the query, as twisted.web's), parsed
-        when first read."""
-        args = self._args
-        if args is None:
-            _, sep, query = self.uri.partition(b"?")
-            args = self._args = _parse_qs(query, 1) if sep else {}
-        return args
-
-    @args.setter
-    def args(self, value: dict[bytes, list[bytes]]) -> None:
-        self._args = value
+        method, uri = request_line_seen(channel)
+        refused(channel, 413, method, uri[:_LOGGED_URI], "body-too-large")
 
 
 #: at most this much of a refused request's URI reaches the log
@@ -281,136 +212,34 @@ def on_lost(request: Request, hook: Callable[[Any], object]) -> None:
         request.notifyFinish().addErrback(hook)
 
 
-#: A whole request head without a body is read by two regexes: the request line, then
-#: every header line at once -- a token name, a value without NUL/CR/LF (SP/HTAB at its
-#: edges stripped, as twisted.web does) -- anchored at line starts, so that the head is
-#: simple exactly when each of its CRLFs ends a matched line and it has no bare CR or
-#: LF (what twisted.web's line parser accepts, narrowed). No lazy quantifiers: they
-#: retried the rest of a pattern at every byte.
-_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\xb0]+) (HTTP/1\.[01])\r\n")
-_HEADER_LINE = re.compile(
-    rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\x00\r\n]*[^ \t\x00\r\n])?)[ \t]*\r\n"
-)
-#: request headers that announce a body (such heads take twisted.web's parser)
-_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
-
-
-def simple_head(data: bytes) -> tuple[Any, list[tuple[bytes, bytes]]] | None:
-    """The request line match and the header (name, value) pairs of ``data``, a whole
-    request head ending in its blank line, when it is simple and announces no body;
-    else None (twisted.web's parser reads it)."""
-    m = _REQUEST_LINE.match(data)
-    if m is None:
-        return None
-    block = data[m.end() : -2]
-    pairs = _HEADER_LINE.findall(block)
-    n = block.count(b"\r\n")
-    if len(pairs) != n or block.count(b"\n") != n or block.count(b"\r") != n:
-        return None
-    for name, _ in pairs:
-        if name.lower() in _BODY_HEADERS:
-            return None
-    return m, pairs
-
-
-# The HTTPChannel state the fast path below reads and sets (twisted.web 24.7-26.x;
-# ``_handlingRequest`` is set in ``__init__``): if this Twisted has no such class
-# attributes, every request takes twisted.web's parser.
-_FAST_HEAD_OK = all(
-    hasattr(HTTPChannel, name)
-    for name in ("_HTTPChannel__first_line", "_HTTPChannel__header", "_receivedHeaderCount",
-                 "_receivedHeaderSize", "maxHeaders", "totalHeadersSize", "line_mode",
-                 "paused", "_buffer", "_busyReceiving", "length", "persistent",
-                 "allHeadersReceived", "allContentReceived", "requestFactory")
-) and isinstance(getattr(_http_headers.Headers(), "_rawHeaders", None), dict) and hasattr(
-    _http_headers, "_nameEncoder"
-)
-
-
-class HeadDeadlineChannel(HTTPChannel):
-    """An ``HTTPChannel`` that drops clients too slow to send a request head, and reads
-    a bodiless request head that arrives whole at once with two regexes."""
+class HeadDeadlineChannel(SeamChannel):
+    """An ``HTTPChannel`` that drops clients too slow to send a request head (and, as a
+    :class:`~dockerspaces.twistedseam.SeamChannel`, reads a bodiless request head that
+    arrives whole at once with two regexes while the fast paths are on)."""
 
     head_timeout: float | None = 30.0
     _head_call: Any = None
     _head_armed = False
-    _nonqueued: bool | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        """A whole request head without a body, alone in ``data`` and with nothing
-        pending: parsed at once (the state twisted.web's line parser would leave, the
-        same ``allHeadersReceived``/``allContentReceived`` calls); anything else —
-        bodies, pipelined requests, partial heads, odd bytes, over-long heads — goes
-        through twisted.web's line parser, which also answers every malformed one."""
-        if (
-            _FAST_HEAD_OK
-            and data[-4:] == b"\r\n\r\n"
-            and self.line_mode
-            and self.persistent
-            and not self._buffer
-            and not self._busyReceiving
-            and not self.paused
-            and not self._handlingRequest
-            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-            and not self._HTTPChannel__header  # type: ignore[attr-defined]
-            and len(data) <= self.totalHeadersSize
-        ):
-            simple = simple_head(data)
-            if simple is not None and len(simple[1]) <= self.maxHeaders:
-                self._fast_head(*simple)
-                return
-        super().dataReceived(data)
-
-    def _fast_head(self, m: Any, pairs: list[tuple[bytes, bytes]]) -> None:
-        self.resetTimeout()
-        self._busyReceiving = True
-        try:
-            factory = self.requestFactory
-            nonqueued = self._nonqueued
-            if nonqueued is None:
-                nonqueued = self._nonqueued = bool(INonQueuedRequestFactory.providedBy(factory))
-            request = factory(self) if nonqueued else factory(self, len(self.requests))
-            self.requests.append(request)
-            self._HTTPChannel__first_line = 0
-            # Headers.addRawHeader per line, without its checks: the regex admitted
-            # token names and values without CR/LF only
-            raw = request.requestHeaders._rawHeaders
-            encode = _http_headers._nameEncoder.encode  # canonical spelling, cached
-            for name, value in pairs:
-                key = encode(name)
-                values = raw.get(key)
-                if values is None:
-                    raw[key] = [value]
-                else:
-                    values.append(value)
-            self._receivedHeaderCount = len(pairs)
-            self._command, self._path, self._version = m.group(1, 2, 3)
-            self.allHeadersReceived()
-            if self.length == 0:
-                self.allContentReceived()
-        finally:
-            self._busyReceiving = False
-        if self._buffer:  # bytes handed back while the request was handled
-            LineReceiver.dataReceived(self, b"")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header line over ``MAX_LENGTH``: 414 for the request
         line (a URI too long), 431 for a header line -- twisted.web only closes."""
-        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        if reading_request_line(self):
             self._refuse(414, "uri-too-long", line)
         else:
             self._refuse(431, "head-too-large")
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_head(self) -> None:
         """twisted.web's 400-and-close, but 414 when the request line alone is over
         ``totalHeadersSize``, 431 when the head is or has more than ``maxHeaders``
         lines."""
-        if self._receivedHeaderSize > self.totalHeadersSize:
-            if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        size, count = head_received(self)
+        if size > self.totalHeadersSize:
+            if reading_request_line(self):
                 self._refuse(414, "uri-too-long")
             else:
                 self._refuse(431, "head-too-large")
-        elif self._receivedHeaderCount > self.maxHeaders:
+        elif count > self.maxHeaders:
             self._refuse(431, "head-too-large")
         else:
             self._refuse(400, "bad-request")
@@ -428,11 +257,11 @@ class HeadDeadlineChannel(HTTPChannel):
         if line is not None:  # the request line itself: what of it can be read
             method, _, rest = line[:_LOGGED_URI].partition(b" ")
             uri = rest.partition(b" ")[0]
-        elif self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        elif reading_request_line(self):
             method = uri = b""
         else:
-            method = getattr(self, "_command", b"")
-            uri = getattr(self, "_path", b"")[:_LOGGED_URI]
+            method, uri = request_line_seen(self)
+            uri = uri[:_LOGGED_URI]
         refused(self, code, method, uri, reason)
 
     # One DelayedCall per connection, moved rather than replaced: disarming only clears

@@ -7,10 +7,13 @@ backend connection with a :class:`Splice`: bytes both ways with flow control (ea
 transport is the other's registered producer), half-close honoured where both ends
 are plain sockets (``tcp:``/``unix:``), a full close otherwise (TLS).
 
-Pin awareness: :func:`take_over` touches ``HTTPChannel`` internals (``_dataBuffer``,
-``setTimeout``, the transport's ``protocol`` / a TLS wrapper's ``wrappedProtocol``).
-Tested with Twisted 26.10; setup.cfg pins ``>=24.7,<27`` — re-run
-``tests/test_tunnel.py`` and ``tests/integration/test_proxy.py`` before lifting it.
+Pin awareness: :func:`take_over` needs ``HTTPChannel`` internals (the bytes it
+buffered past the request, and that it parses nothing more:
+:func:`~dockerspaces.twistedseam.detach_channel`) and the transport's ``protocol`` / a
+TLS wrapper's ``wrappedProtocol``; setup.cfg bounds Twisted below its next major --
+re-run ``tests/test_tunnel.py`` and ``tests/integration/test_proxy.py`` before lifting
+it. Relaying straight to a plain TCP socket is a fast path of the seam (off with the
+others: then every byte goes through the transport's ``write``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from ..twistedseam import detach_channel
 from .headers import drop_hop_by_hop
-from .sendnow import can_send_now, is_plain_tcp, send_now
+from .sendnow import can_send_now, is_plain_tcp, relay_now
 
 if TYPE_CHECKING:
     from .backend import BackendProtocol
@@ -74,9 +78,7 @@ def take_over(channel: HTTPChannel, protocol: Protocol) -> bytes:
     if stop_deadline is not None:
         stop_deadline()
     transport.unregisterProducer()
-    buffered = b"".join(channel._dataBuffer)
-    channel._dataBuffer = []
-    channel._handlingRequest = True  # never parse anything again
+    buffered = detach_channel(channel)  # and it never parses anything again
     setattr(transport, slot, protocol)
     protocol.makeConnection(transport)
     resume = getattr(transport, "resumeProducing", None)
@@ -111,8 +113,7 @@ class _Side(Protocol):
             # straight to the socket, not on the next reactor iteration: one hop of
             # latency less per message; Twisted sends any unsent tail, and pauses
             # us as its own write would
-            if not send_now(t, data):
-                t._maybePauseProducer()
+            relay_now(t, data)
             return
         t.write(data)
 
@@ -222,7 +223,7 @@ def start_tunnel(
     """The backend said 101: answer the client, take its connection over, splice."""
     request = ex.request
     channel = request.channel
-    if channel is None or getattr(request, "_disconnected", False):
+    if channel is None:  # (a request's channel is None once its connection is lost)
         conn.abort()
         ex._end("client-gone")
         return
