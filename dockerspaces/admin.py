@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypeAlias
 
 from attrs import frozen
 
@@ -66,12 +66,20 @@ def parse_when(text: str) -> When:
     return When(moment.timestamp(), relative=False)
 
 
+#: what --json prints: ``json.dumps`` of it (dicts, lists, strings, numbers, None)
+JSON = object
+#: one record for --json
+JSONObject = dict[str, object]
+#: ``parser.add_subparsers()``: where each noun's parser goes
+Nouns: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 @frozen
 class Output:
     """What a command prints: ``data`` with --json, else ``text``; ``note`` goes to
     standard error (so that ``$(dockerspaces-admin token create …)`` is the token)."""
 
-    data: Any
+    data: JSON
     text: str
     note: str = ""
 
@@ -100,20 +108,20 @@ def _limit(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def user_json(u: User) -> dict[str, Any]:
+def user_json(u: User) -> JSONObject:
     """A user for --json (whether there is a password, never its hash)."""
     return {"name": u.name, "enabled": u.enabled, "groups": list(u.groups),
             "password": u.password_hash is not None}
 
 
-def group_json(g: Group) -> dict[str, Any]:
+def group_json(g: Group) -> JSONObject:
     """A group for --json (a quota of null: unlimited)."""
     return {"name": g.name, "images": list(g.images), "routes": sorted(g.routes),
             "containers": g.quota.containers, "gpus": g.quota.gpus, "queued": g.quota.queued,
             "admin": g.admin}
 
 
-def token_json(t: Token) -> dict[str, Any]:
+def token_json(t: Token) -> JSONObject:
     """A token for --json (never the digest; times in ISO 8601, UTC)."""
     return {"id": t.id, "user": t.user, "scopes": None if t.scopes is None else sorted(t.scopes),
             "expires": _iso(t.expires), "created": _iso(t.created),
@@ -335,7 +343,7 @@ def _group_options(p: argparse.ArgumentParser, *, changing: bool) -> None:
         admin.add_argument("--no-admin", action="store_true", help="members are not admins")
 
 
-def _user_commands(nouns: Any) -> None:
+def _user_commands(nouns: Nouns) -> None:
     user = nouns.add_parser("user", help="users").add_subparsers(dest="verb", required=True)
     for verb, run, text in (("add", user_add, "add a user"),
                             ("passwd", user_passwd, "set a user's password")):
@@ -354,7 +362,7 @@ def _user_commands(nouns: Any) -> None:
     user.add_parser("list", help="list the users").set_defaults(run=user_list)
 
 
-def _group_commands(nouns: Any) -> None:
+def _group_commands(nouns: Nouns) -> None:
     group = nouns.add_parser("group", help="groups").add_subparsers(dest="verb", required=True)
     p = group.add_parser("add", help="add a group")
     _group_options(p, changing=False)
@@ -376,7 +384,7 @@ def _group_commands(nouns: Any) -> None:
     group.add_parser("list", help="list the groups").set_defaults(run=group_list)
 
 
-def _token_commands(nouns: Any) -> None:
+def _token_commands(nouns: Nouns) -> None:
     token = nouns.add_parser("token", help="API tokens").add_subparsers(dest="verb", required=True)
     p = token.add_parser("create", help="create a token (printed once)")
     p.add_argument("user")

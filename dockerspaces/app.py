@@ -5,12 +5,14 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define, field
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -18,11 +20,11 @@ from . import logs
 from .accounts.identity import make_portal
 from .accounts.service import AccountsService, open_snapshot
 from .broker.broker import Broker
-from .broker.model import BrokerSettings
+from .broker.model import BrokerSettings, Clock
 from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
-from .engine.interface import RunOptions
+from .engine.interface import IEngine, RunOptions
 from .hostguard import HostPolicyService, host_policy, warn_refused_root
 from .logoutput import TextObserver
 from .metrics import Metrics
@@ -42,8 +44,14 @@ from .web.site import make_site
 
 log = Logger()
 
+#: the global reactor: it provides every ``IReactor*`` interface the parts below need
+#: (time, TCP, SSL, UNIX, threads, name resolution), and no one type says all that
+Reactor = Any
+#: the broker's container-event hook (see :func:`container_hook`)
+ContainerHook = Callable[..., None]
 
-def run_options_for(config: Config) -> Any:
+
+def run_options_for(config: Config) -> Callable[[JobSpec], RunOptions]:
     """A function mapping a JobSpec to its RunOptions from the first matching profile."""
 
     def resolve(spec: JobSpec) -> RunOptions:
@@ -76,8 +84,8 @@ class Routes:
     proxy: Proxy
     broker: Broker
     policy: HostPolicy
-    reactor: Any = None
-    engines: dict[str, Any] = field(factory=dict)
+    reactor: IReactorTime | None = None  # the health page's clock
+    engines: dict[str, IEngine] = field(factory=dict)
     waiting: WaitingRoom | None = None
     metrics: Metrics | None = None
 
@@ -125,7 +133,7 @@ class Routes:
         return self.docker_api_resource
 
 
-def container_hook(metrics: Metrics, accounts: AccountsService | None = None) -> Any:
+def container_hook(metrics: Metrics, accounts: AccountsService | None = None) -> ContainerHook:
     """The broker's container-event hook: one log line and the metrics per event, and
     with accounts the usage rows (``owner``: the user it was started for)."""
 
@@ -156,7 +164,7 @@ class ProxyService(Service):
 class BrokerService(Service):
     """Starts the broker after the engines, drains it at shutdown."""
 
-    def __init__(self, broker: Broker, keep: bool, clock: Any):
+    def __init__(self, broker: Broker, keep: bool, clock: Clock):
         self.broker, self.keep, self.clock = broker, keep, clock
         self._started: Deferred[None] | None = None
 
@@ -225,7 +233,7 @@ def user_containers(broker: Broker, user: str) -> list[tuple[str, str, str | Non
             if v.spec is not None and (user in v.users or v.owner == user)]
 
 
-def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[str, Engine]]:
+def build_engines(config: Config, reactor: Reactor) -> tuple[list[HostConfig], dict[str, Engine]]:
     """One Engine per configured host."""
     auth = RegistryAuth.from_config(config)
     hosts = config.hosts()
@@ -238,7 +246,7 @@ def build_engines(config: Config, reactor: Any) -> tuple[list[HostConfig], dict[
     return hosts, engines
 
 
-def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) -> MultiService:
+def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = None) -> MultiService:
     """The whole service tree for ``config``; ``log_out`` is where log lines go (see
     :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
     observer = logs.setup_logging(config.log_format, log_out, reactor)
@@ -264,7 +272,7 @@ def build_service(config: Config, reactor: Any, log_out: IO[str] | None = None) 
     if config.root is not None:
         warn_refused_root(policy, config.root)
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
-    routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=engines,
+    routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=dict(engines),
                     waiting=waiting, metrics=metrics,
                     has_slots=any(h.slots > 0 for h in hosts),
                     docker_api_resource=(DockerApiResource.from_config(config, proxy)

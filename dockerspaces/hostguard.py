@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import Config, HostConfig
-from .engine.interface import NetworkInfo
+from .engine.interface import IEngine, NetworkInfo
 from .netlocal import (
     docker_networks,
     engine_targets,
@@ -36,6 +36,11 @@ def own_ports(config: Config) -> set[int]:
 log = Logger()
 
 
+class IResolvingReactor(IReactorPluggableNameResolver, IReactorTime):
+    """What :func:`host_policy` uses of the reactor: its name resolver, and its clock
+    for the lookups' timeout."""
+
+
 def engine_hosts(config: Config, hosts: list[HostConfig]) -> frozenset[str]:
     """Names and addresses of every engine and peer (``--docker``, ``--cluster``): a
     ``host:`` target there is refused on every port, as a Docker API (or a peer's
@@ -53,7 +58,7 @@ def engine_hosts(config: Config, hosts: list[HostConfig]) -> frozenset[str]:
     return frozenset(out)
 
 
-def host_policy(config: Config, hosts: list[HostConfig], reactor: Any) -> HostPolicy:
+def host_policy(config: Config, hosts: list[HostConfig], reactor: IResolvingReactor) -> HostPolicy:
     """The ``host:`` policy: every address of this machine, Docker's networks (the
     local bridges; the engines' own lists are added by :class:`HostPolicyService`),
     every engine and peer refused unless ``--allow-host``; own ports always
@@ -89,7 +94,7 @@ class HostPolicyService(Service):
     and every ``interval`` seconds, so that a network or an interface created later
     is refused too. An engine that does not answer keeps what it said last."""
 
-    def __init__(self, policy: HostPolicy, engines: dict[str, Any], clock: Any,
+    def __init__(self, policy: HostPolicy, engines: Mapping[str, IEngine], clock: IReactorTime,
                  interval: float = 60.0,
                  read_local: Callable[[], Iterable[str]] = interface_addresses):
         self.policy, self.engines, self.clock = policy, engines, clock
@@ -129,10 +134,12 @@ class HostPolicyService(Service):
             if name in self._asking or not hasattr(engine, "networks"):
                 continue
             self._asking.add(name)
-            d = engine.networks()
-            d.addCallbacks(self._got, self._failed, callbackArgs=(name,),
-                           errbackArgs=(name,))
-            d.addBoth(lambda _, n=name: self._asking.discard(n))
+            d = engine.networks().addCallbacks(self._got, self._failed, callbackArgs=(name,),
+                                               errbackArgs=(name,))
+            d.addBoth(self._answered, name)
+
+    def _answered(self, _: object, name: str) -> None:
+        self._asking.discard(name)
 
     def _got(self, networks: list[NetworkInfo], name: str) -> None:
         self._failing.discard(name)

@@ -24,11 +24,15 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from threading import get_ident
-from typing import IO, Any
+from types import FrameType
+from typing import IO, Protocol
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import (
     ILogObserver,
+    LogEvent,
     LogLevel,
     formatEventAsClassicLogText,
     formatTime,
@@ -40,6 +44,17 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 FLUSH_LINES = 512
 
 
+class LoopReactor(Protocol):
+    """What a :class:`LineWriter` uses of the reactor: whether it runs, and a call on
+    its next iteration."""
+
+    running: bool
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
+                  **kw: object) -> IDelayedCall:
+        """Run ``callable`` after ``delay`` seconds."""
+
+
 class LineWriter:
     """Writes log lines to ``out`` in batches, one ``write`` per reactor iteration.
 
@@ -47,12 +62,12 @@ class LineWriter:
     (the Docker pools') are written through at once, as are ``urgent`` ones.
     """
 
-    def __init__(self, out: IO[str], reactor: Any):
+    def __init__(self, out: IO[str], reactor: LoopReactor):
         self.out = out
         self.reactor = reactor
         self._thread = threading.get_ident()
         self._pending: list[str] = []
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def write(self, line: str, urgent: bool = False) -> None:
         """Queue ``line`` (ending in a newline) or, where it cannot wait, write it now."""
@@ -119,7 +134,7 @@ class TextObserver:
         self.writer = writer
         self.stamp = _Stamp()
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         """Format and queue one event (``warn`` and above are written at once)."""
         level = event.get("log_level")
         text = event.get("ds_text")
@@ -141,7 +156,7 @@ class TextObserver:
         self.writer.write(f"{self.stamp(when)}{head}{text}\n", urgent)
 
 
-def twistd_destination(twistd_options: Any) -> IO[str] | None:
+def twistd_destination(twistd_options: object) -> IO[str] | None:
     """The file twistd would write its text log to, for its parsed ``ServerOptions``.
 
     ``None`` where twistd must keep logging itself: ``--syslog``, ``--logger``, or
@@ -163,7 +178,7 @@ def twistd_destination(twistd_options: Any) -> IO[str] | None:
     log_file = logfile.LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
 
-        def rotate(signum: int, frame: Any) -> None:
+        def rotate(signum: int, frame: FrameType | None) -> None:
             from twisted.internet import reactor
 
             reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]

@@ -26,10 +26,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from time import time
-from typing import IO, Any
+from typing import IO
 
+from twisted.application.service import IServiceCollection
+from twisted.internet.interfaces import IAddress
 from twisted.logger import (
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     formatEvent,
@@ -38,7 +41,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from .logoutput import URGENT, LineWriter, TextObserver
+from .logoutput import URGENT, LineWriter, LoopReactor, TextObserver
 from .services import StopInOrder
 from .spec import redact_path
 
@@ -162,8 +165,8 @@ class RequestLog:
     every observer. When the process's log *is* our :class:`TextObserver` (text format,
     written by us to twistd's destination), lines go straight to it instead, the same
     text in the same file and order, without building an event of 19 keys and passing
-    it through the publisher for every request (a third of what the whole ``host:``
-    route added to the bare data path). JSON lines and twistd's own observers
+    it through the publisher for every request (on the hot path: see BENCHMARKS.md).
+    JSON lines and twistd's own observers
     (``--syslog``, ``--logger``) keep the event path.
     """
 
@@ -174,7 +177,7 @@ class RequestLog:
         self.now = now
 
     def __call__(self, kind: str, route: str, method: bytes, uri: bytes, status: int,
-                 nbytes: int, seconds: float, queue_wait: float | None, client: Any,
+                 nbytes: int, seconds: float, queue_wait: float | None, client: IAddress | None,
                  reason: str | None, user: str | None = None) -> None:
         """Log one request (``client`` is the peer address object, or None; ``user`` the
         signed-in user)."""
@@ -231,10 +234,10 @@ def log_container(
     )
 
 
-def event_record(event: dict[str, Any]) -> dict[str, Any]:
+def event_record(event: LogEvent) -> dict[str, object]:
     """The JSON-ready record of a log event: time, level, namespace, message, ``ds_*``."""
     level = event.get("log_level")
-    rec: dict[str, Any] = {
+    rec: dict[str, object] = {
         "time": datetime.fromtimestamp(event.get("log_time") or 0, UTC)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
@@ -261,7 +264,7 @@ class JsonLinesObserver:
         self.out = out
         self.writer = writer
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         """Write one event."""
         line = json.dumps(event_record(event), default=str, ensure_ascii=False) + "\n"
         if self.writer is not None:
@@ -271,7 +274,7 @@ class JsonLinesObserver:
         self.out.flush()
 
 
-def json_observer(out: IO[str] | None = None, reactor: Any = None) -> JsonLinesObserver:
+def json_observer(out: IO[str] | None = None, reactor: LoopReactor | None = None) -> JsonLinesObserver:
     """A JSON-lines observer on ``out`` (stdout by default), batched when given the
     ``reactor``."""
     target = out if out is not None else sys.stdout
@@ -279,7 +282,7 @@ def json_observer(out: IO[str] | None = None, reactor: Any = None) -> JsonLinesO
 
 
 def setup_logging(
-    fmt: str, out: IO[str] | None = None, reactor: Any = None
+    fmt: str, out: IO[str] | None = None, reactor: LoopReactor | None = None
 ) -> JsonLinesObserver | TextObserver | None:
     """The log observer for ``--log-format fmt`` writing to ``out``.
 
@@ -305,8 +308,9 @@ class ObservedMultiService(StopInOrder):
         super().__init__()
         self.observer = observer
 
-    def setServiceParent(self, parent: Any) -> None:
-        """Register the observer on the Application, then attach as usual."""
+    def setServiceParent(self, parent: IServiceCollection | Componentized) -> None:
+        """Register the observer on the Application (a Componentized that adapts to
+        ``IServiceCollection``), then attach as usual."""
         if (
             self.observer is not None
             and isinstance(parent, Componentized)

@@ -23,7 +23,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from functools import lru_cache
 from itertools import accumulate
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import define, field
 
@@ -36,6 +36,15 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 START_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 3600.0)
 
 Labels = tuple[str, ...]
+#: the broker's ``/monitor:broker/`` document: JSON, its values of any shape
+SnapshotJSON = dict[str, Any]
+
+
+class Exposed(Protocol):
+    """A metric: its lines of the text exposition."""
+
+    def lines(self) -> Iterable[str]:
+        """``# HELP``, ``# TYPE`` and one line per sample."""
 
 
 def _escape(value: str) -> str:
@@ -201,7 +210,7 @@ class Metrics:
     # --- what the layers call -------------------------------------------------------
 
     # These two run for every request: the series dictionaries are updated directly
-    # (same result as ``inc``/``observe``, a third of the calls).
+    # (same result as ``inc``/``observe``, without their calls on the hot path).
 
     def request_started(self, kind: str) -> None:
         """A request of route ``kind`` arrived (pair with :meth:`request_done`)."""
@@ -249,7 +258,7 @@ class Metrics:
 
     # --- exposition -------------------------------------------------------------------
 
-    def snapshot_gauges(self, snapshot: dict[str, Any] | None) -> list[Gauge]:
+    def snapshot_gauges(self, snapshot: SnapshotJSON | None) -> list[Gauge]:
         """Gauges computed from a ``/monitor:broker/`` snapshot: waiting per key, slots by
         host and state, sources by state."""
         p = "dockerspaces_"
@@ -270,9 +279,9 @@ class Metrics:
                 sources.inc(str(s.get("State", "Free")))
         return [waiting, slots, sources, containers]
 
-    def render(self, snapshot: dict[str, Any] | None = None) -> bytes:
+    def render(self, snapshot: SnapshotJSON | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric."""
-        metrics: list[Any] = [
+        metrics: list[Exposed] = [
             self.requests, self.in_flight, self.request_seconds, self.queue_seconds,
             self.pull_seconds, self.ready_seconds, self.starts, self.evictions, self.crashes,
             self.events, self.group_requests,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import attrs
 from attrs import frozen
@@ -28,9 +28,16 @@ from .config import (
     validate_engine_url,
 )
 
+#: an option's value as given: a command-line string, or what TOML reads (a string,
+#: number, boolean or list); multi options as lists
+RawValue = object
+#: a Config field's value after coercion: each field has its own type, which
+#: ``Config(**values)`` checks
+FieldValue = Any
 
-def _int(name: str, low: int = 0, high: int | None = None) -> Callable[[Any], int]:
-    def coerce(v: Any) -> int:
+
+def _int(name: str, low: int = 0, high: int | None = None) -> Callable[[RawValue], int]:
+    def coerce(v: RawValue) -> int:
         try:
             n = int(str(v).strip())
         except ValueError:
@@ -43,8 +50,8 @@ def _int(name: str, low: int = 0, high: int | None = None) -> Callable[[Any], in
     return coerce
 
 
-def _seconds(name: str) -> Callable[[Any], float]:
-    def coerce(v: Any) -> float:
+def _seconds(name: str) -> Callable[[RawValue], float]:
+    def coerce(v: RawValue) -> float:
         try:
             n = float(str(v).strip())
         except ValueError:
@@ -56,8 +63,8 @@ def _seconds(name: str) -> Callable[[Any], float]:
     return coerce
 
 
-def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def coerce(v: Any) -> str:
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[RawValue], str]:
+    def coerce(v: RawValue) -> str:
         if v not in choices:
             raise ConfigError(f"--{name}: {v!r} is not one of {', '.join(choices)}")
         return str(v)
@@ -65,11 +72,11 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     return coerce
 
 
-def _str(v: Any) -> str:
+def _str(v: RawValue) -> str:
     return str(v)
 
 
-def _size(v: Any) -> int:
+def _size(v: RawValue) -> int:
     text = str(v).strip().upper()
     mult = 1
     for suffix, m in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("K", 1024),
@@ -86,7 +93,7 @@ def _size(v: Any) -> int:
     return n
 
 
-def parse_gpu(v: Any) -> int:
+def parse_gpu(v: RawValue) -> int:
     """``--gpu N`` (GPUs per host) or the original's boolean: true = one GPU per slot (-1)."""
     text = str(v).strip().lower()
     if text in ("true", "yes", "on"):
@@ -96,30 +103,30 @@ def parse_gpu(v: Any) -> int:
     return _int("gpu")(text)
 
 
-def _engine_url(v: Any) -> str:
+def _engine_url(v: RawValue) -> str:
     return validate_engine_url(str(v), "--docker")
 
 
-def _ip(v: Any) -> str:
+def _ip(v: RawValue) -> str:
     try:
         return str(ipaddress.ip_address(str(v)))
     except ValueError:
         raise ConfigError(f"--publish-ip: {v!r} is not an IP address") from None
 
 
-def _cidr(v: Any) -> str:
+def _cidr(v: RawValue) -> str:
     try:
         return str(ipaddress.ip_network(str(v), strict=False))
     except ValueError:
         raise ConfigError(f"--docker-api-allow: {v!r} is not an address or CIDR") from None
 
 
-def _allow_host(v: Any) -> str:
+def _allow_host(v: RawValue) -> str:
     parse_allow_host(str(v))
     return str(v)
 
 
-def _port_desc(v: Any) -> str:
+def _port_desc(v: RawValue) -> str:
     text = str(v)
     if text.isdigit():
         return f"tcp:{text}"
@@ -138,14 +145,14 @@ class Opt:
 
     name: str
     field: str
-    coerce: Callable[[Any], Any]
+    coerce: Callable[[RawValue], FieldValue]
     help: str
     flag: bool = False
     multi: bool = False
     short: str | None = None
 
     @property
-    def default(self) -> Any:
+    def default(self) -> FieldValue:
         """The Config field's default."""
         return _CONFIG_DEFAULTS[self.field]
 
@@ -159,7 +166,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("target", "target", _int("target"), "slots on the single engine (0: none)"),
     Opt("start-port", "start_port", _int("start-port", 1, 65535),
         "first host port of the single engine's slots"),
-    Opt("cluster", "cluster", parse_cluster,
+    Opt("cluster", "cluster", lambda v: parse_cluster(str(v)),
         "PORT:SLOTS:URL, one engine each (repeatable)", multi=True),
     Opt("gpu", "gpu", parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
     Opt("source", "source", _int("source", 1), "x: requests and worker launches admitted at once"),
@@ -194,7 +201,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("keep-containers", "keep_containers", bool,
         "leave containers running at shutdown; the next start adopts them", flag=True),
     Opt("cors", "cors", bool, "answer CORS preflights, echo Origin", flag=True),
-    Opt("root", "root", parse_root, "default HOST[:PORT] for unmatched requests"),
+    Opt("root", "root", lambda v: parse_root(str(v)), "default HOST[:PORT] for unmatched requests"),
     Opt("allow-host", "allow_host", _allow_host,
         "HOST or CIDR that host:/--root may reach even if loopback/link-local (repeatable)",
         multi=True),
@@ -220,7 +227,7 @@ OPTIONS: tuple[Opt, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 
 
-def _profile(entry: Any, i: int) -> ImageProfile:
+def _profile(entry: RawValue, i: int) -> ImageProfile:
     where = f"profile #{i + 1}"
     if not isinstance(entry, dict) or "image" not in entry:
         raise ConfigError(f"config: {where} needs an 'image' pattern")
@@ -251,7 +258,7 @@ def _profile(entry: Any, i: int) -> ImageProfile:
         raise ConfigError(f"config: {where}: {ex}") from None
 
 
-def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...]]:
+def load_config_file(path: str) -> tuple[dict[str, RawValue], tuple[ImageProfile, ...]]:
     """Read a TOML config file: option values by option name, and image profiles."""
     try:
         with open(path, "rb") as f:
@@ -260,7 +267,7 @@ def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...
         raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from None
-    values: dict[str, Any] = {}
+    values: dict[str, RawValue] = {}
     profiles: tuple[ImageProfile, ...] = ()
     for raw_key, value in data.items():
         key = raw_key.replace("_", "-")
@@ -286,16 +293,16 @@ def load_config_file(path: str) -> tuple[dict[str, Any], tuple[ImageProfile, ...
     return values, profiles
 
 
-def build_config(given: dict[str, Any]) -> Config:
+def build_config(given: Mapping[str, RawValue]) -> Config:
     """Build a Config from option values given by name (command line wins over the file).
 
     ``given`` holds only options that were actually given; multi options as lists.
     """
-    file_values: dict[str, Any] = {}
+    file_values: dict[str, RawValue] = {}
     profiles: tuple[ImageProfile, ...] = ()
     if given.get("config"):
         file_values, profiles = load_config_file(str(given["config"]))
-    kwargs: dict[str, Any] = {"profiles": profiles}
+    kwargs: dict[str, FieldValue] = {"profiles": profiles}
     for opt in OPTIONS:
         if opt.name in given:
             raw, origin = given[opt.name], "command line"
@@ -306,9 +313,9 @@ def build_config(given: dict[str, Any]) -> Config:
             continue
         try:
             if opt.flag:
-                value: Any = bool(raw)
+                value: FieldValue = bool(raw)
             elif opt.multi:
-                value = tuple(opt.coerce(v) for v in raw)
+                value = tuple(opt.coerce(v) for v in cast("Iterable[RawValue]", raw))  # lists
             else:
                 value = opt.coerce(raw)
         except ConfigError as e:

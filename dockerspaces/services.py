@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,16 +22,16 @@ class StopInOrder(MultiService):
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """Stop the children in reverse order, one after another."""
         Service.stopService(self)
-        d: Deferred[Any] = succeed(None)
+        d: Deferred[object] = succeed(None)
         for child in reversed(list(self)):
             d.addCallback(self._stop, child)
             d.addErrback(self._stop_failed, child)
         return d.addCallback(lambda _: None)
 
     @staticmethod
-    def _stop(_: object, child: Any) -> Deferred[Any]:
+    def _stop(_: object, child: IService) -> Deferred[object]:
         return maybeDeferred(child.stopService)
 
     @staticmethod
-    def _stop_failed(f: Failure, child: Any) -> None:
+    def _stop_failed(f: Failure, child: IService) -> None:
         log.failure("stopping {child} failed", f, child=child)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -10,10 +11,14 @@ from twisted.python import usage
 from .config import Config, ConfigError
 from .options import OPTIONS, Opt, build_config
 
+#: an option's row in ``optFlags`` / ``optParameters`` (name, short, [default,] help)
+OptionRow = list[str | None]
 
-def _multi_opt(opt: Opt) -> Any:
+
+def _multi_opt(opt: Opt) -> Callable[[Options, str], None]:
     def handler(self: Options, value: str) -> None:
-        self.given.setdefault(opt.name, []).append(value)
+        values = self.given.get(opt.name)
+        self.given[opt.name] = [*values, value] if isinstance(values, list) else [value]
 
     handler.__doc__ = opt.help
     return handler
@@ -27,8 +32,8 @@ class Options(usage.Options):
         "Reverse proxy that starts Docker containers on demand: "
         "/x:NAME:TAG:PORT/… starts NAME:TAG and proxies to its PORT."
     )
-    optFlags: ClassVar[list[list[Any]]] = [[o.name, None, o.help] for o in OPTIONS if o.flag]
-    optParameters: ClassVar[list[list[Any]]] = [
+    optFlags: ClassVar[list[OptionRow]] = [[o.name, None, o.help] for o in OPTIONS if o.flag]
+    optParameters: ClassVar[list[OptionRow]] = [
         [o.name, o.short, None, f"{o.help} [default: {o.default}]"]
         for o in OPTIONS
         if not o.flag and not o.multi
@@ -36,7 +41,7 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
-        self.given: dict[str, Any] = {}
+        self.given: dict[str, str | bool | list[str]] = {}  # what was given, by name
         self.config: Config | None = None
 
     def opt_version(self) -> None:

@@ -15,7 +15,7 @@ from dockerspaces.accounts.model import Quota
 from dockerspaces.accounts.service import AccountsService, open_snapshot
 from dockerspaces.accounts.store import Store
 
-from .test_engine import InlinePool, Reactor
+from .test_engine_harness import InlinePool, Reactor
 
 
 class Counting(InlinePool):
@@ -145,37 +145,3 @@ def _id(token: str) -> str:
     return parsed[0]
 
 
-class HookTests(SynchronousTestCase):
-    def test_container_hook_feeds_usage(self) -> None:
-        from dockerspaces.app import container_hook
-        from dockerspaces.metrics import Metrics
-
-        seen: list[tuple[Any, ...]] = []
-
-        class Accounts:
-            def container_event(self, *args: Any) -> None:
-                seen.append(args)
-
-        hook = container_hook(Metrics(), Accounts())  # type: ignore[arg-type]
-        hook("start", "x:a", "local", 9100, container="c1", owner="alice", gpus=1)
-        hook("evict", "x:a", "local", 9100, container="c1", owner="alice", gpus=1)
-        self.assertEqual(seen, [("start", "c1", "x:a", "alice", 1), ("evict", "c1", "x:a", "alice", 1)])
-
-
-class HomeListTests(SynchronousTestCase):
-    def test_held_and_started_for_the_user_links_only_without_env(self) -> None:
-        from dockerspaces.app import user_containers
-        from dockerspaces.broker.broker import ContainerView
-        from dockerspaces.spec import parse_route
-
-        plain, secret = parse_route("x:team:a:1:80"), parse_route("y:team:b:1:80:K=v")
-        views = [ContainerView("c1", "h", 1, "k1", "A", "idle", 0, plain, (), "alice"),  # type: ignore[arg-type]
-                 ContainerView("c2", "h", 2, "k2", "B", "busy", 1, secret, ("alice",), "bob"),  # type: ignore[arg-type]
-                 ContainerView("c3", "h", 3, "k3", "C", "busy", 1, plain, ("bob",), "bob")]  # type: ignore[arg-type]
-
-        class Broker:
-            def containers(self) -> list[ContainerView]:
-                return views
-
-        self.assertEqual(user_containers(Broker(), "alice"),  # type: ignore[arg-type]
-                         [("A", "idle", "/x:team:a:1:80/"), ("B", "busy", None)])

@@ -127,7 +127,7 @@ class TextObserverTests(unittest.TestCase):
         self.log.info("plain {what}", what="event")
         self.log.info("with a system", log_system="custom")
         try:
-            1 / 0  # noqa: B018
+            1 / 0  # noqa: B018 - raised on purpose: a failure to log
         except ZeroDivisionError:
             self.log.failure("it broke")
         logs.log_request(kind="x", route="r", method="GET", uri=b"/x:a:1:80/",

@@ -10,7 +10,7 @@ them in its own threads and caches what it verified.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from attrs import frozen
 from twisted.cred.checkers import ICredentialsChecker
@@ -24,6 +24,8 @@ from .model import Quota, Snapshot, Token, image_allowed, parse_token, token_mat
 
 #: what ``ICredentialsChecker.requestAvatarId`` fires with (bytes, or ANONYMOUS' ``()``)
 AvatarId = bytes | tuple[()]
+#: what ``IRealm.requestAvatar`` returns: the interface, the avatar, its logout
+AvatarResult = tuple[type[Interface], object, Callable[[], None]]
 
 
 class IIdentity(Interface):
@@ -126,7 +128,7 @@ def identity_for(snapshot: Snapshot, principal: Principal) -> Identity | None:
 class ITokenCredentials(Interface):
     """An API token (``Authorization: Bearer``)."""
 
-    token = Attribute("the token string")
+    token: str = Attribute("the token string")
 
 
 @implementer(ITokenCredentials)
@@ -140,7 +142,7 @@ class TokenCredentials:
 class ISessionCredentials(Interface):
     """A browser session cookie."""
 
-    session = Attribute("the session id")
+    session: str = Attribute("the session id")
 
 
 @implementer(ISessionCredentials)
@@ -190,7 +192,7 @@ class TokenChecker:
     def __init__(self, service: Verifier):
         self.service = service
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[AvatarId]:
+    def requestAvatarId(self, credentials: ITokenCredentials) -> Deferred[AvatarId]:
         """The token's user, or UnauthorizedLogin."""
         token = check_token(self.service, credentials.token)
         if token is None:
@@ -208,7 +210,7 @@ class PasswordChecker:
     def __init__(self, service: Verifier):
         self.service = service
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[AvatarId]:
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[AvatarId]:
         """The user, or UnauthorizedLogin (the same answer for every failure)."""
         user = _text(credentials.username)
         password = _text(credentials.password)
@@ -235,7 +237,7 @@ class SessionChecker:
     def __init__(self, service: Verifier):
         self.service = service
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[AvatarId]:
+    def requestAvatarId(self, credentials: ISessionCredentials) -> Deferred[AvatarId]:
         """The session's user, or UnauthorizedLogin."""
 
         def found(user: str | None) -> AvatarId:
@@ -253,10 +255,13 @@ class AccountsRealm:
     def __init__(self, snapshot: Callable[[], Snapshot]):
         self.snapshot = snapshot
 
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+    def requestAvatar(self, avatarId: AvatarId, mind: object,
+                      *interfaces: type[Interface]) -> AvatarResult:
         """``(IIdentity, identity, logout)``; UnauthorizedLogin for a disabled user."""
         if IIdentity not in interfaces:
             raise NotImplementedError("only IIdentity avatars")
+        if not isinstance(avatarId, bytes):  # ANONYMOUS: none of the checkers gives it
+            raise UnauthorizedLogin("anonymous")
         identity = identity_for(self.snapshot(), Principal.from_avatar_id(avatarId))
         if identity is None:
             raise UnauthorizedLogin("the account is disabled or gone")
@@ -269,7 +274,7 @@ def make_portal(service: Verifier) -> Portal:
                   [TokenChecker(service), PasswordChecker(service), SessionChecker(service)])
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)

@@ -22,11 +22,12 @@ import hmac
 import secrets
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -53,22 +54,26 @@ class _Cached:
     until: float
 
 
+class IAccountsReactor(IReactorTime, IReactorFromThreads):
+    """What the service uses of the reactor: its clock, and answers from its threads."""
+
+
 @define
 class AccountsService(Service):
     """Owns the accounts database for the server (see the module docstring)."""
 
     path: str
-    reactor: Any
+    reactor: IAccountsReactor
     snapshot: Snapshot
     refresh: float = 0.5
     store_factory: Callable[[str], Store] = Store
     password_cache: float = PASSWORD_CACHE
     # (tests: pools that run inline)
-    pool_factory: Callable[[str], Any] = lambda name: ThreadPool(minthreads=1, maxthreads=1,
+    pool_factory: Callable[[str], ThreadPool] = lambda name: ThreadPool(minthreads=1, maxthreads=1,
                                                                   name=name)
     generation: int = 0  # bumps whenever the snapshot is replaced
-    _db: Any = None  # a ThreadPool (pool_factory)
-    _kdf: Any = None
+    _db: ThreadPool | None = None  # made by pool_factory
+    _kdf: ThreadPool | None = None
     _local: threading.local = field(factory=threading.local)
     _stores: list[Store] = field(factory=list)
     _loop: LoopingCall | None = None

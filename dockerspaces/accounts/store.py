@@ -40,6 +40,11 @@ from .model import (
 )
 from .passwords import hash_password
 
+#: a value bound to a statement's ``?``
+SQLValue = str | int | float | bytes | None
+#: a row as SQLite gives it: its columns' types are the schema's, not known to mypy
+Row = tuple[Any, ...]
+
 MIGRATIONS: list[str] = [
     # 1: the initial schema
     """
@@ -287,10 +292,10 @@ class Store:
         finally:
             self.db.execute("COMMIT")
 
-    def _row(self, sql: str, *args: Any) -> Any:
+    def _row(self, sql: str, *args: SQLValue) -> Row | None:
         return self.db.execute(sql, args).fetchone()
 
-    def _change(self, sql: str, args: tuple[Any, ...], missing: str) -> None:
+    def _change(self, sql: str, args: tuple[SQLValue, ...], missing: str) -> None:
         """Run one statement in a transaction; AccountsError(missing) if it hit no row."""
         with self._write():
             if self.db.execute(sql, args).rowcount == 0:
@@ -384,7 +389,7 @@ class Store:
                      admin: bool | None = None) -> Group:
         """Change the given fields of a group (None or UNSET: unchanged; a quota of None
         means unlimited) and return it."""
-        changes: dict[str, Any] = {}
+        changes: dict[str, SQLValue] = {}
         if images is not None:
             changes["images"] = json.dumps(check_images(images))
         if routes is not None:
@@ -465,6 +470,8 @@ class Store:
 
     def _token(self, token_id: str) -> Token:
         row = self._row(_TOKENS + " WHERE id = ?", token_id)
+        if row is None:  # only called for a token just written
+            raise AccountsError(f"no token {token_id!r}")
         return _token(row)
 
     def revoke_token(self, token_id: str) -> None:
@@ -561,13 +568,13 @@ class Store:
         return [UsageRow(user, *t) for user, t in sorted(totals.items())]
 
 
-def _group(row: Any) -> Group:
+def _group(row: Row) -> Group:
     name, images, routes, containers, gpus, queued, admin = row
     return Group(name, tuple(json.loads(images)), frozenset(json.loads(routes)),
                  Quota(containers, gpus, queued), bool(admin))
 
 
-def _token(row: Any) -> Token:
+def _token(row: Row) -> Token:
     token_id, user, digest, scopes, expires, created, last_used, description = row
     return Token(token_id, user, digest,
                  None if scopes is None else frozenset(json.loads(scopes)),

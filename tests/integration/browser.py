@@ -14,12 +14,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import urllib.request
 from typing import Any
 
 from .dockerutil import free_port
 from .procs import REPO
+from .wait import eventually
 
 CHROMIUM = os.environ.get("DOCKERSPACES_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -30,7 +30,7 @@ def chromium_missing() -> str | None:
     if not os.path.exists(CHROMIUM):
         return f"{CHROMIUM} is not installed (apt-get install chromium)"
     try:
-        import websockets  # noqa: F401
+        import websockets  # noqa: F401 - only whether it imports
     except ImportError:
         return "the websockets package is not installed"
     return None
@@ -52,18 +52,16 @@ class Browser:
         self.ws_url = self._page_ws()
 
     def _page_ws(self, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        def page() -> str | None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=2) as r:
                     targets = json.loads(r.read())
-                pages = [t for t in targets if t.get("type") == "page"]
-                if pages:
-                    return str(pages[0]["webSocketDebuggerUrl"])
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("Chromium's DevTools endpoint did not come up")
+                return None  # not listening yet
+            pages = [t for t in targets if t.get("type") == "page"]
+            return str(pages[0]["webSocketDebuggerUrl"]) if pages else None
+
+        return eventually(page, timeout, "Chromium's DevTools endpoint", interval=0.2)
 
     def close(self) -> None:
         self.proc.terminate()

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from typing import Any
+
+from .wait import eventually
 
 DOCKER_URL = os.environ.get("DOCKERSPACES_TEST_DOCKER") or os.environ.get(
     "DOCKER_HOST", "unix:///var/run/docker.sock"
@@ -46,7 +47,7 @@ def docker_available() -> str | None:
         return _reason
     _checked = True
     try:
-        import docker  # noqa: F401
+        import docker  # noqa: F401 - only whether it imports
     except ImportError:  # pragma: no cover
         _reason = "docker-py is not installed"
         return _reason
@@ -118,26 +119,24 @@ def wait_http_status(host: str, port: int, timeout: float = 10.0, path: str = "/
 
     Blocking: for test setup outside the reactor or for benchmarks only.
     """
-    end = time.monotonic() + timeout
-    delay = 0.02
-    last: Exception | None = None
-    while time.monotonic() < end:
+    def status_line() -> bytes | None:
         try:
             with socket.create_connection((host, port), timeout=2) as s:
                 s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
                 data = b""
-                while b"\n" not in data:
+                while b"\n" not in data:  # reading until the status line is in
                     chunk = s.recv(1024)
                     if not chunk:
                         break
                     data += chunk
-                if data.startswith(b"HTTP/") and b"\n" in data:
-                    return data.split(b"\r\n", 1)[0]
-        except OSError as e:
-            last = e
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-    raise TimeoutError(f"no HTTP status line from {host}:{port} in {timeout}s ({last})")
+        except OSError:
+            return None  # not listening yet
+        return data.split(b"\r\n", 1)[0] if data.startswith(b"HTTP/") and b"\n" in data else None
+
+    try:
+        return eventually(status_line, timeout, f"an HTTP status line from {host}:{port}")
+    except AssertionError as e:
+        raise TimeoutError(str(e)) from None  # what the callers (and bench/) catch
 
 
 def http_get(host: str, port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, bytes]:

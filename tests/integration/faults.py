@@ -50,9 +50,11 @@ from collections import Counter
 from typing import Any
 
 import attrs
+import docker.errors
 
 from .dockerutil import docker_client
 from .procs import Server
+from .wait import eventually
 
 ROUTES = (
     "/x:selmaproject:tts:777:5002",
@@ -278,7 +280,7 @@ def _one(port: int, o: Outcome, route: str, hang_up: float | None, timeout: floa
         sock.sendall(head + body)
         if hang_up is not None:
             if hang_up > 0:
-                time.sleep(hang_up)
+                time.sleep(hang_up)  # pacing, not synchronisation: hang up after this long
             else:
                 sock.settimeout(timeout)
                 try:
@@ -315,15 +317,43 @@ class _LogFollower:
     def __init__(self, instance: str):
         self.instance = instance
         self.seen: set[int] = set()
-        self.followed: set[str] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.poller: threading.Thread | None = None
+        self.threads: dict[str, threading.Thread] = {}
 
     def start(self) -> None:
-        t = threading.Thread(target=self._poll, daemon=True)
-        t.start()
-        self.threads.append(t)
+        """Look for new containers every 20 ms, and follow each from its start."""
+        self.poller = threading.Thread(target=self._poll, daemon=True)
+        self.poller.start()
+
+    def finish(self, timeout: float = 10.0) -> set[int]:
+        """Stop looking and read every line logged so far; return the ids seen. A
+        container that still exists has its whole log read at once; one that is gone
+        ended its follow stream, so its follower is joined."""
+        self.stop.set()
+        if self.poller is not None:
+            self.poller.join(timeout)
+        c = docker_client()
+        try:
+            for cid, follower in list(self.threads.items()):
+                try:
+                    data = c.logs(cid, stdout=True, stderr=True)
+                except docker.errors.APIError:  # gone: its follower read it all
+                    follower.join(timeout)
+                    continue
+                self._read(data.split(b"\n"))
+        finally:
+            c.close()
+        with self.lock:
+            return set(self.seen)
+
+    def _read(self, lines: list[bytes]) -> None:
+        for line in lines:
+            m = self.pattern.search(line)
+            if m:
+                with self.lock:
+                    self.seen.add(int(m.group(1)))
 
     def _poll(self) -> None:
         c = docker_client()
@@ -332,12 +362,11 @@ class _LogFollower:
                 for info in c.containers(filters={
                         "label": f"dockerspaces.instance={self.instance}"}):
                     cid = info["Id"]
-                    if cid not in self.followed:
-                        self.followed.add(cid)
+                    if cid not in self.threads:
                         t = threading.Thread(target=self._follow, args=(cid,), daemon=True)
                         t.start()
-                        self.threads.append(t)
-                time.sleep(0.02)
+                        self.threads[cid] = t
+                time.sleep(0.02)  # pacing of the poll for new containers
         finally:
             c.close()
 
@@ -348,11 +377,7 @@ class _LogFollower:
             for chunk in c.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    m = self.pattern.search(line)
-                    if m:
-                        with self.lock:
-                            self.seen.add(int(m.group(1)))
+                self._read(lines)
                 if self.stop.is_set():
                     break
         except Exception:  # noqa: BLE001, S110 - the container went: its lines are in
@@ -386,14 +411,18 @@ def _metric(srv: Server, name: str) -> float | None:
 
 
 def _settled(srv: Server, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The broker's snapshot once no slot is busy and no queue holds a request; after
+    ``timeout`` the last one anyway (the leak check then says what is still busy)."""
+    def idle() -> dict[str, Any] | None:
         snap = srv.snapshot()
         busy = [s for s in snap["TargetSlots"]
                 if s["State"] in ("Starting", "Stopping", "Run") or s.get("InFlight")]
-        if (not busy and not snap["Queues"]) or time.monotonic() > deadline:
-            return snap
-        time.sleep(0.2)
+        return snap if not busy and not snap["Queues"] else None
+
+    try:
+        return eventually(idle, timeout, "the broker idle", interval=0.2)
+    except AssertionError:
+        return srv.snapshot()
 
 
 def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: float = 3.0,
@@ -442,7 +471,7 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
                             next_kill = now + kill_every * rng.uniform(0.7, 1.3)
                         except Exception as e:  # noqa: BLE001 - stopped meanwhile
                             log(f"faults: kill {cid[:12]} failed: {e}")
-                time.sleep(0.05)
+                time.sleep(0.05)  # pacing: the killer's tick
         finally:
             c.close()
 
@@ -471,8 +500,7 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
     k.join()
     seconds = time.monotonic() - start
     snap = _settled(srv, 60)
-    time.sleep(1.0)  # the followers read the last lines
-    follower.stop.set()
+    seen = follower.finish()
     crashes = _metric(srv, "dockerspaces_container_crashes_total")
     # leaks: every container of the instance is one the broker holds in a slot, and
     # every container a slot holds is running
@@ -498,6 +526,6 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
             leaked.append(f"slot {s['Port']} is {s['State']} with {s.get('InFlight')} in flight")
     if snap["Queues"]:
         leaked.append(f"queues not empty: {snap['Queues']}")
-    return Report(outcomes, set(follower.seen), kills, removed[0] if removed else None,
+    return Report(outcomes, seen, kills, removed[0] if removed else None,
                   "starting it again" in srv.output(), crashes, leaked, seconds,
                   sum(in_flight), srv.output())

@@ -44,7 +44,7 @@ from .browser import Browser, Session, chromium_missing
 from .dockerutil import docker_available, docker_client
 from .images import TTS, WEB, WSAPP, ensure_test_images, ensure_wsapp_image
 from .procs import REPO, Server
-from .wait import eventually
+from .wait import eventually, eventually_async
 
 TTS_PATH = "/x:selmaproject:tts:777:5002/"
 WEB_PATH = "/x:dockerspaces-test:web:1:8080/"
@@ -555,14 +555,16 @@ class BrowserSignIn(AccountsCase):
 
     async def _until(self, s: Session, pred: Callable[[dict[str, Any]], bool], what: str,
                      timeout: float = 60) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        view = None
-        while time.monotonic() < end:
-            view = await self._view(s)
-            if view and pred(view):
-                return view
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout} s (last view {view})")
+        last: list[dict[str, Any] | None] = [None]
+
+        async def matching() -> dict[str, Any] | None:
+            view = last[0] = await self._view(s)
+            return view if view and pred(view) else None
+
+        try:
+            return await eventually_async(matching, timeout, what)
+        except AssertionError:
+            raise AssertionError(f"{what}: not within {timeout} s (last view {last[0]})") from None
 
     async def _drive(self, ws_url: str, base: str, url: str) -> dict[str, Any]:
         import websockets
@@ -582,18 +584,22 @@ class BrowserSignIn(AccountsCase):
                 "f.querySelector('input[name=user]').value='alice';"
                 "f.querySelector('input[name=password]').value='pw-alice-browser';"
                 "f.submit(); return true;})()")
-            end = time.monotonic() + 90
-            app = None
-            while app is None and time.monotonic() < end:
-                now = await self._view(s)
+            last: list[dict[str, Any] | None] = [None]
+
+            async def echoed() -> dict[str, Any] | None:
+                now = last[0] = await self._view(s)
                 if now and now["wait"] and not seen["waiting"]:
                     seen["waiting"] = True
                     seen["shot_waiting"] = await s.screenshot("accounts-waiting.png")
                 if now and now["app"] and (now["ws"] or "").startswith(("echo", "error")):
-                    app = now
-                await asyncio.sleep(0.1)
-            if app is None:
-                raise AssertionError(f"the app's WebSocket echo never showed (last {now})")
+                    return now
+                return None
+
+            try:
+                app = await eventually_async(echoed, 90, "the app's WebSocket echo")
+            except AssertionError:
+                raise AssertionError(
+                    f"the app's WebSocket echo never showed (last {last[0]})") from None
             seen["final_url"], seen["ws"] = app["href"], app["ws"]
             seen["shot_app"] = await s.screenshot("accounts-app.png")
             seen["cookies"] = (await s.call("Network.getCookies", urls=[base + "/"]))["cookies"]

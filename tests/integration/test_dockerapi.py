@@ -183,7 +183,7 @@ class OpenRoute(CliTestCase):
                                   "--filter", "event=create", "--format", "{{.Action}} {{.Actor.ID}}"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
-                time.sleep(1.0)  # the stream is open and quiet
+                time.sleep(1.0)  # the point of the test, not synchronisation: a quiet stream stays open
                 self.assertIsNone(p.poll(), "docker events ended early")
                 c = docker_client()
                 try:

@@ -61,7 +61,7 @@ class Exclusive(JobsTestCase):
                     n = len(c.containers(filters={"label": f"dockerspaces.instance={srv.instance}",
                                                   "status": "running"}))
                     running_max = max(running_max, n)
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # pacing of the sampler, not synchronisation
             finally:
                 c.close()
 

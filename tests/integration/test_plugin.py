@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,6 +20,7 @@ from .dockerutil import (
     unique_instance,
 )
 from .procs import BIN, REPO
+from .wait import eventually
 
 
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
@@ -31,8 +31,7 @@ def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 def get(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> Any:
     """GET url, retrying while the server comes up; returns (status, headers, body)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def answer() -> Any:
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 return r.status, r.headers, r.read()
@@ -42,9 +41,9 @@ def get(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = 
             if proc is not None and proc.poll() is not None:
                 out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
                 raise AssertionError(f"process exited {proc.returncode}:\n{out[-3000:]}") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return None  # not listening yet
+
+    return eventually(answer, timeout, f"an answer from {url}", interval=0.2)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> str:
@@ -135,21 +134,17 @@ class LogFile(TestCase):
         try:
             status, _, _ = get(f"http://127.0.0.1:{port}/monitor:broker/?token=abc", proc=proc)
             self.assertEqual(status, 200)
-            deadline = time.monotonic() + 10
-            line = ""
-            while not line and time.monotonic() < deadline:
+            def request_line() -> str:
                 with open(path) as f:
-                    line = next((x for x in f if "dockerspaces.request#info" in x), "")
-                time.sleep(0.05)
+                    return next((x for x in f if "dockerspaces.request#info" in x), "")
+
+            line = eventually(request_line, 10, "a request line in the log file")
             # 2026-11-29T17:50:20+0000 [dockerspaces.request#info] monitor broker GET …
             self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
                                    r"\[dockerspaces\.request#info\] monitor broker GET "
                                    r"/monitor:broker/\?token=… -> 200 ")
             proc.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + 10
-            while not os.path.exists(path + ".1") and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.assertTrue(os.path.exists(path + ".1"), "SIGUSR1 did not rotate the log")
+            eventually(lambda: os.path.exists(path + ".1"), 10, "SIGUSR1 rotating the log")
             get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
         finally:
             out = stop(proc)

@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from .dockerutil import TEST_LABEL, docker_available, docker_client, unique_instance
 from .images import TTS, WEB, ensure_test_images
 from .procs import Server
+from .wait import eventually
 
 
 class Backend(BaseHTTPRequestHandler):
@@ -248,13 +249,18 @@ class DockerNetworkRefused(TestCase):
         return srv.start()
 
     def wait_status(self, srv: Server, path: str, want: int) -> bytes:
-        deadline = time.monotonic() + 20
-        while True:
+        last: list[tuple[int, bytes]] = []
+
+        def answered() -> tuple[bytes] | None:  # a tuple: true even for an empty body
             status, _, body = srv.get(path, timeout=10)
-            if status == want or time.monotonic() > deadline:
-                self.assertEqual(status, want, body)
-                return body
-            time.sleep(0.2)
+            last[:] = [(status, body)]
+            return (body,) if status == want else None
+
+        try:
+            return eventually(answered, 20, f"{want} for {path}", interval=0.2)[0]
+        except AssertionError:
+            self.assertEqual(last[0][0], want, last[0][1])
+            raise
 
     def test_refused_then_allowed(self) -> None:
         srv = self.server()

@@ -23,6 +23,7 @@ from .browser import chromium_missing as _chromium_missing
 from .dockerutil import docker_available
 from .images import WEB, ensure_test_images
 from .procs import Server
+from .wait import eventually_async
 
 
 class WaitingPageTests(unittest.TestCase):
@@ -59,9 +60,7 @@ class WaitingPageTests(unittest.TestCase):
             await s.call("Page.enable")
             await s.call("Runtime.enable")
             await s.call("Page.navigate", url=url)
-            end = time.monotonic() + 90
-            while time.monotonic() < end:
-                await asyncio.sleep(0.2)
+            async def app_shown() -> bool:
                 try:
                     state = await s.evaluate(
                         "JSON.stringify({wait: !!document.getElementById('ds-wait'),"
@@ -69,9 +68,9 @@ class WaitingPageTests(unittest.TestCase):
                         " body: document.body ? document.body.innerText : '',"
                         " href: location.href})")
                 except (TimeoutError, AssertionError):
-                    continue  # navigating: the context is gone for a moment
+                    return False  # navigating: the context is gone for a moment
                 if not state:
-                    continue
+                    return False
                 view = json.loads(state)
                 if view["wait"]:
                     if not seen["waiting"]:
@@ -85,7 +84,13 @@ class WaitingPageTests(unittest.TestCase):
                     seen["app"] = view["body"]
                     seen["final_url"] = view["href"]
                     seen["shot_app"] = await s.screenshot("waiting-page-app.png")
-                    break
+                    return True
+                return False
+
+            try:
+                await eventually_async(app_shown, 90, "the app after the waiting page", interval=0.2)
+            except AssertionError:
+                pass  # the caller's assertions say what was seen, with the server's log
         return seen
 
     def test_api_client_blocks(self) -> None:
