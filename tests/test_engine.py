@@ -30,18 +30,13 @@ from dockerspaces.engine.interface import (
 )
 from dockerspaces.spec import parse_route
 
-# InlinePool and Reactor are imported from here by test_accounts_service
 from .test_engine_harness import (
     SPEC,
     WORKER,
     EngineTestCase,
     FakeStream,
-    InlinePool,
-    Reactor,
     api_error,
 )
-
-__all__ = ["InlinePool", "Reactor"]
 
 
 class CreateTests(EngineTestCase):
