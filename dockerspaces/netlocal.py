@@ -19,8 +19,6 @@ import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import _parse
-
 from .config import HostConfig
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,12 +105,52 @@ def docker_networks(proc: str = "/proc") -> frozenset[IPNetwork]:
     return frozenset(parse_route_table(_read(f"{proc}/net/route")) | {DEFAULT_BRIDGE})
 
 
+def strports_words(description: str) -> tuple[list[str], dict[str, str]]:
+    """A strports description's positional and ``key=value`` parameters, read as
+    Twisted's endpoint parser reads them (``:`` separates, ``=`` assigns once, a
+    backslash escapes the next character); ValueError for a dangling backslash.
+
+    Twisted's own reader is private (``_parse`` in ``twisted.internet.endpoints``), hence
+    this one (compared with it in tests/test_netlocal.py)."""
+    args: list[str] = []
+    kw: dict[str, str] = {}
+    words: list[str] = []
+    current: list[str] = []
+    assigned = False  # after a ``=``, only ``:`` separates
+    chars = iter(description)
+    for c in chars:
+        if c == ":" or (c == "=" and not assigned):
+            words.append("".join(current))
+            current = []
+            if c == "=":
+                assigned = True
+                continue
+            if len(words) == 1:
+                args.append(words[0])
+            else:
+                kw[words[0]] = words[1]
+            words, assigned = [], False
+        elif c == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError(f"strports description ends in a backslash: {description!r}")
+            current.append(escaped)
+        else:
+            current.append(c)
+    words.append("".join(current))
+    if len(words) == 1:
+        args.append(words[0])
+    else:
+        kw[words[0]] = words[1]
+    return args, kw
+
+
 def listening_ports(descriptions: Iterable[str]) -> set[int]:
     """TCP ports of strports descriptions, whatever their form (``unix:`` has none)."""
     ports: set[int] = set()
     for desc in descriptions:
         try:
-            args, kw = _parse(desc)
+            args, kw = strports_words(desc)
         except (ValueError, IndexError):
             continue
         if not args or args[0].lower() not in ("tcp", "tcp6", "ssl", "tls", "systemd"):

@@ -28,7 +28,7 @@ other people's internals"):
 - **Internals with no public road**, used whatever the switch: the parser state behind
   the 414/431 answers (:func:`reading_request_line`, :func:`head_received`,
   :func:`request_line_seen`, :meth:`SeamChannel.bad_head`), the Upgrade takeover
-  (:func:`detach_channel`), the chunked decoder of backend answers
+  (:func:`detach_channel`, :func:`holds_channel`), the chunked decoder of backend answers
   (:class:`ChunkedDecoder`), Twisted's resolver for tests (:func:`gai_resolver`).
 
 setup.cfg bounds Twisted below the next major for these; :func:`missing_names` and
@@ -229,6 +229,13 @@ def head_received(channel: HTTPChannel) -> tuple[int, int]:
 def request_line_seen(channel: HTTPChannel) -> tuple[bytes, bytes]:
     """The method and URI of the request line ``channel`` read, or empty."""
     return getattr(channel, "_command", b""), getattr(channel, "_path", b"")
+
+
+def holds_channel(protocol: object, channel: HTTPChannel) -> bool:
+    """Whether a transport's ``protocol`` is ``channel``, or twisted.web's generic
+    HTTP/1.1-or-2 wrapper around it (its private ``_channel``; dockerspaces' own site
+    serves HTTP/1.1 alone, but the takeover should not depend on that)."""
+    return protocol is channel or getattr(protocol, "_channel", None) is channel
 
 
 def detach_channel(channel: HTTPChannel) -> bytes:

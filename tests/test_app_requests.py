@@ -21,7 +21,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dockerspaces.app import ProxyService, build_service
 from dockerspaces.config import HostConfig
-from dockerspaces.engine.fake import FakeEngine
 from dockerspaces.engine.interface import NetworkInfo
 from dockerspaces.hostguard import (
     HostPolicyService,
@@ -32,6 +31,7 @@ from dockerspaces.hostguard import (
 from dockerspaces.metrics import Metrics
 from dockerspaces.netlocal import interface_addresses
 from dockerspaces.options import build_config
+from dockerspaces.testing import FakeEngine
 from dockerspaces.web.routing import Forbidden, HostPolicy
 
 CLIENT = IPv4Address("TCP", "10.9.8.7", 4000)

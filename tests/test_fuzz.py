@@ -46,8 +46,8 @@ from dockerspaces.app import Routes
 from dockerspaces.broker.broker import Broker
 from dockerspaces.broker.model import BrokerSettings
 from dockerspaces.config import Config, HostConfig
-from dockerspaces.engine.fake import FakeEngine
 from dockerspaces.metrics import Metrics
+from dockerspaces.testing import FakeEngine
 from dockerspaces.twistedseam import gai_resolver
 from dockerspaces.web.accesslog import Recorder
 from dockerspaces.web.proxy import Proxy

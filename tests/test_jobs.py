@@ -182,7 +182,7 @@ class JobResourceTests(SynchronousTestCase):
         request = DummyRequest([b""])
         job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(request)
         request.processingFailed(Failure(ConnectionDone("gone")))
-        request._disconnected = True  # as a real Request's connectionLost sets it
+        request.channel = None  # type: ignore[attr-defined]  # as a real Request's connectionLost does
         proxy.calls[0]["on_end"](ExchangeEnd("unforwarded", None, 0))
         self.assertEqual((lease.failures, lease.retries), (1, []))
 

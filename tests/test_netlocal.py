@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import endpoints
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerspaces.config import Config, HostConfig
@@ -17,6 +20,7 @@ from dockerspaces.netlocal import (
     parse_fib_trie,
     parse_if_inet6,
     parse_route_table,
+    strports_words,
 )
 
 FIB = """Main:
@@ -83,3 +87,37 @@ class PortsTests(SynchronousTestCase):
             ("gpu1.example", 2375), ("gpu1.example", 9200), ("gpu1.example", 9201),
             ("peer.example", 8888), ("peer.example", 9300), ("10.1.1.1", 22),
         })
+
+
+#: Twisted's own reader of strports descriptions (private: compared with, never used)
+_TWISTED_PARSE = getattr(endpoints, "_parse", None)
+
+
+class StrportsWordsTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(strports_words("tcp:port=8889:interface=127.0.0.1"),
+                         (["tcp"], {"port": "8889", "interface": "127.0.0.1"}))
+        self.assertEqual(strports_words("ssl:8444:privateKey=a\\:b"),
+                         (["ssl", "8444"], {"privateKey": "a:b"}))
+        self.assertEqual(strports_words("a=b=c"), ([], {"a": "b=c"}))
+        self.assertRaises(ValueError, strports_words, "tcp:8888\\")
+        self.assertEqual(listening_ports(["tcp:8888\\", "tcp:8889"]), {8889})
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet=":=\\ab1", max_size=12))
+    def test_same_as_twisted(self, description: str) -> None:
+        """Read as Twisted's endpoint parser reads it (which fails with a
+        RuntimeError on a dangling backslash, where ours raises ValueError)."""
+        assert _TWISTED_PARSE is not None
+        try:
+            theirs: object = _TWISTED_PARSE(description)
+        except RuntimeError:
+            theirs = ValueError
+        try:
+            ours: object = strports_words(description)
+        except ValueError:
+            ours = ValueError
+        self.assertEqual(ours, theirs)
+
+    if _TWISTED_PARSE is None:
+        test_same_as_twisted.skip = "this Twisted has no endpoints._parse"  # type: ignore[attr-defined]

@@ -9,19 +9,19 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import server
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
 
-from dockerspaces.twistedseam import fast_paths_on
+from dockerspaces.testing import FAST_PATH_ONLY
 from dockerspaces.web.site import (
     TWISTED_PARSE_REQUEST_LINE,
     HeadDeadlineChannel,
+    done_or_gone,
     make_site,
     parse_request_line,
 )
-
-#: the ``skip`` of a test that checks a fast path is taken (not what the answer is)
-FAST_PATH_ONLY = None if fast_paths_on() else "checks a fast path: DOCKERSPACES_FAST_PATHS=0"
 
 
 class Echo(Resource):
@@ -291,6 +291,37 @@ class SiteTests(SynchronousTestCase):
                 self.successResultOf(d)
                 ch.connectionLost(Exception("closed later"))
         self.assertEqual(calls, ["first True", "second True"])
+
+    def test_done_or_gone(self) -> None:
+        """done_or_gone: False while a request waits on a live connection, True once it
+        is finished or its client went (as Twisted's ``_disconnected`` says), on both a
+        plain twisted.web ``Request`` and ours; a test double counts as connected."""
+        held: list[Any] = []
+
+        class Hold(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                held.append(request)
+                return 1  # NOT_DONE_YET
+
+        for site in (make_site(Hold(), self.clock, max_body=10),
+                     server.Site(Hold(), reactor=self.clock)):
+            for ending in ("finish", "lost", "lost-after-finish"):
+                ch = site.buildProtocol(None)
+                ch.makeConnection(StringTransport())
+                ch.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                req = held[-1]
+                self.assertFalse(done_or_gone(req))
+                if ending != "lost":
+                    req.finish()
+                    self.assertTrue(done_or_gone(req))
+                if ending != "finish":
+                    ch.connectionLost(Exception("gone"))
+                    self.assertTrue(done_or_gone(req))
+                self.assertEqual(done_or_gone(req),
+                                 bool(req.finished or req._disconnected), ending)
+        self.assertFalse(done_or_gone(DummyRequest([b""])))
 
     def test_http11_only_and_quiet(self) -> None:
         ch, _ = self.connect()

@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error as ierror
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from dockerspaces.testing import ProxyHarness, head_of, values
 from dockerspaces.web.proxy import ExchangeEnd
+from dockerspaces.web.site import make_site
 from dockerspaces.web.tunnel import (
     Splice,
     TakeoverError,
     _slot,
     can_half_close,
+    start_tunnel,
     switching_head,
 )
-
-from .test_proxy import Harness, head_of, values
 
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: front.example\r\nConnection: keep-alive, Upgrade\r\n"
@@ -31,8 +35,8 @@ SWITCH = (
 
 
 class TakeoverTests(SynchronousTestCase):
-    def upgraded(self) -> tuple[Harness, Any, Any, Any, Any]:
-        h = Harness()
+    def upgraded(self) -> tuple[ProxyHarness, Any, Any, Any, Any]:
+        h = ProxyHarness()
         channel, ct = h.client(UPGRADE + b"early-bytes")
         p, bt = h.accept()
         return h, channel, ct, p, bt
@@ -93,7 +97,7 @@ class TakeoverTests(SynchronousTestCase):
         self.assertEqual(h.ends, [ExchangeEnd("client-gone", None, 0)])
 
     def test_unexpected_101_is_502(self) -> None:
-        h = Harness()
+        h = ProxyHarness()
         _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\n\r\n")
         p, _ = h.accept()
         p.dataReceived(SWITCH)
@@ -175,3 +179,84 @@ class HelperTests(SynchronousTestCase):
             b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: k\r\n"
             b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
+
+
+class _TunnelledExchange:
+    """A :class:`~dockerspaces.web.sink.TunnelledExchange` double."""
+
+    upgrade = b"websocket"
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.detached = 0
+        self.ends: list[tuple[str, int | None]] = []
+
+    def detach(self) -> None:
+        self.detached += 1
+
+    def end(self, reason: str, bytes_out: int | None = None) -> None:
+        self.ends.append((reason, bytes_out))
+
+
+class _Connection:
+    """A :class:`~dockerspaces.web.sink.BackendConnection` double."""
+
+    served = 0
+    got_bytes = True
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.aborted = False
+        self.tunnel: Any = None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def hand_over(self, end: Any) -> None:
+        self.tunnel = end
+
+
+class StartTunnelTests(SynchronousTestCase):
+    """start_tunnel needs nothing of the proxy but the protocols of web/sink.py."""
+
+    def held_request(self) -> tuple[Any, StringTransport]:
+        held: list[Any] = []
+
+        class Hold(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                held.append(request)
+                return NOT_DONE_YET
+
+        channel = make_site(Hold(), MemoryReactorClock(), max_body=10).buildProtocol(None)
+        t = StringTransport()
+        t.protocol = channel  # type: ignore[attr-defined]  # as a real tcp transport has
+        channel.makeConnection(t)
+        channel.dataReceived(UPGRADE + b"early")
+        return held[0], t
+
+    def test_splice_through_the_protocols(self) -> None:
+        request, ct = self.held_request()
+        ex, conn = _TunnelledExchange(request), _Connection()
+        start_tunnel(ex, conn, 101, b"Switching Protocols", [(b"Upgrade", b"websocket")], b"hi")
+        self.assertEqual(ex.detached, 1)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+        self.assertTrue(ct.value().endswith(b"\r\n\r\nhi"))
+        self.assertEqual(conn.transport.value(), b"early")  # the channel's buffered bytes
+        conn.tunnel.dataReceived(b"!")
+        self.assertTrue(ct.value().endswith(b"hi!"))
+        conn.tunnel.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertTrue(ct.disconnecting)
+        ct.protocol.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(ex.ends, [("tunnel-closed", 3)])
+        self.assertFalse(conn.aborted)
+
+    def test_client_already_gone(self) -> None:
+        request, _ = self.held_request()
+        request.connectionLost(Failure(ierror.ConnectionLost()))
+        ex, conn = _TunnelledExchange(request), _Connection()
+        start_tunnel(ex, conn, 101, b"", [], b"")
+        self.assertTrue(conn.aborted)
+        self.assertIsNone(conn.tunnel)
+        self.assertEqual((ex.detached, ex.ends), (0, [("client-gone", None)]))

@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 
 from dockerspaces import twistedseam
 from dockerspaces.engine import dockerseam
+from dockerspaces.testing import CLIENT, GET, ProxyHarness, drain, socket_connection
 from dockerspaces.twistedseam import (
     ENV,
     TWISTED_PARSE_REQUEST_LINE,
@@ -38,8 +39,6 @@ from dockerspaces.twistedseam import (
 from dockerspaces.web import backend
 from dockerspaces.web.sendnow import write_now
 from dockerspaces.web.site import make_site
-
-from .test_proxy import CLIENT, GET, Harness, _connection, _drain
 
 
 def _tcp_transport(test: SynchronousTestCase) -> tcp.Connection:
@@ -251,12 +250,12 @@ class SameAnswersTests(SeamTestCase):
         ]
 
         def serve() -> list[Any]:
-            h = Harness()
+            h = ProxyHarness()
             with socket.create_server(("127.0.0.1", 0)) as listener:
                 peer = socket.create_connection(listener.getsockname())
                 a, _ = listener.accept()
             channel = h.site.buildProtocol(CLIENT)
-            t, peer, reactor = _connection(self, a, peer, channel)
+            t, peer, reactor = socket_connection(self, a, peer, channel)
             t.getPeer = lambda: CLIENT  # type: ignore[method-assign]
             t.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 8000)  # type: ignore[method-assign]
             channel.makeConnection(t)
@@ -267,10 +266,10 @@ class SameAnswersTests(SeamTestCase):
                     p, _ = h.accept()
                 for piece in answer:
                     p.dataReceived(piece)
-                out = _drain(peer)
+                out = drain(peer)
                 while reactor.getWriters():
                     t.doWrite()
-                    out += _drain(peer)
+                    out += drain(peer)
                 got.append(_head_and_body(out))
             return got
 

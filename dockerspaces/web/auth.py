@@ -54,6 +54,7 @@ from .accesslog import IDENTITY_ATTR
 from .errors import ErrorResource, write_error
 from .headers import OWN_AUTH_ATTR
 from .pages import wants_html
+from .site import done_or_gone
 
 log = Logger()
 
@@ -308,7 +309,7 @@ class _Later(Resource):
         """Wait for the check; then render what it decided."""
 
         def go(child: Resource) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             request.render(child)
 
@@ -456,7 +457,7 @@ class _Login(Resource):
                 .addCallback(cookie)
 
         def cookie(session: str) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             _set_cookie(request, SESSION_COOKIE, session.encode(), int(gate.session_lifetime),
                         secure=request.isSecure())
@@ -466,7 +467,7 @@ class _Login(Resource):
             request.finish()
 
         def refused(f: Failure) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             if f.check(UnauthorizedLogin):
                 gate.throttle.failed(*keys)
@@ -510,7 +511,7 @@ class _Logout(Resource):
         self.gate.forget(b"S" + session)
 
         def done(_: object) -> None:
-            if not (request.finished or getattr(request, "_disconnected", False)):
+            if not done_or_gone(request):
                 request.finish()
 
         self.gate.service.end_session(session.decode("latin-1")).addBoth(done)

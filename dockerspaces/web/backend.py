@@ -2,16 +2,18 @@
 description), the lean HTTP/1.1 client protocol that sends it and reads the answer
 (:class:`BackendProtocol`), and the pool of idle persistent connections.
 
-The protocol hands the answer to its *sink* (the proxy's exchange) as it comes:
-``response_head``, ``response_data``, ``response_done``, ``backend_failed``,
-``response_upgraded`` (a ``101`` to an ``Upgrade`` request, for the tunnel).
+The protocol hands the answer to its *sink* (a
+:class:`~dockerspaces.web.sink.ResponseSink`, the proxy's exchange) as it comes:
+``response_head``, ``response_data``, ``response_done``, ``response_closed``,
+``backend_failed``, ``response_upgraded`` (a ``101`` to an ``Upgrade`` request, for
+the tunnel, which then takes the connection with :meth:`BackendProtocol.hand_over`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -27,7 +29,8 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
@@ -41,9 +44,7 @@ from .headers import (
     parse_response_head,
 )
 from .sendnow import write_now
-
-if TYPE_CHECKING:
-    from .proxy import _Exchange
+from .sink import ResponseSink, TunnelEnd
 
 
 def _queue(t: Any, data: bytes) -> None:
@@ -171,7 +172,7 @@ class BackendGone(Exception):
 class _BodySender:
     """Streams a request body from a file to the backend transport, pausing with it."""
 
-    def __init__(self, f: Any, transport: Any, length: int, done: Callable[[], None]) -> None:
+    def __init__(self, f: BinaryIO, transport: Any, length: int, done: Callable[[], None]) -> None:
         self.f, self.transport, self.left, self.done = f, transport, length, done
         self.paused = False
         self.stopped = False
@@ -209,12 +210,15 @@ class _BodySender:
 
 
 @implementer(IHalfCloseableProtocol)
-class BackendProtocol(Protocol):
+class BackendProtocol(TwistedProtocol):
     """A lean HTTP/1.1 client connection: one exchange at a time, reusable when clean.
 
-    The exchange (``sink``) receives ``response_head``, ``response_data``,
-    ``response_done`` and ``backend_failed`` calls; in tunnel mode bytes go to
-    ``tunnel`` instead.
+    The exchange (``sink``, a :class:`~dockerspaces.web.sink.ResponseSink`) receives
+    the answer; in tunnel mode bytes go to ``tunnel`` (:meth:`hand_over`) instead.
+
+    ``sink`` is set in the ``_HEAD`` and ``_BODY_*`` states (:meth:`send` sets it
+    with the state) and ``tunnel`` in ``_TUNNEL``: the ``union-attr`` ignores below
+    stand for those invariants, which mypy cannot see, rather than a check per read.
     """
 
     transport: Any
@@ -222,7 +226,7 @@ class BackendProtocol(Protocol):
     def __init__(self, pool: ConnectionPool | None, backend: Backend):
         self.pool = pool
         self.backend = backend
-        self.sink: Any = None  # the _Exchange being served
+        self.sink: ResponseSink | None = None  # the exchange being served
         self.state = _IDLE
         self.buf = b""
         self.left = 0
@@ -234,7 +238,7 @@ class BackendProtocol(Protocol):
         self.paused = False
         self.head_request = False
         self.expect_upgrade = False
-        self.tunnel: Any = None
+        self.tunnel: TunnelEnd | None = None
         self._decoder: Any = None
         self.on_lost: list[Deferred[None]] = []
 
@@ -247,8 +251,9 @@ class BackendProtocol(Protocol):
         if hasattr(self.transport, "bufferSize") and not hasattr(self.transport, "wrappedProtocol"):
             self.transport.bufferSize = READ_SIZE
 
-    def send(self, sink: _Exchange, head: bytes, body: Any, length: int) -> None:
-        """Write a request; the response goes to ``sink``."""
+    def send(self, sink: ResponseSink, head: bytes, body: BinaryIO | None, length: int) -> None:
+        """Write a request (``length`` bytes of ``body`` after ``head``); the response
+        goes to ``sink``."""
         self.sink = sink
         self.state = _HEAD
         self.buf = b""
@@ -257,7 +262,7 @@ class BackendProtocol(Protocol):
         self.head_request = sink.request.method == b"HEAD"
         self.expect_upgrade = sink.upgrade is not None
         _write_head(self.transport, head)
-        if length > 0:
+        if length > 0 and body is not None:
             self.body_sent = False
             _BodySender(body, self.transport, length, self._body_done).start()
         else:
@@ -278,17 +283,18 @@ class BackendProtocol(Protocol):
             left = self.left
             if len(data) < left:
                 self.left = left - len(data)
-                self.sink.response_data(data)
+                self.sink.response_data(data)  # type: ignore[union-attr]
                 return
             self.left = 0
             if left:
-                self.sink.response_data(data if len(data) == left else memoryview(data)[:left])
+                self.sink.response_data(  # type: ignore[union-attr]
+                    data if len(data) == left else memoryview(data)[:left])
             if len(data) > left:
                 self.keep_alive = False
             self._complete()
             return
         if state == _TUNNEL:
-            self.tunnel.dataReceived(data)
+            self.tunnel.dataReceived(data)  # type: ignore[union-attr]
             return
         if state == _BODY_CHUNKED:
             try:
@@ -297,7 +303,7 @@ class BackendProtocol(Protocol):
                 self._fail(BadResponse(f"bad chunked encoding: {e}"))
             return
         if state == _BODY_CLOSE:
-            self.sink.response_data(data)
+            self.sink.response_data(data)  # type: ignore[union-attr]
             return
         if state == _HEAD:
             self.got_bytes = True
@@ -329,7 +335,8 @@ class BackendProtocol(Protocol):
                 if status == 101 and self.expect_upgrade:
                     self.state = _TUNNEL
                     self.keep_alive = False
-                    self.sink.response_upgraded(self, status, reason, headers, bytes(rest))
+                    self.sink.response_upgraded(  # type: ignore[union-attr]
+                        self, status, reason, headers, bytes(rest))
                     return
                 if status == 101:
                     self._fail(BadResponse("101 Switching Protocols without an Upgrade request"))
@@ -363,7 +370,8 @@ class BackendProtocol(Protocol):
         # the whole answer came with its head (the common small response): no streaming,
         # so the exchange needs not register as the client's producer
         whole = no_body or (length is not None and not chunked and len(rest) == length)
-        self.sink.response_head(status, reason, grouped, headers, raw, whole=whole)
+        self.sink.response_head(  # type: ignore[union-attr]
+            status, reason, grouped, headers, raw, whole=whole)
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if whole and not no_body:
@@ -430,6 +438,11 @@ class BackendProtocol(Protocol):
         if sink is not None:
             sink.backend_failed(Failure(exc), self)
 
+    def hand_over(self, end: TunnelEnd) -> None:
+        """After a ``101``: the backend's bytes and close events go to ``end`` (the
+        tunnel's splice) from now on."""
+        self.tunnel = end
+
     def abort(self) -> None:
         """Drop the connection now (the client went away); never back to the pool."""
         self.sink = None
@@ -453,14 +466,14 @@ class BackendProtocol(Protocol):
     def readConnectionLost(self) -> None:  # IHalfCloseableProtocol (tunnel use)
         """The backend closed its side: passed on in a tunnel, else the connection closes."""
         if self.state == _TUNNEL:
-            self.tunnel.readConnectionLost()
+            self.tunnel.readConnectionLost()  # type: ignore[union-attr]
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:  # IHalfCloseableProtocol (tunnel use)
         """Our side was closed for writing (a tunnel's half-close)."""
         if self.state == _TUNNEL:
-            self.tunnel.writeConnectionLost()
+            self.tunnel.writeConnectionLost()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
         """Gone: out of the pool; an answer in progress ends (close-delimited) or fails."""
@@ -472,7 +485,7 @@ class BackendProtocol(Protocol):
             d.callback(None)
         state, self.state = self.state, _DONE
         if state == _TUNNEL:
-            self.tunnel.connectionLost(reason)
+            self.tunnel.connectionLost(reason)  # type: ignore[union-attr]
             return
         sink, self.sink = self.sink, None
         if sink is None:
@@ -480,12 +493,8 @@ class BackendProtocol(Protocol):
         reset = reason is not None and not reason.check(ConnectionDone)
         if state == _BODY_CLOSE and not reset:
             # a close-delimited body ends with the backend's FIN -- as does a killed
-            # container's connection: a sink that can tell them apart is asked to
-            closed = getattr(sink, "response_closed", None)
-            if closed is not None:
-                closed(self)
-            else:
-                sink.response_done()
+            # container's connection: the sink tells them apart
+            sink.response_closed(self)
         else:
             sink.backend_failed(Failure(BackendGone(reason_text(reason))), self)
 
@@ -551,3 +560,12 @@ class BackendFactory(Factory):
     def buildProtocol(self, addr: Any) -> BackendProtocol:
         """A protocol for this backend, returning to ``pool`` when idle."""
         return BackendProtocol(self.pool, self.backend)
+
+
+class ClientEndpoint(Protocol):
+    """What the proxy needs of a backend's client endpoint (a Twisted
+    ``IStreamClientEndpoint``, or a test's double)."""
+
+    def connect(self, factory: BackendFactory, /) -> Deferred[BackendProtocol]:
+        """Connect, building the connection's protocol with ``factory``."""
+        ...

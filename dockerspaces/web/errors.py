@@ -6,6 +6,8 @@ from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .site import done_or_gone
+
 
 def write_error(
     request: Request, status: int, message: str, retry_after: int | None = None
@@ -27,7 +29,7 @@ def finish_error(
     request: Request, status: int, message: str, retry_after: int | None = None
 ) -> None:
     """Answer an asynchronous request with an error, unless it is already gone or started."""
-    if request.finished or getattr(request, "_disconnected", False):
+    if done_or_gone(request):
         return
     if getattr(request, "startedWriting", False):
         # Headers already went out: all we can do is cut the response short.

@@ -13,17 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING
 
 from attrs import define
 from twisted.web.server import Request
 
 from .routecookie import without_own_cookies
 from .site import TOKEN
-
-if TYPE_CHECKING:
-    from .backend import Backend
-
 
 HOP_BY_HOP = frozenset(
     {
@@ -206,14 +201,12 @@ def request_head(
     path: bytes,
     *,
     prefix: bytes,
-    host_header: bytes | None,
-    backend: Backend,
+    host: bytes,
     body_length: int | None,
     upgrade: bytes | None = None,
 ) -> bytes:
     """The request head sent to the backend (request line + headers + blank line);
-    ``head`` is the client's (:func:`read_client_head`)."""
-    host = host_header or head.host or backend.default_host_header()
+    ``head`` is the client's (:func:`read_client_head`), ``host`` the ``Host`` sent."""
     out = [request.method, b" ", path or b"/", b" HTTP/1.1\r\nHost: ", host, b"\r\n", head.kept]
     xff = head.xff
     ip = _client_ip(request)

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..metrics import CONTENT_TYPE, Metrics
+from .site import done_or_gone
 
 
 class MetricsResource(Resource):
@@ -75,7 +76,7 @@ class HealthResource(Resource):
         """Answer once the pings are in."""
 
         def answer(result: tuple[bool, dict[str, Any]]) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             healthy, details = result
             body = json.dumps(details).encode() + b"\n"

@@ -16,10 +16,10 @@ from ..spec import HostTarget, JobSpec, split_uri_cached
 from .accesslog import IDENTITY_ATTR, route_info
 from .backend import Backend
 from .errors import finish_error, status_of, write_error
-from .pages import wants_html
+from .pages import WaitingRoom, wants_html
 from .proxy import ExchangeEnd, Proxy
 from .routing import Forbidden, HostPolicy
-from .site import on_lost
+from .site import done_or_gone, on_lost
 
 #: seconds a close-delimited answer's end waits for news of its container's death
 #: (Docker's ``die`` event comes ~50 ms after a kill); only such answers pay it
@@ -72,7 +72,7 @@ class JobResource(Resource):
 
     def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
                  proxy: Proxy, allow_image: tuple[str, ...],
-                 waiting: Any = None, worker_post_only: bool = False):
+                 waiting: WaitingRoom | None = None, worker_post_only: bool = False):
         super().__init__()
         self.worker_post_only = worker_post_only
         self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
@@ -111,7 +111,7 @@ class JobResource(Resource):
         return NOT_DONE_YET
 
     def _forward(self, request: Request, lease: Any, attempt: int = 0) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
+        if done_or_gone(request):
             lease.release()
             return
         info = route_info(request)
@@ -157,7 +157,7 @@ class JobResource(Resource):
 
     def _retry(self, request: Request, lease: Any, attempt: int, failed: bool = True) -> None:
         """Hand the request to another container (the broker's ``Lease.retry``)."""
-        if request.finished or getattr(request, "_disconnected", False):
+        if done_or_gone(request):
             if failed:
                 lease.failed()
             else:
@@ -175,7 +175,7 @@ class JobResource(Resource):
         _on_gone(request, d)
 
         def started(_: object) -> None:
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             request.setResponseCode(200)
             request.setHeader(b"content-length", b"0")
@@ -245,7 +245,7 @@ class HostRoute(Resource):
 
     def _go(self, request: Request, path: bytes, ip: str) -> None:
         """A name resolved and allowed: forward, unless the request is over by now."""
-        if request.finished or getattr(request, "_disconnected", False):
+        if done_or_gone(request):
             return
         self._forward(request, path, _host_plan(self.target, ip))
 

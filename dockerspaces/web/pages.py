@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ..spec import split_uri
+from .site import done_or_gone
 
 WAITING_STATES = ("queued", "pulling", "starting")
 _HTML_TYPES = (b"text/html", b"application/xhtml+xml")
@@ -237,7 +238,7 @@ class WaitingRoom:
         def page() -> None:
             if inner.called or outer.called:
                 return
-            if request.finished or getattr(request, "_disconnected", False):
+            if done_or_gone(request):
                 return
             state["paged"] = True
             body = waiting_page(token, display, url)

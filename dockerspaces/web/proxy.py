@@ -6,7 +6,8 @@ rather than ``twisted.web.client.Agent``: per request it costs a few method call
 Deferreds once a pooled connection exists, and it gives direct control over the
 backend transport (pause/resume for back-pressure, abort on client disconnect, ``101``
 for Upgrade tunnelling, see :mod:`dockerspaces.web.tunnel`). One forwarded request is
-an ``_Exchange``, the sink of the backend protocol's events.
+an ``_Exchange``, the :class:`~dockerspaces.web.sink.ResponseSink` of the backend
+protocol's events.
 
 - request bodies are streamed from twisted.web's spool (``request.content``, a file)
   with a push producer on the backend transport, never read into one bytes object;
@@ -20,7 +21,13 @@ an ``_Exchange``, the sink of the backend protocol's events.
   (:mod:`dockerspaces.web.headers`);
 - ``on_end`` fires exactly once per :meth:`Proxy.forward` with an :class:`ExchangeEnd`.
 
-Tested with Twisted 26.10 (the tunnel takeover touches ``HTTPChannel`` internals).
+Private Twisted names (the tunnel takeover, the direct writes) are reached only
+through :mod:`dockerspaces.twistedseam`.
+
+The module is longer than the house's ~600 lines on purpose: one exchange is one
+state machine (``_Exchange``, most of the module) whose events -- backend reads,
+client pauses, errors, the ending -- all read and change the same state; split in
+two, each half would need the other's.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.interfaces import (
     IPushProducer,
-    IStreamClientEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +56,7 @@ from .backend import (
     BackendFactory,
     BackendGone,
     BackendProtocol,
+    ClientEndpoint,
     ConnectionPool,
     reason_text,
 )
@@ -72,7 +79,9 @@ from .sendnow import (
     send_all_now,
     send_now,
 )
+from .sink import BackendConnection
 from .site import http_date, on_lost
+from .tunnel import start_tunnel
 
 log = Logger()
 
@@ -162,8 +171,7 @@ class _Exchange:
             head,
             path,
             prefix=prefix,
-            host_header=host_header,
-            backend=backend,
+            host=self.backend_host,
             body_length=length if has_body else None,
             upgrade=self.upgrade,
         )
@@ -369,7 +377,7 @@ class _Exchange:
             return
         self.conn = None
         request = self.request
-        self._unregister()
+        self.detach()
         if self.status is None:
             # close-delimited body with no head cannot happen; be safe
             self._error(502, f"backend {self.backend} sent no response", "backend-error")
@@ -381,7 +389,7 @@ class _Exchange:
         if self.direct is not None:
             flush_now(self.direct)
 
-    def response_closed(self, conn: BackendProtocol) -> None:
+    def response_closed(self, conn: BackendConnection) -> None:
         """A close-delimited body ended with the backend's FIN: complete it, unless
         ``confirm_close`` says the backend died (then the answer is cut, not ended)."""
         if self.ended:
@@ -404,7 +412,8 @@ class _Exchange:
         confirm().addCallback(decided).addErrback(
             lambda f: log.failure("confirming a close-delimited answer failed", f))
 
-    def backend_failed(self, f: Failure, conn: BackendProtocol) -> None:
+    def backend_failed(self, f: Failure, conn: BackendConnection) -> None:
+        """The backend connection failed or ended before the answer was complete."""
         if self.ended:
             return
         self.conn = None
@@ -436,7 +445,7 @@ class _Exchange:
         # headers are out: cut the response short so the client sees the truncation --
         # no terminating chunk; where neither chunking nor a length would tell the
         # client, the connection is aborted rather than closed
-        self._unregister()
+        self.detach()
         self._end("backend-error")
         request = self.request
         channel = request.channel
@@ -482,14 +491,13 @@ class _Exchange:
         """End without answering (``unforwarded``: nothing was sent; ``unanswered``: a
         bodiless GET/HEAD got no answer): the caller forwards the request elsewhere."""
         log.info("proxy: {message}; the request goes elsewhere", message=message)
-        self._unregister()
+        self.detach()
         self._end(reason, status=None)
 
     def response_upgraded(
-        self, conn: BackendProtocol, status: int, reason: bytes, headers: Headers, rest: bytes
+        self, conn: BackendConnection, status: int, reason: bytes, headers: Headers, rest: bytes
     ) -> None:
-        from .tunnel import start_tunnel
-
+        """``101``: the tunnel takes the client connection and this one over."""
         self.status = status
         self.conn = None
         start_tunnel(self, conn, status, reason, headers, rest)
@@ -544,7 +552,9 @@ class _Exchange:
         request.write(data if isinstance(data, bytes) else bytes(data))
 
     # -- ending ------------------------------------------------------------------------
-    def _unregister(self) -> None:
+    def detach(self) -> None:
+        """Stop being the client request's producer (the answer is over, or the
+        tunnel takes the connection over)."""
         if self.producing:
             self.producing = False
             if self.request.channel is not None:
@@ -554,12 +564,19 @@ class _Exchange:
         if self.ended:
             return
         log.info("proxy: {message}", message=message)
-        self._unregister()
+        self.detach()
         request = self.request
         sent = None if request.startedWriting else status
         self._end(reason, status=sent)
         if request.channel is not None:  # (None once the client is gone)
             self.proxy.error_page(request, status, message)
+
+    def end(self, reason: str, bytes_out: int | None = None) -> None:
+        """Report how the exchange ended, once (the tunnel's way to end it);
+        ``bytes_out``, the bytes that went to the client when not counted here."""
+        if bytes_out is not None and not self.ended:
+            self.bytes_out = bytes_out
+        self._end(reason)
 
     def _end(self, reason: str, status: int | None = -1) -> None:
         if self.ended:
@@ -585,8 +602,7 @@ class Proxy:
     ``cors`` the backend's ``Access-Control-*`` headers are replaced by
     :func:`routing.cors_headers`. ``pool_size`` caps the idle connections kept per
     backend: below the number of concurrent requests to one backend, every burst
-    closes the surplus and the next one reconnects (at 32 with 50 busy clients, ~4 %
-    of requests paid a new backend connection).
+    closes the surplus and the next one reconnects.
     """
 
     def __init__(
@@ -596,7 +612,7 @@ class Proxy:
         connect_timeout: float = 10.0,
         pool_size: int = 64,
         tls_trust: Any = None,
-        endpoint_factory: Callable[[Backend], IStreamClientEndpoint] | None = None,
+        endpoint_factory: Callable[[Backend], ClientEndpoint] | None = None,
         error_page: Callable[[Request, int, str], None] | None = None,
         cors: bool = False,
         route_cookies: RouteCookies | None = None,
@@ -611,7 +627,7 @@ class Proxy:
         self._endpoint_factory = endpoint_factory
         self.error_page = error_page or finish_error
 
-    def _endpoint_for(self, backend: Backend) -> Any:
+    def _endpoint_for(self, backend: Backend) -> ClientEndpoint:
         if self._endpoint_factory is not None:
             return self._endpoint_factory(backend)
         return backend.endpoint(self.reactor, self.connect_timeout, self.tls_trust)
@@ -631,7 +647,7 @@ class Proxy:
         external: bool = False,
         cors: bool = True,
         died_before: Callable[[float], Deferred[bool]] | None = None,
-    ) -> Any:
+    ) -> int:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
         ``prefix`` is the route prefix (``X-Forwarded-Prefix``, Location rewriting);

@@ -17,9 +17,9 @@ import hashlib
 import hmac
 import os
 from collections import OrderedDict
-from typing import Any
 
 from attrs import define, field
+from twisted.web.server import Request
 
 COOKIE_NAME = b"dsroute"
 
@@ -75,7 +75,7 @@ class RouteCookies:
             self._table.move_to_end(value.strip(b'"'))
         return segment
 
-    def from_request(self, request: Any) -> str | None:
+    def from_request(self, request: Request) -> str | None:
         """The segment named by ``request``'s ``dsroute`` cookie, if any."""
         header = request.requestHeaders.getRawHeaders(b"cookie")
         if not header:

@@ -16,6 +16,7 @@ from typing import Any
 from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.web.server import Request
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from ..spec import HostTarget, JobSpec, SpecError, parse_route, split_uri
@@ -376,7 +377,7 @@ def _drop_cors(rh: Any) -> None:
             rh.removeHeader(name)
 
 
-def cors_headers(request: Any) -> None:
+def cors_headers(request: Request) -> None:
     """``--cors`` on an answer: echo ``Origin`` with credentials; replace other CORS headers."""
     rh = request.responseHeaders
     _drop_cors(rh)
@@ -388,7 +389,7 @@ def cors_headers(request: Any) -> None:
     rh.setRawHeaders(b"access-control-allow-credentials", [b"true"])
 
 
-def is_preflight(request: Any) -> bool:
+def is_preflight(request: Request) -> bool:
     """True for a CORS preflight: ``OPTIONS`` with ``Origin`` and a requested method."""
     return (
         request.method == b"OPTIONS"
@@ -400,7 +401,7 @@ def is_preflight(request: Any) -> bool:
 DEFAULT_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 
 
-def preflight(request: Any, max_age: int = 600) -> bytes:
+def preflight(request: Request, max_age: int = 600) -> bytes:
     """Answer a preflight ``OPTIONS``: 204 echoing the requested method and headers.
 
     Sets status and headers; returns the (empty) body for ``render`` to return.

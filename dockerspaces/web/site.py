@@ -51,8 +51,8 @@ from ..twistedseam import (
 
 __all__ = [
     "TOKEN", "TWISTED_PARSE_REQUEST_LINE", "HeadDeadlineChannel", "LimitedRequest", "ProxySite",
-    "http_date", "install_request_line_parser", "make_site", "on_lost", "parse_request_line",
-    "refused", "simple_head",
+    "done_or_gone", "http_date", "install_request_line_parser", "make_site", "on_lost",
+    "parse_request_line", "refused", "simple_head",
 ]
 
 _BODY_413 = "request body of {size} exceeds the limit of {limit} bytes (--max-body)\n"
@@ -199,6 +199,18 @@ def refused(channel: Any, code: int, method: bytes, uri: bytes, reason: str) -> 
     transport = getattr(channel, "transport", None)
     client = transport.getPeer() if transport is not None else None
     hook(code, method, uri, client, reason)
+
+
+def done_or_gone(request: Request) -> bool:
+    """Whether nothing more can be written to ``request``: it is finished, or its
+    client has gone.
+
+    ``Request.connectionLost`` sets the public ``channel`` to None (with the private
+    ``_disconnected``), and nothing else does while a request is unfinished; once it
+    is finished, ``channel`` is deleted, hence ``finished`` first. A test double
+    without a ``channel`` counts as connected.
+    """
+    return bool(request.finished) or getattr(request, "channel", True) is None
 
 
 def on_lost(request: Request, hook: Callable[[Any], object]) -> None:

@@ -9,7 +9,8 @@ are plain sockets (``tcp:``/``unix:``), a full close otherwise (TLS).
 
 Pin awareness: :func:`take_over` needs ``HTTPChannel`` internals (the bytes it
 buffered past the request, and that it parses nothing more:
-:func:`~dockerspaces.twistedseam.detach_channel`) and the transport's ``protocol`` / a
+:func:`~dockerspaces.twistedseam.detach_channel`; which wrapper holds the channel:
+:func:`~dockerspaces.twistedseam.holds_channel`) and the transport's ``protocol`` / a
 TLS wrapper's ``wrappedProtocol``; setup.cfg bounds Twisted below its next major --
 re-run ``tests/test_tunnel.py`` and ``tests/integration/test_proxy.py`` before lifting
 it. Relaying straight to a plain TCP socket is a fast path of the seam (off with the
@@ -19,7 +20,7 @@ others: then every byte goes through the transport's ``write``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -29,14 +30,10 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from ..twistedseam import detach_channel
-from .headers import drop_hop_by_hop
+from ..twistedseam import detach_channel, holds_channel
+from .headers import Headers, drop_hop_by_hop
 from .sendnow import can_send_now, is_plain_tcp, relay_now
-
-if TYPE_CHECKING:
-    from .backend import BackendProtocol
-    from .headers import Headers
-    from .proxy import _Exchange
+from .sink import BackendConnection, TunnelledExchange
 
 log = Logger()
 
@@ -57,7 +54,7 @@ def _slot(transport: Any, channel: HTTPChannel) -> str:
     attrs = vars(transport)  # not getattr: ProtocolWrapper delegates unknown names
     for name in ("wrappedProtocol", "protocol"):
         cur = attrs.get(name)
-        if cur is not None and (cur is channel or getattr(cur, "_channel", None) is channel):
+        if cur is not None and holds_channel(cur, channel):
             return name
     raise TakeoverError(f"cannot find the HTTP channel on {type(transport).__name__}")
 
@@ -182,9 +179,10 @@ class Splice:
 
 
 class _BackendEnd:
-    """Adapts a :class:`BackendProtocol` in tunnel mode to a splice side."""
+    """Adapts a backend connection in tunnel mode to a splice side (a
+    :class:`~dockerspaces.web.sink.TunnelEnd`)."""
 
-    def __init__(self, side: _Side, conn: BackendProtocol):
+    def __init__(self, side: _Side, conn: BackendConnection):
         self.side = side
         side.transport = conn.transport
         side.connected = 1
@@ -198,7 +196,7 @@ class _BackendEnd:
     def writeConnectionLost(self) -> None:
         self.side.writeConnectionLost()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure | None) -> None:
         self.side.connectionLost(reason)
 
 
@@ -213,8 +211,8 @@ def switching_head(reason: bytes, headers: Headers, upgrade: bytes) -> bytes:
 
 
 def start_tunnel(
-    ex: _Exchange,
-    conn: BackendProtocol,
+    ex: TunnelledExchange,
+    conn: BackendConnection,
     status: int,
     reason: bytes,
     headers: Headers,
@@ -225,28 +223,27 @@ def start_tunnel(
     channel = request.channel
     if channel is None:  # (a request's channel is None once its connection is lost)
         conn.abort()
-        ex._end("client-gone")
+        ex.end("client-gone")
         return
-    ex._unregister()
+    ex.detach()
 
     def closed(splice: Splice) -> None:
-        ex.bytes_out = splice.bytes_to_client
-        ex._end("tunnel-closed")
+        ex.end("tunnel-closed", bytes_out=splice.bytes_to_client)
 
     transport: Any = channel.transport
     if transport is None:  # the client went while the backend answered
         conn.abort()
-        ex._end("client-gone")
+        ex.end("client-gone")
         return
     splice = Splice(closed)
-    conn.tunnel = _BackendEnd(splice.backend, conn)
+    conn.hand_over(_BackendEnd(splice.backend, conn))
     transport.write(switching_head(reason, headers, ex.upgrade or b"websocket"))
     try:
         buffered = take_over(channel, splice.client)
     except TakeoverError as e:
         conn.abort()
         transport.loseConnection()
-        ex._end("backend-error")
+        ex.end("backend-error")
         log.info("tunnel: {error}", error=str(e))
         return
     splice.join()
