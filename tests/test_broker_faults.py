@@ -313,14 +313,14 @@ class KeyTableTests(SynchronousTestCase):
         h = Harness(slots=1)
         for i in range(50):
             self.successResultOf(h.acquire(f"x:img:{i}:80")).release()
-        self.assertLessEqual(len(h.broker._keys), 2)
+        self.assertLessEqual(len(h.broker.state.keys), 2)
 
     def test_keys_of_failed_starts_are_forgotten(self) -> None:
         h = Harness(slots=1)
         for i in range(20):
             h.engine.fail_next_ready(ContainerExited("exit 1", 1, ""))
             self.failureResultOf(h.acquire(f"x:img:{i}:80"), StartFailed)
-        self.assertEqual(len(h.broker._keys), 0)
+        self.assertEqual(len(h.broker.state.keys), 0)
 
     def test_a_key_waiting_for_admission_is_kept(self) -> None:
         """A waiter still in the admission queue holds its key: forgetting it would
@@ -329,9 +329,9 @@ class KeyTableTests(SynchronousTestCase):
         h = Harness(slots=1, source=1, queue=5)
         la = self.successResultOf(h.acquire(A))
         db1 = h.acquire(B)
-        kb = h.broker._keys[spec(B).key]
-        h.broker._maybe_forget(kb)
-        self.assertIs(h.broker._keys.get(spec(B).key), kb)
+        kb = h.broker.state.keys[spec(B).key]
+        h.broker.admission.maybe_forget(kb)
+        self.assertIs(h.broker.state.keys.get(spec(B).key), kb)
         db2 = h.acquire(B)
         la.release()
         lb1 = self.successResultOf(db1)

@@ -561,7 +561,7 @@ class Run:
 
     def __attrs_post_init__(self) -> None:
         broker = self.h.broker
-        assign, start = broker._assign, broker._start_container
+        assign, start = broker.leases.assign, broker.lifecycle.start_container
 
         def checked_assign(w: Waiter, c: Container) -> None:
             self.check_turn(w, c)
@@ -575,8 +575,8 @@ class Run:
                 self.check_user(c.owner, "start")
             return c
 
-        broker._assign = checked_assign  # type: ignore[method-assign]
-        broker._start_container = checked_start  # type: ignore[method-assign]
+        broker.leases.assign = checked_assign  # type: ignore[method-assign]
+        broker.lifecycle.start_container = checked_start  # type: ignore[method-assign]
 
     def owner(self, user: str) -> Owner:
         """The user's Owner (the same limits on every request)."""
@@ -673,7 +673,7 @@ class Run:
             self.check_user(u, "after the step")
             lim = self.limits[u]["queued"]
             assert lim is None or queued - back[u] <= lim, (u, queued, lim)
-        for k in self.h.broker._keys.values():  # the broker's own tables, read only
+        for k in self.h.broker.state.keys.values():  # the broker's own tables, read only
             if k.spec.mode == "x":
                 for c in k.idle:
                     left = [w for w in k.waiters

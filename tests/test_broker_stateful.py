@@ -257,4 +257,4 @@ class Regressions(SynchronousTestCase):
         m.arrive(key="y:img:y:80", n=1)
         m.release(failed=False, i=0)
         m.teardown()  # asserts: the engines hold exactly the containers the broker knows
-        self.assertEqual([s for s in m.h.broker._slots if s.clearing], [])
+        self.assertEqual([s for s in m.h.broker.state.slots if s.clearing], [])

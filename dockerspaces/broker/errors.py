@@ -68,7 +68,7 @@ class ContainerLost(BrokerError):
 
 class BackendRefused(BrokerError):
     """503: the request was handed back unforwarded (container refused or reset the
-    connection) more often than :data:`~dockerspaces.broker.broker.MAX_RETRIES`."""
+    connection) more often than :data:`~dockerspaces.broker.leases.MAX_RETRIES`."""
 
     status = 503
     default_retry_after = 5

@@ -2,7 +2,9 @@
 waiters.
 
 Values are ``@frozen``; the mutable records (``@define``) are owned and mutated only by
-:class:`dockerspaces.broker.broker.Broker`.
+the parts of :class:`dockerspaces.broker.broker.Broker`. Counts that follow from a
+record's contents (a key's starting and busy containers) are properties computed from
+them, not fields kept beside them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..config import Config, HostConfig
 from ..engine.interface import ContainerHandle, IEngine, RunOptions, SlotInfo
 from ..spec import JobSpec
 from .errors import BackendRefused
-from .quota import Line
+from .quota import Line, Owner
 from .scaling import Ewma
 
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in attrs.fields(Config)}
@@ -95,17 +97,6 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-@frozen
-class Owner:
-    """Who a request is for, and that user's limits (None = unlimited)."""
-
-    user: str
-    containers: int | None = None  # containers held at once
-    gpus: int | None = None  # GPUs held at once
-    queued: int | None = None  # requests waiting at once
-    group: str | None = None  # for metrics labels (never the user)
-
-
 @define(eq=False)
 class HostState:
     """One engine and its slots, with its up/down state."""
@@ -145,11 +136,11 @@ class Slot:
         """``address:port`` of the slot as the monitor shows it."""
         return f"{self.host.config.address}:{self.info.port}"
 
-    @property
-    def usable(self) -> bool:
-        """True when empty and on an up host (a new container may start here)."""
+    def takes_new(self, now: float) -> bool:
+        """True when a new container may be placed here: empty, no container of ours
+        being cleared from its port, not quarantined."""
         return (self.container is None and self.evicting is None and not self.clearing
-                and self.host.up)
+                and self.blocked_until <= now)
 
 
 @define(eq=False)
@@ -159,15 +150,11 @@ class KeyState:
     key: str
     spec: JobSpec
     display: str = ""
-    waiters: Line = field(factory=Line)
+    waiters: Line[Waiter] = field(factory=Line)
     containers: dict[Container, None] = field(factory=dict)
     idle: OrderedDict[Container, None] = field(factory=OrderedDict)
-    starting: int = 0
-    busy: int = 0  # x: containers holding a lease
-    lease_start_sum: float = 0.0  # sum of start times of in-flight x leases
     service: Ewma = field(factory=Ewma)
     cold: Ewma = field(factory=Ewma)
-    watchers: int = 0  # waiters with a progress callback
     hold: bool = False  # a start failed: wait for a new arrival before retrying
     recheck: IDelayedCall | None = None
     status: Progress | None = None  # latest pull/start progress, for progress_of()
@@ -175,6 +162,29 @@ class KeyState:
     live: int = 0  # waiters of this key not yet done (admission queue included)
     restarts: int = 0  # starts retried because the container was removed from outside
     uses_gpu: bool | None = None  # its run options attach the slot's GPU (cached)
+
+    @property
+    def starting(self) -> int:
+        """Containers of this key being started (their start not yet over)."""
+        return sum(1 for c in self.containers if c.state == STARTING and not c.start_over)
+
+    @property
+    def busy(self) -> int:
+        """x: containers of this key holding a lease (0 for y:, whose leases share)."""
+        if self.spec.mode != "x":
+            return 0
+        return sum(1 for c in self.containers if c.inflight)
+
+    def mean_lease_start(self) -> float:
+        """x: the mean start time of the leases in flight (0.0 with none)."""
+        if self.spec.mode != "x":
+            return 0.0
+        n, total = 0, 0.0
+        for c in self.containers:
+            if c.inflight:
+                n += 1
+                total += c.lease_started
+        return total / n if n else 0.0
 
 
 @define(eq=False)
@@ -184,20 +194,18 @@ class Container:
     key: KeyState
     slot: Slot
     state: str
-    since: float
     handle: ContainerHandle | None = None
     inflight: int = 0
-    last_used: float = 0.0
     protected_until: float = 0.0
     suspect: bool = False  # no new leases; stopped when the last one ends
     crashed: bool = False  # counted as a crash already (the proxy found it dead)
     timed_out: bool = False
+    start_over: bool = False  # its start ended (ready or failed), though still STARTING
     chain: Deferred[Any] | None = None
     timer: IDelayedCall | None = None
     worker: Waiter | None = None  # the launch this worker container was started for
     created_at: float | None = None
     endpoint: str = ""  # engine.endpoint_for(slot, spec), once known
-    last_error: str | None = None
     lease_started: float = 0.0  # x: when the current lease began
     chain_args: tuple[RunOptions, float] | None = None  # start waiting for an eviction
     on_gone: list[Callable[[], None]] = field(factory=list)  # Lease.confirm watchers

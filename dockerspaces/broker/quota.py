@@ -2,7 +2,7 @@
 and the order in which one key's waiters are served (:class:`Line`).
 
 See ``docs/broker.md``, "Quotas and fair share".  Both are bookkeeping only: the
-:class:`~dockerspaces.broker.broker.Broker` decides, and calls them in one place per
+:class:`~dockerspaces.broker.broker.Broker`'s parts decide, and call them in one place per
 change (a hold taken when a container starts for a user or a lease is handed out,
 dropped when the start ends, the lease ends or the container goes away).
 """
@@ -12,14 +12,56 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 from .errors import OverQuota
 
-if TYPE_CHECKING:
-    from .model import Container, KeyState, Owner, Waiter
+
+@frozen
+class Owner:
+    """Who a request is for, and that user's limits (None = unlimited)."""
+
+    user: str
+    containers: int | None = None  # containers held at once
+    gpus: int | None = None  # GPUs held at once
+    queued: int | None = None  # requests waiting at once
+    group: str | None = None  # for metrics labels (never the user)
+
+
+class Held(Protocol):
+    """What the quota table reads of a container (a
+    :class:`~dockerspaces.broker.model.Container`): its GPUs, and its key (compared by
+    identity only)."""
+
+    @property
+    def gpus(self) -> int:
+        """GPUs attached."""
+
+    @property
+    def key(self) -> object:
+        """The key it belongs to."""
+
+
+class Queued(Protocol):
+    """What a :class:`Line` reads of a waiter (a
+    :class:`~dockerspaces.broker.model.Waiter`)."""
+
+    @property
+    def owner(self) -> Owner | None:
+        """Who it is for (None: accounts off)."""
+
+    @property
+    def progress(self) -> object:
+        """Its progress callback (None: nobody watches its place)."""
+
+    @property
+    def seq(self) -> int:
+        """Its arrival stamp."""
+
+
+W = TypeVar("W", bound=Queued)
 
 
 def _plural(n: int, word: str) -> str:
@@ -44,7 +86,7 @@ class Usage:
     it is held: its start, each lease, the worker launch), their GPUs, the requests
     not yet served, and whether one of those was passed over for the quota."""
 
-    held: dict[Container, int] = field(factory=dict)
+    held: dict[Held, int] = field(factory=dict)
     gpus: int = 0
     queued: int = 0
     blocked: bool = False
@@ -63,11 +105,11 @@ class Quotas:
 
     def __init__(self) -> None:
         self._users: dict[str, Usage] = {}
-        self._holders: dict[Container, dict[str, int]] = {}
+        self._holders: dict[Held, dict[str, int]] = {}
 
     # -- changes ----------------------------------------------------------------------
 
-    def hold(self, user: str, c: Container) -> None:
+    def hold(self, user: str, c: Held) -> None:
         """``user`` holds ``c`` for one more reason (its start, a lease, a worker)."""
         u = self._users.get(user)
         if u is None:
@@ -80,7 +122,7 @@ class Quotas:
         else:
             self._holders[c][user] = n + 1
 
-    def unhold(self, user: str, c: Container) -> bool:
+    def unhold(self, user: str, c: Held) -> bool:
         """One reason for ``user`` to hold ``c`` ended; True when ``user`` no longer
         holds it (its waiters may now fit). Unknown pairs are ignored."""
         u = self._users.get(user)
@@ -100,7 +142,7 @@ class Quotas:
         self._prune(user, u)
         return True
 
-    def clear(self, c: Container) -> list[str]:
+    def clear(self, c: Held) -> list[str]:
         """``c`` is going away: nobody holds it any more. Returns who did."""
         holders = self._holders.pop(c, None)
         if not holders:
@@ -141,6 +183,7 @@ class Quotas:
         return u.queued > 0
 
     def _prune(self, user: str, u: Usage) -> None:
+        """A user who holds nothing and waits for nothing leaves the table."""
         if not u.held and not u.queued:
             del self._users[user]
 
@@ -156,17 +199,17 @@ class Quotas:
         u = self._users.get(user)
         return u.containers if u is not None else 0
 
-    def holds(self, user: str, c: Container) -> bool:
+    def holds(self, user: str, c: Held) -> bool:
         """True when ``user`` holds ``c``."""
         u = self._users.get(user)
         return u is not None and c in u.held
 
-    def held_of_key(self, user: str, k: KeyState) -> int:
+    def held_of_key(self, user: str, k: object) -> int:
         """Containers of key ``k`` that ``user`` holds (starting ones included)."""
         u = self._users.get(user)
         return sum(1 for c in u.held if c.key is k) if u is not None else 0
 
-    def users_of(self, c: Container) -> list[str]:
+    def users_of(self, c: Held) -> list[str]:
         """The users holding ``c``, sorted."""
         return sorted(self._holders.get(c, ()))
 
@@ -177,7 +220,7 @@ class Quotas:
         return ((owner.containers is None or held < owner.containers)
                 and (owner.gpus is None or used + gpus <= owner.gpus))
 
-    def may_hold(self, owner: Owner, c: Container) -> bool:
+    def may_hold(self, owner: Owner, c: Held) -> bool:
         """True when ``owner`` may be given ``c``: it holds it already (a shared y:
         container counts once), or may hold one more container with its GPUs."""
         return self.holds(owner.user, c) or self.may_add(owner, c.gpus)
@@ -207,7 +250,7 @@ class Quotas:
         return {user: (u.containers, u.gpus, u.queued) for user, u in self._users.items()}
 
 
-class Line(OrderedDict["Waiter", None]):
+class Line(OrderedDict[W, None]):
     """One key's waiting requests, and the order in which they are served.
 
     Requests handed back unforwarded (``Lease.retry``) come first, the latest first.
@@ -227,12 +270,13 @@ class Line(OrderedDict["Waiter", None]):
     def __init__(self) -> None:
         super().__init__()
         self.owned = 0  # waiters with an owner; 0: the mapping's order is the service order
-        self._back: OrderedDict[Waiter, None] = OrderedDict()  # handed back, latest first
-        self._fifo: dict[str | None, OrderedDict[Waiter, None]] = {}  # per user, arrival order
+        self.watchers = 0  # waiters with a progress callback (0: no positions to publish)
+        self._back: OrderedDict[W, None] = OrderedDict()  # handed back, latest first
+        self._fifo: dict[str | None, OrderedDict[W, None]] = {}  # per user, arrival order
         self._served: dict[str | None, int] = {}  # last service, of users still waiting
 
     @staticmethod
-    def user_of(w: Waiter) -> str | None:
+    def user_of(w: Queued) -> str | None:
         """The user of a waiter (None without accounts)."""
         return w.owner.user if w.owner is not None else None
 
@@ -241,14 +285,16 @@ class Line(OrderedDict["Waiter", None]):
         """True when no waiter has an owner (plain FIFO, no quota to check)."""
         return self.owned == 0
 
-    def add(self, w: Waiter) -> None:
+    def add(self, w: W) -> None:
         """A request starts waiting: the back of its user's line."""
         self[w] = None
         self._fifo.setdefault(self.user_of(w), OrderedDict())[w] = None
         if w.owner is not None:
             self.owned += 1
+        if w.progress is not None:
+            self.watchers += 1
 
-    def put_back(self, w: Waiter) -> None:
+    def put_back(self, w: W) -> None:
         """A request handed back unforwarded: the head of the line."""
         self[w] = None
         self.move_to_end(w, last=False)
@@ -256,8 +302,10 @@ class Line(OrderedDict["Waiter", None]):
         self._back.move_to_end(w, last=False)
         if w.owner is not None:
             self.owned += 1
+        if w.progress is not None:
+            self.watchers += 1
 
-    def leave(self, w: Waiter, served: int | None = None) -> bool:
+    def leave(self, w: W, served: int | None = None) -> bool:
         """``w`` leaves the line: served at tick ``served`` (its user's turn moves
         there, unless ``w`` was handed back), or given up (None). False when it was
         not here."""
@@ -265,6 +313,8 @@ class Line(OrderedDict["Waiter", None]):
             return False
         if w.owner is not None:
             self.owned -= 1
+        if w.progress is not None:
+            self.watchers -= 1
         if self._back.pop(w, 0) is None:
             return True
         user = self.user_of(w)
@@ -278,9 +328,10 @@ class Line(OrderedDict["Waiter", None]):
         return True
 
     def _turn(self, user: str | None) -> int:
+        """A user's turn: the later of their last service and their oldest arrival."""
         return max(self._served.get(user, -1), next(iter(self._fifo[user])).seq)
 
-    def first(self, pred: Callable[[Waiter], bool] | None = None) -> Waiter | None:
+    def first(self, pred: Callable[[W], bool] | None = None) -> W | None:
         """The next waiter to serve among those ``pred`` accepts: handed-back ones
         first, then the head of the user whose turn is earliest (a user whose head
         ``pred`` refuses is passed over, their later requests too)."""
@@ -289,7 +340,7 @@ class Line(OrderedDict["Waiter", None]):
         for w in self._back:
             if pred is None or pred(w):
                 return w
-        best: tuple[int, Waiter] | None = None
+        best: tuple[int, W] | None = None
         for user, q in self._fifo.items():
             head = next(iter(q))
             if pred is None or pred(head):
@@ -298,11 +349,11 @@ class Line(OrderedDict["Waiter", None]):
                     best = (turn, head)
         return best[1] if best is not None else None
 
-    def groups(self) -> list[tuple[str | None, int, Waiter]]:
+    def groups(self) -> list[tuple[str | None, int, W]]:
         """``(user, waiting, next request)`` per waiting user, the users in turn order
         (those with a handed-back request first)."""
         count: dict[str | None, int] = {}
-        head: dict[str | None, Waiter] = {}
+        head: dict[str | None, W] = {}
         for w in self._back:
             user = self.user_of(w)
             count[user] = count.get(user, 0) + 1
@@ -328,7 +379,7 @@ class Line(OrderedDict["Waiter", None]):
         """True when ``user`` has a request in this line."""
         return user in self._fifo or any(self.user_of(w) == user for w in self._back)
 
-    def in_order(self) -> Iterator[Waiter]:
+    def in_order(self) -> Iterator[W]:
         """Every waiter in the order they would be served if nothing changed (do not
         change the line while walking it)."""
         if len(self._fifo) <= 1:
@@ -336,7 +387,7 @@ class Line(OrderedDict["Waiter", None]):
             return
         yield from self._back
         later = 0  # turns given during the walk come after every real one
-        heap: list[tuple[tuple[int, int], int, Iterator[Waiter]]] = [
+        heap: list[tuple[tuple[int, int], int, Iterator[W]]] = [
             ((0, self._turn(user)), i, iter(q)) for i, (user, q) in enumerate(self._fifo.items())]
         heapq.heapify(heap)
         while heap:

@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..broker.model import Owner
+from ..broker.quota import Owner
 from ..spec import HostTarget, JobSpec, split_uri_cached
 from .accesslog import IDENTITY_ATTR, route_info
 from .backend import Backend
