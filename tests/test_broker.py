@@ -305,6 +305,44 @@ class SharedAndWorkerTests(SynchronousTestCase):
         self.assertIsNotNone(err.retry_after)
         self.assertIn("worker", str(err))
 
+    def test_worker_views_list_running_workers_oldest_first(self) -> None:
+        """worker_views names the running workers of a spec with host and start time;
+        x: containers and other specs are not listed."""
+        h = Harness(slots=3, worker_slots=3)
+        first = self.successResultOf(h.broker.launch_worker(spec(W)))
+        h.clock.advance(7)
+        second = self.successResultOf(h.broker.launch_worker(spec(W)))
+        self.successResultOf(h.acquire(A))
+        views = h.broker.worker_views(spec(W))
+        self.assertEqual([v.id for v in views], [first.id, second.id])
+        t0 = h.clock.seconds() - 7
+        self.assertEqual([v.since for v in views], [t0, t0 + 7])
+        self.assertEqual({v.host for v in views}, {"h0"})
+        self.assertEqual(h.broker.worker_views(spec("x:img:other:3")), [])
+
+    def test_stop_worker_terms_with_grace_and_frees_the_slot(self) -> None:
+        """stop_worker stops one worker with the --stop grace; it fires once the slot
+        is free, and the worker is no longer listed."""
+        h = Harness(slots=1, stop=10)
+        handle = self.successResultOf(h.broker.launch_worker(spec(W)))
+        d = h.broker.stop_worker(handle.id)
+        self.assertEqual(h.broker.worker_views(spec(W)), [])
+        dx = h.acquire(A)
+        h.clock.advance(9.9)  # SIGTERM sent; the fake worker ignores it until the grace
+        self.assertNoResult(d)
+        self.assertIn(handle.id, h.engine.containers)
+        h.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertNotIn(handle.id, h.engine.containers)
+        self.successResultOf(dx)
+        self.successResultOf(h.broker.stop_worker(handle.id))  # gone already: nothing to do
+
+    def test_stop_worker_refuses_other_containers(self) -> None:
+        """Only workers are stopped through stop_worker."""
+        h = Harness(slots=1)
+        lease = self.successResultOf(h.acquire(A))
+        self.assertRaises(ValueError, h.broker.stop_worker, lease.container_id)
+
     def test_worker_dying_frees_its_slot(self) -> None:
         """A worker that exits frees its slot for others."""
         h = Harness(slots=1, release=1000)

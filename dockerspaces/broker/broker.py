@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ..config import HostConfig
@@ -37,8 +37,10 @@ from .hosts import Hosts
 from .leases import EXITS_KEPT, MAX_RETRIES, Leases
 from .model import (
     BUSY,
+    GONE,
     IDLE,
     STARTING,
+    STOPPING,
     WORKER,
     BrokerSettings,
     Clock,
@@ -50,7 +52,7 @@ from .model import (
 )
 from .placement import Placement
 from .quota import Quotas
-from .snapshot import ContainerView, container_views, monitor_view
+from .snapshot import ContainerView, WorkerView, container_views, monitor_view
 from .state import BrokerState, ContainerHook, warn
 
 __all__ = [
@@ -191,6 +193,33 @@ class Broker:
         adm.worker_deadlines.add(w, w.arrived + self.settings.worker_timeout)
         adm.admit_or_queue(w)
         return w.deferred
+
+    def worker_views(self, spec: JobSpec) -> list[WorkerView]:
+        """The running workers of ``spec``'s key (started, not stopping), oldest first:
+        what an autoscaler may count and choose from."""
+        k = self.state.keys.get(spec.key)
+        if k is None:
+            return []
+        out = [WorkerView(c.handle.id, c.slot.host.name,
+                          c.created_at if c.created_at is not None else c.slot.since)
+               for c in k.containers if c.state == WORKER and c.handle is not None]
+        return sorted(out, key=lambda v: v.since)
+
+    @entry
+    def stop_worker(self, container_id: str) -> Deferred[None]:
+        """Stop one running worker: SIGTERM, then SIGKILL after the ``--stop`` grace, so
+        that it can finish the message in hand and exit. Fires once the engine is done
+        and its slot is free; at once if it is already gone. Only workers may be
+        stopped this way (``ValueError`` otherwise)."""
+        c = self.state.by_id.get(container_id)
+        if c is None or c.state in (STOPPING, GONE):
+            return succeed(None)
+        if c.state != WORKER:
+            raise ValueError(f"{container_id} is not a running worker ({c.state})")
+        done: Deferred[None] = Deferred()
+        self.lifecycle.stop(c, self.settings.stop)
+        c.on_gone.append(lambda: done.callback(None))
+        return done
 
     @entry
     def shutdown(self, keep_containers: bool, drain_timeout: float = 30) -> Deferred[None]:

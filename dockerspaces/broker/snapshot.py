@@ -24,6 +24,15 @@ _SLOT_STATE = {STARTING: "Starting", IDLE: "Wait", BUSY: "Run", WORKER: "Run", S
 
 
 @frozen
+class WorkerView:
+    """A running worker container of one spec (the autoscaler's view)."""
+
+    id: str
+    host: str  # the engine's host name (``--host`` / cluster name)
+    since: float  # when it was created (adopted ones: when the broker found them)
+
+
+@frozen
 class ContainerView:
     """A read-only view of one container the broker knows (tests, dashboards)."""
 
