@@ -260,3 +260,43 @@ class ReexportTests(EngineTestCase):
         eng.pull_policy = "never"
         self.assertEqual(eng.pull_policy, "never")
         self.assertRaises(ValueError, setattr, eng, "pull_policy", "sometimes")
+
+
+class ContainerAddressTests(EngineTestCase):
+    """container_address(): the IP on the container's first network."""
+
+    def test_first_network_legacy_and_gone(self) -> None:
+        """The first network with an address wins; the legacy top-level IPAddress when
+        there are no networks; None for a container without one or gone; an engine
+        that does not answer fails as unreachable."""
+        eng = self.make()
+        answers: dict[str, Any] = {
+            "c1": {"NetworkSettings": {"IPAddress": "", "Networks": {
+                "none-yet": {"IPAddress": ""},
+                "bridge": {"IPAddress": "172.17.0.5"},
+                "lan": {"IPAddress": "10.0.0.9"}}}},
+            "c2": {"NetworkSettings": {"IPAddress": "172.17.0.7", "Networks": None}},
+            "c3": {"NetworkSettings": {"Networks": {"v6": {"IPAddress": "",
+                                                          "GlobalIPv6Address": "fd00::5"}}}},
+            "c4": {"NetworkSettings": {"Networks": {"host": {"IPAddress": ""}}}},
+        }
+
+        def inspect(cid: str) -> dict[str, Any]:
+            self.client.calls.append(("inspect", cid))
+            if cid not in answers:
+                raise api_error(404, f"No such container: {cid}")
+            return dict(answers[cid], Id=cid)
+
+        self.client.inspect_container = inspect  # type: ignore[method-assign]
+        self.assertEqual(self.successResultOf(eng.container_address("c1")), "172.17.0.5")
+        self.assertEqual(self.successResultOf(eng.container_address("c2")), "172.17.0.7")
+        self.assertEqual(self.successResultOf(eng.container_address("c3")), "fd00::5")
+        self.assertIsNone(self.successResultOf(eng.container_address("c4")))
+        self.assertIsNone(self.successResultOf(eng.container_address("gone")))
+        self.assertEqual(self.client.calls[-1], ("inspect", "gone"))
+
+        def refused(cid: str) -> dict[str, Any]:
+            raise requests.exceptions.ConnectionError("refused")
+
+        self.client.inspect_container = refused  # type: ignore[method-assign]
+        self.failureResultOf(eng.container_address("c1"), EngineUnreachable)

@@ -169,3 +169,11 @@ class FakeEngineTests(SynchronousTestCase):
     def test_endpoint(self) -> None:
         """endpoint_for names the host address and slot port."""
         self.assertEqual(self.engine.endpoint_for(SLOT, SPEC), "tcp:127.0.0.1:9100")
+
+    def test_container_address(self) -> None:
+        """container_address answers from ``addresses`` (None when absent); fails while down."""
+        self.engine.addresses["c1"] = "172.17.0.5"
+        self.assertEqual(self.successResultOf(self.engine.container_address("c1")), "172.17.0.5")
+        self.assertIsNone(self.successResultOf(self.engine.container_address("c2")))
+        self.engine.set_down(True)
+        self.failureResultOf(self.engine.container_address("c1"), EngineUnreachable)

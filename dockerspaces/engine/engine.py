@@ -375,6 +375,12 @@ class Engine:
 
         return self._threads.run(networks_sync)
 
+    def container_address(self, container_id: str) -> Deferred[str | None]:
+        """The container's IP on its first network (``NetworkSettings.Networks``, the
+        legacy top-level ``IPAddress`` when there are none); None when the container is
+        gone or has no address."""
+        return self._threads.run(container_address_sync, container_id)
+
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """``tcp:<address>:<slot.port>`` (an IPv6 address in brackets), as the proxy's
         ``Backend`` takes it; the proxy applies its own connect timeout."""
@@ -382,6 +388,23 @@ class Engine:
         if ":" in addr:
             return f"tcp:[{addr}]:{slot.port}"
         return f"tcp:{addr}:{slot.port}"
+
+
+def container_address_sync(client: DockerClient, container_id: str) -> str | None:
+    """:meth:`Engine.container_address` in a pool thread."""
+    try:
+        info = client.inspect_container(container_id)
+    except docker.errors.APIError as e:
+        if is_not_found(e):
+            return None
+        raise
+    settings = info.get("NetworkSettings") or {}
+    for net in (settings.get("Networks") or {}).values():
+        if isinstance(net, dict):
+            ip = net.get("IPAddress") or net.get("GlobalIPv6Address")
+            if ip:
+                return str(ip)
+    return str(settings["IPAddress"]) if settings.get("IPAddress") else None
 
 
 def network_from_docker(info: dict[str, Any]) -> NetworkInfo:

@@ -100,6 +100,8 @@ class FakeEngine:
             NetworkInfo("host", "host"),
             NetworkInfo("none", "null"),
         ]
+        #: what :meth:`container_address` answers, by container id (tests fill it)
+        self.addresses: dict[str, str] = {}
 
     # ---------------------------------------------------------------- injection
 
@@ -324,6 +326,10 @@ class FakeEngine:
     def networks(self) -> Deferred[list[NetworkInfo]]:
         """``network_list``; EngineUnreachable while down."""
         return self._op(0, lambda: list(self.network_list))
+
+    def container_address(self, container_id: str) -> Deferred[str | None]:
+        """``addresses[container_id]`` (None when absent); EngineUnreachable while down."""
+        return self._op(0, lambda: self.addresses.get(container_id))
 
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """``tcp:ADDRESS:PORT`` of the slot."""

@@ -193,3 +193,8 @@ class IEngine(Protocol):
 
     def endpoint_for(self, slot: SlotInfo, spec: JobSpec) -> str:
         """Client endpoint description (e.g. ``tcp:127.0.0.1:9100``) for a slot's container."""
+
+    def container_address(self, container_id: str) -> Deferred[str | None]:
+        """The container's IP address on its first network (``NetworkSettings``): the
+        peer address a broker such as RabbitMQ sees for its connections; None when the
+        container is gone or has no address (``network_mode: host``/``none``)."""
