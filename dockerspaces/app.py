@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from . import logs
 from .accounts.identity import make_portal
 from .accounts.service import AccountsService, open_snapshot
+from .autoscale.wiring import Autoscaler, build_autoscaler
 from .broker.broker import Broker
 from .broker.model import BrokerSettings, Clock
 from .config import Config, HostConfig
@@ -91,6 +92,15 @@ class Routes:
 
     has_slots: bool = True
     docker_api_resource: Resource | None = None
+    autoscale: Autoscaler | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/monitor:broker/`` JSON: the broker's, plus ``Autoscale`` (per entry:
+        desired, actual, queue, last decision and reason) when entries are configured."""
+        snap = self.broker.snapshot()
+        if self.autoscale is not None:
+            snap["Autoscale"] = self.autoscale.service.snapshot()
+        return snap
 
     def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Resource:
         """x:/y:/worker."""
@@ -116,11 +126,11 @@ class Routes:
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""
         if route.name == "broker":
-            return DashboardResource(MonitorResource(self.broker.snapshot))
+            return DashboardResource(MonitorResource(self.snapshot))
         if route.name == "progress" and self.waiting is not None:
             return ProgressResource(self.waiting.board)
         if route.name == "metrics" and self.metrics is not None:
-            return MetricsResource(self.metrics, self.broker.snapshot)
+            return MetricsResource(self.metrics, self.snapshot)
         if route.name == "health":
             return HealthResource(self.engines, self.reactor,
                                   serving=lambda: not self.broker.snapshot().get("Draining"))
@@ -271,12 +281,17 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
     HostPolicyService(policy, engines, reactor).setServiceParent(top)
     if config.root is not None:
         warn_refused_root(policy, config.root)
+    autoscale = (build_autoscaler(config.config, broker, engines, reactor)
+                 if config.config else None)
+    if autoscale is not None:
+        autoscale.setServiceParent(top)
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
     routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=dict(engines),
                     waiting=waiting, metrics=metrics,
                     has_slots=any(h.slots > 0 for h in hosts),
                     docker_api_resource=(DockerApiResource.from_config(config, proxy)
-                                         if config.docker_api else None))
+                                         if config.docker_api else None),
+                    autoscale=autoscale)
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
     recorder = Recorder(reactor, metrics, request_log)

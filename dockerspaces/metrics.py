@@ -277,7 +277,26 @@ class Metrics:
                     containers.set(host, str(s["Port"]), value=float(s["InFlight"]))
             for s in snapshot.get("SourceSlots") or []:
                 sources.inc(str(s.get("State", "Free")))
-        return [waiting, slots, sources, containers]
+        return [waiting, slots, sources, containers, *self.autoscale_gauges(snapshot)]
+
+    @staticmethod
+    def autoscale_gauges(snapshot: SnapshotJSON | None) -> list[Gauge]:
+        """Per ``[[autoscale]]`` entry (the snapshot's ``Autoscale``): desired and actual
+        workers, the queue's ready and unacknowledged messages, failed queue reads."""
+        p = "dockerspaces_autoscale_"
+        names = {"Desired": ("desired_workers", "Workers the autoscaler wants, by entry."),
+                 "Actual": ("workers", "Workers running or launching, by entry."),
+                 "Ready": ("queue_ready", "Ready messages in the entry's queue."),
+                 "Unacked": ("queue_unacked", "Unacknowledged messages in the entry's queue."),
+                 "Errors": ("read_errors", "Failed queue readings, by entry.")}
+        gauges = {k: Gauge(p + n, h, ("entry",)) for k, (n, h) in names.items()}
+        entries = (snapshot or {}).get("Autoscale") or {}
+        for entry, view in entries.items():
+            for k, g in gauges.items():
+                v = view.get(k)
+                if isinstance(v, (int, float)):
+                    g.set(str(entry), value=float(v))
+        return list(gauges.values()) if entries else []
 
     def render(self, snapshot: SnapshotJSON | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric."""

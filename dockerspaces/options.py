@@ -279,6 +279,10 @@ def load_config_file(path: str) -> tuple[dict[str, RawValue], tuple[ImageProfile
                                       "(mode, state, session-lifetime)")
                 values[name] = v
             continue
+        if key == "autoscale":  # [[autoscale]] entries: read by dockerspaces.autoscale.config
+            if not isinstance(value, list):
+                raise ConfigError("config: 'autoscale' must be an array of tables ([[autoscale]])")
+            continue
         if key in ("profile", "profiles"):
             if not isinstance(value, list):
                 raise ConfigError("config: 'profile' must be an array of tables ([[profile]])")

@@ -67,6 +67,10 @@ class Options(usage.Options):
             from .web.dockerapi import check_config
 
             check_config(self.config)
+            if self.config.config:
+                from .autoscale.config import load_entries
+
+                load_entries(self.config.config)  # [[autoscale]] errors are usage errors
             if self.config.auth == "accounts":
                 from .accounts.model import AccountsError
                 from .accounts.service import open_snapshot

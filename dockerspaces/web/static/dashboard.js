@@ -52,6 +52,13 @@
     var qb = body("ds-queues"), queues = snap.Queues || {}, keys = Object.keys(queues);
     keys.forEach(function (k) { row(qb, [el("span", k, "mono"), queues[k]]); });
     if (!keys.length) { row(qb, [el("span", "nobody is waiting", "muted"), ""]); }
+    var ab = body("ds-autoscale"), auto = snap.Autoscale || {}, names = Object.keys(auto);
+    names.forEach(function (n) {
+      var a = auto[n];
+      row(ab, [el("span", n, "mono"), a.Desired, a.Actual, a.Ready, a.Unacked, a.Consumers,
+               a.LastDecision, a.Reason ? el("span", a.Reason, a.Unreachable ? "err" : "") : ""]);
+    });
+    if (!names.length) { row(ab, [el("span", "no [[autoscale]] entries", "muted"), "", "", "", "", "", "", ""]); }
     var src = snap.SourceSlots || [], busy = src.filter(function (s) { return s.State !== "Free"; }).length;
     document.getElementById("ds-sources").textContent = busy + " of " + src.length + " admission places in use";
     document.getElementById("ds-updated").textContent = new Date().toLocaleTimeString();
