@@ -131,7 +131,7 @@ class Routes:
             return ProgressResource(self.waiting.board)
         if route.name == "metrics" and self.metrics is not None:
             return MetricsResource(self.metrics, self.snapshot)
-        if route.name == "health":
+        if route.name == "health" and self.reactor is not None:
             return HealthResource(self.engines, self.reactor,
                                   serving=lambda: not self.broker.snapshot().get("Draining"))
         return ErrorResource(404, f"/monitor:{route.name} is not available")

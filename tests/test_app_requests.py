@@ -6,33 +6,25 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import os
 from typing import Any
 
 from twisted.application.service import IServiceCollection
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dockerspaces.app import ProxyService, build_service
-from dockerspaces.config import HostConfig
-from dockerspaces.engine.interface import NetworkInfo
 from dockerspaces.hostguard import (
-    HostPolicyService,
-    container_ranges,
     host_policy,
     own_ports,
 )
 from dockerspaces.metrics import Metrics
-from dockerspaces.netlocal import interface_addresses
 from dockerspaces.options import build_config
-from dockerspaces.testing import FakeEngine
-from dockerspaces.web.routing import Forbidden, HostPolicy
+from dockerspaces.web.routing import Forbidden
 
 CLIENT = IPv4Address("TCP", "10.9.8.7", 4000)
 GET = b"GET /host:10.0.0.7:8080/page?q=secret HTTP/1.1\r\nHost: front\r\n\r\n"
@@ -296,19 +288,6 @@ class HostPolicyWiringTests(_Harness):
                 policy.check_literal("127.0.0.1", port)
             self.assertIn("own port", e.exception.reason)
 
-    def test_container_ranges(self) -> None:
-        nets = [
-            NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
-            NetworkInfo("slots", "bridge", ("10.77.0.0/24", "fd00:77::/64"), ("10.77.0.128/25",)),
-            NetworkInfo("lan", "macvlan", ("192.168.1.0/24",), ("192.168.1.192/27",)),
-            NetworkInfo("lan2", "ipvlan", ("192.168.2.0/24",)),
-            NetworkInfo("host", "host"),
-            NetworkInfo("odd", "bridge", ("not-a-cidr",)),
-        ]
-        self.assertEqual(container_ranges(nets), {ipaddress.ip_network(n) for n in (
-            "172.17.0.0/16", "10.77.0.0/24", "fd00:77::/64", "192.168.1.192/27",
-            "192.168.2.0/24")})
-
     def test_host_route_follows_policy_updates(self) -> None:
         """A host: segment's shared resource caches its literal's verdict; when an
         engine's networks arrive later, the next request is refused."""
@@ -335,52 +314,3 @@ class HostPolicyWiringTests(_Harness):
         warned = [e for e in events if "--root" in str(e.get("log_format", ""))]
         self.assertEqual(len(warned), 1)
         self.assertIn("loopback", warned[0]["why"])
-
-
-class HostPolicyServiceTests(SynchronousTestCase):
-    """The engines' networks and this machine's addresses, asked at start and every
-    interval; an engine that fails keeps its last answer and is warned about once."""
-
-    def test_refresh(self) -> None:
-        clock = Clock()
-        policy = HostPolicy(allow=(), own_ports=set(), local=frozenset({"192.168.1.20"}))
-        gpu = FakeEngine(clock, HostConfig("gpu1", "tcp://10.1.2.3:2375", 9100, 1))
-        gpu.network_list = [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))]
-        local = FakeEngine(clock, HostConfig("local", "unix:///var/run/docker.sock", 9200, 1))
-        addresses = {"192.168.1.20"}
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        svc = HostPolicyService(policy, {"gpu1": gpu, "local": local}, clock, interval=60,
-                                read_local=lambda: set(addresses))
-        svc.startService()
-        self.assertEqual(policy.blocked_now, {ipaddress.ip_network("10.77.0.0/24"),
-                                              ipaddress.ip_network("172.17.0.0/16")})
-        self.assertEqual(policy.generation, 2)  # one per engine; the addresses as given
-        gpu.set_down(True)
-        gpu.network_list = []
-        addresses.add("10.8.0.1")  # an interface came up
-        clock.advance(60)
-        clock.advance(60)
-        self.assertIn(ipaddress.ip_network("10.77.0.0/24"), policy.blocked_now)  # kept
-        self.assertIn("10.8.0.1", policy.local_now)
-        down = [e for e in events if "cannot list the networks" in str(e.get("log_format"))]
-        self.assertEqual(len(down), 1)  # once per outage
-        gpu.set_down(False)
-        clock.advance(60)
-        self.assertEqual(policy.blocked_now, {ipaddress.ip_network("172.17.0.0/16")})
-        svc.stopService()
-        self.assertEqual(clock.getDelayedCalls(), [])
-
-    def test_interface_addresses_from_proc(self) -> None:
-        """Re-read while running from /proc alone (no host-name lookup)."""
-        proc = self.mktemp()
-        os.makedirs(os.path.join(proc, "net"))
-        with open(os.path.join(proc, "net", "fib_trie"), "w") as f:
-            f.write("Main:\n  +-- 10.0.0.0/24 2 0 2\n     |-- 10.0.0.7\n"
-                    "        /32 host LOCAL\n")
-        with open(os.path.join(proc, "net", "if_inet6"), "w") as f:
-            f.write("fd000000000000000000000000000002 04 40 00 82     eth0\n")
-        self.assertEqual(interface_addresses(proc), {"10.0.0.7", "fd00::2"})
-        self.assertEqual(interface_addresses(os.path.join(proc, "nowhere")), frozenset())
-        self.assertIn("127.0.0.1", interface_addresses())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from dockerspaces.netlocal import (
     DEFAULT_BRIDGE,
     docker_networks,
     engine_targets,
+    interface_addresses,
     listening_ports,
     local_addresses,
     parse_fib_trie,
@@ -121,3 +123,20 @@ class StrportsWordsTests(SynchronousTestCase):
 
     if _TWISTED_PARSE is None:
         test_same_as_twisted.skip = "this Twisted has no endpoints._parse"  # type: ignore[attr-defined]
+
+
+class InterfaceAddressesTests(SynchronousTestCase):
+    """This machine's addresses, re-read while running."""
+
+    def test_interface_addresses_from_proc(self) -> None:
+        """Re-read while running from /proc alone (no host-name lookup)."""
+        proc = self.mktemp()
+        os.makedirs(os.path.join(proc, "net"))
+        with open(os.path.join(proc, "net", "fib_trie"), "w") as f:
+            f.write("Main:\n  +-- 10.0.0.0/24 2 0 2\n     |-- 10.0.0.7\n"
+                    "        /32 host LOCAL\n")
+        with open(os.path.join(proc, "net", "if_inet6"), "w") as f:
+            f.write("fd000000000000000000000000000002 04 40 00 82     eth0\n")
+        self.assertEqual(interface_addresses(proc), {"10.0.0.7", "fd00::2"})
+        self.assertEqual(interface_addresses(os.path.join(proc, "nowhere")), frozenset())
+        self.assertIn("127.0.0.1", interface_addresses())

@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..engine.interface import IEngine
 from ..metrics import CONTENT_TYPE, Metrics
 from .site import done_or_gone
 
@@ -46,25 +49,27 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, engines: dict[str, Any], clock: Any, *,
+    def __init__(self, engines: Mapping[str, IEngine], clock: IReactorTime, *,
                  serving: Callable[[], bool] = lambda: True, timeout: float = 5.0):
         super().__init__()
         self.engines, self.clock, self.serving, self.timeout = engines, clock, serving, timeout
 
-    def check(self) -> Deferred[tuple[bool, dict[str, Any]]]:
+    def check(self) -> Deferred[tuple[bool, dict[str, object]]]:
         """Ping every engine (bounded by ``timeout``): (healthy, details)."""
         names = list(self.engines)
-        pings = []
+        pings: list[Deferred[bool]] = []
         for name in names:
             d = maybeDeferred(self.engines[name].ping)
             d.addTimeout(self.timeout, self.clock)
             pings.append(d)
 
-        def done(results: list[tuple[bool, Any]]) -> tuple[bool, dict[str, Any]]:
-            engines = {}
+        def done(results: Sequence[tuple[bool, object]]) -> tuple[bool, dict[str, object]]:
+            engines: dict[str, str] = {}
             for name, (ok, value) in zip(names, results, strict=True):
-                engines[name] = "up" if ok and value else (
-                    "down" if ok else f"down: {value.getErrorMessage()[:200]}")
+                if isinstance(value, Failure):
+                    engines[name] = f"down: {value.getErrorMessage()[:200]}"
+                else:
+                    engines[name] = "up" if ok and value else "down"
             serving = bool(self.serving())
             healthy = serving and any(v == "up" for v in engines.values())
             return healthy, {"status": "ok" if healthy else "unavailable",
@@ -72,10 +77,10 @@ class HealthResource(Resource):
 
         return DeferredList(pings, consumeErrors=True).addCallback(done)
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> object:
         """Answer once the pings are in."""
 
-        def answer(result: tuple[bool, dict[str, Any]]) -> None:
+        def answer(result: tuple[bool, dict[str, object]]) -> None:
             if done_or_gone(request):
                 return
             healthy, details = result
