@@ -41,6 +41,7 @@ test-deps:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check dockerspaces tests bench
+	$(VENV)/bin/ruff format --check dockerspaces tests bench twisted
 	$(VENV)/bin/mypy dockerspaces
 
 clean:

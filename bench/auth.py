@@ -53,9 +53,15 @@ class PinnedServer(Server):
 
 def admin(state: str, *args: str, stdin: str | None = None) -> str:
     """``dockerspaces-admin --state STATE --json ARGS``; its output."""
-    p = subprocess.run([sys.executable, "-m", "dockerspaces.admin", "--state", state, "--json",
-                        *args], input=stdin, capture_output=True, text=True, check=False,
-                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    p = subprocess.run(
+        [sys.executable, "-m", "dockerspaces.admin", "--state", state, "--json", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     if p.returncode != 0:
         sys.exit(f"dockerspaces-admin {' '.join(args)}: {p.stdout}{p.stderr}")
     return p.stdout
@@ -99,8 +105,7 @@ def main() -> None:
     admin(state, "group", "add-member", "bench", "bench")
     token = json.loads(admin(state, "token", "create", "bench", "--scope", "x"))["token"]
     plain = PinnedServer(slots=1)
-    authed = PinnedServer("--auth", "accounts", "--state", state, slots=1,
-                          probe="/monitor:health")
+    authed = PinnedServer("--auth", "accounts", "--state", state, slots=1, probe="/monitor:health")
     nginx, ndir = None, ""
     try:
         plain.start()
@@ -118,25 +123,33 @@ def main() -> None:
         nproc, nport, ndir = start_nginx(plain.start_port)
         nginx = nproc
         if proxy.PIN["proxy"]:
-            subprocess.run(["taskset", "-a", "-p", "-c", str(cores[-1]), str(nproc.pid)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", str(cores[-1]), str(nproc.pid)], check=True, capture_output=True
+            )
             for child in _children(nproc.pid):
-                subprocess.run(["taskset", "-a", "-p", "-c", str(cores[-1]), str(child)],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    ["taskset", "-a", "-p", "-c", str(cores[-1]), str(child)], check=True, capture_output=True
+                )
         targets["nginx"] = (nport, PATH, host)
         for port, path, headers in targets.values():
             latencies(port, path, args.warmup, headers)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
         order = list(targets)
         for i in range(args.rounds):
-            for name in (order if i % 2 == 0 else order[::-1]):
+            for name in order if i % 2 == 0 else order[::-1]:
                 port, path, headers = targets[name]
                 lat = latencies(port, path, args.n, headers)
                 runs[name].append((statistics.median(lat) * 1000, statistics.fmean(lat) * 1000))
-        pin = (f"dockerspaces and nginx pinned to core {cores[-1]}, the client to "
-               f"{sorted(proxy.PIN['load'] or ())}" if proxy.PIN["proxy"] else "no pinning")
-        print(f"auth bench: {os.cpu_count()} cores ({pin}); {args.n} sequential keep-alive "
-              f"requests per target and round, {args.rounds} rounds interleaved")
+        pin = (
+            f"dockerspaces and nginx pinned to core {cores[-1]}, the client to "
+            f"{sorted(proxy.PIN['load'] or ())}"
+            if proxy.PIN["proxy"]
+            else "no pinning"
+        )
+        print(
+            f"auth bench: {os.cpu_count()} cores ({pin}); {args.n} sequential keep-alive "
+            f"requests per target and round, {args.rounds} rounds interleaved"
+        )
         print(f"  {'target':8} {'p50 ms':>8} {'mean ms':>8}   rounds (p50 ms)")
         for name, r in runs.items():
             p50 = statistics.median(x[0] for x in r)
@@ -146,12 +159,20 @@ def main() -> None:
         def ratio(a: str, b: str, i: int) -> float:
             """Median over the rounds of a's latency over b's in the same round."""
             return statistics.median(x[i] / y[i] for x, y in zip(runs[a], runs[b]))
-        for a, b in (("auth", "none"), ("auth", "direct"), ("none", "direct"), ("auth", "nginx"),
-                     ("none", "nginx")):
+
+        for a, b in (
+            ("auth", "none"),
+            ("auth", "direct"),
+            ("none", "direct"),
+            ("auth", "nginx"),
+            ("none", "nginx"),
+        ):
             print(f"  {a}/{b}: p50 {ratio(a, b, 0):.3f}x, mean {ratio(a, b, 1):.3f}x")
         ok = ratio("auth", "none", 0) <= 1.05 and ratio("auth", "none", 1) <= 1.05
-        print(f"bar: [{'ok' if ok else 'MISSED'}] auth/none latency <= 1.05x (p50 and mean, "
-              "median per-round ratio)")
+        print(
+            f"bar: [{'ok' if ok else 'MISSED'}] auth/none latency <= 1.05x (p50 and mean, "
+            "median per-round ratio)"
+        )
         log = authed.output()
         if token in log or token.split("_", 2)[2] in log:
             print("WARNING: the token appears in the server's log")

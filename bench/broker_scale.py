@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         clock = Clock()
         clock.advance(1_700_000_000)
         per_host = args.slots // args.hosts
-        hosts = [HostConfig(f"h{i}", "unix:///var/run/docker.sock", 10_000 + i * per_host,
-                            per_host) for i in range(args.hosts)]
+        hosts = [
+            HostConfig(f"h{i}", "unix:///var/run/docker.sock", 10_000 + i * per_host, per_host)
+            for i in range(args.hosts)
+        ]
         engines = {h.name: FakeEngine(clock, h) for h in hosts}
-        settings = BrokerSettings(source=args.waiters + args.slots + 10,
-                                  queue=args.waiters, queue_timeout=1e9)
+        settings = BrokerSettings(
+            source=args.waiters + args.slots + 10, queue=args.waiters, queue_timeout=1e9
+        )
         broker = Broker(clock, hosts, engines, settings)
         broker.start()
         specs = [JobSpec("x", ("bench", f"svc{i}"), "1", 8000) for i in range(args.keys)]
@@ -65,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker.acquire(s).addCallback(held.append)
         return clock, broker, specs, held
 
-    def arrive(broker: Broker, specs: list[JobSpec], held: list[Lease]
-               ) -> list[Deferred[None]]:
+    def arrive(broker: Broker, specs: list[JobSpec], held: list[Lease]) -> list[Deferred[None]]:
         out = []
         for i in range(args.waiters):
             d = broker.acquire(specs[i % args.keys])
@@ -110,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     arrive_rate = args.waiters / t_arrive
     release_rate = release_events / t_release
     total_rate = (args.waiters + release_events) / (t_arrive + t_release)
-    print(f"slots={args.slots} hosts={args.hosts} keys={args.keys} busy={busy} "
-          f"waiting={n_waiting} (asked {args.waiters})")
+    print(
+        f"slots={args.slots} hosts={args.hosts} keys={args.keys} busy={busy} "
+        f"waiting={n_waiting} (asked {args.waiters})"
+    )
     print(f"arrivals: {args.waiters} in {t_arrive * 1000:.0f} ms = {arrive_rate:,.0f}/s")
-    print(f"releases (each hands the container to the next waiter): {release_events} in "
-          f"{t_release * 1000:.0f} ms = {release_rate:,.0f}/s")
+    print(
+        f"releases (each hands the container to the next waiter): {release_events} in "
+        f"{t_release * 1000:.0f} ms = {release_rate:,.0f}/s"
+    )
     print(f"events/s overall: {total_rate:,.0f} (bar >= {EVENTS_BAR:,})")
     print(f"memory per waiting request: {per_waiter:,.0f} B (bar <= {BYTES_BAR:,} B)")
     print(f"still waiting after releases: {broker.waiting()}, leases held: {len(held)}")

@@ -95,13 +95,18 @@ def main(argv: list[str]) -> None:
         eng = await with_engine(reactor, args.runs)
         mh, me = statistics.median(hand), statistics.median(eng)
         print(f"runs: {args.runs} each, image {TTS}")
-        print(f"by hand (docker run -d -p + poll): median {mh * 1000:.0f} ms  "
-              f"[{', '.join(f'{t * 1000:.0f}' for t in hand)}]")
-        print(f"Engine (ensure+create+start+ready): median {me * 1000:.0f} ms  "
-              f"[{', '.join(f'{t * 1000:.0f}' for t in eng)}]")
+        print(
+            f"by hand (docker run -d -p + poll): median {mh * 1000:.0f} ms  "
+            f"[{', '.join(f'{t * 1000:.0f}' for t in hand)}]"
+        )
+        print(
+            f"Engine (ensure+create+start+ready): median {me * 1000:.0f} ms  "
+            f"[{', '.join(f'{t * 1000:.0f}' for t in eng)}]"
+        )
         print(f"ratio Engine/by hand: {me / mh:.2f}x (bar <= 1.20x)")
 
     task.react(lambda r: defer.ensureDeferred(engine_runs(r)))
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

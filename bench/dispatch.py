@@ -53,8 +53,12 @@ def latencies(port: int, path: str, n: int) -> list[float]:
 
 def wrk(port: int, path: str, seconds: int) -> float:
     """Requests/s from wrk at one connection."""
-    res = subprocess.run(["wrk", "-t1", "-c1", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        ["wrk", "-t1", "-c1", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in res.stdout.splitlines():
         if line.startswith("Requests/sec:"):
             return float(line.split()[1])
@@ -99,8 +103,12 @@ def main() -> None:
         assert srv.get(hpath)[0] == 200
         nginx, nport, _ = start_nginx(slot)
         rows = []
-        for name, port, path in [("direct", slot, PATH), ("nginx", nport, PATH),
-                                 ("host:", srv.port, hpath), ("x:", srv.port, xpath)]:
+        for name, port, path in [
+            ("direct", slot, PATH),
+            ("nginx", nport, PATH),
+            ("host:", srv.port, hpath),
+            ("x:", srv.port, xpath),
+        ]:
             lat = latencies(port, path, args.n)
             rps = wrk(port, path, args.seconds)
             p50 = statistics.median(lat) * 1000

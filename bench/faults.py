@@ -25,8 +25,9 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--title", default="fault injection")
-    ap.add_argument("--details", action="store_true",
-                    help="one line per request that did not end ok (or hung up)")
+    ap.add_argument(
+        "--details", action="store_true", help="one line per request that did not end ok (or hung up)"
+    )
     args = ap.parse_args()
     ensure_test_images(TTS, WEB, SLOWHTTP)
     srv = Server("--queue-timeout", "240", "--start-timeout", "60", slots=2)
@@ -34,8 +35,9 @@ def main() -> None:
     srv.log_path = os.path.join(tempfile.mkdtemp(prefix="ds-faults-"), "server.log")
     srv.start()
     try:
-        report = faults.run(srv, requests=args.requests, clients=args.clients,
-                            kill_every=args.kill_every, seed=args.seed)
+        report = faults.run(
+            srv, requests=args.requests, clients=args.clients, kill_every=args.kill_every, seed=args.seed
+        )
     finally:
         srv.cleanup()
     print(report.table(args.title))  # ends with the bars missed, if any

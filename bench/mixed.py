@@ -53,6 +53,7 @@ def main() -> None:
     srv = Server("--queue-timeout", "120", slots=3)
     srv.start()
     try:
+
         def one(path: str) -> tuple[int, float]:
             t = time.perf_counter()
             try:
@@ -71,18 +72,27 @@ def main() -> None:
         text = metrics.decode()
 
         def total(name: str) -> float:
-            return sum(float(m.group(1)) for m in re.finditer(rf"^\w*{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+            return sum(
+                float(m.group(1))
+                for m in re.finditer(rf"^\w*{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+            )
 
         waits = [float(m.group(1)) for m in re.finditer(r"queued (\d+\.\d+)s", srv.output())]
         print(f"requests {args.requests} from {args.clients} clients, 3 slots, 4 keys: {took:.1f} s")
         print(f"throughput        {args.requests / took:8.1f} req/s")
         print(f"client latency    p50 {pct(lat, 50) * 1000:8.1f} ms   p99 {pct(lat, 99) * 1000:8.1f} ms")
-        print(f"queue wait        p50 {pct(waits, 50) * 1000:8.1f} ms   p99 {pct(waits, 99) * 1000:8.1f} ms"
-              f"   ({len(waits)} logged)")
-        print(f"container starts  {total('container_starts_total'):.0f}   evictions "
-              f"{total('evictions_total'):.0f}")
-        print(f"statuses          {dict(sorted(statuses.items()))}  (sum {sum(statuses.values())},"
-              f" {'all accounted for' if sum(statuses.values()) == args.requests else 'MISSING'})")
+        print(
+            f"queue wait        p50 {pct(waits, 50) * 1000:8.1f} ms   p99 {pct(waits, 99) * 1000:8.1f} ms"
+            f"   ({len(waits)} logged)"
+        )
+        print(
+            f"container starts  {total('container_starts_total'):.0f}   evictions "
+            f"{total('evictions_total'):.0f}"
+        )
+        print(
+            f"statuses          {dict(sorted(statuses.items()))}  (sum {sum(statuses.values())},"
+            f" {'all accounted for' if sum(statuses.values()) == args.requests else 'MISSING'})"
+        )
     finally:
         srv.cleanup()
 

@@ -43,10 +43,12 @@ from dockerspaces.web.proxy import Proxy
 from dockerspaces.web.site import make_site
 
 CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
-RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 17:00:00 GMT\r\n"
-            b"Content-Type: application/octet-stream\r\nContent-Length: 19\r\n"
-            b"Last-Modified: Sun, 29 Nov 2026 16:00:00 GMT\r\nConnection: keep-alive\r\n"
-            b"ETag: \"6a2b-13\"\r\nAccept-Ranges: bytes\r\n\r\nhello from nginx!!\n")
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 17:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 19\r\n"
+    b"Last-Modified: Sun, 29 Nov 2026 16:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "6a2b-13"\r\nAccept-Ranges: bytes\r\n\r\nhello from nginx!!\n'
+)
 BACKEND_PORT = 18080
 
 
@@ -75,8 +77,9 @@ class Rig:
         self.ct = StringTransport(peerAddress=CLIENT)
         self.ct.protocol = self.channel  # type: ignore[attr-defined]
         self.channel.makeConnection(self.ct)
-        self.request = (b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
-                        b"User-Agent: wrk\r\nAccept: */*\r\n\r\n")
+        self.request = (
+            b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+        )
         self.proxied = proxy is not None
 
     def one(self) -> None:
@@ -113,12 +116,16 @@ def app(reactor: Any) -> Rig:
     from dockerspaces.app import ProxyService, build_service
     from dockerspaces.options import build_config
 
-    config = build_config({"target": "0", "allow-host": ["127.0.0.1"], "instance": "bench",
-                           "port": ["tcp:18090"]})
+    config = build_config(
+        {"target": "0", "allow-host": ["127.0.0.1"], "instance": "bench", "port": ["tcp:18090"]}
+    )
     top = build_service(config, reactor, io.StringIO())
     # the log observer becomes the only one, as under twistd
-    globalLogBeginner.beginLoggingTo([top.observer], discardBuffer=True,  # type: ignore[attr-defined]
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [top.observer],
+        discardBuffer=True,  # type: ignore[attr-defined]
+        redirectStandardIO=False,
+    )
     services = list(IServiceCollection(top))
     proxy = next(s.proxy for s in services if isinstance(s, ProxyService))
     site = next(s for s in services if hasattr(s, "factory")).factory
@@ -207,9 +214,22 @@ def instructions(target: str, n: int) -> None:
 
     def total(requests: int) -> int:
         out = subprocess.run(
-            ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-             sys.executable, "-m", "bench.overhead", "--run", target, "-n", str(requests)],
-            capture_output=True, text=True, check=True,
+            [
+                "valgrind",
+                "--tool=cachegrind",
+                "--cache-sim=no",
+                "--cachegrind-out-file=/dev/null",
+                sys.executable,
+                "-m",
+                "bench.overhead",
+                "--run",
+                target,
+                "-n",
+                str(requests),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
         m = re.search(r"I\s+refs:\s+([\d,]+)", out)
         if m is None:
@@ -238,10 +258,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--targets", default="static,ours,app")
     ap.add_argument("--profile", choices=sorted(TARGETS), help="cProfile one target")
-    ap.add_argument("--bytecodes", choices=sorted(TARGETS),
-                    help="count bytecodes per request of one target, per function")
-    ap.add_argument("--instructions", choices=sorted(TARGETS),
-                    help="count machine instructions per request of one target (valgrind)")
+    ap.add_argument(
+        "--bytecodes", choices=sorted(TARGETS), help="count bytecodes per request of one target, per function"
+    )
+    ap.add_argument(
+        "--instructions",
+        choices=sorted(TARGETS),
+        help="count machine instructions per request of one target (valgrind)",
+    )
     ap.add_argument("--run", choices=sorted(TARGETS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -264,8 +288,7 @@ def main() -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(35)
         return
-    results = {name: measure(TARGETS[name], args.n, args.rounds)
-               for name in args.targets.split(",")}
+    results = {name: measure(TARGETS[name], args.n, args.rounds) for name in args.targets.split(",")}
     print(f"CPU per request, in-process, best of {args.rounds} x {args.n}")
     for name, us in results.items():
         rel = f"  {us / results['ours']:.2f}x ours" if "ours" in results else ""

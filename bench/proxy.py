@@ -194,8 +194,12 @@ class Procs:
 
     def start(self, args: list[str], role: str = "load", **kw: object) -> subprocess.Popen[bytes]:
         """Start ``args``; ``role`` ``proxy`` or ``load`` picks its cores under --pin."""
-        p = subprocess.Popen(_pinned(role, args), stdout=subprocess.DEVNULL,  # type: ignore[call-overload]
-                             stderr=subprocess.DEVNULL, **kw)
+        p = subprocess.Popen(
+            _pinned(role, args),
+            stdout=subprocess.DEVNULL,  # type: ignore[call-overload]
+            stderr=subprocess.DEVNULL,
+            **kw,
+        )
         self.procs.append(p)
         return p
 
@@ -246,9 +250,13 @@ def wrk_cpu(
 def wrk(port: int, path: str, seconds: int, conns: int) -> tuple[float, float, float]:
     """(req/s, p50 ms, p99 ms) from wrk with one thread."""
     res = subprocess.run(
-        _pinned("load", ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
-                         f"http://127.0.0.1:{port}{path}"]),
-        capture_output=True, text=True, check=True,
+        _pinned(
+            "load",
+            ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rps = p50 = p99 = float("nan")
     for line in res.stdout.splitlines():
@@ -309,16 +317,25 @@ def main() -> None:
     ap.add_argument("--ws-trips", type=int, default=2000)
     ap.add_argument("--profile", action="store_true", help="cProfile ours (small page)")
     ap.add_argument("--tests", default="small,big,ws", help="comma list of small,big,ws")
-    ap.add_argument("--targets", default="direct,nginx,chp,twisted,ours,app",
-                    help="comma list of direct,nginx,chp,twisted,ours,app")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run the 1 MiB test this many times, targets interleaved")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="run the small-page test this many times, targets interleaved; "
-                         "medians of req/s and of the per-round ratios are reported")
+    ap.add_argument(
+        "--targets",
+        default="direct,nginx,chp,twisted,ours,app",
+        help="comma list of direct,nginx,chp,twisted,ours,app",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run the 1 MiB test this many times, targets interleaved"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="run the small-page test this many times, targets interleaved; "
+        "medians of req/s and of the per-round ratios are reported",
+    )
     ap.add_argument("--chp", help="the configurable-http-proxy to run (default: the one on PATH)")
-    ap.add_argument("--no-pin", action="store_true",
-                    help="do not give the proxy under test a core of its own")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="do not give the proxy under test a core of its own"
+    )
     args = ap.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     if not args.no_pin and len(cores) >= 2 and shutil.which("taskset"):
@@ -329,8 +346,9 @@ def main() -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     chp = args.chp or shutil.which("configurable-http-proxy")
     if chp:
-        version = subprocess.run([chp, "--version"], capture_output=True, text=True,
-                                 check=False).stdout.strip()
+        version = subprocess.run(
+            [chp, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         print(f"configurable-http-proxy {version or '?'} ({chp})")
     tests = set(args.tests.split(","))
     wanted = set(args.targets.split(","))
@@ -343,8 +361,7 @@ def main() -> None:
     with open(f"{tmp}/www/big", "wb") as f:
         f.write(os.urandom(1 << 20))
 
-    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours",
-                                      "app")}
+    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours", "app")}
     # (f) app: the whole dockerspaces process, its real host: route (routing, request
     # log line, metrics) -- what a deployment runs; "ours" is the bare Proxy.forward.
     prefixes = {"app": f"/host:127.0.0.1:{ports['backend']}"}
@@ -363,7 +380,8 @@ def main() -> None:
             ).pid
         procs.start([PY, "-c", WS_ECHO, str(ports["ws"])], env=env)
         pids["twisted"] = procs.start(
-            [PY, "-c", STOCK_TWISTED, str(ports["twisted"]), str(ports["backend"])], env=env,
+            [PY, "-c", STOCK_TWISTED, str(ports["twisted"]), str(ports["backend"])],
+            env=env,
             role="proxy",
         ).pid
         prof_out = f"{tmp}/ours.prof.txt"
@@ -375,10 +393,23 @@ def main() -> None:
         targets = {"direct": ports["backend"], "nginx": ports["nginx"]}
         if chp:
             pids["chp"] = procs.start(
-                [chp, "--ip", "127.0.0.1", "--port", str(ports["chp"]), "--api-ip", "127.0.0.1",
-                 "--api-port", str(ports["chp_api"]), "--default-target",
-                 f"http://127.0.0.1:{ports['backend']}", "--log-level", "error"],
-                env=dict(env, CONFIGPROXY_AUTH_TOKEN="bench"), role="proxy",
+                [
+                    chp,
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports["chp"]),
+                    "--api-ip",
+                    "127.0.0.1",
+                    "--api-port",
+                    str(ports["chp_api"]),
+                    "--default-target",
+                    f"http://127.0.0.1:{ports['backend']}",
+                    "--log-level",
+                    "error",
+                ],
+                env=dict(env, CONFIGPROXY_AUTH_TOKEN="bench"),
+                role="proxy",
             ).pid
             targets["chp"] = ports["chp"]
         else:
@@ -386,10 +417,24 @@ def main() -> None:
         targets["twisted"] = ports["twisted"]
         targets["ours"] = ports["ours"]
         pids["app"] = procs.start(
-            [os.path.join(os.path.dirname(PY), "twistd"), "-n", "--pidfile=", "--logfile",
-             f"{tmp}/app.log", "dockerspaces", "--port", f"tcp:{ports['app']}:interface=127.0.0.1",
-             "--target", "0", "--allow-host", "127.0.0.1", "--instance", "bench-proxy"],
-            env=env, role="proxy",
+            [
+                os.path.join(os.path.dirname(PY), "twistd"),
+                "-n",
+                "--pidfile=",
+                "--logfile",
+                f"{tmp}/app.log",
+                "dockerspaces",
+                "--port",
+                f"tcp:{ports['app']}:interface=127.0.0.1",
+                "--target",
+                "0",
+                "--allow-host",
+                "127.0.0.1",
+                "--instance",
+                "bench-proxy",
+            ],
+            env=env,
+            role="proxy",
         ).pid
         targets["app"] = ports["app"]
         for p in (*targets.values(), ports["ws"]):
@@ -400,12 +445,16 @@ def main() -> None:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{ports['chp_api']}/api/routes/ws",
                 data=f'{{"target": "http://127.0.0.1:{ports["ws"]}"}}'.encode(),
-                headers={"Authorization": "token bench"}, method="POST",
+                headers={"Authorization": "token bench"},
+                method="POST",
             )
             urllib.request.urlopen(req, timeout=5).read()
 
-        pin = (f"proxies pinned to core {sorted(PIN['proxy'])}, wrk and backends to "
-               f"{sorted(PIN['load'] or ())}" if PIN["proxy"] else "no pinning")
+        pin = (
+            f"proxies pinned to core {sorted(PIN['proxy'])}, wrk and backends to {sorted(PIN['load'] or ())}"
+            if PIN["proxy"]
+            else "no pinning"
+        )
         print(f"proxy bench: {os.cpu_count()} cores ({pin}), wrk -t1, {args.seconds}s per run")
         targets = {k: v for k, v in targets.items() if k in wanted}
         small: dict[str, tuple[float, float, float]] = {}
@@ -417,9 +466,10 @@ def main() -> None:
         for i in range(args.rounds if "small" in tests else 0):
             # every other round in reverse order: no target always runs first or last
             order = list(targets.items())
-            for name, port in (order if i % 2 == 0 else order[::-1]):
+            for name, port in order if i % 2 == 0 else order[::-1]:
                 small_runs[name].append(
-                    wrk(port, prefixes.get(name, "") + "/small", args.seconds, args.connections))
+                    wrk(port, prefixes.get(name, "") + "/small", args.seconds, args.connections)
+                )
         for name, runs in small_runs.items():
             if runs:
                 small[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))  # type: ignore[assignment]
@@ -429,14 +479,16 @@ def main() -> None:
         def ratio(a: str, b: str) -> float:
             """Median over the rounds of a's req/s over b's in the same round."""
             return statistics.median(x[0] / y[0] for x, y in zip(small_runs[a], small_runs[b]))
+
         big_runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
         for _ in range(args.repeat if "big" in tests else 0):
             for name, port in targets.items():
                 watch = {"backend": pids["backend"]}
                 if name in pids:
                     watch[name] = pids[name]
-                res, cpu = wrk_cpu(port, prefixes.get(name, "") + "/big", args.seconds,
-                                   args.big_connections, watch, 1.0)
+                res, cpu = wrk_cpu(
+                    port, prefixes.get(name, "") + "/big", args.seconds, args.big_connections, watch, 1.0
+                )
                 big_runs[name].append(res)
                 for k, v in cpu.items():
                     big_cpu.setdefault(name, {}).setdefault(k, 0.0)
@@ -457,36 +509,53 @@ def main() -> None:
                 ws[name] = ws_trips(port, args.ws_trips, ws_prefixes.get(name, ""))
 
         if small:
-            table(f"19-byte page, {args.connections} connections (median of {args.rounds} "
-                  "rounds)", small)
+            table(f"19-byte page, {args.connections} connections (median of {args.rounds} rounds)", small)
         if big:
             table(f"1 MiB file, {args.big_connections} connections (median of {args.repeat})", big)
             print("\n  CPU-seconds per GiB moved (the proxy itself, the backend nginx, wrk)")
             for name, cpu in big_cpu.items():
-                print("  " + f"{name:10} " + "  ".join(
-                    f"{k}={v * 1024:6.2f}" for k, v in cpu.items()))
+                print("  " + f"{name:10} " + "  ".join(f"{k}={v * 1024:6.2f}" for k, v in cpu.items()))
         if ws:
             table(f"WebSocket echo, {args.ws_trips} sequential round trips", ws, "trips/s")
         check: list[tuple[str, Callable[[], bool]]] = []
         if "chp" in small and "ours" in small:
-            check.append((f"small page: ours >= chp ({ratio('ours', 'chp'):.2f}x)",
-                          lambda: ratio("ours", "chp") >= 1.0))
+            check.append(
+                (
+                    f"small page: ours >= chp ({ratio('ours', 'chp'):.2f}x)",
+                    lambda: ratio("ours", "chp") >= 1.0,
+                )
+            )
         if "twisted" in small and "ours" in small:
-            check.append((f"small page: ours >= 1.7x stock twisted ({ratio('ours', 'twisted'):.2f}x)",
-                          lambda: ratio("ours", "twisted") >= 1.7))
+            check.append(
+                (
+                    f"small page: ours >= 1.7x stock twisted ({ratio('ours', 'twisted'):.2f}x)",
+                    lambda: ratio("ours", "twisted") >= 1.7,
+                )
+            )
         if "nginx" in big and "ours" in big:
-            check.append((f"1 MiB: ours >= nginx ({big['ours'][0] / big['nginx'][0]:.2f}x)",
-                          lambda: big["ours"][0] >= big["nginx"][0]))
+            check.append(
+                (
+                    f"1 MiB: ours >= nginx ({big['ours'][0] / big['nginx'][0]:.2f}x)",
+                    lambda: big["ours"][0] >= big["nginx"][0],
+                )
+            )
         if "chp" in small and "app" in small:
-            check.append((f"small page: app (host: route) >= chp ({ratio('app', 'chp'):.2f}x)",
-                          lambda: ratio("app", "chp") >= 1.0))
+            check.append(
+                (
+                    f"small page: app (host: route) >= chp ({ratio('app', 'chp'):.2f}x)",
+                    lambda: ratio("app", "chp") >= 1.0,
+                )
+            )
         if "twisted" in small and "app" in small:
-            label = ("small page: app (host: route) >= 1.7x stock twisted "
-                     f"({ratio('app', 'twisted'):.2f}x)")
+            label = f"small page: app (host: route) >= 1.7x stock twisted ({ratio('app', 'twisted'):.2f}x)"
             check.append((label, lambda: ratio("app", "twisted") >= 1.7))
         if "nginx" in big and "app" in big:
-            check.append((f"1 MiB: app (host: route) >= nginx ({big['app'][0] / big['nginx'][0]:.2f}x)",
-                          lambda: big["app"][0] >= big["nginx"][0]))
+            check.append(
+                (
+                    f"1 MiB: app (host: route) >= nginx ({big['app'][0] / big['nginx'][0]:.2f}x)",
+                    lambda: big["app"][0] >= big["nginx"][0],
+                )
+            )
         print("\nbars:")
         for text, ok in check:
             print(f"  [{'ok' if ok() else 'MISSED'}] {text}")

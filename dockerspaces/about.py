@@ -21,5 +21,7 @@ def version_text() -> str:
         ours = metadata.version("dockerspaces")
     except metadata.PackageNotFoundError:  # running from a checkout without installing
         ours = __version__
-    return (f"dockerspaces {ours} (Twisted {_version_of('twisted')}, "
-            f"docker-py {_version_of('docker')}, Python {platform.python_version()})")
+    return (
+        f"dockerspaces {ours} (Twisted {_version_of('twisted')}, "
+        f"docker-py {_version_of('docker')}, Python {platform.python_version()})"
+    )

@@ -60,7 +60,8 @@ def parse_when(text: str) -> When:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a duration (30m, 12h, 90d) nor an ISO date") from None
+            f"{text!r} is neither a duration (30m, 12h, 90d) nor an ISO date"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return When(moment.timestamp(), relative=False)
@@ -96,8 +97,9 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
     if not rows:
         return empty
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [header, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
 
 
 def _yes(flag: bool) -> str:
@@ -110,22 +112,38 @@ def _limit(value: int | None) -> str:
 
 def user_json(u: User) -> JSONObject:
     """A user for --json (whether there is a password, never its hash)."""
-    return {"name": u.name, "enabled": u.enabled, "groups": list(u.groups),
-            "password": u.password_hash is not None}
+    return {
+        "name": u.name,
+        "enabled": u.enabled,
+        "groups": list(u.groups),
+        "password": u.password_hash is not None,
+    }
 
 
 def group_json(g: Group) -> JSONObject:
     """A group for --json (a quota of null: unlimited)."""
-    return {"name": g.name, "images": list(g.images), "routes": sorted(g.routes),
-            "containers": g.quota.containers, "gpus": g.quota.gpus, "queued": g.quota.queued,
-            "admin": g.admin}
+    return {
+        "name": g.name,
+        "images": list(g.images),
+        "routes": sorted(g.routes),
+        "containers": g.quota.containers,
+        "gpus": g.quota.gpus,
+        "queued": g.quota.queued,
+        "admin": g.admin,
+    }
 
 
 def token_json(t: Token) -> JSONObject:
     """A token for --json (never the digest; times in ISO 8601, UTC)."""
-    return {"id": t.id, "user": t.user, "scopes": None if t.scopes is None else sorted(t.scopes),
-            "expires": _iso(t.expires), "created": _iso(t.created),
-            "last_used": _iso(t.last_used), "description": t.description}
+    return {
+        "id": t.id,
+        "user": t.user,
+        "scopes": None if t.scopes is None else sorted(t.scopes),
+        "expires": _iso(t.expires),
+        "created": _iso(t.created),
+        "last_used": _iso(t.last_used),
+        "description": t.description,
+    }
 
 
 # -- passwords ---------------------------------------------------------------------------
@@ -199,10 +217,12 @@ def user_remove(store: Store, args: argparse.Namespace) -> Output:
 def user_list(store: Store, args: argparse.Namespace) -> Output:
     """``user list``."""
     users = store.users()
-    rows = [[u.name, _yes(u.enabled), _yes(u.password_hash is not None), ",".join(u.groups) or "-"]
-            for u in users]
-    return Output([user_json(u) for u in users],
-                  _table(["USER", "ENABLED", "PASSWORD", "GROUPS"], rows, "no users"))
+    rows = [
+        [u.name, _yes(u.enabled), _yes(u.password_hash is not None), ",".join(u.groups) or "-"] for u in users
+    ]
+    return Output(
+        [user_json(u) for u in users], _table(["USER", "ENABLED", "PASSWORD", "GROUPS"], rows, "no users")
+    )
 
 
 def _quota_change(value: int | None, unlimited: bool) -> QuotaChange:
@@ -211,19 +231,27 @@ def _quota_change(value: int | None, unlimited: bool) -> QuotaChange:
 
 def group_add(store: Store, args: argparse.Namespace) -> Output:
     """``group add NAME [options]``."""
-    g = store.add_group(args.name, images=args.image or (), routes=args.route or (),
-                        quota=Quota(args.containers, args.gpus, args.queued), admin=args.admin)
+    g = store.add_group(
+        args.name,
+        images=args.image or (),
+        routes=args.route or (),
+        quota=Quota(args.containers, args.gpus, args.queued),
+        admin=args.admin,
+    )
     return Output(group_json(g), f"group {g.name} added")
 
 
 def group_set(store: Store, args: argparse.Namespace) -> Output:
     """``group set NAME [options]``: the options given, nothing else."""
     g = store.update_group(
-        args.name, images=args.image, routes=args.route,
+        args.name,
+        images=args.image,
+        routes=args.route,
         containers=_quota_change(args.containers, args.unlimited_containers),
         gpus=_quota_change(args.gpus, args.unlimited_gpus),
         queued=_quota_change(args.queued, args.unlimited_queued),
-        admin=True if args.admin else (False if args.no_admin else None))
+        admin=True if args.admin else (False if args.no_admin else None),
+    )
     return Output(group_json(g), f"group {g.name} changed")
 
 
@@ -236,9 +264,18 @@ def group_remove(store: Store, args: argparse.Namespace) -> Output:
 def group_list(store: Store, args: argparse.Namespace) -> Output:
     """``group list``."""
     groups = store.groups()
-    rows = [[g.name, ",".join(sorted(g.routes)) or "-", ",".join(g.images) or "-",
-             _limit(g.quota.containers), _limit(g.quota.gpus), _limit(g.quota.queued),
-             _yes(g.admin)] for g in groups]
+    rows = [
+        [
+            g.name,
+            ",".join(sorted(g.routes)) or "-",
+            ",".join(g.images) or "-",
+            _limit(g.quota.containers),
+            _limit(g.quota.gpus),
+            _limit(g.quota.queued),
+            _yes(g.admin),
+        ]
+        for g in groups
+    ]
     header = ["GROUP", "ROUTES", "IMAGES", "CONTAINERS", "GPUS", "QUEUED", "ADMIN"]
     return Output([group_json(g) for g in groups], _table(header, rows, "no groups"))
 
@@ -258,17 +295,18 @@ def group_add_member(store: Store, args: argparse.Namespace) -> Output:
 def group_remove_member(store: Store, args: argparse.Namespace) -> Output:
     """``group remove-member GROUP USER``."""
     store.remove_member(args.group, args.user)
-    return Output({"group": args.group, "user": args.user},
-                  f"{args.user} removed from {args.group}")
+    return Output({"group": args.group, "user": args.user}, f"{args.user} removed from {args.group}")
 
 
 def token_create(store: Store, args: argparse.Namespace) -> Output:
     """``token create USER [options]``: the token string, printed this once."""
     expires = None if args.expires is None else args.expires.ahead(store.clock())
-    text, t = store.create_token(args.user, scopes=args.scope, expires=expires,
-                                 description=args.description)
-    return Output({"token": text, **token_json(t)}, text,
-                  note=f"token {t.id} of {t.user}: shown this once, store it now")
+    text, t = store.create_token(args.user, scopes=args.scope, expires=expires, description=args.description)
+    return Output(
+        {"token": text, **token_json(t)},
+        text,
+        note=f"token {t.id} of {t.user}: shown this once, store it now",
+    )
 
 
 def token_revoke(store: Store, args: argparse.Namespace) -> Output:
@@ -280,9 +318,17 @@ def token_revoke(store: Store, args: argparse.Namespace) -> Output:
 def token_list(store: Store, args: argparse.Namespace) -> Output:
     """``token list [--user USER]`` (never a secret or a digest)."""
     tokens = store.tokens(args.user)
-    rows = [[t.id, t.user, ",".join(sorted(t.scopes)) if t.scopes is not None else "all",
-             _iso(t.expires) or "never", _iso(t.last_used) or "never", t.description]
-            for t in tokens]
+    rows = [
+        [
+            t.id,
+            t.user,
+            ",".join(sorted(t.scopes)) if t.scopes is not None else "all",
+            _iso(t.expires) or "never",
+            _iso(t.last_used) or "never",
+            t.description,
+        ]
+        for t in tokens
+    ]
     header = ["ID", "USER", "SCOPES", "EXPIRES", "LAST USED", "DESCRIPTION"]
     return Output([token_json(t) for t in tokens], _table(header, rows, "no tokens"))
 
@@ -294,12 +340,24 @@ def usage(store: Store, args: argparse.Namespace) -> Output:
     since = args.since.ago(now)
     until = now if args.until is None else args.until.ago(now)
     rows = store.usage(since, until)
-    data = {"since": _iso(since), "until": _iso(until),
-            "users": [{"user": r.user, "containers": r.containers, "seconds": round(r.seconds, 3),
-                       "gpu_seconds": round(r.gpu_seconds, 3)} for r in rows]}
-    table = _table(["USER", "CONTAINERS", "CONTAINER-HOURS", "GPU-HOURS"],
-                   [[r.user, str(r.containers), f"{r.seconds / 3600:.2f}",
-                     f"{r.gpu_seconds / 3600:.2f}"] for r in rows], "no usage")
+    data = {
+        "since": _iso(since),
+        "until": _iso(until),
+        "users": [
+            {
+                "user": r.user,
+                "containers": r.containers,
+                "seconds": round(r.seconds, 3),
+                "gpu_seconds": round(r.gpu_seconds, 3),
+            }
+            for r in rows
+        ],
+    }
+    table = _table(
+        ["USER", "CONTAINERS", "CONTAINER-HOURS", "GPU-HOURS"],
+        [[r.user, str(r.containers), f"{r.seconds / 3600:.2f}", f"{r.gpu_seconds / 3600:.2f}"] for r in rows],
+        "no usage",
+    )
     return Output(data, f"from {_iso(since)} to {_iso(until)}\n{table}")
 
 
@@ -325,14 +383,24 @@ def _count(text: str) -> int:
 def _group_options(p: argparse.ArgumentParser, *, changing: bool) -> None:
     """The options of ``group add`` and (``changing``) ``group set``."""
     p.add_argument("name")
-    p.add_argument("--image", action="append", metavar="PATTERN",
-                   help="image the members may run, as --allow-image (repeatable"
-                        + ("; replaces the list)" if changing else ")"))
-    p.add_argument("--route", action="append", choices=ROUTES,
-                   help="route the members may use (repeatable"
-                        + ("; replaces the list)" if changing else ")"))
-    for quota, what in (("containers", "containers held at once"),
-                        ("gpus", "GPUs held at once"), ("queued", "requests waiting at once")):
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="PATTERN",
+        help="image the members may run, as --allow-image (repeatable"
+        + ("; replaces the list)" if changing else ")"),
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        choices=ROUTES,
+        help="route the members may use (repeatable" + ("; replaces the list)" if changing else ")"),
+    )
+    for quota, what in (
+        ("containers", "containers held at once"),
+        ("gpus", "GPUs held at once"),
+        ("queued", "requests waiting at once"),
+    ):
         one = p.add_mutually_exclusive_group()
         one.add_argument(f"--{quota}", type=_count, metavar="N", help=f"quota per user: {what}")
         if changing:
@@ -345,12 +413,15 @@ def _group_options(p: argparse.ArgumentParser, *, changing: bool) -> None:
 
 def _user_commands(nouns: Nouns) -> None:
     user = nouns.add_parser("user", help="users").add_subparsers(dest="verb", required=True)
-    for verb, run, text in (("add", user_add, "add a user"),
-                            ("passwd", user_passwd, "set a user's password")):
+    for verb, run, text in (
+        ("add", user_add, "add a user"),
+        ("passwd", user_passwd, "set a user's password"),
+    ):
         p = user.add_parser(verb, help=text)
         p.add_argument("name")
-        p.add_argument("--password-stdin", action="store_true",
-                       help="read the password from one line of standard input")
+        p.add_argument(
+            "--password-stdin", action="store_true", help="read the password from one line of standard input"
+        )
         p.set_defaults(run=run)
     for verb, enabled in (("enable", True), ("disable", False)):
         p = user.add_parser(verb, help=f"{verb} a user")
@@ -370,13 +441,17 @@ def _group_commands(nouns: Nouns) -> None:
     p = group.add_parser("set", help="change a group (the options given only)")
     _group_options(p, changing=True)
     p.set_defaults(run=group_set)
-    for verb, run, text in (("remove", group_remove, "remove a group"),
-                            ("members", group_members, "list a group's users")):
+    for verb, run, text in (
+        ("remove", group_remove, "remove a group"),
+        ("members", group_members, "list a group's users"),
+    ):
         p = group.add_parser(verb, help=text)
         p.add_argument("name")
         p.set_defaults(run=run)
-    for verb, run, text in (("add-member", group_add_member, "put a user into a group"),
-                            ("remove-member", group_remove_member, "take a user out of a group")):
+    for verb, run, text in (
+        ("add-member", group_add_member, "put a user into a group"),
+        ("remove-member", group_remove_member, "take a user out of a group"),
+    ):
         p = group.add_parser(verb, help=text)
         p.add_argument("group")
         p.add_argument("user")
@@ -388,10 +463,18 @@ def _token_commands(nouns: Nouns) -> None:
     token = nouns.add_parser("token", help="API tokens").add_subparsers(dest="verb", required=True)
     p = token.add_parser("create", help="create a token (printed once)")
     p.add_argument("user")
-    p.add_argument("--scope", action="append", choices=ROUTES,
-                   help="a route the token may use (repeatable; default: all the user's)")
-    p.add_argument("--expires", type=parse_when, metavar="WHEN",
-                   help="90d, 12h, 30m from now, or an ISO date (default: never)")
+    p.add_argument(
+        "--scope",
+        action="append",
+        choices=ROUTES,
+        help="a route the token may use (repeatable; default: all the user's)",
+    )
+    p.add_argument(
+        "--expires",
+        type=parse_when,
+        metavar="WHEN",
+        help="90d, 12h, 30m from now, or an ISO date (default: never)",
+    )
     p.add_argument("--description", default="", metavar="TEXT")
     p.set_defaults(run=token_create)
     p = token.add_parser("revoke", help="revoke a token")
@@ -406,22 +489,30 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = argparse.ArgumentParser(
         prog="dockerspaces-admin",
-        description="Manage dockerspaces accounts (users, groups, tokens) and read usage.")
-    top.add_argument("--state", default=os.environ.get("DOCKERSPACES_STATE") or DEFAULT_STATE,
-                     metavar="PATH",
-                     help=f"the state file (default: $DOCKERSPACES_STATE, else ./{DEFAULT_STATE})")
+        description="Manage dockerspaces accounts (users, groups, tokens) and read usage.",
+    )
+    top.add_argument(
+        "--state",
+        default=os.environ.get("DOCKERSPACES_STATE") or DEFAULT_STATE,
+        metavar="PATH",
+        help=f"the state file (default: $DOCKERSPACES_STATE, else ./{DEFAULT_STATE})",
+    )
     top.add_argument("--json", action="store_true", help="machine-readable output")
     nouns = top.add_subparsers(dest="noun", required=True)
     _user_commands(nouns)
     _group_commands(nouns)
     _token_commands(nouns)
     p = nouns.add_parser("usage", help="containers, container-hours and GPU-hours per user")
-    p.add_argument("--since", type=parse_when, default=When(30 * 86400, relative=True),
-                   metavar="WHEN", help="7d (ago) or an ISO date (default: 30d)")
+    p.add_argument(
+        "--since",
+        type=parse_when,
+        default=When(30 * 86400, relative=True),
+        metavar="WHEN",
+        help="7d (ago) or an ISO date (default: 30d)",
+    )
     p.add_argument("--until", type=parse_when, metavar="WHEN", help="as --since (default: now)")
     p.set_defaults(run=usage)
-    nouns.add_parser("schema", help="the state file's schema version (migrates it)") \
-        .set_defaults(run=schema)
+    nouns.add_parser("schema", help="the state file's schema version (migrates it)").set_defaults(run=schema)
     return top
 
 

@@ -106,16 +106,22 @@ class Routes:
         """x:/y:/worker."""
         if not self.has_slots:
             return ErrorResource(503, "this instance has no container slots (--target 0)", 60)
-        return JobResource(spec, prefix, path, broker=self.broker, proxy=self.proxy,
-                           allow_image=self.config.allow_image, waiting=self.waiting,
-                           worker_post_only=self.config.worker_post_only)
+        return JobResource(
+            spec,
+            prefix,
+            path,
+            broker=self.broker,
+            proxy=self.proxy,
+            allow_image=self.config.allow_image,
+            waiting=self.waiting,
+            worker_post_only=self.config.worker_post_only,
+        )
 
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:
         """host:/shost:/--root."""
         if prefix and self.config.no_host_route:
             return _NO_HOST_ROUTE
-        return HostResource(target, prefix, path, proxy=self.proxy, policy=self.policy,
-                            cookie=cookie)
+        return HostResource(target, prefix, path, proxy=self.proxy, policy=self.policy, cookie=cookie)
 
     def host_route(self, target: HostTarget, prefix: bytes) -> Resource:
         """host:/shost: as the URI's own segment: one resource for all its requests."""
@@ -132,8 +138,9 @@ class Routes:
         if route.name == "metrics" and self.metrics is not None:
             return MetricsResource(self.metrics, self.snapshot)
         if route.name == "health" and self.reactor is not None:
-            return HealthResource(self.engines, self.reactor,
-                                  serving=lambda: not self.broker.snapshot().get("Draining"))
+            return HealthResource(
+                self.engines, self.reactor, serving=lambda: not self.broker.snapshot().get("Draining")
+            )
         return ErrorResource(404, f"/monitor:{route.name} is not available")
 
     def docker_api(self, path: bytes) -> Resource:
@@ -147,11 +154,19 @@ def container_hook(metrics: Metrics, accounts: AccountsService | None = None) ->
     """The broker's container-event hook: one log line and the metrics per event, and
     with accounts the usage rows (``owner``: the user it was started for)."""
 
-    def hook(event: str, display: str, host: str, slot: int, *, container: str | None = None,
-             seconds: float | None = None, detail: str | None = None,
-             owner: str | None = None, gpus: int = 0) -> None:
-        logs.log_container(event, display, host, slot, container=container, seconds=seconds,
-                           detail=detail)
+    def hook(
+        event: str,
+        display: str,
+        host: str,
+        slot: int,
+        *,
+        container: str | None = None,
+        seconds: float | None = None,
+        detail: str | None = None,
+        owner: str | None = None,
+        gpus: int = 0,
+    ) -> None:
+        logs.log_container(event, display, host, slot, container=container, seconds=seconds, detail=detail)
         metrics.container_event(event, host, seconds=seconds)
         if accounts is not None:
             accounts.container_event(event, container, display, owner, gpus)
@@ -225,7 +240,8 @@ def warn_if_exposed(ports: tuple[str, ...]) -> None:
         log.warn(  # noqa: G010 - twisted.logger
             "--auth none: anyone who reaches {ports} may start any allowed image and read "
             "the monitor; use --auth accounts (README: Accounts) or listen on loopback only",
-            ports=", ".join(_redact_port(p) for p in exposed))
+            ports=", ".join(_redact_port(p) for p in exposed),
+        )
 
 
 def _redact_port(desc: str) -> str:
@@ -238,9 +254,11 @@ def user_containers(broker: Broker, user: str) -> list[tuple[str, str, str | Non
     of the containers the user holds or that were started for them (warm ones too);
     the link (the route prefix) only for keys without env values (they stay out of
     pages)."""
-    return [(v.display, v.state, "/" + v.spec.segment() + "/" if not v.spec.env else None)
-            for v in broker.containers()
-            if v.spec is not None and (user in v.users or v.owner == user)]
+    return [
+        (v.display, v.state, "/" + v.spec.segment() + "/" if not v.spec.env else None)
+        for v in broker.containers()
+        if v.spec is not None and (user in v.users or v.owner == user)
+    ]
 
 
 def build_engines(config: Config, reactor: Reactor) -> tuple[list[HostConfig], dict[str, Engine]]:
@@ -249,8 +267,14 @@ def build_engines(config: Config, reactor: Reactor) -> tuple[list[HostConfig], d
     hosts = config.hosts()
     token = load_token(config)  # one token cluster-wide: sent to peers' /docker:local
     engines = {
-        h.name: Engine(reactor, h, instance=config.instance_name(), pull=config.pull, auth=auth,
-                       extra_headers=peer_headers(h, token))
+        h.name: Engine(
+            reactor,
+            h,
+            instance=config.instance_name(),
+            pull=config.pull,
+            auth=auth,
+            extra_headers=peer_headers(h, token),
+        )
         for h in hosts
     }
     return hosts, engines
@@ -272,8 +296,14 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
     if config.auth == "accounts":
         accounts = AccountsService(config.state, reactor, open_snapshot(config.state))
         accounts.setServiceParent(top)
-    broker = Broker(reactor, [h for h in hosts if h.slots > 0], engines, settings,
-                    run_options_for(config), on_container=container_hook(metrics, accounts))
+    broker = Broker(
+        reactor,
+        [h for h in hosts if h.slots > 0],
+        engines,
+        settings,
+        run_options_for(config),
+        on_container=container_hook(metrics, accounts),
+    )
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
@@ -281,30 +311,46 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
     HostPolicyService(policy, engines, reactor).setServiceParent(top)
     if config.root is not None:
         warn_refused_root(policy, config.root)
-    autoscale = (build_autoscaler(config.config, broker, engines, reactor)
-                 if config.config else None)
+    autoscale = build_autoscaler(config.config, broker, engines, reactor) if config.config else None
     if autoscale is not None:
         autoscale.setServiceParent(top)
     waiting = WaitingRoom(ProgressBoard(reactor), reactor)
-    routes = Routes(config, proxy, broker, policy, reactor=reactor, engines=dict(engines),
-                    waiting=waiting, metrics=metrics,
-                    has_slots=any(h.slots > 0 for h in hosts),
-                    docker_api_resource=(DockerApiResource.from_config(config, proxy)
-                                         if config.docker_api else None),
-                    autoscale=autoscale)
+    routes = Routes(
+        config,
+        proxy,
+        broker,
+        policy,
+        reactor=reactor,
+        engines=dict(engines),
+        waiting=waiting,
+        metrics=metrics,
+        has_slots=any(h.slots > 0 for h in hosts),
+        docker_api_resource=(DockerApiResource.from_config(config, proxy) if config.docker_api else None),
+        autoscale=autoscale,
+    )
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
     recorder = Recorder(reactor, metrics, request_log)
     gate = None
     if accounts is not None:
-        gate = AuthGate(accounts, make_portal(accounts), reactor,
-                        session_lifetime=config.session_lifetime,
-                        containers=lambda user: user_containers(broker, user))
+        gate = AuthGate(
+            accounts,
+            make_portal(accounts),
+            reactor,
+            session_lifetime=config.session_lifetime,
+            containers=lambda user: user_containers(broker, user),
+        )
     else:
         warn_if_exposed(config.ports)
     root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=gate)
-    site = make_site(root, reactor, max_body=config.max_body, on_request_logged=recorder.done,
-                     on_request_lost=recorder.lost, on_refused=recorder.refused)
+    site = make_site(
+        root,
+        reactor,
+        max_body=config.max_body,
+        on_request_logged=recorder.done,
+        on_request_lost=recorder.lost,
+        on_refused=recorder.refused,
+    )
     for desc in config.ports:
         strports.service(desc, site).setServiceParent(top)
     return top

@@ -50,9 +50,7 @@ The original docker-spaces flags (single or double dash):
   -root HOST[:PORT]     default host for unmatched paths
 
 Every option of `twistd dockerspaces` is accepted as well:
-""" + "\n".join(
-    f"  --{o.name}{'' if o.flag else ' VALUE'}  {o.help}" for o in OPTIONS
-)
+""" + "\n".join(f"  --{o.name}{'' if o.flag else ' VALUE'}  {o.help}" for o in OPTIONS)
 
 
 class CompatError(ValueError):
@@ -66,9 +64,7 @@ def _split_chain(cert_path: str) -> tuple[str, str | None]:
             pem = f.read()
     except OSError as e:
         raise CompatError(f"-cert: cannot read {cert_path!r}: {e.strerror}") from None
-    certs = re.findall(
-        r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL
-    )
+    certs = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.DOTALL)
     if len(certs) <= 1:
         return cert_path, None
     fd, chain = tempfile.mkstemp(prefix="dockerspaces-chain-", suffix=".pem")

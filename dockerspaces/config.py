@@ -215,8 +215,9 @@ class Config:
         if self.instance:
             return self.instance
         first = self.ports[0] if self.ports else "tcp:8888"
-        port = next((p.removeprefix("port=") for p in first.split(":")[1:]
-                     if p.removeprefix("port=").isdigit()), "0")
+        port = next(
+            (p.removeprefix("port=") for p in first.split(":")[1:] if p.removeprefix("port=").isdigit()), "0"
+        )
         if in_container is None:
             from .inside import in_container as detect
 

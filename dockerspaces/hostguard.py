@@ -63,10 +63,14 @@ def host_policy(config: Config, hosts: list[HostConfig], reactor: IResolvingReac
     local bridges; the engines' own lists are added by :class:`HostPolicyService`),
     every engine and peer refused unless ``--allow-host``; own ports always
     (blocking lookups: start-up only)."""
-    return HostPolicy(allow=config.allow_host, own_ports=own_ports(config),
-                      resolve=resolver_from(reactor.nameResolver, reactor),
-                      local=local_addresses(), blocked=docker_networks(),
-                      engines=engine_hosts(config, hosts))
+    return HostPolicy(
+        allow=config.allow_host,
+        own_ports=own_ports(config),
+        resolve=resolver_from(reactor.nameResolver, reactor),
+        local=local_addresses(),
+        blocked=docker_networks(),
+        engines=engine_hosts(config, hosts),
+    )
 
 
 #: drivers whose networks share the LAN: only their IP ranges hold containers alone
@@ -94,9 +98,14 @@ class HostPolicyService(Service):
     and every ``interval`` seconds, so that a network or an interface created later
     is refused too. An engine that does not answer keeps what it said last."""
 
-    def __init__(self, policy: HostPolicy, engines: Mapping[str, IEngine], clock: IReactorTime,
-                 interval: float = 60.0,
-                 read_local: Callable[[], Iterable[str]] = interface_addresses):
+    def __init__(
+        self,
+        policy: HostPolicy,
+        engines: Mapping[str, IEngine],
+        clock: IReactorTime,
+        interval: float = 60.0,
+        read_local: Callable[[], Iterable[str]] = interface_addresses,
+    ):
         self.policy, self.engines, self.clock = policy, engines, clock
         self.interval = interval
         self.read_local = read_local
@@ -110,7 +119,8 @@ class HostPolicyService(Service):
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True).addErrback(
-            lambda f: log.failure("host: policy refresh stopped", f))
+            lambda f: log.failure("host: policy refresh stopped", f)
+        )
 
     def stopService(self) -> None:
         """Stop asking."""
@@ -125,17 +135,21 @@ class HostPolicyService(Service):
             now = set(self.read_local())
         except OSError as e:
             log.warn(  # noqa: G010 - twisted.logger
-                "host: policy: cannot read this machine's addresses: {e}", e=e)
+                "host: policy: cannot read this machine's addresses: {e}", e=e
+            )
         else:
             if self.policy.update("local", local=now - self.policy.local):
-                log.info("host: policy: this machine's addresses are now {a}",
-                         a=", ".join(sorted(self.policy.local_now)))
+                log.info(
+                    "host: policy: this machine's addresses are now {a}",
+                    a=", ".join(sorted(self.policy.local_now)),
+                )
         for name, engine in self.engines.items():
             if name in self._asking or not hasattr(engine, "networks"):
                 continue
             self._asking.add(name)
-            d = engine.networks().addCallbacks(self._got, self._failed, callbackArgs=(name,),
-                                               errbackArgs=(name,))
+            d = engine.networks().addCallbacks(
+                self._got, self._failed, callbackArgs=(name,), errbackArgs=(name,)
+            )
             d.addBoth(self._answered, name)
 
     def _answered(self, _: object, name: str) -> None:
@@ -145,15 +159,20 @@ class HostPolicyService(Service):
         self._failing.discard(name)
         ranges = container_ranges(networks)
         if self.policy.update(f"engine:{name}", networks=ranges):
-            log.info("host: policy: no host: target in the Docker networks of engine {name}: {nets}",
-                     name=name, nets=", ".join(sorted(str(n) for n in ranges)) or "none")
+            log.info(
+                "host: policy: no host: target in the Docker networks of engine {name}: {nets}",
+                name=name,
+                nets=", ".join(sorted(str(n) for n in ranges)) or "none",
+            )
 
     def _failed(self, f: Failure, name: str) -> None:
         if name not in self._failing:  # once per outage
             self._failing.add(name)
             log.warn(  # noqa: G010 - twisted.logger
-                "host: policy: cannot list the networks of engine {name} (kept what it "
-                "said before): {e}", name=name, e=f.getErrorMessage())
+                "host: policy: cannot list the networks of engine {name} (kept what it said before): {e}",
+                name=name,
+                e=f.getErrorMessage(),
+            )
 
 
 def warn_refused_root(policy: HostPolicy, root: HostTarget) -> Deferred[None]:
@@ -165,6 +184,8 @@ def warn_refused_root(policy: HostPolicy, root: HostTarget) -> Deferred[None]:
             log.warn(  # noqa: G010 - twisted.logger
                 "--root {root} is refused by the host: policy ({why}): unmatched "
                 "requests get 403 until --allow-host names it",
-                root=root.host_header, why=f.getErrorMessage())
+                root=root.host_header,
+                why=f.getErrorMessage(),
+            )
 
     return policy.check(root.host, root.port).addCallbacks(lambda _: None, refused)

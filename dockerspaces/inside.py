@@ -127,7 +127,7 @@ def socket_path(argv: list[str]) -> str | None:
                 url = argv[i + 1]
     if not url.startswith("unix://"):
         return None
-    return url[len("unix://"):] or None
+    return url[len("unix://") :] or None
 
 
 def drop_privileges(argv: list[str], user: str = RUN_AS) -> None:

@@ -50,8 +50,9 @@ class LoopReactor(Protocol):
 
     running: bool
 
-    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
-                  **kw: object) -> IDelayedCall:
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> IDelayedCall:
         """Run ``callable`` after ``delay`` seconds."""
 
 
@@ -140,9 +141,12 @@ class TextObserver:
         text = event.get("ds_text")
         if text is not None and "log_failure" not in event and "log_system" not in event:
             # a request line: its text is ready (dockerspaces.logs.log_request)
-            self.line(f" [{event.get('log_namespace', '-')}"
-                      f"#{level.name if level is not None else '-'}] ",
-                      text, event.get("log_time"), level in URGENT)
+            self.line(
+                f" [{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}] ",
+                text,
+                event.get("log_time"),
+                level in URGENT,
+            )
             return
         formatted = formatEventAsClassicLogText(event, formatTime=self.stamp)
         if formatted is not None:

@@ -50,8 +50,17 @@ CONTAINER_NS = "dockerspaces.container"
 
 #: container events (``log_container(event, …)``)
 CONTAINER_EVENTS = (
-    "pull-start", "pull-end", "create", "start", "ready", "stop", "evict", "crash",
-    "adopt", "remove", "fail",
+    "pull-start",
+    "pull-end",
+    "create",
+    "start",
+    "ready",
+    "stop",
+    "evict",
+    "crash",
+    "adopt",
+    "remove",
+    "fail",
 )
 
 _request_log = Logger(namespace=REQUEST_NS)
@@ -84,9 +93,18 @@ def _safe_path(uri: bytes) -> str:
 _safe_path_cached = lru_cache(maxsize=1024)(_safe_path)
 
 
-def request_text(kind: str, route: str, method: str, path: str, status: int, nbytes: int,
-                 seconds: float, queue_wait: float | None, reason: str | None,
-                 user: str | None = None) -> str:
+def request_text(
+    kind: str,
+    route: str,
+    method: str,
+    path: str,
+    status: int,
+    nbytes: int,
+    seconds: float,
+    queue_wait: float | None,
+    reason: str | None,
+    user: str | None = None,
+) -> str:
     """The readable text of a request line (``path`` already made safe; ``user``: the
     signed-in user, with ``--auth accounts``)."""
     # One f-string: twisted.logger's own formatting of a many-field format string was
@@ -130,27 +148,29 @@ def log_request(
     # The event ``log.info("{ds_text}", ds_…=…)`` would build, handed to the logger's
     # observer (the global publisher: twistd's or the JSON observer) directly:
     # ``Logger.emit`` re-validates the level against a freshly sorted list per call.
-    log.observer({
-        "ds_text": text,
-        "ds_event": "request",
-        "ds_kind": kind,
-        "ds_route": route,
-        "ds_method": m,
-        "ds_path": path,
-        "ds_status": status,
-        "ds_bytes": nbytes,
-        "ds_seconds": seconds,
-        "ds_queue_wait": queue_wait,
-        "ds_client": client,
-        "ds_reason": reason,
-        "ds_user": user,
-        "log_logger": log,
-        "log_level": LogLevel.info,
-        "log_namespace": log.namespace,
-        "log_source": log.source,
-        "log_format": "{ds_text}",
-        "log_time": time(),
-    })
+    log.observer(
+        {
+            "ds_text": text,
+            "ds_event": "request",
+            "ds_kind": kind,
+            "ds_route": route,
+            "ds_method": m,
+            "ds_path": path,
+            "ds_status": status,
+            "ds_bytes": nbytes,
+            "ds_seconds": seconds,
+            "ds_queue_wait": queue_wait,
+            "ds_client": client,
+            "ds_reason": reason,
+            "ds_user": user,
+            "log_logger": log,
+            "log_level": LogLevel.info,
+            "log_namespace": log.namespace,
+            "log_source": log.source,
+            "log_format": "{ds_text}",
+            "log_time": time(),
+        }
+    )
 
 
 #: what a request line of the text log carries between its timestamp and its text
@@ -170,28 +190,62 @@ class RequestLog:
     (``--syslog``, ``--logger``) keep the event path.
     """
 
-    def __init__(self, text: TextObserver | None = None, logger: Logger | None = None,
-                 now: Callable[[], float] = time):
+    def __init__(
+        self, text: TextObserver | None = None, logger: Logger | None = None, now: Callable[[], float] = time
+    ):
         self.text = text
         self.logger = logger
         self.now = now
 
-    def __call__(self, kind: str, route: str, method: bytes, uri: bytes, status: int,
-                 nbytes: int, seconds: float, queue_wait: float | None, client: IAddress | None,
-                 reason: str | None, user: str | None = None) -> None:
+    def __call__(
+        self,
+        kind: str,
+        route: str,
+        method: bytes,
+        uri: bytes,
+        status: int,
+        nbytes: int,
+        seconds: float,
+        queue_wait: float | None,
+        client: IAddress | None,
+        reason: str | None,
+        user: str | None = None,
+    ) -> None:
         """Log one request (``client`` is the peer address object, or None; ``user`` the
         signed-in user)."""
         text = self.text
         if text is None:
-            log_request(kind=kind, route=route, method=method, uri=uri, status=status,
-                        nbytes=nbytes, seconds=seconds, queue_wait=queue_wait,
-                        client=getattr(client, "host", None), reason=reason, logger=self.logger,
-                        user=user)
+            log_request(
+                kind=kind,
+                route=route,
+                method=method,
+                uri=uri,
+                status=status,
+                nbytes=nbytes,
+                seconds=seconds,
+                queue_wait=queue_wait,
+                client=getattr(client, "host", None),
+                reason=reason,
+                logger=self.logger,
+                user=user,
+            )
             return
-        text.line(_REQUEST_HEAD,
-                  request_text(kind, route, method.decode("latin-1"), safe_path(uri), status, nbytes,
-                               seconds, queue_wait, reason, user),
-                  self.now())
+        text.line(
+            _REQUEST_HEAD,
+            request_text(
+                kind,
+                route,
+                method.decode("latin-1"),
+                safe_path(uri),
+                status,
+                nbytes,
+                seconds,
+                queue_wait,
+                reason,
+                user,
+            ),
+            self.now(),
+        )
 
 
 def log_container(

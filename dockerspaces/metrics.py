@@ -30,8 +30,7 @@ from attrs import define, field
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: request/queue durations: 5 ms .. 30 min
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    60.0, 300.0, 1800.0)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 #: pulls and cold starts: 100 ms .. 1 h
 START_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 3600.0)
 
@@ -175,37 +174,53 @@ class Histogram:
             yield f"{self.name}_count{_labels(self.labelnames, labels)} {s.count}"
 
 
-
 class Metrics:
     """Every metric of dockerspaces; the web and broker layers report to it."""
 
     def __init__(self) -> None:
         p = "dockerspaces_"
-        self.requests = Counter(p + "requests_total", "Requests answered, by route kind and status.",
-                                ("kind", "status"))
-        self.in_flight = Gauge(p + "requests_in_flight", "Requests being served or waiting, by route kind.",
-                               ("kind",))
-        self.request_seconds = Histogram(p + "request_duration_seconds",
-                                         "Whole request time (arrival to last byte), by route kind.",
-                                         DURATION_BUCKETS, ("kind",))
-        self.queue_seconds = Histogram(p + "queue_wait_seconds",
-                                       "Time from arrival until a container was assigned, by route kind.",
-                                       DURATION_BUCKETS, ("kind",))
-        self.pull_seconds = Histogram(p + "pull_duration_seconds", "Image pull time, by host.",
-                                      START_BUCKETS, ("host",))
-        self.ready_seconds = Histogram(p + "start_to_ready_seconds",
-                                       "Container start until ready, by host.", START_BUCKETS, ("host",))
+        self.requests = Counter(
+            p + "requests_total", "Requests answered, by route kind and status.", ("kind", "status")
+        )
+        self.in_flight = Gauge(
+            p + "requests_in_flight", "Requests being served or waiting, by route kind.", ("kind",)
+        )
+        self.request_seconds = Histogram(
+            p + "request_duration_seconds",
+            "Whole request time (arrival to last byte), by route kind.",
+            DURATION_BUCKETS,
+            ("kind",),
+        )
+        self.queue_seconds = Histogram(
+            p + "queue_wait_seconds",
+            "Time from arrival until a container was assigned, by route kind.",
+            DURATION_BUCKETS,
+            ("kind",),
+        )
+        self.pull_seconds = Histogram(
+            p + "pull_duration_seconds", "Image pull time, by host.", START_BUCKETS, ("host",)
+        )
+        self.ready_seconds = Histogram(
+            p + "start_to_ready_seconds", "Container start until ready, by host.", START_BUCKETS, ("host",)
+        )
         self.starts = Counter(p + "container_starts_total", "Containers started, by host.", ("host",))
-        self.evictions = Counter(p + "evictions_total", "Idle containers stopped to make room, by host.",
-                                 ("host",))
-        self.crashes = Counter(p + "container_crashes_total",
-                               "Containers that exited or failed unexpectedly, by host.", ("host",))
-        self.events = Counter(p + "container_events_total", "Container events, by event and host.",
-                              ("event", "host"))
-        self.group_requests = Counter(p + "group_requests_total",
-                                      "Requests of signed-in users (--auth accounts), by the "
-                                      "user's group (never by user), route kind and status.",
-                                      ("group", "kind", "status"))
+        self.evictions = Counter(
+            p + "evictions_total", "Idle containers stopped to make room, by host.", ("host",)
+        )
+        self.crashes = Counter(
+            p + "container_crashes_total",
+            "Containers that exited or failed unexpectedly, by host.",
+            ("host",),
+        )
+        self.events = Counter(
+            p + "container_events_total", "Container events, by event and host.", ("event", "host")
+        )
+        self.group_requests = Counter(
+            p + "group_requests_total",
+            "Requests of signed-in users (--auth accounts), by the "
+            "user's group (never by user), route kind and status.",
+            ("group", "kind", "status"),
+        )
 
     # --- what the layers call -------------------------------------------------------
 
@@ -218,8 +233,7 @@ class Metrics:
         key = (kind,)
         values[key] = values.get(key, 0.0) + 1
 
-    def request_done(self, kind: str, status: int, seconds: float,
-                     queue_wait: float | None = None) -> None:
+    def request_done(self, kind: str, status: int, seconds: float, queue_wait: float | None = None) -> None:
         """A request of route ``kind`` ended with ``status`` after ``seconds``; ``queue_wait``
         is its wait for a container (x:/y:/worker only)."""
         key = (kind,)
@@ -265,8 +279,9 @@ class Metrics:
         waiting = Gauge(p + "waiting", "Requests waiting for a container, by key.", ("key",))
         slots = Gauge(p + "slots", "Target slots, by host and state.", ("host", "state"))
         sources = Gauge(p + "sources", "Admission places (--source), by state.", ("state",))
-        containers = Gauge(p + "slot_in_flight", "Requests in flight through each slot's container.",
-                           ("host", "port"))
+        containers = Gauge(
+            p + "slot_in_flight", "Requests in flight through each slot's container.", ("host", "port")
+        )
         if snapshot:
             for key, n in (snapshot.get("Queues") or {}).items():
                 waiting.set(str(key), value=float(n))
@@ -284,11 +299,13 @@ class Metrics:
         """Per ``[[autoscale]]`` entry (the snapshot's ``Autoscale``): desired and actual
         workers, the queue's ready and unacknowledged messages, failed queue reads."""
         p = "dockerspaces_autoscale_"
-        names = {"Desired": ("desired_workers", "Workers the autoscaler wants, by entry."),
-                 "Actual": ("workers", "Workers running or launching, by entry."),
-                 "Ready": ("queue_ready", "Ready messages in the entry's queue."),
-                 "Unacked": ("queue_unacked", "Unacknowledged messages in the entry's queue."),
-                 "Errors": ("read_errors", "Failed queue readings, by entry.")}
+        names = {
+            "Desired": ("desired_workers", "Workers the autoscaler wants, by entry."),
+            "Actual": ("workers", "Workers running or launching, by entry."),
+            "Ready": ("queue_ready", "Ready messages in the entry's queue."),
+            "Unacked": ("queue_unacked", "Unacknowledged messages in the entry's queue."),
+            "Errors": ("read_errors", "Failed queue readings, by entry."),
+        }
         gauges = {k: Gauge(p + n, h, ("entry",)) for k, (n, h) in names.items()}
         entries = (snapshot or {}).get("Autoscale") or {}
         for entry, view in entries.items():
@@ -301,9 +318,17 @@ class Metrics:
     def render(self, snapshot: SnapshotJSON | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric."""
         metrics: list[Exposed] = [
-            self.requests, self.in_flight, self.request_seconds, self.queue_seconds,
-            self.pull_seconds, self.ready_seconds, self.starts, self.evictions, self.crashes,
-            self.events, self.group_requests,
+            self.requests,
+            self.in_flight,
+            self.request_seconds,
+            self.queue_seconds,
+            self.pull_seconds,
+            self.ready_seconds,
+            self.starts,
+            self.evictions,
+            self.crashes,
+            self.events,
+            self.group_requests,
         ]
         metrics += self.snapshot_gauges(snapshot)
         out: list[str] = []

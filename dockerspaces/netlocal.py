@@ -57,12 +57,11 @@ def parse_if_inet6(text: str) -> set[str]:
         parts = line.split()
         if parts and len(parts[0]) == 32:
             raw = parts[0]
-            out.add(str(ipaddress.IPv6Address(":".join(raw[i:i + 4] for i in range(0, 32, 4)))))
+            out.add(str(ipaddress.IPv6Address(":".join(raw[i : i + 4] for i in range(0, 32, 4)))))
     return out
 
 
-def parse_route_table(text: str, prefixes: tuple[str, ...] = _BRIDGE_PREFIXES
-                      ) -> set[IPNetwork]:
+def parse_route_table(text: str, prefixes: tuple[str, ...] = _BRIDGE_PREFIXES) -> set[IPNetwork]:
     """Networks routed on interfaces whose name starts with one of ``prefixes``
     (``/proc/net/route``: little-endian hex destination and mask)."""
     out: set[IPNetwork] = set()
@@ -84,8 +83,9 @@ def parse_route_table(text: str, prefixes: tuple[str, ...] = _BRIDGE_PREFIXES
 def interface_addresses(proc: str = "/proc") -> frozenset[str]:
     """Every address of this machine's interfaces, read off ``/proc`` alone (no host
     name lookup, which could block on DNS): safe to call again while running."""
-    return frozenset(parse_fib_trie(_read(f"{proc}/net/fib_trie"))
-                     | parse_if_inet6(_read(f"{proc}/net/if_inet6")))
+    return frozenset(
+        parse_fib_trie(_read(f"{proc}/net/fib_trie")) | parse_if_inet6(_read(f"{proc}/net/if_inet6"))
+    )
 
 
 def local_addresses(proc: str = "/proc") -> frozenset[str]:
@@ -176,8 +176,7 @@ def _url_target(url: str) -> tuple[str, int] | None:
     return parts.hostname.lower(), port
 
 
-def engine_targets(hosts: Iterable[HostConfig], docker_url: str | None = None
-                   ) -> frozenset[tuple[str, int]]:
+def engine_targets(hosts: Iterable[HostConfig], docker_url: str | None = None) -> frozenset[tuple[str, int]]:
     """(host, port) of every engine and peer (``/docker:local``) and of every remote
     engine's slot ports: ``host:`` must reach none of them."""
     out: set[tuple[str, int]] = set()

@@ -79,8 +79,15 @@ def _str(v: RawValue) -> str:
 def _size(v: RawValue) -> int:
     text = str(v).strip().upper()
     mult = 1
-    for suffix, m in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("K", 1024),
-                      ("M", 1024**2), ("G", 1024**3), ("B", 1)):
+    for suffix, m in (
+        ("KIB", 1024),
+        ("MIB", 1024**2),
+        ("GIB", 1024**3),
+        ("K", 1024),
+        ("M", 1024**2),
+        ("G", 1024**3),
+        ("B", 1),
+    ):
         if text.endswith(suffix):
             text, mult = text[: -len(suffix)], m
             break
@@ -158,27 +165,56 @@ class Opt:
 
 
 OPTIONS: tuple[Opt, ...] = (
-    Opt("port", "ports", _port_desc,
+    Opt(
+        "port",
+        "ports",
+        _port_desc,
         "listening endpoint (strports: tcp:8888, ssl:443:privateKey=K:certKey=C, unix:/p); repeatable",
-        multi=True, short="p"),
-    Opt("docker", "docker", _engine_url,
-        "the single Docker engine (ignored with --cluster)"),
+        multi=True,
+        short="p",
+    ),
+    Opt("docker", "docker", _engine_url, "the single Docker engine (ignored with --cluster)"),
     Opt("target", "target", _int("target"), "slots on the single engine (0: none)"),
-    Opt("start-port", "start_port", _int("start-port", 1, 65535),
-        "first host port of the single engine's slots"),
-    Opt("cluster", "cluster", lambda v: parse_cluster(str(v)),
-        "PORT:SLOTS:URL, one engine each (repeatable)", multi=True),
+    Opt(
+        "start-port",
+        "start_port",
+        _int("start-port", 1, 65535),
+        "first host port of the single engine's slots",
+    ),
+    Opt(
+        "cluster",
+        "cluster",
+        lambda v: parse_cluster(str(v)),
+        "PORT:SLOTS:URL, one engine each (repeatable)",
+        multi=True,
+    ),
     Opt("gpu", "gpu", parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
     Opt("source", "source", _int("source", 1), "x: requests and worker launches admitted at once"),
     Opt("queue", "queue", _int("queue"), "requests waiting for admission beyond --source"),
-    Opt("queue-timeout", "queue_timeout", _seconds("queue-timeout"),
-        "longest wait until a container is assigned (s) -> 503"),
-    Opt("start-timeout", "start_timeout", _seconds("start-timeout"),
-        "pull + start + ready deadline (s) -> 504"),
-    Opt("worker-timeout", "worker_timeout", _seconds("worker-timeout"),
-        "longest wait of a worker launch for a slot (s) -> 503"),
-    Opt("release", "release", _seconds("release"),
-        "a worker is protected from eviction this long after it starts (s)"),
+    Opt(
+        "queue-timeout",
+        "queue_timeout",
+        _seconds("queue-timeout"),
+        "longest wait until a container is assigned (s) -> 503",
+    ),
+    Opt(
+        "start-timeout",
+        "start_timeout",
+        _seconds("start-timeout"),
+        "pull + start + ready deadline (s) -> 504",
+    ),
+    Opt(
+        "worker-timeout",
+        "worker_timeout",
+        _seconds("worker-timeout"),
+        "longest wait of a worker launch for a slot (s) -> 503",
+    ),
+    Opt(
+        "release",
+        "release",
+        _seconds("release"),
+        "a worker is protected from eviction this long after it starts (s)",
+    ),
     Opt("stop", "stop", _seconds("stop"), "grace between SIGTERM and SIGKILL (s)"),
     Opt("pull", "pull", _choice("pull", PULL_POLICIES), "always|missing|never"),
     Opt("registry", "registry", _str, "registry URL the credentials belong to (default Docker Hub)"),
@@ -187,38 +223,83 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("password-file", "password_file", _str, "file holding the registry password"),
     Opt("email", "email", _str, "registry e-mail"),
     Opt("auths", "auths", _str, "docker config.json-style credentials for several registries"),
-    Opt("allow-image", "allow_image", _str, "only matching images may be started (repeatable)",
-        multi=True),
-    Opt("worker-post-only", "worker_post_only", bool,
-        "worker launches (port 3) only by POST; other methods get 405", flag=True),
-    Opt("worker-release-max", "worker_release_max", _int("worker-release-max"),
-        "workers of one image key holding slots at once (0: no limit) -> 503"),
-    Opt("worker-slots", "worker_slots", _int("worker-slots", -1),
-        "slots workers may hold at once, all hosts together (-1: all but one; 0: none)"),
-    Opt("publish-ip", "publish_ip", _ip,
-        "address slot ports are published on (default 127.0.0.1 local, 0.0.0.0 remote)"),
+    Opt("allow-image", "allow_image", _str, "only matching images may be started (repeatable)", multi=True),
+    Opt(
+        "worker-post-only",
+        "worker_post_only",
+        bool,
+        "worker launches (port 3) only by POST; other methods get 405",
+        flag=True,
+    ),
+    Opt(
+        "worker-release-max",
+        "worker_release_max",
+        _int("worker-release-max"),
+        "workers of one image key holding slots at once (0: no limit) -> 503",
+    ),
+    Opt(
+        "worker-slots",
+        "worker_slots",
+        _int("worker-slots", -1),
+        "slots workers may hold at once, all hosts together (-1: all but one; 0: none)",
+    ),
+    Opt(
+        "publish-ip",
+        "publish_ip",
+        _ip,
+        "address slot ports are published on (default 127.0.0.1 local, 0.0.0.0 remote)",
+    ),
     Opt("instance", "instance", _str, "label marking this instance's containers"),
-    Opt("keep-containers", "keep_containers", bool,
-        "leave containers running at shutdown; the next start adopts them", flag=True),
+    Opt(
+        "keep-containers",
+        "keep_containers",
+        bool,
+        "leave containers running at shutdown; the next start adopts them",
+        flag=True,
+    ),
     Opt("cors", "cors", bool, "answer CORS preflights, echo Origin", flag=True),
     Opt("root", "root", lambda v: parse_root(str(v)), "default HOST[:PORT] for unmatched requests"),
-    Opt("allow-host", "allow_host", _allow_host,
+    Opt(
+        "allow-host",
+        "allow_host",
+        _allow_host,
         "HOST or CIDR that host:/--root may reach even if loopback/link-local (repeatable)",
-        multi=True),
-    Opt("no-host-route", "no_host_route", bool, "turn host:/shost: routes off (404)",
-        flag=True),
+        multi=True,
+    ),
+    Opt("no-host-route", "no_host_route", bool, "turn host:/shost: routes off (404)", flag=True),
     Opt("docker-api", "docker_api", bool, "enable /docker:local", flag=True),
-    Opt("docker-api-allow", "docker_api_allow", _cidr,
-        "CIDR allowed to use /docker:local (repeatable)", multi=True),
-    Opt("docker-api-token-file", "docker_api_token_file", _str,
-        "file with the token /docker:local callers must present"),
-    Opt("auth", "auth", _choice("auth", AUTH_MODES),
-        "none (anyone who reaches the port) | accounts (users, groups, tokens in --state)"),
-    Opt("state", "state", _str,
+    Opt(
+        "docker-api-allow",
+        "docker_api_allow",
+        _cidr,
+        "CIDR allowed to use /docker:local (repeatable)",
+        multi=True,
+    ),
+    Opt(
+        "docker-api-token-file",
+        "docker_api_token_file",
+        _str,
+        "file with the token /docker:local callers must present",
+    ),
+    Opt(
+        "auth",
+        "auth",
+        _choice("auth", AUTH_MODES),
+        "none (anyone who reaches the port) | accounts (users, groups, tokens in --state)",
+    ),
+    Opt(
+        "state",
+        "state",
+        _str,
         "SQLite file of accounts, sessions and usage (--auth accounts; created on first "
-        "start; default $DOCKERSPACES_STATE, else in the working directory)"),
-    Opt("session-lifetime", "session_lifetime", _seconds("session-lifetime"),
-        "a browser login lasts this long (s)"),
+        "start; default $DOCKERSPACES_STATE, else in the working directory)",
+    ),
+    Opt(
+        "session-lifetime",
+        "session_lifetime",
+        _seconds("session-lifetime"),
+        "a browser login lasts this long (s)",
+    ),
     Opt("config", "config", _str, "TOML file with any of these options"),
     Opt("log-format", "log_format", _choice("log-format", LOG_FORMATS), "text|json"),
     Opt("max-body", "max_body", _size, "largest request body (bytes, or 8GiB, 500M)"),
@@ -231,8 +312,18 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
     where = f"profile #{i + 1}"
     if not isinstance(entry, dict) or "image" not in entry:
         raise ConfigError(f"config: {where} needs an 'image' pattern")
-    known = {"image", "volumes", "shm-size", "memory", "cpus", "network", "ready-path",
-             "start-timeout", "gpu", "worker-release-max"}
+    known = {
+        "image",
+        "volumes",
+        "shm-size",
+        "memory",
+        "cpus",
+        "network",
+        "ready-path",
+        "start-timeout",
+        "gpu",
+        "worker-release-max",
+    }
     for k in entry:
         if k.replace("_", "-") not in known:
             raise ConfigError(f"config: {where}: unknown key {k!r}")
@@ -251,8 +342,9 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
             ready_path=str(e.get("ready-path", "/")),
             start_timeout=None if e.get("start-timeout") is None else float(e["start-timeout"]),
             gpu=bool(e.get("gpu", True)),
-            worker_release_max=(None if e.get("worker-release-max") is None
-                                else int(e["worker-release-max"])),
+            worker_release_max=(
+                None if e.get("worker-release-max") is None else int(e["worker-release-max"])
+            ),
         )
     except (TypeError, ValueError) as ex:
         raise ConfigError(f"config: {where}: {ex}") from None
@@ -275,8 +367,7 @@ def load_config_file(path: str) -> tuple[dict[str, RawValue], tuple[ImageProfile
             for sub, v in value.items():
                 name = {"mode": "auth"}.get(sub.replace("_", "-"), sub.replace("_", "-"))
                 if name not in ("auth", "state", "session-lifetime"):
-                    raise ConfigError(f"config: [auth]: unknown key {sub!r} "
-                                      "(mode, state, session-lifetime)")
+                    raise ConfigError(f"config: [auth]: unknown key {sub!r} (mode, state, session-lifetime)")
                 values[name] = v
             continue
         if key == "autoscale":  # [[autoscale]] entries: read by dockerspaces.autoscale.config

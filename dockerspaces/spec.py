@@ -52,9 +52,7 @@ def _decode(part: str, what: str) -> str:
 def _parse_port(raw: str, what: str = "port") -> int:
     text = _decode(raw, what)
     if not _PORT.match(text) or int(text) > 65535:
-        raise SpecError(
-            f"bad {what} {text!r}: a decimal number 1-65535 without leading zeros"
-        )
+        raise SpecError(f"bad {what} {text!r}: a decimal number 1-65535 without leading zeros")
     return int(text)
 
 
@@ -185,21 +183,19 @@ def check_host_name(host: str, what: str = "host") -> None:
     ``xn--`` label valid Punycode. (What resolving or TLS would otherwise trip over
     later, when the request is no longer easy to answer.)"""
     if len(host.rstrip(".")) > MAX_HOST_NAME:
-        raise SpecError(f"bad {what} name {host[:80]!r}…: a host name is at most "
-                        f"{MAX_HOST_NAME} characters")
+        raise SpecError(f"bad {what} name {host[:80]!r}…: a host name is at most {MAX_HOST_NAME} characters")
     if not host or not _HOSTNAME.match(host):
-        raise SpecError(f"bad {what} name {host[:80]!r}: letters, digits, inner '-', "
-                        "labels joined by '.'")
+        raise SpecError(f"bad {what} name {host[:80]!r}: letters, digits, inner '-', labels joined by '.'")
     for label in host.rstrip(".").split("."):
         if len(label) > MAX_LABEL:
-            raise SpecError(f"bad {what} name {host[:80]!r}: a DNS label is at most "
-                            f"{MAX_LABEL} characters")
+            raise SpecError(f"bad {what} name {host[:80]!r}: a DNS label is at most {MAX_LABEL} characters")
         if label[2:4] == "--" and label[:4].lower() == "xn--":
             try:
                 label.lower().encode("ascii").decode("idna")
             except UnicodeError:
-                raise SpecError(f"bad {what} name {host[:80]!r}: {label!r} is not a valid "
-                                "IDNA label") from None
+                raise SpecError(
+                    f"bad {what} name {host[:80]!r}: {label!r} is not a valid IDNA label"
+                ) from None
 
 
 def _check_tls_name(host: str) -> None:
@@ -214,8 +210,7 @@ def _check_tls_name(host: str) -> None:
     try:
         idna.encode(host)
     except UnicodeError as e:  # idna.IDNAError is one
-        raise SpecError(f"bad shost name {host[:80]!r}: not a name TLS can verify ({e})"
-                        ) from None
+        raise SpecError(f"bad shost name {host[:80]!r}: not a name TLS can verify ({e})") from None
 
 
 def parse_host_target(rest: str, tls: bool) -> HostTarget:
@@ -269,9 +264,7 @@ def _parse_env(raw: str) -> tuple[tuple[str, str], ...]:
         if name == "":
             raise SpecError(f"env item {item!r} has an empty name")
         if not _ENV_NAME.match(name):
-            raise SpecError(
-                f"bad env name {name!r}: must match [A-Za-z_][A-Za-z0-9_.]*"
-            )
+            raise SpecError(f"bad env name {name!r}: must match [A-Za-z_][A-Za-z0-9_.]*")
         if name.upper().startswith("NVIDIA_"):
             raise SpecError(f"env name {name!r} is not allowed: NVIDIA_* could claim every GPU")
         if name in seen:
@@ -290,8 +283,7 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
             raise SpecError(f"empty part #{i + 2} in the job spec (two ':' in a row?)")
     if len(head) < 3:
         raise SpecError(
-            f"{mode}: needs NAME:TAG:PORT (got {len(head)} part(s)); "
-            f"e.g. /{mode}:selmaproject:tts:777:5002/"
+            f"{mode}: needs NAME:TAG:PORT (got {len(head)} part(s)); e.g. /{mode}:selmaproject:tts:777:5002/"
         )
     port = _parse_port(head[-1])
     tag = _decode(head[-2], "tag")
@@ -307,8 +299,7 @@ def parse_job(mode: Mode, raw_parts: list[str]) -> JobSpec:
             raise SpecError(f"image name component {comp[:80]!r} must be lower-case")
         # Docker reads a first component with '.' or ':' (or "localhost") before others
         # as a registry: then it must be a host name with an optional port
-        registry = i == 0 and len(head) > 3 and (
-            "." in comp or ":" in comp or comp == "localhost")
+        registry = i == 0 and len(head) > 3 and ("." in comp or ":" in comp or comp == "localhost")
         m = (_REGISTRY if registry else _COMPONENT).match(comp)
         if not m or (registry and m.group(1) is not None and not 0 < int(m.group(1)) < 65536):
             what = "registry" if registry else "image name component"

@@ -42,8 +42,17 @@ from .web.proxy import ExchangeEnd, Proxy
 from .web.site import ProxySite, make_site
 
 __all__ = [
-    "CLIENT", "FAST_PATH_ONLY", "GET", "FakeContainer", "FakeEndpoint", "FakeEngine", "ProxyHarness",
-    "drain", "head_of", "socket_connection", "values",
+    "CLIENT",
+    "FAST_PATH_ONLY",
+    "GET",
+    "FakeContainer",
+    "FakeEndpoint",
+    "FakeEngine",
+    "ProxyHarness",
+    "drain",
+    "head_of",
+    "socket_connection",
+    "values",
 ]
 
 #: the client address of the harness's connections
@@ -134,8 +143,9 @@ class ProxyHarness:
         channel.dataReceived(raw)
         return channel, t
 
-    def answer(self, response: bytes, request: bytes | None = None
-               ) -> tuple[StringTransport, BackendProtocol]:
+    def answer(
+        self, response: bytes, request: bytes | None = None
+    ) -> tuple[StringTransport, BackendProtocol]:
         """A client sends ``request`` (GET by default), the backend answers ``response``:
         the client's transport and the backend connection."""
         _, ct = self.client(GET if request is None else request)
@@ -189,8 +199,10 @@ def _pump(server: Protocol, client: Protocol, peer: IPv4Address | None = None) -
     """Connect ``server`` and ``client`` over iosim FakeTransports (``peer``: the
     client's address as the server sees it)."""
     return connect(
-        server, FakeTransport(server, isServer=True, peerAddress=peer),
-        client, FakeTransport(client, isServer=False),
+        server,
+        FakeTransport(server, isServer=True, peerAddress=peer),
+        client,
+        FakeTransport(client, isServer=False),
         greet=True,
     )
 
@@ -212,8 +224,9 @@ def values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k == name]
 
 
-def socket_connection(test: SynchronousTestCase, a: socket.socket, b: socket.socket,
-                      protocol: Protocol) -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
+def socket_connection(
+    test: SynchronousTestCase, a: socket.socket, b: socket.socket, protocol: Protocol
+) -> tuple[tcp.Connection, socket.socket, MemoryReactor]:
     """A tcp.Connection for ``protocol`` on socket ``a`` (``b``: its peer), on a
     MemoryReactor, both sockets non-blocking and closed after the test."""
     for sock in (a, b):

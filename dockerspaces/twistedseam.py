@@ -105,9 +105,7 @@ def install_request_line_parser() -> None:
 
 
 def _uninstall_request_line_parser() -> None:
-    if TWISTED_PARSE_REQUEST_LINE is not None and http._parseRequestLine is not (
-        TWISTED_PARSE_REQUEST_LINE
-    ):
+    if TWISTED_PARSE_REQUEST_LINE is not None and http._parseRequestLine is not (TWISTED_PARSE_REQUEST_LINE):
         http._parseRequestLine = TWISTED_PARSE_REQUEST_LINE
 
 
@@ -118,9 +116,7 @@ def _uninstall_request_line_parser() -> None:
 #: LF (what twisted.web's line parser accepts, narrowed). No lazy quantifiers: they
 #: retried the rest of a pattern at every byte.
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\xb0]+) (HTTP/1\.[01])\r\n")
-_HEADER_LINE = re.compile(
-    rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\x00\r\n]*[^ \t\x00\r\n])?)[ \t]*\r\n"
-)
+_HEADER_LINE = re.compile(rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\x00\r\n]*[^ \t\x00\r\n])?)[ \t]*\r\n")
 #: request headers that announce a body (such heads take twisted.web's parser)
 _BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -222,8 +218,7 @@ def reading_request_line(channel: HTTPChannel) -> bool:
 
 def head_received(channel: HTTPChannel) -> tuple[int, int]:
     """Bytes and header lines of the request head ``channel`` is reading."""
-    return (getattr(channel, "_receivedHeaderSize", 0),
-            getattr(channel, "_receivedHeaderCount", 0))
+    return (getattr(channel, "_receivedHeaderSize", 0), getattr(channel, "_receivedHeaderCount", 0))
 
 
 def request_line_seen(channel: HTTPChannel) -> tuple[bytes, bytes]:
@@ -256,8 +251,7 @@ def process_request(request: server.Request) -> None:
     ``postpath`` unquoted only where a segment has a ``%``."""
     request.site = request.channel.site  # type: ignore[attr-defined]
     request.prepath = []
-    request.postpath = [unquote_to_bytes(p) if b"%" in p else p
-                        for p in request.path[1:].split(b"/")]
+    request.postpath = [unquote_to_bytes(p) if b"%" in p else p for p in request.path[1:].split(b"/")]
     if request.path == b"*":
         request._handleStar()  # type: ignore[attr-defined]
         return
@@ -420,12 +414,7 @@ def send_all_now(t: Any, pieces: list[bytes]) -> None:
 def flush_now(t: Any) -> None:
     """Send what the plain TCP transport ``t`` has queued now, not on its next writable
     event (a finished small response: saves the reactor a wake-up and a ``doWrite``)."""
-    if (
-        t._tempDataLen
-        and can_send_now(t)
-        and _idle_producer(t)
-        and send_now(t, b"")
-    ):
+    if t._tempDataLen and can_send_now(t) and _idle_producer(t) and send_now(t, b""):
         t.stopWriting()
 
 
@@ -510,7 +499,8 @@ def decide(environ: Mapping[str, str] = os.environ) -> bool:
     _apply(reason is None, reason)
     if reason is not None:
         log.warn(  # noqa: G010 - twisted.logger
-            "twisted.web fast paths off (Twisted's own code is used): {reason}", reason=reason)
+            "twisted.web fast paths off (Twisted's own code is used): {reason}", reason=reason
+        )
     return reason is None
 
 
@@ -548,8 +538,7 @@ def _private_names() -> list[tuple[str, Any, str]]:
 
 def missing_names() -> list[str]:
     """The private Twisted names the seam reads that this Twisted lacks."""
-    return [f"{where}.{name}" for where, owner, name in _private_names()
-            if not hasattr(owner, name)]
+    return [f"{where}.{name}" for where, owner, name in _private_names() if not hasattr(owner, name)]
 
 
 def self_test() -> str | None:
@@ -560,8 +549,7 @@ def self_test() -> str | None:
     socket paths and through the transport's ``write``; the chunked decoder on known
     bodies."""
     with _twisted_parser():
-        for check in (_check_request_lines, _check_heads, _check_requests, _check_writes,
-                      _check_chunked):
+        for check in (_check_request_lines, _check_heads, _check_requests, _check_writes, _check_chunked):
             reason = check()
             if reason is not None:
                 return reason
@@ -591,10 +579,25 @@ def _outcome(parse: Callable[[bytes], Any], line: bytes) -> Any:
 def _check_request_lines() -> str | None:
     twisted_parse = TWISTED_PARSE_REQUEST_LINE
     assert twisted_parse is not None  # noqa: S101 - missing_names() checked it
-    lines = [b"GET / HTTP/1.1", b"GET http://example.org/a?b=1 HTTP/1.1", b"OPTIONS * HTTP/1.1",
-             b"M-SEARCH * HTTP/1.1", b"get /a HTTP/1.0", b"GET  / HTTP/1.1", b"GET /\tx HTTP/1.1",
-             b"GET / HTTP/1.2", b"GET / http/1.1", b"GET / HTTP/2.0", b"GET /", b"GET", b"",
-             b" GET / HTTP/1.1", b"GET / HTTP/1.1 ", b"GET /a b HTTP/1.1", b"G@T / HTTP/1.1"]
+    lines = [
+        b"GET / HTTP/1.1",
+        b"GET http://example.org/a?b=1 HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"M-SEARCH * HTTP/1.1",
+        b"get /a HTTP/1.0",
+        b"GET  / HTTP/1.1",
+        b"GET /\tx HTTP/1.1",
+        b"GET / HTTP/1.2",
+        b"GET / http/1.1",
+        b"GET / HTTP/2.0",
+        b"GET /",
+        b"GET",
+        b"",
+        b" GET / HTTP/1.1",
+        b"GET / HTTP/1.1 ",
+        b"GET /a b HTTP/1.1",
+        b"G@T / HTTP/1.1",
+    ]
     for c in range(256):
         lines += [b"GET /a" + bytes([c]) + b"b HTTP/1.1", b"G" + bytes([c]) + b"T / HTTP/1.1"]
     for line in lines:
@@ -636,9 +639,17 @@ class _Seen(http.Request):
     seen: list[Any]
 
     def process(self) -> None:
-        self.seen.append((self.method, self.uri, self.path, self.clientproto, self.args,
-                          list(self.requestHeaders.getAllRawHeaders()),
-                          self.channel.persistent))  # type: ignore[union-attr]
+        self.seen.append(
+            (
+                self.method,
+                self.uri,
+                self.path,
+                self.clientproto,
+                self.args,
+                list(self.requestHeaders.getAllRawHeaders()),
+                self.channel.persistent,
+            )
+        )  # type: ignore[union-attr]
         self.setHeader(b"content-length", b"2")
         self.write(b"ok")
         self.finish()
@@ -675,8 +686,7 @@ def _check_heads() -> str | None:
     for i, raw in enumerate(_HEADS):
         ours, theirs = _serve_head(raw, fast=True), _serve_head(raw, fast=False)
         if ours[:3] != theirs[:3]:
-            return (f"request head {raw!r}: read as {ours[:3]!r} here, "
-                    f"{theirs[:3]!r} by twisted.web")
+            return f"request head {raw!r}: read as {ours[:3]!r} here, {theirs[:3]!r} by twisted.web"
         if i == 0 and ours[3] != 2:
             return f"the fast head path was not taken for {raw!r}"
     return None
@@ -695,8 +705,7 @@ def _serve_request(raw: bytes, fast: bool) -> tuple[Any, ...]:
         isLeaf = True
 
         def render(self, request: Any) -> bytes:
-            seen.append((request.prepath, request.postpath, request.path, request.args,
-                         request.sitepath))
+            seen.append((request.prepath, request.postpath, request.path, request.args, request.sitepath))
             return b"hello " * 20
 
     root = resource.Resource()
@@ -719,8 +728,7 @@ def _serve_request(raw: bytes, fast: bool) -> tuple[Any, ...]:
     t = StringTransport()
     channel.makeConnection(t)
     channel.dataReceived(raw)
-    lines = [line for line in t.value().split(b"\r\n")
-             if not line.lower().startswith((b"server:", b"date:"))]
+    lines = [line for line in t.value().split(b"\r\n") if not line.lower().startswith((b"server:", b"date:"))]
     return seen, lines, t.disconnecting
 
 
@@ -840,12 +848,19 @@ def _write_case(name: str, fast: bool, sndbuf: int | None = None) -> tuple[Any, 
 
 
 def _check_writes() -> str | None:
-    for name, sndbuf in (("write_now", None), ("send_now", None), ("send_all_now", None),
-                         ("flush_now", None), ("relay_now", 4096)):
+    for name, sndbuf in (
+        ("write_now", None),
+        ("send_now", None),
+        ("send_all_now", None),
+        ("flush_now", None),
+        ("relay_now", 4096),
+    ):
         ours, theirs = _write_case(name, True, sndbuf), _write_case(name, False, sndbuf)
         if ours[0] != theirs[0]:
-            return (f"{name}: the peer got {len(ours[0])} bytes (…{ours[0][-20:]!r}) here, "
-                    f"{len(theirs[0])} (…{theirs[0][-20:]!r}) through twisted's write")
+            return (
+                f"{name}: the peer got {len(ours[0])} bytes (…{ours[0][-20:]!r}) here, "
+                f"{len(theirs[0])} (…{theirs[0][-20:]!r}) through twisted's write"
+            )
         if ours[1] != theirs[1]:
             return f"{name}: transport states {ours[1]!r} here, {theirs[1]!r} through write"
     return None
@@ -854,8 +869,7 @@ def _check_writes() -> str | None:
 #: (chunked body, the data it carries, the bytes after it); then bodies it must refuse
 _CHUNKED = [
     (b"5\r\nhello\r\n0\r\n\r\n", b"hello", b""),
-    (b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\nnext", b"hello0123456789",
-     b"next"),
+    (b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\nnext", b"hello0123456789", b"next"),
     (b"0\r\n\r\n", b"", b""),
 ]
 _BAD_CHUNKED = [b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"-1\r\n", b"0x5\r\nhello\r\n"]
@@ -866,7 +880,7 @@ def _decode(body: bytes, bytewise: bool) -> tuple[bytes, bytes | None] | str:
     extra: list[bytes] = []
     decoder = ChunkedDecoder(data.append, extra.append)
     try:
-        for piece in ([body[i:i + 1] for i in range(len(body))] if bytewise else [body]):
+        for piece in [body[i : i + 1] for i in range(len(body))] if bytewise else [body]:
             if extra:
                 break
             decoder.dataReceived(piece)

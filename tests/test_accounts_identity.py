@@ -21,11 +21,11 @@ from dockerspaces.accounts.model import Group, Quota, Snapshot, Token, User
 def snapshot() -> Snapshot:
     groups = {
         "ml": Group("ml", ("team/*",), frozenset({"x", "y"}), Quota(containers=2, gpus=1)),
-        "ops": Group("ops", ("ops/*", "team/*"), frozenset({"monitor"}),
-                     Quota(containers=4, gpus=None), admin=True),
+        "ops": Group(
+            "ops", ("ops/*", "team/*"), frozenset({"monitor"}), Quota(containers=4, gpus=None), admin=True
+        ),
     }
-    users = {"alice": User("alice", groups=("ml", "ops")),
-             "bob": User("bob", enabled=False, groups=("ml",))}
+    users = {"alice": User("alice", groups=("ml", "ops")), "bob": User("bob", enabled=False, groups=("ml",))}
     tokens = {"t1": Token("t1", "alice", "digest", frozenset({"x", "monitor"}), None, 0.0, None)}
     return Snapshot(users, groups, tokens)
 
@@ -41,8 +41,7 @@ class IdentityForTests(SynchronousTestCase):
         self.assertEqual(identity.images, ("team/*", "ops/*"))
         self.assertEqual(identity.quota, Quota(containers=4, gpus=None, queued=None))
         self.assertTrue(identity.admin)
-        self.assertEqual((identity.via, identity.token_id, identity.scopes),
-                         ("password", None, None))
+        self.assertEqual((identity.via, identity.token_id, identity.scopes), ("password", None, None))
         self.assertEqual(identity.group, "ml")
 
     def test_a_token_narrows_the_routes(self) -> None:
@@ -71,15 +70,18 @@ class RealmTests(SynchronousTestCase):
     def test_identity_avatar(self) -> None:
         realm = AccountsRealm(snapshot)
         interface, avatar, logout = realm.requestAvatar(
-            Principal("alice", "session").avatar_id(), None, IIdentity)
+            Principal("alice", "session").avatar_id(), None, IIdentity
+        )
         self.assertIs(interface, IIdentity)
         self.assertIsInstance(avatar, Identity)
         self.assertIsNone(logout())
 
     def test_refusals(self) -> None:
         realm = AccountsRealm(snapshot)
-        self.assertRaises(UnauthorizedLogin, realm.requestAvatar,
-                          Principal("bob", "password").avatar_id(), None, IIdentity)
+        self.assertRaises(
+            UnauthorizedLogin, realm.requestAvatar, Principal("bob", "password").avatar_id(), None, IIdentity
+        )
         self.assertRaises(UnauthorizedLogin, realm.requestAvatar, ANONYMOUS, None, IIdentity)
-        self.assertRaises(NotImplementedError, realm.requestAvatar,
-                          Principal("alice", "password").avatar_id(), None)
+        self.assertRaises(
+            NotImplementedError, realm.requestAvatar, Principal("alice", "password").avatar_id(), None
+        )

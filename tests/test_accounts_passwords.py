@@ -46,16 +46,25 @@ class PasswordTests(SynchronousTestCase):
         good = hash_password("pw", n=FAST)
         _, n, r, p, salt, key = good.split("$")
         short_key = base64.b64encode(base64.b64decode(key)[:16]).decode()
-        for bad in ("", "plain", "$$$$$", "scrypt$1$2$3", good + "$extra",
-                    f"bcrypt${n}${r}${p}${salt}${key}",
-                    f"scrypt$1000${r}${p}${salt}${key}",  # n not a power of two
-                    f"scrypt$1${r}${p}${salt}${key}",
-                    f"scrypt${2**30}${r}${p}${salt}${key}",  # gigabytes: refused, not tried
-                    f"scrypt${n}$0${p}${salt}${key}", f"scrypt${n}${r}$-1${salt}${key}",
-                    f"scrypt${n}${r}${p}$!!!${key}", f"scrypt${n}${r}${p}${salt}$!!!",
-                    f"scrypt${n}${r}${p}$${key}",  # no salt
-                    f"scrypt${n}${r}${p}${salt}${short_key}",
-                    f"scrypt$x${r}${p}${salt}${key}", f"scrypt${n}$ 8${p}${salt}$"):
+        for bad in (
+            "",
+            "plain",
+            "$$$$$",
+            "scrypt$1$2$3",
+            good + "$extra",
+            f"bcrypt${n}${r}${p}${salt}${key}",
+            f"scrypt$1000${r}${p}${salt}${key}",  # n not a power of two
+            f"scrypt$1${r}${p}${salt}${key}",
+            f"scrypt${2**30}${r}${p}${salt}${key}",  # gigabytes: refused, not tried
+            f"scrypt${n}$0${p}${salt}${key}",
+            f"scrypt${n}${r}$-1${salt}${key}",
+            f"scrypt${n}${r}${p}$!!!${key}",
+            f"scrypt${n}${r}${p}${salt}$!!!",
+            f"scrypt${n}${r}${p}$${key}",  # no salt
+            f"scrypt${n}${r}${p}${salt}${short_key}",
+            f"scrypt$x${r}${p}${salt}${key}",
+            f"scrypt${n}$ 8${p}${salt}$",
+        ):
             self.assertFalse(verify_password("pw", bad), bad)
 
     def test_defaults_are_memory_hard(self) -> None:

@@ -36,8 +36,7 @@ class ServiceTests(SynchronousTestCase):
         self.path = os.path.join(self.dir, "state.sqlite")
         self.admin = Store(self.path)  # "the admin tool": another connection
         self.addCleanup(self.admin.close)
-        self.admin.add_group("ml", images=("team/*",), routes=("x", "y"),
-                             quota=Quota(containers=2))
+        self.admin.add_group("ml", images=("team/*",), routes=("x", "y"), quota=Quota(containers=2))
         self.admin.add_user("alice")
         self.admin.add_member("ml", "alice")
         self.reactor = Reactor()
@@ -48,8 +47,7 @@ class ServiceTests(SynchronousTestCase):
             self.pools[name] = Counting()
             return self.pools[name]
 
-        self.service = AccountsService(self.path, self.reactor, open_snapshot(self.path),
-                                       pool_factory=pool)
+        self.service = AccountsService(self.path, self.reactor, open_snapshot(self.path), pool_factory=pool)
         self.service.startService()
         self.addCleanup(self.service.stopService)
 
@@ -67,8 +65,9 @@ class ServiceTests(SynchronousTestCase):
         self.assertGreater(self.service.generation, generation)
         identity = self.login(TokenCredentials(token))
         self.assertIsInstance(identity, Identity)
-        self.assertEqual((identity.user, identity.routes, identity.quota.containers),
-                         ("alice", frozenset({"x", "y"}), 2))
+        self.assertEqual(
+            (identity.user, identity.routes, identity.quota.containers), ("alice", frozenset({"x", "y"}), 2)
+        )
         # nothing changed: no reload, the generation stays
         generation = self.service.generation
         self.reactor.advance(self.service.refresh)
@@ -85,8 +84,9 @@ class ServiceTests(SynchronousTestCase):
     def test_sessions_survive_a_new_service(self) -> None:
         session = self.successResultOf(self.service.create_session("alice", 3600))
         self.assertEqual(self.successResultOf(self.service.session_user(session)), "alice")
-        again = AccountsService(self.path, self.reactor, open_snapshot(self.path),
-                                pool_factory=lambda name: InlinePool())
+        again = AccountsService(
+            self.path, self.reactor, open_snapshot(self.path), pool_factory=lambda name: InlinePool()
+        )
         again.startService()
         self.addCleanup(again.stopService)
         self.assertEqual(self.successResultOf(again.session_user(session)), "alice")
@@ -104,10 +104,8 @@ class ServiceTests(SynchronousTestCase):
         self.admin.set_password("alice", "correct horse")
         self.reactor.advance(self.service.refresh)
         kdf = self.pools["accounts-kdf"]
-        self.assertTrue(self.successResultOf(self.service.verify_password("alice",
-                                                                          "correct horse")))
-        self.assertTrue(self.successResultOf(self.service.verify_password("alice",
-                                                                          "correct horse")))
+        self.assertTrue(self.successResultOf(self.service.verify_password("alice", "correct horse")))
+        self.assertTrue(self.successResultOf(self.service.verify_password("alice", "correct horse")))
         self.assertEqual(kdf.calls, 1)
         self.assertFalse(self.successResultOf(self.service.verify_password("alice", "wrong")))
         # an unknown user pays the KDF too (the time does not tell who exists)
@@ -116,8 +114,7 @@ class ServiceTests(SynchronousTestCase):
         # a new password: the cached one no longer passes
         self.admin.set_password("alice", "battery staple")
         self.reactor.advance(self.service.refresh)
-        self.assertFalse(self.successResultOf(self.service.verify_password("alice",
-                                                                           "correct horse")))
+        self.assertFalse(self.successResultOf(self.service.verify_password("alice", "correct horse")))
 
     def test_usage_rows_from_container_events(self) -> None:
         start = self.reactor.seconds()
@@ -143,5 +140,3 @@ def _id(token: str) -> str:
     parsed = parse_token(token)
     assert parsed is not None
     return parsed[0]
-
-

@@ -69,8 +69,7 @@ class StoreCase(SynchronousTestCase):
         self.addCleanup(store.close)
         return store
 
-    def raises(self, message: str, f: Callable[..., object], *args: object,
-               **kwargs: object) -> None:
+    def raises(self, message: str, f: Callable[..., object], *args: object, **kwargs: object) -> None:
         """``f(*args, **kwargs)`` raises AccountsError containing ``message``."""
         error = self.assertRaises(AccountsError, f, *args, **kwargs)
         self.assertIn(message, str(error))
@@ -135,18 +134,20 @@ class MigrationTests(SynchronousTestCase):
         db.execute(f"PRAGMA user_version = {version}")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "users" in tables:
-            db.execute("INSERT INTO users (name, enabled, password_hash, created) "
-                       "VALUES ('old', 1, NULL, 1)")
+            db.execute("INSERT INTO users (name, enabled, password_hash, created) VALUES ('old', 1, NULL, 1)")
         if "groups" in tables:
             db.execute("INSERT INTO groups (name, routes) VALUES ('team', '[\"x\"]')")
         if "members" in tables:
             db.execute("INSERT INTO members (grp, user) VALUES ('team', 'old')")
         if "tokens" in tables:
-            db.execute("INSERT INTO tokens (id, user, digest, created) "
-                       "VALUES ('0123456789ab', 'old', 'd', 1)")
+            db.execute(
+                "INSERT INTO tokens (id, user, digest, created) VALUES ('0123456789ab', 'old', 'd', 1)"
+            )
         if "usage" in tables:
-            db.execute("INSERT INTO usage (user, container, display, gpus, started, stopped) "
-                       "VALUES ('old', 'c', 'x:a', 1, 10, 20)")
+            db.execute(
+                "INSERT INTO usage (user, container, display, gpus, started, stopped) "
+                "VALUES ('old', 'c', 'x:a', 1, 10, 20)"
+            )
         db.commit()
         db.close()
         return path
@@ -175,8 +176,11 @@ class MigrationTests(SynchronousTestCase):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         db.close()
         error = self.assertRaises(AccountsError, Store, path)
-        self.assertIn(f"was written by a newer dockerspaces (schema {SCHEMA_VERSION + 1}, "
-                      f"this one knows {SCHEMA_VERSION})", str(error))
+        self.assertIn(
+            f"was written by a newer dockerspaces (schema {SCHEMA_VERSION + 1}, "
+            f"this one knows {SCHEMA_VERSION})",
+            str(error),
+        )
 
     def test_a_failed_migration_leaves_the_file_as_it_was(self) -> None:
         path = self.build(SCHEMA_VERSION)
@@ -186,8 +190,7 @@ class MigrationTests(SynchronousTestCase):
         db = sqlite3.connect(path)
         self.addCleanup(db.close)
         self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
-        self.assertEqual(db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'x'")
-                         .fetchone()[0], 0)
+        self.assertEqual(db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'x'").fetchone()[0], 0)
 
     def test_a_later_migration_may_hold_semicolons(self) -> None:
         path = self.build(SCHEMA_VERSION)
@@ -204,8 +207,7 @@ class MigrationTests(SynchronousTestCase):
         self.addCleanup(store.close)
         self.assertEqual(store.schema_version(), SCHEMA_VERSION + 1)
         store.add_user("bob")
-        self.assertEqual(store.db.execute("SELECT text FROM notes").fetchall(),
-                         [("new user; bob",)])
+        self.assertEqual(store.db.execute("SELECT text FROM notes").fetchall(), [("new user; bob",)])
 
 
 class UserTests(StoreCase):
@@ -227,9 +229,12 @@ class UserTests(StoreCase):
     def test_errors(self) -> None:
         self.store.add_user("alice")
         self.raises("user 'alice' exists already", self.store.add_user, "alice")
-        for f, args in ((self.store.user, ("bob",)), (self.store.set_password, ("bob", "x")),
-                        (self.store.set_enabled, ("bob", True)),
-                        (self.store.remove_user, ("bob",))):
+        for f, args in (
+            (self.store.user, ("bob",)),
+            (self.store.set_password, ("bob", "x")),
+            (self.store.set_enabled, ("bob", True)),
+            (self.store.remove_user, ("bob",)),
+        ):
             self.raises("no user 'bob'", f, *args)
 
     def test_password_and_enabled(self) -> None:
@@ -264,10 +269,16 @@ class UserTests(StoreCase):
 
 class GroupTests(StoreCase):
     def test_add(self) -> None:
-        g = self.store.add_group("ml", images=("team/*", "redis:7"), routes=("y", "x"),
-                                 quota=Quota(containers=2, gpus=1), admin=True)
-        self.assertEqual(g, Group("ml", ("team/*", "redis:7"), frozenset({"x", "y"}),
-                                  Quota(2, 1, None), True))
+        g = self.store.add_group(
+            "ml",
+            images=("team/*", "redis:7"),
+            routes=("y", "x"),
+            quota=Quota(containers=2, gpus=1),
+            admin=True,
+        )
+        self.assertEqual(
+            g, Group("ml", ("team/*", "redis:7"), frozenset({"x", "y"}), Quota(2, 1, None), True)
+        )
         self.assertEqual(self.store.group("ml"), g)
         self.assertEqual(self.store.add_group("empty"), Group("empty"))
         self.assertEqual([x.name for x in self.store.groups()], ["empty", "ml"])
@@ -276,10 +287,18 @@ class GroupTests(StoreCase):
         self.store.add_group("ml")
         self.raises("group 'ml' exists already", self.store.add_group, "ml")
         self.raises("group name 'a b'", self.store.add_group, "a b")
-        self.raises("unknown route(s) root, ssh: use x, y, worker, host, monitor, docker-api",
-                    self.store.add_group, "g", routes=("x", "ssh", "root"))
-        self.raises("the containers quota must be a whole number >= 0",
-                    self.store.add_group, "g", quota=Quota(containers=-1))
+        self.raises(
+            "unknown route(s) root, ssh: use x, y, worker, host, monitor, docker-api",
+            self.store.add_group,
+            "g",
+            routes=("x", "ssh", "root"),
+        )
+        self.raises(
+            "the containers quota must be a whole number >= 0",
+            self.store.add_group,
+            "g",
+            quota=Quota(containers=-1),
+        )
         self.raises("the gpus quota", self.store.add_group, "g", quota=Quota(gpus=True))
         self.raises("image pattern ''", self.store.add_group, "g", images=("",))
         self.raises("image pattern 'a b'", self.store.add_group, "g", images=("a b",))
@@ -335,17 +354,19 @@ class GroupTests(StoreCase):
 class TokenTests(StoreCase):
     def test_create(self) -> None:
         self.store.add_user("alice")
-        text, token = self.store.create_token("alice", scopes=("x", "docker-api"),
-                                              expires=T0 + 60, description="ci")
+        text, token = self.store.create_token(
+            "alice", scopes=("x", "docker-api"), expires=T0 + 60, description="ci"
+        )
         self.assertTrue(text.startswith("dst_"))
         parsed = parse_token(text)
         assert parsed is not None
         token_id, secret = parsed
         self.assertEqual(len(token_id), 12)
         self.assertEqual(token.id, token_id)
-        self.assertEqual((token.user, token.scopes, token.expires, token.created,
-                          token.last_used, token.description),
-                         ("alice", frozenset({"x", "docker-api"}), T0 + 60, T0, None, "ci"))
+        self.assertEqual(
+            (token.user, token.scopes, token.expires, token.created, token.last_used, token.description),
+            ("alice", frozenset({"x", "docker-api"}), T0 + 60, T0, None, "ci"),
+        )
         self.assertEqual(token.digest, token_digest(secret))
         self.assertTrue(token_matches(token, secret))
         self.assertFalse(token_matches(token, secret + "x"))
@@ -371,8 +392,7 @@ class TokenTests(StoreCase):
         self.store.add_user("alice")
         self.raises("no user 'nobody'", self.store.create_token, "nobody")
         self.raises("unknown route(s) root", self.store.create_token, "alice", scopes=("root",))
-        self.raises("would expire before it is created", self.store.create_token, "alice",
-                    expires=T0)
+        self.raises("would expire before it is created", self.store.create_token, "alice", expires=T0)
         self.assertEqual(self.store.tokens(), [])
 
     def test_revoke(self) -> None:
@@ -406,8 +426,7 @@ class TokenTests(StoreCase):
         self.store.touch_tokens({})
         self.assertEqual(self.store.data_version(), version)  # nothing written
         self.store.touch_tokens({a.id: T0 + 5, b.id: T0 + 7, "unknown00000": T0})
-        self.assertEqual({t.id: t.last_used for t in self.store.tokens()},
-                         {a.id: T0 + 5, b.id: T0 + 7})
+        self.assertEqual({t.id: t.last_used for t in self.store.tokens()}, {a.id: T0 + 5, b.id: T0 + 7})
         self.store.touch_tokens({a.id: T0 + 2})  # late news: never moves back
         self.assertEqual(self.store.snapshot().tokens[a.id].last_used, T0 + 5)
 
@@ -478,8 +497,7 @@ class UsageTests(StoreCase):
         self.assertEqual(alice.seconds, 50 + 100)  # c1 clipped to 50, c2 running to the end
         self.assertEqual(alice.gpu_seconds, 2 * 50)
         (bob,) = self.store.usage(T0 - 2000, T0)
-        self.assertEqual((bob.user, bob.containers, bob.seconds, bob.gpu_seconds),
-                         ("bob", 1, 100.0, 100.0))
+        self.assertEqual((bob.user, bob.containers, bob.seconds, bob.gpu_seconds), ("bob", 1, 100.0, 100.0))
 
     def test_whole_rows_and_order(self) -> None:
         self.store.usage_start("zoe", "c1", "x:a", 1, T0)
@@ -488,8 +506,10 @@ class UsageTests(StoreCase):
         self.store.usage_stop("c2", T0 + 20)
         self.store.usage_start("zoe", "c3", "x:a", 0, T0 + 100)
         rows = self.store.usage(T0 - 10, T0 + 7200)
-        self.assertEqual([(r.user, r.containers, r.seconds, r.gpu_seconds) for r in rows],
-                         [("adam", 1, 10.0, 40.0), ("zoe", 2, 3600 + 7100, 3600.0)])
+        self.assertEqual(
+            [(r.user, r.containers, r.seconds, r.gpu_seconds) for r in rows],
+            [("adam", 1, 10.0, 40.0), ("zoe", 2, 3600 + 7100, 3600.0)],
+        )
 
     def test_a_container_started_before_the_period_is_not_counted_as_started(self) -> None:
         self.store.usage_start("alice", "c1", "x:a", 0, T0 - 100)

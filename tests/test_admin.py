@@ -105,11 +105,9 @@ class UserTests(AdminCase):
 
     def test_passwd(self) -> None:
         self.json("user", "add", "bob")
-        self.assertTrue(self.json("user", "passwd", "bob", "--password-stdin",
-                                  stdin="other\r\n")["password"])
+        self.assertTrue(self.json("user", "passwd", "bob", "--password-stdin", stdin="other\r\n")["password"])
         self.assertTrue(verify_password("other", self.store().user("bob").password_hash or ""))
-        self.fails("no terminal to ask for the password: use --password-stdin",
-                   "user", "passwd", "bob")
+        self.fails("no terminal to ask for the password: use --password-stdin", "user", "passwd", "bob")
         self.fails("no password on standard input", "user", "passwd", "bob", "--password-stdin")
         self.fails("no user 'carol'", "user", "passwd", "carol", "--password-stdin", stdin="x\n")
 
@@ -181,9 +179,10 @@ class UserTests(AdminCase):
         self.json("user", "add", "alice", "--password-stdin", stdin="pw\n")
         self.assertFalse(self.json("user", "disable", "bob")["enabled"])
         _, out, _ = self.run_admin("user", "list")
-        self.assertEqual(out, "USER   ENABLED  PASSWORD  GROUPS\n"
-                              "alice  yes      yes       -\n"
-                              "bob    no       no        -\n")
+        self.assertEqual(
+            out,
+            "USER   ENABLED  PASSWORD  GROUPS\nalice  yes      yes       -\nbob    no       no        -\n",
+        )
         self.assertTrue(self.json("user", "enable", "bob")["enabled"])
         self.assertEqual([u["name"] for u in self.json("user", "list")], ["alice", "bob"])
         self.assertEqual(self.json("user", "remove", "bob"), {"removed": "bob"})
@@ -196,34 +195,74 @@ class UserTests(AdminCase):
 
 class GroupTests(AdminCase):
     def test_add_set_list(self) -> None:
-        g = self.json("group", "add", "ml", "--image", "team/*", "--image", "redis:7",
-                      "--route", "x", "--route", "y", "--containers", "2", "--gpus", "1",
-                      "--queued", "10")
-        self.assertEqual(g, {"name": "ml", "images": ["team/*", "redis:7"], "routes": ["x", "y"],
-                             "containers": 2, "gpus": 1, "queued": 10, "admin": False})
+        g = self.json(
+            "group",
+            "add",
+            "ml",
+            "--image",
+            "team/*",
+            "--image",
+            "redis:7",
+            "--route",
+            "x",
+            "--route",
+            "y",
+            "--containers",
+            "2",
+            "--gpus",
+            "1",
+            "--queued",
+            "10",
+        )
+        self.assertEqual(
+            g,
+            {
+                "name": "ml",
+                "images": ["team/*", "redis:7"],
+                "routes": ["x", "y"],
+                "containers": 2,
+                "gpus": 1,
+                "queued": 10,
+                "admin": False,
+            },
+        )
         g = self.json("group", "set", "ml", "--unlimited-containers", "--admin", "--queued", "3")
-        self.assertEqual(g, {"name": "ml", "images": ["team/*", "redis:7"], "routes": ["x", "y"],
-                             "containers": None, "gpus": 1, "queued": 3, "admin": True})
+        self.assertEqual(
+            g,
+            {
+                "name": "ml",
+                "images": ["team/*", "redis:7"],
+                "routes": ["x", "y"],
+                "containers": None,
+                "gpus": 1,
+                "queued": 3,
+                "admin": True,
+            },
+        )
         g = self.json("group", "set", "ml", "--no-admin", "--image", "other", "--route", "monitor")
-        self.assertEqual((g["images"], g["routes"], g["admin"], g["gpus"]),
-                         (["other"], ["monitor"], False, 1))
+        self.assertEqual(
+            (g["images"], g["routes"], g["admin"], g["gpus"]), (["other"], ["monitor"], False, 1)
+        )
         self.json("group", "add", "admins", "--admin")
         self.assertEqual([x["name"] for x in self.json("group", "list")], ["admins", "ml"])
         _, out, _ = self.run_admin("group", "list")
-        self.assertEqual(out, "GROUP   ROUTES   IMAGES  CONTAINERS  GPUS  QUEUED  ADMIN\n"
-                              "admins  -        -       -           -     -       yes\n"
-                              "ml      monitor  other   -           1     3       no\n")
+        self.assertEqual(
+            out,
+            "GROUP   ROUTES   IMAGES  CONTAINERS  GPUS  QUEUED  ADMIN\n"
+            "admins  -        -       -           -     -       yes\n"
+            "ml      monitor  other   -           1     3       no\n",
+        )
 
     def test_members(self) -> None:
         self.json("user", "add", "alice")
         self.json("group", "add", "ml")
-        self.assertEqual(self.json("group", "add-member", "ml", "alice"),
-                         {"group": "ml", "user": "alice"})
+        self.assertEqual(self.json("group", "add-member", "ml", "alice"), {"group": "ml", "user": "alice"})
         self.assertEqual(self.json("group", "members", "ml"), ["alice"])
         self.assertEqual(self.run_admin("group", "members", "ml")[1], "alice\n")
         self.assertEqual(self.json("user", "list")[0]["groups"], ["ml"])
-        self.assertEqual(self.run_admin("group", "remove-member", "ml", "alice")[1],
-                         "alice removed from ml\n")
+        self.assertEqual(
+            self.run_admin("group", "remove-member", "ml", "alice")[1], "alice removed from ml\n"
+        )
         self.assertEqual(self.json("group", "members", "ml"), [])
         self.assertEqual(self.run_admin("group", "members", "ml")[1], "group ml has no members\n")
         self.fails("user 'alice' is not in group 'ml'", "group", "remove-member", "ml", "alice")
@@ -242,8 +281,7 @@ class GroupTests(AdminCase):
     def test_usage_errors(self) -> None:
         self.assertIn("invalid choice: 'ssh'", self.misused("group", "add", "g", "--route", "ssh"))
         self.assertIn("a quota is a number >= 0", self.misused("group", "add", "g", "--gpus", "-1"))
-        self.assertIn("'many' is not a whole number",
-                      self.misused("group", "add", "g", "--gpus", "many"))
+        self.assertIn("'many' is not a whole number", self.misused("group", "add", "g", "--gpus", "many"))
         self.misused("group", "set", "g", "--containers", "1", "--unlimited-containers")
         self.misused("group", "set", "g", "--admin", "--no-admin")
         self.misused("group", "add", "g", "--no-admin")
@@ -257,14 +295,34 @@ class TokenTests(AdminCase):
         self.json("user", "add", "alice")
 
     def test_create(self) -> None:
-        t = self.json("token", "create", "alice", "--scope", "x", "--scope", "monitor",
-                      "--expires", "90d", "--description", "ci")
+        t = self.json(
+            "token",
+            "create",
+            "alice",
+            "--scope",
+            "x",
+            "--scope",
+            "monitor",
+            "--expires",
+            "90d",
+            "--description",
+            "ci",
+        )
         parsed = parse_token(t["token"])
         assert parsed is not None
-        self.assertEqual(t, {"token": t["token"], "id": parsed[0], "user": "alice",
-                             "scopes": ["monitor", "x"], "expires": "2027-04-15T08:00:00+00:00",
-                             "created": "2027-01-15T08:00:00+00:00", "last_used": None,
-                             "description": "ci"})
+        self.assertEqual(
+            t,
+            {
+                "token": t["token"],
+                "id": parsed[0],
+                "user": "alice",
+                "scopes": ["monitor", "x"],
+                "expires": "2027-04-15T08:00:00+00:00",
+                "created": "2027-01-15T08:00:00+00:00",
+                "last_used": None,
+                "description": "ci",
+            },
+        )
         (stored,) = [x for x in self.store().tokens() if x.id == parsed[0]]
         self.assertEqual(stored.scopes, frozenset({"x", "monitor"}))
         t = self.json("token", "create", "alice", "--expires", "2030-01-01")
@@ -282,12 +340,12 @@ class TokenTests(AdminCase):
 
     def test_create_errors(self) -> None:
         self.fails("no user 'bob'", "token", "create", "bob")
-        self.fails("would expire before it is created", "token", "create", "alice",
-                   "--expires", "2020-01-01")
-        self.assertIn("'soon' is neither a duration (30m, 12h, 90d) nor an ISO date",
-                      self.misused("token", "create", "alice", "--expires", "soon"))
-        self.assertIn("invalid choice: 'ssh'",
-                      self.misused("token", "create", "alice", "--scope", "ssh"))
+        self.fails("would expire before it is created", "token", "create", "alice", "--expires", "2020-01-01")
+        self.assertIn(
+            "'soon' is neither a duration (30m, 12h, 90d) nor an ISO date",
+            self.misused("token", "create", "alice", "--expires", "soon"),
+        )
+        self.assertIn("invalid choice: 'ssh'", self.misused("token", "create", "alice", "--scope", "ssh"))
 
     def test_list_and_revoke(self) -> None:
         first = self.json("token", "create", "alice", "--description", "laptop")
@@ -299,8 +357,9 @@ class TokenTests(AdminCase):
         digests = [t.digest for t in self.store().tokens()]
         _, out, _ = self.run_admin("token", "list")
         self.assertEqual(out.splitlines()[0], "ID            USER   SCOPES  EXPIRES  LAST USED  DESCRIPTION")
-        self.assertEqual(out.splitlines()[1].split(), [first["id"], "alice", "all", "never", "never",
-                                                       "laptop"])
+        self.assertEqual(
+            out.splitlines()[1].split(), [first["id"], "alice", "all", "never", "never", "laptop"]
+        )
         hidden = list(digests)
         for t in (first, second):
             parsed = parse_token(t["token"])
@@ -309,8 +368,7 @@ class TokenTests(AdminCase):
         for shown in (out, json.dumps(listed)):
             for secret in hidden:
                 self.assertNotIn(secret, shown)
-        self.assertEqual([x["id"] for x in self.json("token", "list", "--user", "bob")],
-                         [second["id"]])
+        self.assertEqual([x["id"] for x in self.json("token", "list", "--user", "bob")], [second["id"]])
         self.fails("no user 'carol'", "token", "list", "--user", "carol")
         self.assertEqual(self.json("token", "revoke", first["id"]), {"revoked": first["id"]})
         self.assertEqual(self.json("token", "list", "--user", "alice"), [])
@@ -332,31 +390,37 @@ class UsageTests(AdminCase):
 
     def test_json(self) -> None:
         u = self.json("usage", "--since", "1d")
-        self.assertEqual(u, {"since": "2027-01-14T08:00:00+00:00",
-                             "until": "2027-01-15T08:00:00+00:00",
-                             "users": [{"user": "alice", "containers": 1, "seconds": 3600.0,
-                                        "gpu_seconds": 3600.0},
-                                       {"user": "bob", "containers": 1, "seconds": 1800.0,
-                                        "gpu_seconds": 3600.0}]})
+        self.assertEqual(
+            u,
+            {
+                "since": "2027-01-14T08:00:00+00:00",
+                "until": "2027-01-15T08:00:00+00:00",
+                "users": [
+                    {"user": "alice", "containers": 1, "seconds": 3600.0, "gpu_seconds": 3600.0},
+                    {"user": "bob", "containers": 1, "seconds": 1800.0, "gpu_seconds": 3600.0},
+                ],
+            },
+        )
         u = self.json("usage", "--since", "2h", "--until", "90m")
         self.assertEqual([(r["user"], r["seconds"]) for r in u["users"]], [("alice", 1800.0)])
-        self.assertEqual(self.json("usage", "--since", "2020-01-01", "--until",
-                                   "2020-02-01")["users"], [])
+        self.assertEqual(self.json("usage", "--since", "2020-01-01", "--until", "2020-02-01")["users"], [])
 
     def test_the_default_period_is_the_last_30_days(self) -> None:
         _, out, _ = self.run_admin("usage")
-        self.assertEqual(out, "from 2026-12-16T08:00:00+00:00 to 2027-01-15T08:00:00+00:00\n"
-                              "USER   CONTAINERS  CONTAINER-HOURS  GPU-HOURS\n"
-                              "alice  1           1.00             1.00\n"
-                              "bob    1           0.50             1.00\n")
-        self.assertEqual([r["user"] for r in self.json("usage", "--since", "41d")["users"]],
-                         ["alice", "bob", "carol"])
+        self.assertEqual(
+            out,
+            "from 2026-12-16T08:00:00+00:00 to 2027-01-15T08:00:00+00:00\n"
+            "USER   CONTAINERS  CONTAINER-HOURS  GPU-HOURS\n"
+            "alice  1           1.00             1.00\n"
+            "bob    1           0.50             1.00\n",
+        )
+        self.assertEqual(
+            [r["user"] for r in self.json("usage", "--since", "41d")["users"]], ["alice", "bob", "carol"]
+        )
 
     def test_errors(self) -> None:
-        self.fails("the usage period ends before it begins", "usage", "--since", "1d",
-                   "--until", "2d")
-        self.assertIn("'yesterday' is neither a duration",
-                      self.misused("usage", "--since", "yesterday"))
+        self.fails("the usage period ends before it begins", "usage", "--since", "1d", "--until", "2d")
+        self.assertIn("'yesterday' is neither a duration", self.misused("usage", "--since", "yesterday"))
         _, out, _ = self.run_admin("usage", "--since", "2020-01-01", "--until", "2020-01-02")
         self.assertEqual(out.splitlines()[1], "no usage")
 
@@ -375,8 +439,12 @@ class StateTests(AdminCase):
         db = sqlite3.connect(self.path)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         db.close()
-        self.fails(f"was written by a newer dockerspaces (schema {SCHEMA_VERSION + 1}, this one "
-                   f"knows {SCHEMA_VERSION})", "user", "list")
+        self.fails(
+            f"was written by a newer dockerspaces (schema {SCHEMA_VERSION + 1}, this one "
+            f"knows {SCHEMA_VERSION})",
+            "user",
+            "list",
+        )
 
     def test_the_default_state_file(self) -> None:
         self.patch(os, "environ", {"DOCKERSPACES_STATE": "/srv/ds/state.sqlite"})
@@ -394,8 +462,14 @@ class StateTests(AdminCase):
         self.assertIn("usage: dockerspaces-admin", out)
 
     def test_python_m(self) -> None:
-        p = subprocess.run([sys.executable, "-m", "dockerspaces.admin", "--help"], cwd=REPO,
-                           capture_output=True, text=True, check=False, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "dockerspaces.admin", "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("usage: dockerspaces-admin", p.stdout)
         for noun in ("user", "group", "token", "usage", "schema"):

@@ -15,11 +15,19 @@ class Exposure(SynchronousTestCase):
     def test_exposed_ports(self) -> None:
         from dockerspaces.app import exposed_ports
 
-        ports = ("tcp:8888", "tcp:8889:interface=127.0.0.1", "unix:/run/ds.sock",
-                 "ssl:443:privateKey=k.pem:certKey=c.pem", "tcp6:8890:interface=\\:\\:1",
-                 "tcp:8891:interface=10.0.0.5", "tcp:8892:interface=localhost")
-        self.assertEqual(exposed_ports(ports), ["tcp:8888", "ssl:443:privateKey=k.pem:certKey=c.pem",
-                                                "tcp:8891:interface=10.0.0.5"])
+        ports = (
+            "tcp:8888",
+            "tcp:8889:interface=127.0.0.1",
+            "unix:/run/ds.sock",
+            "ssl:443:privateKey=k.pem:certKey=c.pem",
+            "tcp6:8890:interface=\\:\\:1",
+            "tcp:8891:interface=10.0.0.5",
+            "tcp:8892:interface=localhost",
+        )
+        self.assertEqual(
+            exposed_ports(ports),
+            ["tcp:8888", "ssl:443:privateKey=k.pem:certKey=c.pem", "tcp:8891:interface=10.0.0.5"],
+        )
 
     def test_warning_names_the_ports_not_the_key_files(self) -> None:
         from twisted.logger import globalLogPublisher
@@ -60,13 +68,17 @@ class HomeListTests(SynchronousTestCase):
         from dockerspaces.spec import parse_route
 
         plain, secret = parse_route("x:team:a:1:80"), parse_route("y:team:b:1:80:K=v")
-        views = [ContainerView("c1", "h", 1, "k1", "A", "idle", 0, plain, (), "alice"),  # type: ignore[arg-type]
-                 ContainerView("c2", "h", 2, "k2", "B", "busy", 1, secret, ("alice",), "bob"),  # type: ignore[arg-type]
-                 ContainerView("c3", "h", 3, "k3", "C", "busy", 1, plain, ("bob",), "bob")]  # type: ignore[arg-type]
+        views = [
+            ContainerView("c1", "h", 1, "k1", "A", "idle", 0, plain, (), "alice"),  # type: ignore[arg-type]
+            ContainerView("c2", "h", 2, "k2", "B", "busy", 1, secret, ("alice",), "bob"),  # type: ignore[arg-type]
+            ContainerView("c3", "h", 3, "k3", "C", "busy", 1, plain, ("bob",), "bob"),
+        ]  # type: ignore[arg-type]
 
         class Broker:
             def containers(self) -> list[ContainerView]:
                 return views
 
-        self.assertEqual(user_containers(Broker(), "alice"),  # type: ignore[arg-type]
-                         [("A", "idle", "/x:team:a:1:80/"), ("B", "busy", None)])
+        self.assertEqual(
+            user_containers(Broker(), "alice"),  # type: ignore[arg-type]
+            [("A", "idle", "/x:team:a:1:80/"), ("B", "busy", None)],
+        )

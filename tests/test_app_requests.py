@@ -121,8 +121,7 @@ class AppRequestTests(SynchronousTestCase):
         self.assertEqual([e for e in events if e.get("ds_event") == "request"], [])
 
         out = io.StringIO()
-        config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"],
-                               "log-format": "json"})
+        config = build_config({"target": "0", "instance": "t", "port": ["tcp:0"], "log-format": "json"})
         top = build_service(config, self.reactor, out)
         globalLogPublisher.addObserver(top.observer)  # type: ignore[attr-defined]
         self.addCleanup(globalLogPublisher.removeObserver, top.observer)  # type: ignore[attr-defined]
@@ -135,8 +134,9 @@ class AppRequestTests(SynchronousTestCase):
         self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
         self.reactor.advance(0)
         (event,) = [e for e in events if e.get("ds_event") == "request"]
-        self.assertEqual((event["ds_kind"], event["ds_status"], event["ds_client"]),
-                         ("host", 200, "10.9.8.7"))
+        self.assertEqual(
+            (event["ds_kind"], event["ds_status"], event["ds_client"]), ("host", 200, "10.9.8.7")
+        )
         record = json.loads(out.getvalue().splitlines()[-1])
         self.assertEqual((record["path"], record["status"]), ("/host:10.0.0.7:8080/page?q=…", 200))
 
@@ -175,12 +175,11 @@ class AnswersOfTheRootTests(_Harness):
 
     def test_400_404_308_logged_and_counted(self) -> None:
         self.make()
-        self.assertTrue(self.get(b"GET /x:Bad%00:1 HTTP/1.1\r\nHost: f\r\n\r\n")
-                        .startswith(b"HTTP/1.1 400"))
-        self.assertTrue(self.get(b"GET /nowhere HTTP/1.1\r\nHost: f\r\n\r\n")
-                        .startswith(b"HTTP/1.1 404"))
-        self.assertTrue(self.get(b"GET /host:example.org:80 HTTP/1.1\r\nHost: f\r\n\r\n")
-                        .startswith(b"HTTP/1.1 308"))
+        self.assertTrue(self.get(b"GET /x:Bad%00:1 HTTP/1.1\r\nHost: f\r\n\r\n").startswith(b"HTTP/1.1 400"))
+        self.assertTrue(self.get(b"GET /nowhere HTTP/1.1\r\nHost: f\r\n\r\n").startswith(b"HTTP/1.1 404"))
+        self.assertTrue(
+            self.get(b"GET /host:example.org:80 HTTP/1.1\r\nHost: f\r\n\r\n").startswith(b"HTTP/1.1 308")
+        )
         statuses = [line.split("-> ")[1].split(" ")[0] for line in self.lines()]
         self.assertEqual(statuses, ["400", "404", "308"])
         self.assertEqual(self.metrics.requests.get("bad", "400"), 1)
@@ -241,17 +240,18 @@ class RefusedAndBadAnswersTests(_Harness):
         operator's own target) still answers."""
         self.make(**{"no-host-route": True, "root": "10.0.0.7:8080"})
         backends: list[Any] = []
-        proxy = next(s.proxy for s in IServiceCollection(self.top)
-                     if isinstance(s, ProxyService))
+        proxy = next(s.proxy for s in IServiceCollection(self.top) if isinstance(s, ProxyService))
         proxy._endpoint_factory = lambda backend: _Endpoint(backends)  # type: ignore[assignment,return-value]
-        for raw in (b"GET /shost:example.org/ HTTP/1.1\r\nHost: f\r\n\r\n",
-                    b"GET /a.js HTTP/1.1\r\nHost: f\r\nReferer: /host:10.0.0.8:80/\r\n\r\n"):
+        for raw in (
+            b"GET /shost:example.org/ HTTP/1.1\r\nHost: f\r\n\r\n",
+            b"GET /a.js HTTP/1.1\r\nHost: f\r\nReferer: /host:10.0.0.8:80/\r\n\r\n",
+        ):
             answer = self.get(raw)
             self.assertTrue(answer.startswith(b"HTTP/1.1 404"), answer[:60])
             self.assertIn(b"--no-host-route", answer)
         self.assertEqual(backends, [])
         self.get(b"GET /page HTTP/1.1\r\nHost: f\r\n\r\n")
-        (_, bt), = backends
+        ((_, bt),) = backends
         self.assertTrue(bt.value().startswith(b"GET /page HTTP/1.1\r\n"))
         self.assertIn(b"Host: 10.0.0.7:8080\r\n", bt.value())
 
@@ -262,9 +262,17 @@ class HostPolicyWiringTests(_Harness):
     cached verdict follows), own ports in every strports form."""
 
     def test_engines_and_peers_refused_on_every_port(self) -> None:
-        config = build_config({"instance": "t", "port": ["tcp:0"], "cluster": [
-            "9100:1:tcp://10.1.2.3:2375", "9200:1:http://10.1.2.4:7878/docker:local",
-            "9300:1:ssh://ops@10.1.2.5"]})
+        config = build_config(
+            {
+                "instance": "t",
+                "port": ["tcp:0"],
+                "cluster": [
+                    "9100:1:tcp://10.1.2.3:2375",
+                    "9200:1:http://10.1.2.4:7878/docker:local",
+                    "9300:1:ssh://ops@10.1.2.5",
+                ],
+            }
+        )
         policy = host_policy(config, config.hosts(), MemoryReactorClock())
         for ip in ("10.1.2.3", "10.1.2.4", "10.1.2.5"):
             for port in (22, 2375, 7878, 8080, 9100):
@@ -272,15 +280,34 @@ class HostPolicyWiringTests(_Harness):
                     policy.check_literal(ip, port)
                 self.assertIn("Docker engine or peer", e.exception.reason)
         self.assertEqual(policy.check_literal("10.1.2.6", 2375), "10.1.2.6")
-        allowed = host_policy(build_config({
-            "instance": "t", "port": ["tcp:0"], "allow-host": ["10.1.2.3"],
-            "cluster": ["9100:1:tcp://10.1.2.3:2375"]}), config.hosts()[:1], MemoryReactorClock())
+        allowed = host_policy(
+            build_config(
+                {
+                    "instance": "t",
+                    "port": ["tcp:0"],
+                    "allow-host": ["10.1.2.3"],
+                    "cluster": ["9100:1:tcp://10.1.2.3:2375"],
+                }
+            ),
+            config.hosts()[:1],
+            MemoryReactorClock(),
+        )
         self.assertEqual(allowed.check_literal("10.1.2.3", 8080), "10.1.2.3")
 
     def test_own_ports_every_strports_form(self) -> None:
-        config = build_config({"instance": "t", "port": [
-            "tcp:8888", "tcp:port=8889:interface=127.0.0.1", "ssl:port=8443:privateKey=k.pem",
-            "ssl:8444:privateKey=k.pem", "tcp6:port=9000:interface=\\:\\:1", "unix:/tmp/ds.sock"]})
+        config = build_config(
+            {
+                "instance": "t",
+                "port": [
+                    "tcp:8888",
+                    "tcp:port=8889:interface=127.0.0.1",
+                    "ssl:port=8443:privateKey=k.pem",
+                    "ssl:8444:privateKey=k.pem",
+                    "tcp6:port=9000:interface=\\:\\:1",
+                    "unix:/tmp/ds.sock",
+                ],
+            }
+        )
         self.assertEqual(own_ports(config), {8888, 8889, 8443, 8444, 9000})
         policy = host_policy(config, config.hosts(), MemoryReactorClock())
         for port in (8888, 8889, 8443, 8444, 9000):
@@ -293,8 +320,7 @@ class HostPolicyWiringTests(_Harness):
         engine's networks arrive later, the next request is refused."""
         self.make()
         backends: list[Any] = []
-        proxy = next(s.proxy for s in IServiceCollection(self.top)
-                     if isinstance(s, ProxyService))
+        proxy = next(s.proxy for s in IServiceCollection(self.top) if isinstance(s, ProxyService))
         proxy._endpoint_factory = lambda backend: _Endpoint(backends)  # type: ignore[assignment,return-value]
         raw = b"GET /host:10.77.0.5:8080/ HTTP/1.1\r\nHost: f\r\n\r\n"
         self.get(raw)

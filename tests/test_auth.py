@@ -33,19 +33,26 @@ NARROW = "dst_ba9876543210_" + "n" * 43  # scopes: y only
 DOCKER = "dst_abcdefabcdef_" + "d" * 43  # scopes: docker-api
 
 
-def _token(tid: str, user: str, secret: str, scopes: frozenset[str] | None,
-           expires: float | None = None) -> Token:
+def _token(
+    tid: str, user: str, secret: str, scopes: frozenset[str] | None, expires: float | None = None
+) -> Token:
     return Token(tid, user, token_digest(secret), scopes, expires, 0.0, None)
 
 
 def snapshot(enabled: bool = True) -> Snapshot:
     groups = {
-        "ml": Group("ml", images=("team/*",), routes=frozenset({"x", "y", "docker-api"}),
-                    quota=Quota(containers=2, gpus=1, queued=5)),
+        "ml": Group(
+            "ml",
+            images=("team/*",),
+            routes=frozenset({"x", "y", "docker-api"}),
+            quota=Quota(containers=2, gpus=1, queued=5),
+        ),
         "ops": Group("ops", images=("*",), routes=frozenset({"monitor"}), admin=True),
     }
-    users = {"alice": User("alice", enabled, ("ml",), "HASH"),
-             "root": User("root", True, ("ml", "ops"), "HASH")}
+    users = {
+        "alice": User("alice", enabled, ("ml",), "HASH"),
+        "root": User("root", True, ("ml", "ops"), "HASH"),
+    }
     tokens = {
         "0123456789ab": _token("0123456789ab", "alice", "s" * 43, None),
         "ba9876543210": _token("ba9876543210", "alice", "n" * 43, frozenset({"y"})),
@@ -135,18 +142,26 @@ class GateTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.clock.advance(1_800_000_000)
         self.accounts = FakeAccounts(clock=self.clock)
-        self.gate = AuthGate(self.accounts, make_portal(self.accounts),  # type: ignore[arg-type]
-                             self.clock, session_lifetime=3600,
-                             containers=lambda user: [
-                                 ("x:team/app:1:80 env[]#0", "busy", "/x:team:app:1:80/"),
-                                 ("x:team/app:2:80 env[K]#1", "idle", None)]
-                             if user == "alice" else [])
+        self.gate = AuthGate(
+            self.accounts,
+            make_portal(self.accounts),  # type: ignore[arg-type]
+            self.clock,
+            session_lifetime=3600,
+            containers=lambda user: (
+                [
+                    ("x:team/app:1:80 env[]#0", "busy", "/x:team:app:1:80/"),
+                    ("x:team/app:2:80 env[K]#1", "idle", None),
+                ]
+                if user == "alice"
+                else []
+            ),
+        )
         routes: Any = Routes()
-        self.site = make_site(Root(Config(), routes, gate=self.gate), self.clock,
-                              max_body=1 << 20)
+        self.site = make_site(Root(Config(), routes, gate=self.gate), self.clock, max_body=1 << 20)
 
-    def get(self, path: str, *headers: tuple[str, str], method: str = "GET",
-            body: bytes = b"") -> tuple[int, dict[str, list[str]], bytes]:
+    def get(
+        self, path: str, *headers: tuple[str, str], method: str = "GET", body: bytes = b""
+    ) -> tuple[int, dict[str, list[str]], bytes]:
         ch = self.site.buildProtocol(CLIENT)
         t = StringTransport(peerAddress=CLIENT)
         ch.makeConnection(t)
@@ -168,9 +183,10 @@ class GateTests(SynchronousTestCase):
     def test_no_credentials_api_401_browser_303(self) -> None:
         status, headers, body = self.get("/x:team:app:1:80/p")
         self.assertEqual(status, 401)
-        self.assertEqual(headers["www-authenticate"],
-                         ['Basic realm="dockerspaces", charset="UTF-8"',
-                          'Bearer realm="dockerspaces"'])
+        self.assertEqual(
+            headers["www-authenticate"],
+            ['Basic realm="dockerspaces", charset="UTF-8"', 'Bearer realm="dockerspaces"'],
+        )
         self.assertIn(b"sign in first", body)
         status, headers, _ = self.get("/x:team:app:1:80/p?q=1", ("Accept", "text/html"))
         self.assertEqual(status, 303)
@@ -184,9 +200,14 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(self.accounts.used, ["0123456789ab", "0123456789ab"])
 
     def test_bad_credentials(self) -> None:
-        for creds in (self.bearer("dst_0123456789ab_" + "x" * 43), self.bearer("nonsense"),
-                      self.basic("bob", TOKEN), self.basic("alice", "wrong"),
-                      ("Authorization", "Basic !!!"), ("Authorization", "Digest x")):
+        for creds in (
+            self.bearer("dst_0123456789ab_" + "x" * 43),
+            self.bearer("nonsense"),
+            self.basic("bob", TOKEN),
+            self.basic("alice", "wrong"),
+            ("Authorization", "Basic !!!"),
+            ("Authorization", "Digest x"),
+        ):
             status, _, body = self.get("/x:team:app:1:80/p", creds)
             self.assertEqual(status, 401, creds)
             self.assertNotIn(TOKEN.encode(), body)
@@ -196,8 +217,9 @@ class GateTests(SynchronousTestCase):
     def test_expired_token(self) -> None:
         snap = snapshot()
         tokens = dict(snap.tokens)
-        tokens["0123456789ab"] = _token("0123456789ab", "alice", "s" * 43, None,
-                                        expires=self.clock.seconds() + 10)
+        tokens["0123456789ab"] = _token(
+            "0123456789ab", "alice", "s" * 43, None, expires=self.clock.seconds() + 10
+        )
         self.accounts.replace(Snapshot(snap.users, snap.groups, tokens))
         self.assertEqual(self.get("/x:team:app:1:80/", self.bearer())[0], 200)
         self.clock.advance(11)
@@ -214,8 +236,7 @@ class GateTests(SynchronousTestCase):
         t = StringTransport(peerAddress=CLIENT)
         ch.makeConnection(t)
         auth = self.basic("alice", "pw-alice")
-        ch.dataReceived(f"GET /x:team:app:1:80/ HTTP/1.1\r\nHost: f\r\n{auth[0]}: {auth[1]}"
-                        "\r\n\r\n".encode())
+        ch.dataReceived(f"GET /x:team:app:1:80/ HTTP/1.1\r\nHost: f\r\n{auth[0]}: {auth[1]}\r\n\r\n".encode())
         self.assertEqual(t.value(), b"")  # the KDF runs elsewhere
         self.accounts.pending[0][1].callback(True)
         self.assertEqual(parse(t.value())[0], 200)
@@ -257,8 +278,9 @@ class GateTests(SynchronousTestCase):
         self.assertIn(b"API tokens", body)
 
     def test_our_credentials_never_reach_the_backend(self) -> None:
-        _, _, body = self.get("/x:team:app:1:80/", self.bearer(),
-                              ("Cookie", "dssession=abc; theme=dark; dscsrf=zzz"))
+        _, _, body = self.get(
+            "/x:team:app:1:80/", self.bearer(), ("Cookie", "dssession=abc; theme=dark; dscsrf=zzz")
+        )
         self.assertNotIn(b"authorization", body.lower())
         self.assertNotIn(b"dssession", body)
         self.assertNotIn(b"dscsrf", body)
@@ -302,10 +324,16 @@ class GateTests(SynchronousTestCase):
         self.assertIn(b"name=next value='/x:team:app:1:80/'", body)
         return csrf, f"dscsrf={csrf}"
 
-    def post_login(self, csrf: str, cookie: str, password: str = "pw-alice",  # noqa: S107 - a test user's
-                   *extra: tuple[str, str]) -> tuple[int, dict[str, list[str]], bytes]:
-        form = urlencode({"user": "alice", "password": password, "csrf": csrf,
-                          "next": "/x:team:app:1:80/"}).encode()
+    def post_login(
+        self,
+        csrf: str,
+        cookie: str,
+        password: str = "pw-alice",  # noqa: S107 - a test user's
+        *extra: tuple[str, str],
+    ) -> tuple[int, dict[str, list[str]], bytes]:
+        form = urlencode(
+            {"user": "alice", "password": password, "csrf": csrf, "next": "/x:team:app:1:80/"}
+        ).encode()
         return self.get("/auth:login", ("Cookie", cookie), *extra, method="POST", body=form)
 
     def test_login_session_logout(self) -> None:
@@ -333,8 +361,11 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(status, 200)
         csrf2 = re.search(rb"name=csrf value='([^']+)'", body).group(1).decode()  # type: ignore[union-attr]
         status, headers, _ = self.get(
-            "/auth:logout", ("Cookie", f"dssession=session-0; dscsrf={csrf2}"), method="POST",
-            body=urlencode({"csrf": csrf2}).encode())
+            "/auth:logout",
+            ("Cookie", f"dssession=session-0; dscsrf={csrf2}"),
+            method="POST",
+            body=urlencode({"csrf": csrf2}).encode(),
+        )
         self.assertEqual(status, 303)
         self.assertEqual(self.accounts.ended, ["session-0"])
         self.assertIn("dssession=;", headers["set-cookie"][0])
@@ -346,10 +377,10 @@ class GateTests(SynchronousTestCase):
         csrf, cookie = self.login_form()
         self.assertEqual(self.post_login("other", cookie)[0], 403)  # token mismatch
         self.assertEqual(self.post_login(csrf, "")[0], 403)  # no CSRF cookie
-        self.assertEqual(self.post_login(csrf, cookie, "pw-alice",
-                                         ("Origin", "https://evil.example"))[0], 403)
-        self.assertEqual(self.post_login(csrf, cookie, "pw-alice", ("Origin", "http://front"))[0],
-                         303)
+        self.assertEqual(
+            self.post_login(csrf, cookie, "pw-alice", ("Origin", "https://evil.example"))[0], 403
+        )
+        self.assertEqual(self.post_login(csrf, cookie, "pw-alice", ("Origin", "http://front"))[0], 303)
         status, _, body = self.post_login(csrf, cookie, "wrong")
         self.assertEqual(status, 401)
         self.assertIn(b"Wrong user or password.", body)
@@ -358,10 +389,8 @@ class GateTests(SynchronousTestCase):
     def test_login_next_stays_on_this_site(self) -> None:
         csrf, cookie = self.login_form()
         for target in ("https://evil.example/", "//evil.example/", "/\\evil", "javascript:x"):
-            form = urlencode({"user": "alice", "password": "pw-alice", "csrf": csrf,
-                              "next": target}).encode()
-            status, headers, _ = self.get("/auth:login", ("Cookie", cookie), method="POST",
-                                          body=form)
+            form = urlencode({"user": "alice", "password": "pw-alice", "csrf": csrf, "next": target}).encode()
+            status, headers, _ = self.get("/auth:login", ("Cookie", cookie), method="POST", body=form)
             self.assertEqual((status, headers["location"]), (303, ["/"]), target)
 
     def test_admin_home_links_the_dashboard(self) -> None:
@@ -371,8 +400,9 @@ class GateTests(SynchronousTestCase):
         self.assertIn(b"ml, ops, admin", body)
 
     def test_expired_session_is_cleared(self) -> None:
-        status, headers, _ = self.get("/x:team:app:1:80/", ("Cookie", "dssession=gone"),
-                                      ("Accept", "text/html"))
+        status, headers, _ = self.get(
+            "/x:team:app:1:80/", ("Cookie", "dssession=gone"), ("Accept", "text/html")
+        )
         self.assertEqual(status, 303)
         self.assertIn("dssession=;", headers["set-cookie"][0])
 
@@ -392,6 +422,6 @@ def parse(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
             n = int(size_line, 16)
             if n == 0:
                 break
-            out, rest = out + rest[:n], rest[n + 2:]
+            out, rest = out + rest[:n], rest[n + 2 :]
         body = out
     return status, headers, body

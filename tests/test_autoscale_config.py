@@ -29,9 +29,14 @@ def creds(path: str) -> tuple[str, str]:
 
 
 def table(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"name": "thumbs", "image": "team/thumbnailer",
-                            "amqp": "amqp://rabbit:5672/", "credentials": "rabbit.cred",
-                            "queue": "thumbs", "max": 4}
+    base: dict[str, Any] = {
+        "name": "thumbs",
+        "image": "team/thumbnailer",
+        "amqp": "amqp://rabbit:5672/",
+        "credentials": "rabbit.cred",
+        "queue": "thumbs",
+        "max": 4,
+    }
     base.update(kw)
     return {k.replace("_", "-"): v for k, v in base.items() if v is not None}
 
@@ -45,8 +50,10 @@ class EntryTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         e = parse()
-        self.assertEqual((e.tag, e.management, e.vhost, e.amqp_env, e.queue_env),
-                         ("latest", "http://127.0.0.1:15672", "/", "AMQP_URL", "AMQP_QUEUE"))
+        self.assertEqual(
+            (e.tag, e.management, e.vhost, e.amqp_env, e.queue_env),
+            ("latest", "http://127.0.0.1:15672", "/", "AMQP_URL", "AMQP_QUEUE"),
+        )
         self.assertEqual(e.limits, Limits(10, 1, 0, 4, 300.0, 60.0))
         self.assertEqual((e.interval, e.lag, e.connect_grace), (5.0, 5.0, 30.0))
         self.assertEqual((e.user, e.password), ("scaler", PASSWORD))
@@ -70,19 +77,26 @@ class EntryTests(SynchronousTestCase):
         spec = e.spec
         self.assertTrue(spec.worker)
         self.assertEqual((spec.image, spec.tag, spec.port), ("team/thumbnailer", "3", 3))
-        self.assertEqual(spec.env_dict, {
-            "SIZE": "256",
-            "BROKER_URL": "amqp://scaler:pa%3Ass%40w%2Frd@rabbit:5672/%2F",
-            "AMQP_QUEUE": "thumbs"})
+        self.assertEqual(
+            spec.env_dict,
+            {
+                "SIZE": "256",
+                "BROKER_URL": "amqp://scaler:pa%3Ass%40w%2Frd@rabbit:5672/%2F",
+                "AMQP_QUEUE": "thumbs",
+            },
+        )
         self.assertNotIn("rd@", spec.display)
         self.assertIn("BROKER_URL", spec.display)
-        self.assertEqual(parse(image="registry.example:5000/team/w").spec.image,
-                         "registry.example:5000/team/w")
+        self.assertEqual(
+            parse(image="registry.example:5000/team/w").spec.image, "registry.example:5000/team/w"
+        )
 
     def test_amqp_url(self) -> None:
         self.assertEqual(amqp_url_with_credentials("amqp://h", "u", "p", "v"), "amqp://u:p@h/v")
-        self.assertEqual(amqp_url_with_credentials("amqps://h:5671/own?heartbeat=30", "u", "p",
-                                                   "/"), "amqps://u:p@h:5671/own?heartbeat=30")
+        self.assertEqual(
+            amqp_url_with_credentials("amqps://h:5671/own?heartbeat=30", "u", "p", "/"),
+            "amqps://u:p@h:5671/own?heartbeat=30",
+        )
 
     def test_password_never_shown(self) -> None:
         e = parse()
@@ -102,8 +116,10 @@ class EntryTests(SynchronousTestCase):
             f.write("scaler:secret\n")
         path = os.path.join(d, "ds.toml")
         with open(path, "w") as f:
-            f.write('slots = 4\n[[autoscale]]\nname = "a"\nimage = "w"\n'
-                    'amqp = "amqp://r/"\ncredentials = "rabbit.cred"\nqueue = "q"\nmax = 2\n')
+            f.write(
+                'slots = 4\n[[autoscale]]\nname = "a"\nimage = "w"\n'
+                'amqp = "amqp://r/"\ncredentials = "rabbit.cred"\nqueue = "q"\nmax = 2\n'
+            )
         (e,) = load_entries(path)
         self.assertEqual((e.name, e.user, e.password, e.max), ("a", "scaler", "secret", 2))
         with open(path, "w") as f:

@@ -144,8 +144,7 @@ class IdleTests(SynchronousTestCase):
 
     def test_busy_workers_never_chosen(self) -> None:
         """Asked for 3 with every worker busy but one: only the idle one."""
-        occ = Occupancy({"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1},
-                        {"10.0.0.1": 1, "10.0.0.3": 2})
+        occ = Occupancy({"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1}, {"10.0.0.1": 1, "10.0.0.3": 2})
         t = IdleTracker()
         workers = [W_OLD, W_MID, W_NEW]
         t.observe(workers, occ, 100, 30)
@@ -153,8 +152,9 @@ class IdleTests(SynchronousTestCase):
         self.assertEqual(sel.ids, ("mid",))
         self.assertEqual(sel.busy, 2)
         self.assertEqual(sel.summary(), "stopping 1 idle (2 busy)")
-        busy = Occupancy({"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1},
-                         {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1})
+        busy = Occupancy(
+            {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1}, {"10.0.0.1": 1, "10.0.0.2": 1, "10.0.0.3": 1}
+        )
         t.observe(workers, busy, 105, 30)
         self.assertEqual(t.choose(workers, busy, 3, 105, 30, settle=0).ids, ())
 

@@ -15,8 +15,19 @@ from dockerspaces.engine.fake import FakeEngine
 from dockerspaces.engine.interface import ContainerHandle, IEngine, SlotInfo
 from dockerspaces.spec import JobSpec
 
-ENTRY = Entry(name="jobs", image="team/worker", tag="1", env=(), management="http://r:15672",
-              amqp="amqp://r/", vhost="/", queue="jobs", user="u", password="secret", max=3)
+ENTRY = Entry(
+    name="jobs",
+    image="team/worker",
+    tag="1",
+    env=(),
+    management="http://r:15672",
+    amqp="amqp://r/",
+    vhost="/",
+    queue="jobs",
+    user="u",
+    password="secret",
+    max=3,
+)
 
 
 @frozen
@@ -39,8 +50,7 @@ class FakeControl:
         self.launched.append(spec)
         if self.refuse is not None:
             raise self.refuse
-        return succeed(ContainerHandle("c9", "ds-c9", "a", SlotInfo("a", 9100), spec.key,
-                                       spec))
+        return succeed(ContainerHandle("c9", "ds-c9", "a", SlotInfo("a", 9100), spec.key, spec))
 
     def worker_views(self, spec: JobSpec) -> list[View]:
         assert spec == ENTRY.spec
@@ -65,20 +75,28 @@ class BrokerWorkersTests(SynchronousTestCase):
     def test_workers_with_addresses(self) -> None:
         """Each worker's address from its own engine; unknown host or failure: None;
         a known address is not asked again while the worker runs."""
-        self.control.views = [View("c1", 1.0, "a"), View("c2", 2.0, "b"),
-                              View("c3", 3.0, "gone-host"), View("c4", 4.0, "a")]
+        self.control.views = [
+            View("c1", 1.0, "a"),
+            View("c2", 2.0, "b"),
+            View("c3", 3.0, "gone-host"),
+            View("c4", 4.0, "a"),
+        ]
         self.a.addresses["c1"] = "172.17.0.2"
         self.b.addresses["c2"] = "172.18.0.2"
         got = self.successResultOf(self.pool.workers(ENTRY))
-        self.assertEqual(got, [WorkerContainer("c1", "172.17.0.2", 1.0),
-                               WorkerContainer("c2", "172.18.0.2", 2.0),
-                               WorkerContainer("c3", None, 3.0),
-                               WorkerContainer("c4", None, 4.0)])
+        self.assertEqual(
+            got,
+            [
+                WorkerContainer("c1", "172.17.0.2", 1.0),
+                WorkerContainer("c2", "172.18.0.2", 2.0),
+                WorkerContainer("c3", None, 3.0),
+                WorkerContainer("c4", None, 4.0),
+            ],
+        )
         self.a.addresses["c1"] = "changed"
         self.a.addresses["c4"] = "172.17.0.4"
         got = self.successResultOf(self.pool.workers(ENTRY))
-        self.assertEqual([w.address for w in got],
-                         ["172.17.0.2", "172.18.0.2", None, "172.17.0.4"])
+        self.assertEqual([w.address for w in got], ["172.17.0.2", "172.18.0.2", None, "172.17.0.4"])
         self.control.views = [View("c2", 2.0, "b")]  # c1 gone: forgotten
         self.successResultOf(self.pool.workers(ENTRY))
         self.a.set_down(True)

@@ -21,22 +21,28 @@ PASSWORD = "s3cret-Pa55"
 REF = QueueRef("http://rabbit:15672/", "/", "jobs", "scaler", PASSWORD)
 
 QUEUE = {
-    "name": "jobs", "messages_ready": 12, "messages_unacknowledged": 2, "consumers": 3,
+    "name": "jobs",
+    "messages_ready": 12,
+    "messages_unacknowledged": 2,
+    "consumers": 3,
     "consumer_details": [
-        {"channel_details": {"name": "172.17.0.5:40000 -> 172.17.0.1:5672 (1)",
-                             "peer_host": "172.17.0.5"}},
-        {"channel_details": {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (1)",
-                             "peer_host": "172.17.0.6"}},
-        {"channel_details": {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (2)",
-                             "peer_host": "172.17.0.6"}},
+        {"channel_details": {"name": "172.17.0.5:40000 -> 172.17.0.1:5672 (1)", "peer_host": "172.17.0.5"}},
+        {"channel_details": {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (1)", "peer_host": "172.17.0.6"}},
+        {"channel_details": {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (2)", "peer_host": "172.17.0.6"}},
         {"channel_details": []},  # what RabbitMQ sends for a consumer being set up
     ],
 }
 CHANNELS = [
-    {"name": "172.17.0.5:40000 -> 172.17.0.1:5672 (1)", "messages_unacknowledged": 1,
-     "connection_details": {"peer_host": "172.17.0.5"}},
-    {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (1)", "messages_unacknowledged": 0,
-     "connection_details": {"peer_host": "172.17.0.6"}},
+    {
+        "name": "172.17.0.5:40000 -> 172.17.0.1:5672 (1)",
+        "messages_unacknowledged": 1,
+        "connection_details": {"peer_host": "172.17.0.5"},
+    },
+    {
+        "name": "172.17.0.6:41000 -> 172.17.0.1:5672 (1)",
+        "messages_unacknowledged": 0,
+        "connection_details": {"peer_host": "172.17.0.6"},
+    },
     # no connection_details: placed through the consumer's channel name
     {"name": "172.17.0.6:41000 -> 172.17.0.1:5672 (2)", "messages_unacknowledged": 1},
     {"name": "elsewhere (1)", "messages_unacknowledged": 4},
@@ -92,22 +98,25 @@ class ReadQueueTests(SynchronousTestCase):
         r = self.successResultOf(self.read())
         self.assertEqual((r.ready, r.unacked, r.consumers, r.at), (12, 2, 3, 1000))
         self.assertEqual(r.reading(), Reading(12, 2, 3, 1000))
-        self.assertEqual(r.occupancy(), Occupancy({"172.17.0.5": 1, "172.17.0.6": 2},
-                                                  {"172.17.0.5": 1, "172.17.0.6": 1, "?": 4}))
+        self.assertEqual(
+            r.occupancy(),
+            Occupancy({"172.17.0.5": 1, "172.17.0.6": 2}, {"172.17.0.5": 1, "172.17.0.6": 1, "?": 4}),
+        )
 
     def test_paths_vhost_quoted_and_auth(self) -> None:
         """vhost "/" is %2F, the queue name quoted too; basic auth on both requests;
         the channel list asks only for the columns it needs."""
         self.successResultOf(self.read())
-        self.assertEqual([s[0] for s in self.mgmt.seen],
-                         [b"/api/queues/%2F/jobs", b"/api/vhosts/%2F/channels"])
-        self.assertEqual(self.mgmt.seen[1][1],
-                         b"columns=name,messages_unacknowledged,connection_details.peer_host")
+        self.assertEqual(
+            [s[0] for s in self.mgmt.seen], [b"/api/queues/%2F/jobs", b"/api/vhosts/%2F/channels"]
+        )
+        self.assertEqual(
+            self.mgmt.seen[1][1], b"columns=name,messages_unacknowledged,connection_details.peer_host"
+        )
         self.assertEqual({s[2] for s in self.mgmt.seen}, {b"scaler:" + PASSWORD.encode()})
         ref = QueueRef("http://rabbit:15672", "team a/b", "q/1 x", "u", "p")
         self.assertEqual(ref.queue_url, "http://rabbit:15672/api/queues/team%20a%2Fb/q%2F1%20x")
-        self.assertTrue(ref.channels_url.startswith(
-            "http://rabbit:15672/api/vhosts/team%20a%2Fb/channels?"))
+        self.assertTrue(ref.channels_url.startswith("http://rabbit:15672/api/vhosts/team%20a%2Fb/channels?"))
 
     def test_password_not_in_repr(self) -> None:
         self.assertNotIn(PASSWORD, repr(REF))
@@ -129,7 +138,9 @@ class ReadQueueTests(SynchronousTestCase):
         self.mgmt.answers[b"/api/queues/%2F/jobs"] = (200, b'{"messages_ready": 1}')
         self.assertIn("no 'messages_unacknowledged' statistics yet", self.fails())
         self.mgmt.answers[b"/api/queues/%2F/jobs"] = (
-            200, b'{"messages_ready": -1, "messages_unacknowledged": 0, "consumers": 0}')
+            200,
+            b'{"messages_ready": -1, "messages_unacknowledged": 0, "consumers": 0}',
+        )
         self.assertIn("not a count", self.fails())
         self.mgmt.answers[b"/api/queues/%2F/jobs"] = (200, json.dumps(QUEUE).encode())
         self.mgmt.answers[b"/api/vhosts/%2F/channels"] = (200, b"{}")
@@ -155,8 +166,7 @@ class ReadQueueTests(SynchronousTestCase):
             return d
 
         stub.get = refused  # type: ignore[attr-defined]
-        f = self.failureResultOf(read_queue(cast(HTTPClient, stub), REF, self.clock),
-                                 RabbitUnreachable)
+        f = self.failureResultOf(read_queue(cast(HTTPClient, stub), REF, self.clock), RabbitUnreachable)
         msg = f.getErrorMessage()
         self.assertNotIn(PASSWORD, msg)
         self.assertIn("ConnectionRefusedError", msg)

@@ -18,10 +18,27 @@ from dockerspaces.autoscale.policy import WorkerContainer
 from dockerspaces.autoscale.rabbit import QueueReading, QueueRef, RabbitUnreachable
 from dockerspaces.autoscale.service import AutoscaleService
 
-ENTRY = Entry(name="jobs", image="team/worker", tag="1", env=(), management="http://r:15672",
-              amqp="amqp://r/", vhost="/", queue="jobs", user="u", password="secret",
-              target=10, activation=1, min=0, max=5, interval=5, cooldown=30,
-              stabilization=0, lag=5, connect_grace=30)
+ENTRY = Entry(
+    name="jobs",
+    image="team/worker",
+    tag="1",
+    env=(),
+    management="http://r:15672",
+    amqp="amqp://r/",
+    vhost="/",
+    queue="jobs",
+    user="u",
+    password="secret",
+    target=10,
+    activation=1,
+    min=0,
+    max=5,
+    interval=5,
+    cooldown=30,
+    stabilization=0,
+    lag=5,
+    connect_grace=30,
+)
 
 
 class FakePool:
@@ -94,11 +111,18 @@ class FakeReader:
         self.calls += 1
         if self.error is not None:
             return fail(self.error)
-        peers = {w.address: 1 for ws in self.pool.running.values() for w in ws
-                 if w.address and w.address not in self.silent}
+        peers = {
+            w.address: 1
+            for ws in self.pool.running.values()
+            for w in ws
+            if w.address and w.address not in self.silent
+        }
         unacked = {a: 1 for a in self.busy}
-        return succeed(QueueReading(self.ready.get(ref.queue, 0), len(self.busy), len(peers),
-                                    self.clock.seconds(), peers, unacked))
+        return succeed(
+            QueueReading(
+                self.ready.get(ref.queue, 0), len(self.busy), len(peers), self.clock.seconds(), peers, unacked
+            )
+        )
 
 
 class ServiceTests(SynchronousTestCase):
@@ -112,15 +136,13 @@ class ServiceTests(SynchronousTestCase):
         self.patch(service_module, "log", Logger(observer=cast(ILogObserver, self.events.append)))
 
     def start(self, *entries: Entry, log_every: int = 12) -> AutoscaleService:
-        svc = AutoscaleService(entries or (ENTRY,), self.pool, self.reader, self.clock,
-                               log_every=log_every)
+        svc = AutoscaleService(entries or (ENTRY,), self.pool, self.reader, self.clock, log_every=log_every)
         svc.startService()
         self.addCleanup(svc.stopService)
         return svc
 
     def lines(self, level: LogLevel | None = None) -> list[str]:
-        return [formatEvent(e) for e in self.events
-                if level is None or e["log_level"] == level]
+        return [formatEvent(e) for e in self.events if level is None or e["log_level"] == level]
 
     def test_scale_up_counts_launches_in_flight(self) -> None:
         """25 messages, target 10: three launches at once; while they wait, the next
@@ -131,9 +153,11 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(5)
         self.clock.advance(5)
         self.assertEqual(len(self.pool.pending), 3)
-        self.assertIn("autoscale jobs: queue=jobs ready=25 unacked=0 consumers=0 desired=3 "
-                      "actual=0: ceil(25/10)=3, activation 1 reached: scale up",
-                      self.lines()[0])
+        self.assertIn(
+            "autoscale jobs: queue=jobs ready=25 unacked=0 consumers=0 desired=3 "
+            "actual=0: ceil(25/10)=3, activation 1 reached: scale up",
+            self.lines()[0],
+        )
         snap = svc.snapshot()["jobs"]
         self.assertEqual((snap["Desired"], snap["Actual"], snap["Launching"]), (3, 3, 3))
         self.assertEqual(snap["LastDecision"], "keep 3")
@@ -217,8 +241,7 @@ class ServiceTests(SynchronousTestCase):
         svc = self.start()
         self.assertEqual(self.pool.pending, [])
         self.assertEqual(svc.snapshot()["jobs"]["Errors"], 1)
-        self.assertIn("cannot list the workers: broker says no",
-                      self.lines(LogLevel.warn)[0])
+        self.assertIn("cannot list the workers: broker says no", self.lines(LogLevel.warn)[0])
 
     def test_cancel_waiting_launches_first(self) -> None:
         """Fewer wanted while launches still wait (slots busy): those are cancelled,
@@ -257,10 +280,25 @@ class ServiceTests(SynchronousTestCase):
         svc = AutoscaleService([ENTRY], self.pool, self.reader, self.clock)
         snap = svc.snapshot()["jobs"]
         self.assertEqual((snap["Desired"], snap["At"], snap["Errors"]), (None, None, 0))
-        self.assertEqual(set(snap), {"Queue", "Desired", "Actual", "Ready", "Unacked",
-                                     "Consumers", "LastDecision", "Reason", "Errors",
-                                     "Unreachable", "Launching", "Stopping", "Retiring",
-                                     "At"})
+        self.assertEqual(
+            set(snap),
+            {
+                "Queue",
+                "Desired",
+                "Actual",
+                "Ready",
+                "Unacked",
+                "Consumers",
+                "LastDecision",
+                "Reason",
+                "Errors",
+                "Unreachable",
+                "Launching",
+                "Stopping",
+                "Retiring",
+                "At",
+            },
+        )
 
     def test_stop_loops(self) -> None:
         svc = self.start()

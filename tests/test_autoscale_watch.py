@@ -41,8 +41,9 @@ class WatchTests(SynchronousTestCase):
         self.uninstalled = 0
         self.events: list[dict[str, Any]] = []
         self.patch(watch_module, "log", Logger(observer=cast(ILogObserver, self.events.append)))
-        self.watcher = ConfigWatcher(self.path, load_entries(self.path), self.got.append,
-                                     self.clock, install_sighup=self.install)
+        self.watcher = ConfigWatcher(
+            self.path, load_entries(self.path), self.got.append, self.clock, install_sighup=self.install
+        )
         self.watcher.startService()
         self.addCleanup(self._stop)
 
@@ -135,8 +136,7 @@ class SighupInstallerTests(SynchronousTestCase):
         queued: list[Callable[..., object]] = []
 
         class Reactor:
-            def callFromThread(self, f: Callable[..., object], *a: object,
-                               **kw: object) -> None:
+            def callFromThread(self, f: Callable[..., object], *a: object, **kw: object) -> None:
                 queued.append(f)
 
         original = signal.getsignal(signal.SIGHUP)

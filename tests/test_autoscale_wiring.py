@@ -49,8 +49,7 @@ def write_config(text: str) -> str:
 class WiringTests(SynchronousTestCase):
     def build(self, text: str) -> list[object]:
         path = write_config(text)
-        config = build_config({"config": path, "instance": "t", "port": ["tcp:0"],
-                               "target": "1"})
+        config = build_config({"config": path, "instance": "t", "port": ["tcp:0"], "target": "1"})
         top = build_service(config, MemoryReactorClock(), io.StringIO())
         return list(IServiceCollection(top))
 
@@ -80,8 +79,18 @@ class WiringTests(SynchronousTestCase):
 
     def test_metrics_gauges_per_entry(self) -> None:
         """Desired/actual workers and the queue's counts become gauges per entry."""
-        snap = {"Autoscale": {"consumers": {"Desired": 3, "Actual": 2, "Ready": 40,
-                                            "Unacked": 2, "Errors": 0, "Reason": "x"}}}
+        snap = {
+            "Autoscale": {
+                "consumers": {
+                    "Desired": 3,
+                    "Actual": 2,
+                    "Ready": 40,
+                    "Unacked": 2,
+                    "Errors": 0,
+                    "Reason": "x",
+                }
+            }
+        }
         text = Metrics().render(snap).decode()
         self.assertIn('dockerspaces_autoscale_desired_workers{entry="consumers"} 3', text)
         self.assertIn('dockerspaces_autoscale_workers{entry="consumers"} 2', text)

@@ -50,7 +50,7 @@ class BackendConnectionTests(SynchronousTestCase):
             h = ProxyHarness()
             _, ct = h.client(GET)
             p, _ = h.accept()
-            p.dataReceived(b"HTTP/1.1 " + status + b"\r\nETag: \"x\"\r\n\r\n")
+            p.dataReceived(b"HTTP/1.1 " + status + b'\r\nETag: "x"\r\n\r\n')
             line, headers = head_of(ct.value())
             self.assertEqual(line, b"HTTP/1.1 " + status)
             self.assertEqual(values(headers, b"transfer-encoding"), [])
@@ -60,8 +60,9 @@ class BackendConnectionTests(SynchronousTestCase):
 
     def test_length_beside_chunked_not_passed_on(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"content-length"), [])
         self.assertEqual(values(headers, b"transfer-encoding"), [b"chunked"])
@@ -81,8 +82,9 @@ class BackendConnectionTests(SynchronousTestCase):
 
     def test_head_response(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
-                         request=b"HEAD / HTTP/1.1\r\nHost: f\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", request=b"HEAD / HTTP/1.1\r\nHost: f\r\n\r\n"
+        )
         self.assertIn(b"Content-Length: 1234", ct.value())
         self.assertTrue(ct.value().endswith(b"\r\n\r\n"))
         self.assertEqual(h.ends, [ExchangeEnd("finished", 200, 0)])

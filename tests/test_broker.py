@@ -50,8 +50,7 @@ class WarmAndColdTests(SynchronousTestCase):
         la = self.successResultOf(h.acquire(A))
         lb = self.successResultOf(h.acquire(B))
         self.assertNotEqual(la.container_id, lb.container_id)
-        self.assertEqual({la.endpoint, lb.endpoint},
-                         {"tcp:127.0.0.1:9100", "tcp:127.0.0.1:9101"})
+        self.assertEqual({la.endpoint, lb.endpoint}, {"tcp:127.0.0.1:9100", "tcp:127.0.0.1:9101"})
         self.assertEqual(h.starts(), 2)
 
     def test_lru_idle_container_of_other_key_is_evicted(self) -> None:
@@ -640,8 +639,8 @@ class LifecycleTests(SynchronousTestCase):
         self.assertNotIn("fast", text)
         self.assertEqual(
             {k: snap[k] for k in ("SourceName", "TargetName", "LoopSleep", "ReleaseTimeout")},
-            {"SourceName": "TCP", "TargetName": "Docker", "LoopSleep": 0,
-             "ReleaseTimeout": 1800})
+            {"SourceName": "TCP", "TargetName": "Docker", "LoopSleep": 0, "ReleaseTimeout": 1800},
+        )
         self.assertEqual(len(snap["SourceSlots"]), 4)
         self.assertEqual(len(snap["TargetSlots"]), 3)
         src = snap["SourceSlots"]
@@ -654,9 +653,23 @@ class LifecycleTests(SynchronousTestCase):
         self.assertIsInstance(src[0]["Since"], int)
         tgt = snap["TargetSlots"]
         for s in tgt:
-            self.assertLessEqual({"State", "Since", "SlotType", "RunInfo", "RefInfo", "Host",
-                                  "Port", "Gpu", "Container", "Key", "InFlight", "LastError"},
-                                 set(s))
+            self.assertLessEqual(
+                {
+                    "State",
+                    "Since",
+                    "SlotType",
+                    "RunInfo",
+                    "RefInfo",
+                    "Host",
+                    "Port",
+                    "Gpu",
+                    "Container",
+                    "Key",
+                    "InFlight",
+                    "LastError",
+                },
+                set(s),
+            )
         self.assertEqual(tgt[0]["State"], "Run")
         self.assertEqual(tgt[0]["InFlight"], 1)
         self.assertEqual([t["Port"] for t in tgt], [9100, 9101, 9102])

@@ -48,8 +48,10 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(len(events(h, "crash")), 1)
         self.assertEqual((events(h, "stop"), events(h, "evict")), ([], []))
         self.assertNotIn(l1.container_id, h.engine.containers)  # removed at once
-        self.assertEqual(h.broker.snapshot()["TargetSlots"][0]["LastError"],
-                         "refused or reset a connection before answering")
+        self.assertEqual(
+            h.broker.snapshot()["TargetSlots"][0]["LastError"],
+            "refused or reset a connection before answering",
+        )
         l3.release()
         self.assertTrue(h.broker.idle)
 
@@ -241,8 +243,9 @@ class StartRetryTests(SynchronousTestCase):
         """The image's own exit: no retry; the log tail goes to the requester and the
         log, the unauthenticated monitor shows only the first line."""
         h = Harness(slots=1)
-        h.engine.fail_next_ready(ContainerExited("container exited with code 3", 3,
-                                                 "Traceback\nTOKEN=hunter22 leaked"))
+        h.engine.fail_next_ready(
+            ContainerExited("container exited with code 3", 3, "Traceback\nTOKEN=hunter22 leaked")
+        )
         err = self.failureResultOf(h.acquire(A), StartFailed).value
         self.assertIn("hunter22", str(err))
         self.assertEqual(h.starts(), 1)

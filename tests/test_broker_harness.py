@@ -25,30 +25,56 @@ class Harness:
     """A broker over ``hosts`` fake engines with ``slots`` slots each (``gpus`` GPUs
     per host, or ``host_gpus[i]`` on host i)."""
 
-    def __init__(self, slots: int = 2, hosts: int = 1, gpus: int = 0,
-                 pull_delay: float = 0, start_delay: float = 0, ready_delay: float = 0,
-                 create_delay: float = 0, start: bool = True,
-                 run_options: Any = None, host_gpus: tuple[int, ...] | None = None,
-                 **settings: Any):
+    def __init__(
+        self,
+        slots: int = 2,
+        hosts: int = 1,
+        gpus: int = 0,
+        pull_delay: float = 0,
+        start_delay: float = 0,
+        ready_delay: float = 0,
+        create_delay: float = 0,
+        start: bool = True,
+        run_options: Any = None,
+        host_gpus: tuple[int, ...] | None = None,
+        **settings: Any,
+    ):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.hosts = [
-            HostConfig(f"h{i}", "unix:///var/run/docker.sock", 9100 + 100 * i, slots,
-                       gpus if host_gpus is None else host_gpus[i])
+            HostConfig(
+                f"h{i}",
+                "unix:///var/run/docker.sock",
+                9100 + 100 * i,
+                slots,
+                gpus if host_gpus is None else host_gpus[i],
+            )
             for i in range(hosts)
         ]
         self.engines = {
-            h.name: FakeEngine(self.clock, h, pull_delay=pull_delay, start_delay=start_delay,
-                               ready_delay=ready_delay, create_delay=create_delay)
+            h.name: FakeEngine(
+                self.clock,
+                h,
+                pull_delay=pull_delay,
+                start_delay=start_delay,
+                ready_delay=ready_delay,
+                create_delay=create_delay,
+            )
             for h in self.hosts
         }
         self.settings = BrokerSettings(**settings)
         self.container_events: list[tuple[Any, ...]] = []
         extra = {} if run_options is None else {"run_options": run_options}
-        self.broker = Broker(self.clock, self.hosts, self.engines, self.settings, **extra,
-                             on_container=lambda *a, **kw: self.container_events.append(
-                                 (a[0], a[1], a[3], kw.get("seconds"), kw.get("detail"),
-                                  kw.get("owner"), kw.get("gpus"))))
+        self.broker = Broker(
+            self.clock,
+            self.hosts,
+            self.engines,
+            self.settings,
+            **extra,
+            on_container=lambda *a, **kw: self.container_events.append(
+                (a[0], a[1], a[3], kw.get("seconds"), kw.get("detail"), kw.get("owner"), kw.get("gpus"))
+            ),
+        )
         if start:
             started = self.broker.start()
             assert started.called
@@ -69,4 +95,3 @@ class Harness:
     def acquire(self, segment: str, **kw: Any) -> Deferred[Lease]:
         """``broker.acquire`` of a spec given as a route segment."""
         return self.broker.acquire(spec(segment), **kw)
-

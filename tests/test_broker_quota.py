@@ -147,13 +147,13 @@ class ContainerQuotaTests(SynchronousTestCase):
         h = Harness(slots=2)
         alice = owner("alice", containers=1)
         la = self.successResultOf(h.acquire(A, owner=alice))
-        self.assertEqual(self.failureResultOf(h.acquire(B, owner=alice),
-                                              OverQuota).value.retry_after, 1)
+        self.assertEqual(self.failureResultOf(h.acquire(B, owner=alice), OverQuota).value.retry_after, 1)
         h.clock.advance(120)
         la.release()  # measured: 120 s
         self.successResultOf(h.acquire(A, owner=alice))
-        err = self.failureResultOf(h.acquire(A, owner=owner("alice", containers=1,
-                                                            queued=0)), OverQuota).value
+        err = self.failureResultOf(
+            h.acquire(A, owner=owner("alice", containers=1, queued=0)), OverQuota
+        ).value
         self.assertEqual((err.quota, err.retry_after), ("queued", 120))
 
     def test_waiter_served_when_its_user_frees_another_container(self) -> None:
@@ -186,8 +186,7 @@ class ContainerQuotaTests(SynchronousTestCase):
         db = h.acquire(A, owner=owner("bob"))
         self.assertEqual(h.starts(), 2)
         snap = h.broker.snapshot()
-        self.assertEqual(sorted(s["Users"] for s in snap["TargetSlots"] if s["Users"]),
-                         [["alice"], ["bob"]])
+        self.assertEqual(sorted(s["Users"] for s in snap["TargetSlots"] if s["Users"]), [["alice"], ["bob"]])
         h.clock.advance(5)
         self.successResultOf(db)
         for d in waiting:
@@ -255,8 +254,7 @@ class QueuedQuotaTests(SynchronousTestCase):
         alice = owner("alice", queued=2)
         d1, d2 = h.acquire(B, owner=alice), h.acquire(B, owner=alice)
         err = self.failureResultOf(h.acquire(B, owner=alice), OverQuota).value
-        self.assertEqual(str(err), "alice: quota of 2 queued requests at once reached "
-                                   "(group quota)")
+        self.assertEqual(str(err), "alice: quota of 2 queued requests at once reached (group quota)")
         self.assertEqual(err.quota, "queued")
         self.assertEqual(h.broker.quotas.table()["alice"], (0, 0, 2))
         busy.release()
@@ -295,8 +293,7 @@ class WorkerQuotaTests(SynchronousTestCase):
         alice = owner("alice", containers=1)
         dw = h.broker.launch_worker(spec(W), owner=alice)
         self.assertEqual(h.broker.quotas.table(), {"alice": (1, 0, 1)})
-        err = self.failureResultOf(h.broker.launch_worker(spec(W), owner=alice),
-                                   OverQuota).value
+        err = self.failureResultOf(h.broker.launch_worker(spec(W), owner=alice), OverQuota).value
         self.assertEqual(err.status, 429)
         h.clock.advance(2)
         handle = self.successResultOf(dw)
@@ -347,8 +344,7 @@ class FairShareTests(SynchronousTestCase):
             served.track(h.acquire(A, owner=a), f"a{i}")
         for i in range(2):
             served.track(h.acquire(A, owner=b), f"b{i}")
-        self.assertEqual(h.broker.snapshot()["QueueUsers"],
-                         {spec(A).display: {"A": 10, "B": 2}})
+        self.assertEqual(h.broker.snapshot()["QueueUsers"], {spec(A).display: {"A": 10, "B": 2}})
         for _ in range(12):
             served.release_last()
         self.assertEqual(served.order[:5], ["first", "a0", "b0", "a1", "b1"])
@@ -499,9 +495,16 @@ class ViewTests(SynchronousTestCase):
         h = Harness(slots=1, gpus=1)
         self.successResultOf(h.acquire(A, owner=owner("alice")))
         events = [(e[0], e[5], e[6]) for e in h.container_events]
-        self.assertEqual(events, [("pull-start", "alice", 1), ("pull-end", "alice", 1),
-                                  ("create", "alice", 1), ("start", "alice", 1),
-                                  ("ready", "alice", 1)])
+        self.assertEqual(
+            events,
+            [
+                ("pull-start", "alice", 1),
+                ("pull-end", "alice", 1),
+                ("create", "alice", 1),
+                ("start", "alice", 1),
+                ("ready", "alice", 1),
+            ],
+        )
         h2 = Harness(slots=1)
         self.successResultOf(h2.acquire(A))
         self.assertEqual({(e[5], e[6]) for e in h2.container_events}, {(None, 0)})
@@ -509,23 +512,33 @@ class ViewTests(SynchronousTestCase):
 
 USERS = ("u0", "u1", "u2")
 KEYS = (A, B, Y)
-LIMITS = st.fixed_dictionaries({
-    "containers": st.sampled_from([None, 1, 2, 3]),
-    "gpus": st.sampled_from([None, 0, 1, 2]),
-    "queued": st.sampled_from([None, None, 1, 3, 6]),
-})
-ARRIVE = st.tuples(st.just("arrive"), st.sampled_from(USERS), st.sampled_from((A, A, B, Y)),
-                   st.integers(1, 3))
-STEPS = st.lists(st.one_of(
-    ARRIVE, ARRIVE, ARRIVE, ARRIVE,
-    st.tuples(st.just("launch"), st.sampled_from(USERS)),
-    st.tuples(st.just("release"), st.integers(0, 50), st.booleans()),
-    st.tuples(st.just("release"), st.integers(0, 50), st.just(False)),
-    st.tuples(st.just("retry"), st.integers(0, 50), st.booleans()),
-    st.tuples(st.just("cancel"), st.integers(0, 50)),
-    st.tuples(st.just("crash"), st.integers(0, 50)),
-    st.tuples(st.just("advance"), st.sampled_from([0.5, 1, 2, 5, 12])),
-), min_size=10, max_size=40)
+LIMITS = st.fixed_dictionaries(
+    {
+        "containers": st.sampled_from([None, 1, 2, 3]),
+        "gpus": st.sampled_from([None, 0, 1, 2]),
+        "queued": st.sampled_from([None, None, 1, 3, 6]),
+    }
+)
+ARRIVE = st.tuples(
+    st.just("arrive"), st.sampled_from(USERS), st.sampled_from((A, A, B, Y)), st.integers(1, 3)
+)
+STEPS = st.lists(
+    st.one_of(
+        ARRIVE,
+        ARRIVE,
+        ARRIVE,
+        ARRIVE,
+        st.tuples(st.just("launch"), st.sampled_from(USERS)),
+        st.tuples(st.just("release"), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("release"), st.integers(0, 50), st.just(False)),
+        st.tuples(st.just("retry"), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.tuples(st.just("crash"), st.integers(0, 50)),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 1, 2, 5, 12])),
+    ),
+    min_size=10,
+    max_size=40,
+)
 
 
 @define(eq=False)
@@ -548,10 +561,22 @@ class Run:
     (and at every hand-over and start) that quotas hold and turns are taken in order."""
 
     limits: dict[str, dict[str, int | None]]
-    h: Harness = field(factory=lambda: Harness(
-        slots=1, hosts=2, host_gpus=(1, 0), ready_delay=2, source=200, queue=10,
-        queue_timeout=30, start_timeout=20, worker_timeout=25, release=15, stop=1,
-        worker_slots=1))
+    h: Harness = field(
+        factory=lambda: Harness(
+            slots=1,
+            hosts=2,
+            host_gpus=(1, 0),
+            ready_delay=2,
+            source=200,
+            queue=10,
+            queue_timeout=30,
+            start_timeout=20,
+            worker_timeout=25,
+            release=15,
+            stop=1,
+            worker_slots=1,
+        )
+    )
     requests: list[Request] = field(factory=list)
     by_deferred: dict[int, Request] = field(factory=dict)
     violations: list[str] = field(factory=list)
@@ -623,8 +648,14 @@ class Run:
 
         for q in waiting:
             v = q.owner.user if q.owner is not None else None
-            if (v is not None and v != user and not q.retries and self.stamp_of(q) == heads[v]
-                    and may(q) and turn(v) < turn(user)):
+            if (
+                v is not None
+                and v != user
+                and not q.retries
+                and self.stamp_of(q) == heads[v]
+                and may(q)
+                and turn(v) < turn(user)
+            ):
                 self.violations.append(f"{k.key}: {user} served before {v}, whose turn it was")
         self.last_served[(k.key, user)] = self.clock
 
@@ -676,8 +707,9 @@ class Run:
         for k in self.h.broker.state.keys.values():  # the broker's own tables, read only
             if k.spec.mode == "x":
                 for c in k.idle:
-                    left = [w for w in k.waiters
-                            if w.owner is None or self.h.broker.quotas.may_hold(w.owner, c)]
+                    left = [
+                        w for w in k.waiters if w.owner is None or self.h.broker.quotas.may_hold(w.owner, c)
+                    ]
                     assert not left, f"{k.key}: an idle container and a waiter for it"
         assert not self.violations, self.violations
 
@@ -740,8 +772,7 @@ class Run:
         elif kind == "cancel" and pending:
             pending[op[1] % len(pending)].d.cancel()
         elif kind == "crash":  # of a started container (failed starts are tested above)
-            running = [c for c in self.h.broker.containers()
-                       if c.state in ("idle", "busy", "worker")]
+            running = [c for c in self.h.broker.containers() if c.state in ("idle", "busy", "worker")]
             if running:
                 c = running[op[1] % len(running)]
                 self.h.engines[c.host].crash(c.id)
@@ -761,7 +792,8 @@ class Run:
         assert self.h.broker.waiting() == 0
         launchers = {r.user for r in self.requests if r.segment == W}
         assert all(u in launchers for u in self.h.broker.quotas.table()), (
-            self.h.broker.quotas.table())  # running workers, until the drain stops them
+            self.h.broker.quotas.table()
+        )  # running workers, until the drain stops them
         d = self.h.broker.shutdown(keep_containers=False, drain_timeout=5)
         self.h.clock.advance(5)
         self.h.clock.advance(5)
@@ -775,8 +807,9 @@ class PropertyTests(SynchronousTestCase):
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(limits=st.fixed_dictionaries({u: LIMITS for u in USERS}), steps=STEPS)
-    def test_quotas_and_turns_hold(self, limits: dict[str, dict[str, int | None]],
-                                   steps: list[tuple[Any, ...]]) -> None:
+    def test_quotas_and_turns_hold(
+        self, limits: dict[str, dict[str, int | None]], steps: list[tuple[Any, ...]]
+    ) -> None:
         """After every step no user holds more containers or GPUs than their quota
         (nor at any hand-over or start), no user has more requests waiting than their
         quota (handed-back ones aside), the per-user table matches the monitor and the

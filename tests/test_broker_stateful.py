@@ -41,9 +41,19 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.h = Harness(slots=2, hosts=2, ready_delay=2, source=5, queue=3,
-                         queue_timeout=30, start_timeout=20, worker_timeout=25, release=15,
-                         stop=1, ping_interval=5)
+        self.h = Harness(
+            slots=2,
+            hosts=2,
+            ready_delay=2,
+            source=5,
+            queue=3,
+            queue_timeout=30,
+            start_timeout=20,
+            worker_timeout=25,
+            release=15,
+            stop=1,
+            ping_interval=5,
+        )
         self.requests: list[Request] = []
         self.crashed: set[str] = set()
         self.violations: list[str] = []
@@ -57,8 +67,7 @@ class BrokerMachine(RuleBasedStateMachine):
         def stop(handle: ContainerHandle | OwnedContainer, grace: float) -> Deferred[None]:
             if handle.id not in self.crashed:
                 for r in self.requests:
-                    if r.lease is not None and not r.released and \
-                            r.lease.container_id == handle.id:
+                    if r.lease is not None and not r.released and r.lease.container_id == handle.id:
                         self.violations.append(f"stopped {handle.id} with a lease in flight")
             return real(handle, grace)
 
@@ -133,8 +142,7 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 50))
     def crash(self, i: int) -> None:
         """A running container of ours dies."""
-        running = [(e, cid) for e in self.h.engines.values()
-                   for cid, c in e.own().items() if c.running]
+        running = [(e, cid) for e in self.h.engines.values() for cid, c in e.own().items() if c.running]
         if running:
             e, cid = running[i % len(running)]
             self.crashed.add(cid)
@@ -226,7 +234,9 @@ class BrokerMachine(RuleBasedStateMachine):
 
 
 BrokerMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 

@@ -30,20 +30,40 @@ class Compat(SynchronousTestCase):
     def test_seed_cluster(self) -> None:
         self.assertEqual(
             parse_compat("-p", "8888", "-source", "10", "-cluster", "19100:5:unix:///var/run/docker.sock"),
-            parse("--port", "tcp:8888", "--source", "10",
-                  "--cluster", "19100:5:unix:///var/run/docker.sock"),
+            parse("--port", "tcp:8888", "--source", "10", "--cluster", "19100:5:unix:///var/run/docker.sock"),
         )
 
     def test_registry_user_password(self) -> None:
-        a = parse_compat("-p", "8888", "-registry", "https://registry.example", "--user", "dev",
-                         "--password", "PASSWORD", "-source", "10")
-        b = parse("--port", "tcp:8888", "--registry", "https://registry.example", "--user", "dev",
-                  "--password", "PASSWORD", "--source", "10")
+        a = parse_compat(
+            "-p",
+            "8888",
+            "-registry",
+            "https://registry.example",
+            "--user",
+            "dev",
+            "--password",
+            "PASSWORD",
+            "-source",
+            "10",
+        )
+        b = parse(
+            "--port",
+            "tcp:8888",
+            "--registry",
+            "https://registry.example",
+            "--user",
+            "dev",
+            "--password",
+            "PASSWORD",
+            "--source",
+            "10",
+        )
         self.assertEqual(a, b)
 
     def test_double_dash_equals_and_port_alias(self) -> None:
-        self.assertEqual(parse_compat("--port=9000", "-target=4"),
-                         parse("--port", "tcp:9000", "--target", "4"))
+        self.assertEqual(
+            parse_compat("--port=9000", "-target=4"), parse("--port", "tcp:9000", "--target", "4")
+        )
 
     def test_gpu_forms(self) -> None:
         for argv, gpu in [
@@ -63,9 +83,26 @@ class Compat(SynchronousTestCase):
         os.chdir(tmp)
         with open("cert.pem", "w") as f:
             f.write("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        args = compat.translate(["-p", "1100", "-tls", "-cors", "-cert", "cert.pem", "-key",
-                                 "privkey.pem", "--user", "U", "--password", "P", "-gpu", "2",
-                                 "-target", "4"])
+        args = compat.translate(
+            [
+                "-p",
+                "1100",
+                "-tls",
+                "-cors",
+                "-cert",
+                "cert.pem",
+                "-key",
+                "privkey.pem",
+                "--user",
+                "U",
+                "--password",
+                "P",
+                "-gpu",
+                "2",
+                "-target",
+                "4",
+            ]
+        )
         c = parse(*args)
         self.assertEqual(c.ports, ("ssl:1100:privateKey=privkey.pem:certKey=cert.pem",))
         self.assertTrue(c.cors)
@@ -99,7 +136,24 @@ class Compat(SynchronousTestCase):
         self.assertEqual(parse_compat("--queue", "50", "--keep-containers", "-cors").queue, 50)
 
     def test_help_lists_flags(self) -> None:
-        for flag in ("-p", "-docker", "-registry", "-user", "-password", "-email", "-source",
-                     "-target", "-cluster", "-gpu", "-stop", "-release", "-tls", "-cert",
-                     "-key", "-cors", "-start-port", "-root"):
+        for flag in (
+            "-p",
+            "-docker",
+            "-registry",
+            "-user",
+            "-password",
+            "-email",
+            "-source",
+            "-target",
+            "-cluster",
+            "-gpu",
+            "-stop",
+            "-release",
+            "-tls",
+            "-cert",
+            "-key",
+            "-cors",
+            "-start-port",
+            "-root",
+        ):
             self.assertIn(flag, compat.USAGE)

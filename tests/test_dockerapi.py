@@ -45,17 +45,35 @@ class FakeProxy:
 
     calls: list[dict[str, Any]] = field(factory=list)
 
-    def forward(self, request: Any, backend: Backend, path: bytes, *, prefix: bytes,
-                host_header: bytes | None, on_end: Any = None, cors: bool = True) -> Any:
-        self.calls.append({"request": request, "backend": backend, "path": path,
-                           "prefix": prefix, "host_header": host_header, "on_end": on_end,
-                           "cors": cors,
-                           "headers": dict(request.requestHeaders.getAllRawHeaders())})
+    def forward(
+        self,
+        request: Any,
+        backend: Backend,
+        path: bytes,
+        *,
+        prefix: bytes,
+        host_header: bytes | None,
+        on_end: Any = None,
+        cors: bool = True,
+    ) -> Any:
+        self.calls.append(
+            {
+                "request": request,
+                "backend": backend,
+                "path": path,
+                "prefix": prefix,
+                "host_header": host_header,
+                "on_end": on_end,
+                "cors": cors,
+                "headers": dict(request.requestHeaders.getAllRawHeaders()),
+            }
+        )
         return NOT_DONE_YET
 
 
-def make_request(uri: bytes, method: bytes = b"GET", client: Any = None,
-                 headers: dict[str, str] | None = None) -> DummyRequest:
+def make_request(
+    uri: bytes, method: bytes = b"GET", client: Any = None, headers: dict[str, str] | None = None
+) -> DummyRequest:
     req = DummyRequest([])
     req.client = client or IPv4Address("TCP", "127.0.0.1", 40000)
     req.uri = uri
@@ -77,10 +95,12 @@ class GateTests(TestCase):
         self.proxy = FakeProxy()
         self.events: list[dict[str, Any]] = []
 
-    def gate(self, token: str | None = None, allow: tuple[str, ...] = ("127.0.0.0/8",),
-             engine_path: bytes = b"") -> DockerApiResource:
-        res = DockerApiResource(Config(docker_api=True), self.proxy, SOCK, token,
-                                parse_networks(allow), engine_path=engine_path)
+    def gate(
+        self, token: str | None = None, allow: tuple[str, ...] = ("127.0.0.0/8",), engine_path: bytes = b""
+    ) -> DockerApiResource:
+        res = DockerApiResource(
+            Config(docker_api=True), self.proxy, SOCK, token, parse_networks(allow), engine_path=engine_path
+        )
         res.log = Logger(observer=self.events.append)
         return res
 
@@ -156,8 +176,11 @@ class GateTests(TestCase):
 
     def test_forwarded_for_ignored(self) -> None:
         """X-Forwarded-For does not make a remote caller local."""
-        req = make_request(b"/docker:local/_ping", client=IPv4Address("TCP", "192.0.2.7", 1),
-                           headers={"X-Forwarded-For": "127.0.0.1"})
+        req = make_request(
+            b"/docker:local/_ping",
+            client=IPv4Address("TCP", "192.0.2.7", 1),
+            headers={"X-Forwarded-For": "127.0.0.1"},
+        )
         self.gate().render(req)
         self.assertEqual(req.responseCode, 403)
 
@@ -199,8 +222,9 @@ class GateTests(TestCase):
 
     def test_token_does_not_bypass_allow_list(self) -> None:
         """The right token from outside the allow-list is still refused."""
-        req = make_request(b"/docker:local/_ping", client=IPv4Address("TCP", "10.1.1.1", 1),
-                           headers={TOKEN_HEADER: TOKEN})
+        req = make_request(
+            b"/docker:local/_ping", client=IPv4Address("TCP", "10.1.1.1", 1), headers={TOKEN_HEADER: TOKEN}
+        )
         self.gate(token=TOKEN).render(req)
         self.assertEqual(req.responseCode, 403)
 
@@ -217,19 +241,22 @@ class LoggingTests(TestCase):
     def setUp(self) -> None:
         self.proxy = FakeProxy()
         self.events: list[dict[str, Any]] = []
-        self.gate = DockerApiResource(Config(docker_api=True), self.proxy, SOCK, None,
-                                      parse_networks(["127.0.0.0/8"]))
+        self.gate = DockerApiResource(
+            Config(docker_api=True), self.proxy, SOCK, None, parse_networks(["127.0.0.0/8"])
+        )
         self.gate.log = Logger(observer=self.events.append)
 
     def test_mutating_logged(self) -> None:
         """POST/DELETE/PUT: one line each with method, path and caller."""
-        self.gate.render(make_request(b"/docker:local/v1.41/containers/create?name=web",
-                                      method=b"POST"))
-        self.gate.render(make_request(b"/docker:local/v1.41/containers/abc?force=1",
-                                      method=b"DELETE",
-                                      client=IPv4Address("TCP", "127.0.0.9", 1)))
-        self.gate.render(make_request(b"/docker:local/v1.41/containers/abc/archive?path=/x",
-                                      method=b"PUT"))
+        self.gate.render(make_request(b"/docker:local/v1.41/containers/create?name=web", method=b"POST"))
+        self.gate.render(
+            make_request(
+                b"/docker:local/v1.41/containers/abc?force=1",
+                method=b"DELETE",
+                client=IPv4Address("TCP", "127.0.0.9", 1),
+            )
+        )
+        self.gate.render(make_request(b"/docker:local/v1.41/containers/abc/archive?path=/x", method=b"PUT"))
         lines = [formatEvent(e) for e in self.events]
         self.assertEqual(len(lines), 3)
         self.assertEqual(lines[0], "docker-api: POST /v1.41/containers/create?name=web from 127.0.0.1")
@@ -246,10 +273,13 @@ class LoggingTests(TestCase):
 
     def test_secret_query_redacted(self) -> None:
         """Build args and the like never reach the log."""
-        self.gate.render(make_request(
-            b"/docker:local/v1.41/build?t=app%3A1&target=prod"
-            b"&buildargs=%7B%22PASSWORD%22%3A%22hunter2%22%7D",
-            method=b"POST"))
+        self.gate.render(
+            make_request(
+                b"/docker:local/v1.41/build?t=app%3A1&target=prod"
+                b"&buildargs=%7B%22PASSWORD%22%3A%22hunter2%22%7D",
+                method=b"POST",
+            )
+        )
         [line] = [formatEvent(e) for e in self.events]
         self.assertNotIn("hunter2", line)
         self.assertIn("t=app:1", line)
@@ -258,11 +288,15 @@ class LoggingTests(TestCase):
 
     def test_refusal_logged(self) -> None:
         """A refused call is logged as refused, with the reason and no token."""
-        gate = DockerApiResource(Config(docker_api=True), self.proxy, SOCK, TOKEN,
-                                 parse_networks(["127.0.0.0/8"]))
+        gate = DockerApiResource(
+            Config(docker_api=True), self.proxy, SOCK, TOKEN, parse_networks(["127.0.0.0/8"])
+        )
         gate.log = Logger(observer=self.events.append)
-        gate.render(make_request(b"/docker:local/v1.41/containers/create", method=b"POST",
-                                 headers={TOKEN_HEADER: "guess"}))
+        gate.render(
+            make_request(
+                b"/docker:local/v1.41/containers/create", method=b"POST", headers={TOKEN_HEADER: "guess"}
+            )
+        )
         [line] = [formatEvent(e) for e in self.events]
         self.assertIn("refused POST /v1.41/containers/create from 127.0.0.1", line)
         self.assertIn("wrong", line)
@@ -276,13 +310,18 @@ class HelperTests(TestCase):
 
     def test_engine_target(self) -> None:
         """Engine URLs map to proxy backends (+ a path prefix for http:// with a path)."""
-        self.assertEqual(engine_target("unix:///var/run/docker.sock"),
-                         (Backend("unix:/var/run/docker.sock"), b""))
-        self.assertEqual(engine_target("unix:///run/user/1000/docker.sock")[0].description,
-                         "unix:/run/user/1000/docker.sock")
+        self.assertEqual(
+            engine_target("unix:///var/run/docker.sock"), (Backend("unix:/var/run/docker.sock"), b"")
+        )
+        self.assertEqual(
+            engine_target("unix:///run/user/1000/docker.sock")[0].description,
+            "unix:/run/user/1000/docker.sock",
+        )
         self.assertEqual(engine_target("tcp://10.0.0.2:2375"), (Backend("tcp:10.0.0.2:2375"), b""))
-        self.assertEqual(engine_target("http://10.0.0.2:7878/docker:local/"),
-                         (Backend("tcp:10.0.0.2:7878"), b"/docker:local"))
+        self.assertEqual(
+            engine_target("http://10.0.0.2:7878/docker:local/"),
+            (Backend("tcp:10.0.0.2:7878"), b"/docker:local"),
+        )
         for bad in ("ssh://me@host", "https://host:2376"):
             self.assertRaises(ConfigError, engine_target, bad)
 
@@ -293,16 +332,22 @@ class HelperTests(TestCase):
         path = os.path.join(d, "token")
         with open(path, "w") as f:
             f.write(f"  {TOKEN}  \nignored second line\n")
-        cfg = Config(docker="tcp://127.0.0.1:2375", docker_api=True,
-                     docker_api_allow=("10.0.0.0/8", "192.168.1.1"), docker_api_token_file=path)
+        cfg = Config(
+            docker="tcp://127.0.0.1:2375",
+            docker_api=True,
+            docker_api_allow=("10.0.0.0/8", "192.168.1.1"),
+            docker_api_token_file=path,
+        )
         proxy = FakeProxy()
         res = DockerApiResource.from_config(cfg, proxy)
         self.assertEqual(res.engine_backend, Backend("tcp:127.0.0.1:2375"))
-        self.assertEqual(res.allow_networks, (ipaddress.ip_network("10.0.0.0/8"),
-                                              ipaddress.ip_network("192.168.1.1/32")))
+        self.assertEqual(
+            res.allow_networks, (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.168.1.1/32"))
+        )
         self.assertEqual(load_token(cfg), TOKEN)
-        req = make_request(b"/docker:local/_ping", client=IPv4Address("TCP", "192.168.1.1", 1),
-                           headers={TOKEN_HEADER: TOKEN})
+        req = make_request(
+            b"/docker:local/_ping", client=IPv4Address("TCP", "192.168.1.1", 1), headers={TOKEN_HEADER: TOKEN}
+        )
         res.render(req)
         self.assertEqual(len(proxy.calls), 1)
 
@@ -324,11 +369,9 @@ class HelperTests(TestCase):
         """Start-up validation: a missing token file, an ssh engine with --docker-api."""
         check_config(Config())
         check_config(Config(docker="ssh://me@host"))  # not proxied without --docker-api
-        e = self.assertRaises(ConfigError, check_config,
-                              Config(docker="ssh://me@host", docker_api=True))
+        e = self.assertRaises(ConfigError, check_config, Config(docker="ssh://me@host", docker_api=True))
         self.assertIn("ssh://", str(e))
-        e = self.assertRaises(ConfigError, check_config,
-                              Config(docker_api_token_file=self.mktemp()))
+        e = self.assertRaises(ConfigError, check_config, Config(docker_api_token_file=self.mktemp()))
         self.assertIn("--docker-api-token-file", str(e))
 
     def test_parse_networks_error(self) -> None:
@@ -348,12 +391,12 @@ class HelperTests(TestCase):
 
     def test_redact_api_path(self) -> None:
         """Paths without a query stay as they are; secret-looking values are hidden."""
-        self.assertEqual(redact_api_path(b"/v1.41/containers/abc/start"),
-                         "/v1.41/containers/abc/start")
-        self.assertEqual(redact_api_path(b"/v1.41/images/create?fromImage=busybox&tag=1"),
-                         "/v1.41/images/create?fromImage=busybox&tag=1")
-        self.assertEqual(redact_api_path(b"/x?registryAuth=abc&X-Token=q"),
-                         "/x?registryAuth=…&X-Token=…")
+        self.assertEqual(redact_api_path(b"/v1.41/containers/abc/start"), "/v1.41/containers/abc/start")
+        self.assertEqual(
+            redact_api_path(b"/v1.41/images/create?fromImage=busybox&tag=1"),
+            "/v1.41/images/create?fromImage=busybox&tag=1",
+        )
+        self.assertEqual(redact_api_path(b"/x?registryAuth=abc&X-Token=q"), "/x?registryAuth=…&X-Token=…")
 
 
 # -- --cors never reaches /docker:local (issue 12 item 8) ------------------------------
@@ -409,8 +452,7 @@ class CorsThroughTheRootTests(SynchronousTestCase):
         endpoint: Any = Endpoint()
         self.proxy = Proxy(self.clock, endpoint_factory=lambda b: endpoint, cors=True)
         config = Config(cors=True, docker_api=True)
-        self.gate = DockerApiResource(config, self.proxy, SOCK, None,
-                                      parse_networks(("127.0.0.0/8",)))
+        self.gate = DockerApiResource(config, self.proxy, SOCK, None, parse_networks(("127.0.0.0/8",)))
         self.routes = _Routes(self.gate)
         self.site = make_site(Root(config, self.routes), self.clock, max_body=1 << 20)
 
@@ -450,7 +492,8 @@ class CorsThroughTheRootTests(SynchronousTestCase):
         self.engine_answers(
             b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n"
             b"Access-Control-Allow-Credentials: true\r\nVary: Accept\r\n"
-            b"Content-Length: 2\r\n\r\nOK")
+            b"Content-Length: 2\r\n\r\nOK"
+        )
         status, headers = self.answer(t)
         self.assertEqual(status, 200)
         self.assertEqual(self.cors_of(headers), [])
@@ -460,19 +503,18 @@ class CorsThroughTheRootTests(SynchronousTestCase):
     def test_preflight_is_not_answered_for_the_engine(self) -> None:
         """A preflight goes through the gate like any request (here: to the engine,
         whose own allow headers are removed); it never gets our 204 with allow headers."""
-        t = self.send(b"OPTIONS /docker:local/v1.41/containers/x HTTP/1.1\r\nHost: f\r\n"
-                      + PREFLIGHT)
+        t = self.send(b"OPTIONS /docker:local/v1.41/containers/x HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT)
         sent = self.engine_answers(
             b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: https://app.example\r\n"
-            b"Access-Control-Allow-Methods: DELETE\r\nContent-Length: 0\r\n\r\n")
+            b"Access-Control-Allow-Methods: DELETE\r\nContent-Length: 0\r\n\r\n"
+        )
         self.assertTrue(sent.startswith(b"OPTIONS /v1.41/containers/x HTTP/1.1\r\n"))
         status, headers = self.answer(t)
         self.assertEqual(status, 200)
         self.assertEqual(self.cors_of(headers), [])
 
     def test_refused_and_disabled_answers_carry_no_cors(self) -> None:
-        t = self.send(b"OPTIONS /docker:local/_ping HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT,
-                      client="10.1.2.3")
+        t = self.send(b"OPTIONS /docker:local/_ping HTTP/1.1\r\nHost: f\r\n" + PREFLIGHT, client="10.1.2.3")
         status, headers = self.answer(t)
         self.assertEqual((status, self.cors_of(headers)), (403, []))
         self.routes.gate = ErrorResource(404, "/docker:local is disabled")

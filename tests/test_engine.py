@@ -89,9 +89,7 @@ class CreateTests(EngineTestCase):
 
     def test_gpu_off_by_profile(self) -> None:
         eng = self.make()
-        h = self.successResultOf(
-            eng.create(SPEC, SlotInfo("local", 9100, gpu=0), RunOptions(gpu=False))
-        )
+        h = self.successResultOf(eng.create(SPEC, SlotInfo("local", 9100, gpu=0), RunOptions(gpu=False)))
         self.assertNotIn("DeviceRequests", self.client.created[h.id]["host_config"])
 
     def test_worker_publishes_nothing(self) -> None:
@@ -105,7 +103,10 @@ class CreateTests(EngineTestCase):
     def test_run_options(self) -> None:
         eng = self.make()
         opts = RunOptions(
-            volumes=("/data:/data:ro",), shm_size="1g", mem_limit="2g", nano_cpus=1_500_000_000,
+            volumes=("/data:/data:ro",),
+            shm_size="1g",
+            mem_limit="2g",
+            nano_cpus=1_500_000_000,
             network="dsnet",
         )
         h = self.successResultOf(eng.create(SPEC, SlotInfo("local", 9100), opts))
@@ -135,6 +136,7 @@ class CreateTests(EngineTestCase):
         f = self.failureResultOf(eng.start(h), PortAllocated)
         self.assertIn("9100", str(f.value))
         self.assertIn(("remove", (h.id, True, True)), self.client.calls)
+
 
 class StopTests(EngineTestCase):
     """stop(): kill or stop with grace, then remove; idempotent."""
@@ -182,6 +184,7 @@ class StopTests(EngineTestCase):
         f = self.failureResultOf(self.engine.stop(h, 0), EngineError)
         self.assertIn("permission denied", str(f.value))
 
+
 class MiscTests(EngineTestCase):
     """ping, endpoint_for, the service."""
 
@@ -196,24 +199,38 @@ class MiscTests(EngineTestCase):
         an engine that does not answer fails as unreachable."""
         eng = self.make()
         self.client.network_listing = [
-            {"Name": "bridge", "Driver": "bridge",
-             "IPAM": {"Config": [{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]}},
-            {"Name": "lan", "Driver": "macvlan",
-             "IPAM": {"Config": [{"Subnet": "192.168.1.0/24", "IPRange": "192.168.1.192/27"},
-                                 {"Subnet": "fd00:1::/64"}]}},
+            {
+                "Name": "bridge",
+                "Driver": "bridge",
+                "IPAM": {"Config": [{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}]},
+            },
+            {
+                "Name": "lan",
+                "Driver": "macvlan",
+                "IPAM": {
+                    "Config": [
+                        {"Subnet": "192.168.1.0/24", "IPRange": "192.168.1.192/27"},
+                        {"Subnet": "fd00:1::/64"},
+                    ]
+                },
+            },
             {"Name": "host", "Driver": "host", "IPAM": {"Driver": "default", "Config": []}},
             {"Name": "none", "Driver": "null", "IPAM": {"Config": None}},
         ]
         got = self.successResultOf(eng.networks())
-        self.assertEqual(got, [
-            NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
-            NetworkInfo("lan", "macvlan", ("192.168.1.0/24", "fd00:1::/64"), ("192.168.1.192/27",)),
-            NetworkInfo("host", "host"),
-            NetworkInfo("none", "null"),
-        ])
+        self.assertEqual(
+            got,
+            [
+                NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)),
+                NetworkInfo("lan", "macvlan", ("192.168.1.0/24", "fd00:1::/64"), ("192.168.1.192/27",)),
+                NetworkInfo("host", "host"),
+                NetworkInfo("none", "null"),
+            ],
+        )
         self.assertEqual(self.client.calls[-1], ("networks", None))
         self.client.networks = lambda: (_ for _ in ()).throw(  # type: ignore[method-assign]
-            requests.exceptions.ConnectionError("refused"))
+            requests.exceptions.ConnectionError("refused")
+        )
         self.failureResultOf(eng.networks(), EngineUnreachable)
 
     def test_endpoint_for(self) -> None:
@@ -271,13 +288,20 @@ class ContainerAddressTests(EngineTestCase):
         that does not answer fails as unreachable."""
         eng = self.make()
         answers: dict[str, Any] = {
-            "c1": {"NetworkSettings": {"IPAddress": "", "Networks": {
-                "none-yet": {"IPAddress": ""},
-                "bridge": {"IPAddress": "172.17.0.5"},
-                "lan": {"IPAddress": "10.0.0.9"}}}},
+            "c1": {
+                "NetworkSettings": {
+                    "IPAddress": "",
+                    "Networks": {
+                        "none-yet": {"IPAddress": ""},
+                        "bridge": {"IPAddress": "172.17.0.5"},
+                        "lan": {"IPAddress": "10.0.0.9"},
+                    },
+                }
+            },
             "c2": {"NetworkSettings": {"IPAddress": "172.17.0.7", "Networks": None}},
-            "c3": {"NetworkSettings": {"Networks": {"v6": {"IPAddress": "",
-                                                          "GlobalIPv6Address": "fd00::5"}}}},
+            "c3": {
+                "NetworkSettings": {"Networks": {"v6": {"IPAddress": "", "GlobalIPv6Address": "fd00::5"}}}
+            },
             "c4": {"NetworkSettings": {"Networks": {"host": {"IPAddress": ""}}}},
         }
 

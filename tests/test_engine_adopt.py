@@ -13,7 +13,9 @@ from .test_engine_harness import SPEC, EngineTestCase
 class ListOwnTests(EngineTestCase):
     """list_own(): label filters, and never someone else's container."""
 
-    def entry(self, cid: str, instance: str, host: str, spec: str = SPEC.segment(), state: str = "running") -> dict[str, Any]:
+    def entry(
+        self, cid: str, instance: str, host: str, spec: str = SPEC.segment(), state: str = "running"
+    ) -> dict[str, Any]:
         return {
             "Id": cid,
             "Names": [f"/ds-{cid}"],
@@ -44,4 +46,3 @@ class ListOwnTests(EngineTestCase):
         self.assertEqual((got[0].name, got[0].running, got[0].slot_port), ("ds-a1", True, 9101))
         self.assertIsNone(got[1].spec)
         self.assertFalse(got[1].running)
-

@@ -128,9 +128,7 @@ class AuthsFileTests(SynchronousTestCase):
 
     def test_command_line_wins_for_its_registry(self) -> None:
         path = self._write({"auths": {"localhost:5000": {"username": "file", "password": "f"}}})
-        auth = RegistryAuth.from_options(
-            registry="localhost:5000", user="cli", password="c", auths_file=path
-        )
+        auth = RegistryAuth.from_options(registry="localhost:5000", user="cli", password="c", auths_file=path)
         self.assertEqual(auth.credentials_for("localhost:5000"), Credentials("cli", "c"))
 
     def test_bad_files(self) -> None:

@@ -35,22 +35,30 @@ class PullErrorTests(SynchronousTestCase):
 
     def test_port_digits_are_not_a_401(self) -> None:
         """A registry on port 51401 once made a missing tag look like refused credentials."""
-        msg = ("manifest for localhost:51401/dstest/tts:nosuchtag not found: "
-               "manifest unknown: manifest unknown")
-        self.assertIsInstance(pull_error("localhost:51401/dstest/tts:nosuchtag",
-                                         "localhost:51401", msg, True), ImageNotFound)
-        self.assertIsInstance(pull_error("r:5000/a:1", "r:5000",
-                                         "Head https://r:5000/v2/a/manifests/1: 401", True),
-                              Unauthorized)
+        msg = (
+            "manifest for localhost:51401/dstest/tts:nosuchtag not found: manifest unknown: manifest unknown"
+        )
+        self.assertIsInstance(
+            pull_error("localhost:51401/dstest/tts:nosuchtag", "localhost:51401", msg, True), ImageNotFound
+        )
+        self.assertIsInstance(
+            pull_error("r:5000/a:1", "r:5000", "Head https://r:5000/v2/a/manifests/1: 401", True),
+            Unauthorized,
+        )
 
 
 class TranslateTests(SynchronousTestCase):
     """translate(): what a docker-py call raised, as the broker reads it."""
 
     def test_transport_failures_are_unreachable(self) -> None:
-        for e in (requests.exceptions.ConnectionError("refused"), requests.exceptions.Timeout("slow"),
-                  ConnectionResetError("reset"), TimeoutError("t"), OSError("no route"),
-                  docker.errors.DockerException("Error while fetching server API version")):
+        for e in (
+            requests.exceptions.ConnectionError("refused"),
+            requests.exceptions.Timeout("slow"),
+            ConnectionResetError("reset"),
+            TimeoutError("t"),
+            OSError("no route"),
+            docker.errors.DockerException("Error while fetching server API version"),
+        ):
             new = translate(e, "local", "unix:///s")
             self.assertIsInstance(new, EngineUnreachable, e)
             self.assertIn("local", str(new))
@@ -68,8 +76,9 @@ class TranslateTests(SynchronousTestCase):
 
     def test_reading_api_errors(self) -> None:
         e = api_error(404, "No such container: c1")
-        self.assertEqual((explanation(e), status_of(e), is_not_found(e)),
-                         ("No such container: c1", 404, True))
+        self.assertEqual(
+            (explanation(e), status_of(e), is_not_found(e)), ("No such container: c1", 404, True)
+        )
         conflict = api_error(409, "is not running")
         self.assertEqual((status_of(conflict), is_not_found(conflict)), (409, False))
         plain = ValueError("")

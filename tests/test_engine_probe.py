@@ -34,8 +34,9 @@ class ProbeTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.agent = probe_agent(self.reactor, 5.0)
 
-    def probe(self, host: str = "127.0.0.1", path: str = "/ready?x=1",
-              timeout: float = 5.0) -> Deferred[ProbeResult]:
+    def probe(
+        self, host: str = "127.0.0.1", path: str = "/ready?x=1", timeout: float = 5.0
+    ) -> Deferred[ProbeResult]:
         return probe_status_line(self.reactor, host, 9100, path, timeout, agent=self.agent)
 
     def test_request(self) -> None:
@@ -66,9 +67,11 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(url_host("10.0.0.7"), "10.0.0.7")
 
     def test_any_status_code_is_ready(self) -> None:
-        for data, line in [(b"HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK"),
-                           (b"HTTP/1.0 503 Busy\r\n\r\n", "HTTP/1.0 503 Busy"),
-                           (b"HTTP/1.1 404\r\nContent-Length: 9\r\n\r\n", "HTTP/1.1 404")]:
+        for data, line in [
+            (b"HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK"),
+            (b"HTTP/1.0 503 Busy\r\n\r\n", "HTTP/1.0 503 Busy"),
+            (b"HTTP/1.1 404\r\nContent-Length: 9\r\n\r\n", "HTTP/1.1 404"),
+        ]:
             d = self.probe()
             tr = answer(self.reactor, data, close=False)
             r = self.successResultOf(d)
@@ -134,8 +137,7 @@ class ProbeTests(SynchronousTestCase):
     def test_cannot_connect(self) -> None:
         d = self.probe()
         _h, _p, factory, _t, _b = self.reactor.tcpClients[-1]
-        factory.clientConnectionFailed(self.reactor.connectors[-1],
-                                       Failure(ConnectionRefusedError()))
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
         r = self.successResultOf(d)
         self.assertFalse(r.ready)
         self.assertTrue(r.reason.startswith("cannot connect: Connection was refused"), r.reason)

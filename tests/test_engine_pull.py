@@ -149,4 +149,3 @@ class PullTests(EngineTestCase):
         cb, f, a = started[0]
         cb(True, f(*a))
         self.successResultOf(d2)
-

@@ -74,10 +74,14 @@ class ReadyTests(EngineTestCase):
         self.assertEqual(f.value.exit_code, 3)
         self.assertEqual(f.value.log_tail, "starting\nfatal: no model")
         self.assertIn("exited with code 3", str(f.value))
-        self.assertIn(("logs", {"stdout": True, "stderr": True, "tail": 20, "timestamps": False}), self.client.calls)
+        self.assertIn(
+            ("logs", {"stdout": True, "stderr": True, "tail": 20, "timestamps": False}), self.client.calls
+        )
 
     def test_exit_while_waiting(self) -> None:
-        h = self.started(states=[{"Status": "running"}, {"Status": "exited", "ExitCode": 1, "OOMKilled": True}])
+        h = self.started(
+            states=[{"Status": "running"}, {"Status": "exited", "ExitCode": 1, "OOMKilled": True}]
+        )
         d = self.engine.wait_ready(h, 10.0, RunOptions())
         self.answer(None)
         self.reactor.advance(0.05)
@@ -89,8 +93,7 @@ class ReadyTests(EngineTestCase):
         the broker may retry, not the image's own exit."""
         h = self.started()
         del self.client.states[h.id]
-        f = self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()),
-                                 ContainerRemoved)
+        f = self.failureResultOf(self.engine.wait_ready(h, 10.0, RunOptions()), ContainerRemoved)
         self.assertIn("removed from outside", str(f.value))
 
     def test_killed_from_outside(self) -> None:

@@ -49,8 +49,9 @@ class ClientThreadsTests(SynchronousTestCase):
             self.made.append(FakeClient())
             return self.made[-1]
 
-        return ClientThreads(self.reactor, "local", "unix:///s", pool or InlinePool(), factory,
-                             shutdown_timeout)
+        return ClientThreads(
+            self.reactor, "local", "unix:///s", pool or InlinePool(), factory, shutdown_timeout
+        )
 
     def test_one_client_per_thread_dropped_when_unreachable(self) -> None:
         threads = self.make()

@@ -60,7 +60,9 @@ class FakeEngineTests(SynchronousTestCase):
         self.assertEqual(self.engine.containers[cid].gpu, 0)
         d = self.engine.wait_ready(
             self.successResultOf(self.engine.create(SPEC, SlotInfo("local", 9101), RunOptions())),
-            self.clock.seconds() + 10, RunOptions())
+            self.clock.seconds() + 10,
+            RunOptions(),
+        )
         self.failureResultOf(d, ContainerExited)  # never started
 
     def test_ready_deadline(self) -> None:
@@ -78,8 +80,7 @@ class FakeEngineTests(SynchronousTestCase):
         events: list[ContainerEvent] = []
         self.engine.watch(events.append)
         cid = self._started()
-        handle = self.successResultOf(self.engine.create(SPEC, SlotInfo("local", 9101),
-                                                         RunOptions()))
+        handle = self.successResultOf(self.engine.create(SPEC, SlotInfo("local", 9101), RunOptions()))
         self.engine.start(handle)
         self.clock.advance(1)
         d = self.engine.wait_ready(handle, self.clock.seconds() + 100, RunOptions())
@@ -101,8 +102,7 @@ class FakeEngineTests(SynchronousTestCase):
     def test_stop_honours_grace(self) -> None:
         """stop() kills after grace clock seconds, then removes."""
         cid = self._started()
-        handle = self.successResultOf(self.engine.create(SPEC, SlotInfo("local", 9101),
-                                                         RunOptions()))
+        handle = self.successResultOf(self.engine.create(SPEC, SlotInfo("local", 9101), RunOptions()))
         d = self.engine.stop(self.engine_handle(cid), 5)
         self.clock.advance(4)
         self.assertNoResult(d)
@@ -161,8 +161,9 @@ class FakeEngineTests(SynchronousTestCase):
         nets = self.successResultOf(self.engine.networks())
         self.assertIn(NetworkInfo("bridge", "bridge", ("172.17.0.0/16",)), nets)
         self.engine.network_list = [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))]
-        self.assertEqual(self.successResultOf(self.engine.networks()),
-                         [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))])
+        self.assertEqual(
+            self.successResultOf(self.engine.networks()), [NetworkInfo("slots", "bridge", ("10.77.0.0/24",))]
+        )
         self.engine.set_down(True)
         self.failureResultOf(self.engine.networks(), EngineUnreachable)
 

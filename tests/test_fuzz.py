@@ -74,35 +74,81 @@ class Case:
 # -- the generator: parts with known validity ---------------------------------------------
 
 #: image name components Docker accepts (``[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*``)
-GOOD_NAMES = ["a", "team", "selmaproject", "tts", "a_b", "a.b", "a-b", "a__b", "a--b",
-              "x" * 63, "0"]
+GOOD_NAMES = ["a", "team", "selmaproject", "tts", "a_b", "a.b", "a-b", "a__b", "a--b", "x" * 63, "0"]
 #: components Docker refuses, and why
-BAD_NAMES = [("Upper", "upper-case name"), ("a..b", "'..' in a name"), ("-a", "leading '-'"),
-             ("a-", "trailing '-'"), ("a___b", "'___' in a name"), ("%41", "upper-case %41"),
-             ("%zz", "bad %-escape"), ("%00", "NUL in a name"), ("%C3%A9", "non-ASCII name"),
-             ("%ff", "not UTF-8"), ("a%20b", "space in a name"),
-             ("x" * 256, "name over 255 characters"), ("x" * 10_000, "10,000-character name")]
+BAD_NAMES = [
+    ("Upper", "upper-case name"),
+    ("a..b", "'..' in a name"),
+    ("-a", "leading '-'"),
+    ("a-", "trailing '-'"),
+    ("a___b", "'___' in a name"),
+    ("%41", "upper-case %41"),
+    ("%zz", "bad %-escape"),
+    ("%00", "NUL in a name"),
+    ("%C3%A9", "non-ASCII name"),
+    ("%ff", "not UTF-8"),
+    ("a%20b", "space in a name"),
+    ("x" * 256, "name over 255 characters"),
+    ("x" * 10_000, "10,000-character name"),
+]
 GOOD_TAGS = ["1", "latest", "0.0.1", "v1_2-3", "777", "t" * 128]
-BAD_TAGS = [("t@g", "'@' in a tag"), ("%ff", "tag not UTF-8"), (".1", "tag starts with '.'"),
-            ("-1", "tag starts with '-'"), ("t" * 129, "tag over 128 characters"),
-            ("a%2Fb", "'/' in a tag"), ("t%00", "NUL in a tag")]
+BAD_TAGS = [
+    ("t@g", "'@' in a tag"),
+    ("%ff", "tag not UTF-8"),
+    (".1", "tag starts with '.'"),
+    ("-1", "tag starts with '-'"),
+    ("t" * 129, "tag over 128 characters"),
+    ("a%2Fb", "'/' in a tag"),
+    ("t%00", "NUL in a tag"),
+]
 GOOD_PORTS = ["80", "8080", "5002", "65535", "1"]
-BAD_PORTS: list[tuple[str, str | None]] = [("0", "port 0"), ("65536", "port 65536"), ("080", "leading zero"),
-             ("-1", "negative port"), ("http", "port 'http'"), ("99999999999999999999", "huge port"),
-             ("8%2E0", "'.' in a port"), ("%38%30", None)]  # "%38%30" is "80": fine or not
+BAD_PORTS: list[tuple[str, str | None]] = [
+    ("0", "port 0"),
+    ("65536", "port 65536"),
+    ("080", "leading zero"),
+    ("-1", "negative port"),
+    ("http", "port 'http'"),
+    ("99999999999999999999", "huge port"),
+    ("8%2E0", "'.' in a port"),
+    ("%38%30", None),
+]  # "%38%30" is "80": fine or not
 GOOD_ENV = ["A=1", "B_2=x", "E=a%3Bb", "F=%2F%3A", "G=", "a.b=1", "_X=a+b", "H=" + "v" * 3000]
-BAD_ENV = [("=x", "empty env name"), ("NVIDIA_X=1", "NVIDIA_ env name"),
-           ("A=1;A=2", "env name twice"), ("1A=x", "env name starts with a digit"),
-           ("A-B=1", "'-' in an env name"), ("%ff=1", "env name not UTF-8"),
-           ("A%00=1", "NUL in an env name")]
+BAD_ENV = [
+    ("=x", "empty env name"),
+    ("NVIDIA_X=1", "NVIDIA_ env name"),
+    ("A=1;A=2", "env name twice"),
+    ("1A=x", "env name starts with a digit"),
+    ("A-B=1", "'-' in an env name"),
+    ("%ff=1", "env name not UTF-8"),
+    ("A%00=1", "NUL in an env name"),
+]
 #: host names/addresses that can never name a backend, and why
-BAD_HOSTS = [("a" * 64 + ".example", "DNS label over 63"), ("a." * 130 + "b", "name over 253"),
-             ("[fe80::1", "unclosed '['"), ("exa%20mple", "space in a host"), ("", "empty host"),
-             ("[::1", "unclosed '['"), ("[zz::1]", "not IPv6"), ("a" * 300, "DNS label over 63"),
-             ("exa%00mple", "NUL in a host"), ("-a.example", "label starts with '-'"),
-             ("%ff.example", "host not UTF-8")]
-ANY_HOSTS = ["example.org", "127.0.0.1", "10.1.2.3", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0",
-             "xn--nxasmq6b", "%30.0.0.0", "localhost", "exa_mple", "a" * 63 + ".example"]
+BAD_HOSTS = [
+    ("a" * 64 + ".example", "DNS label over 63"),
+    ("a." * 130 + "b", "name over 253"),
+    ("[fe80::1", "unclosed '['"),
+    ("exa%20mple", "space in a host"),
+    ("", "empty host"),
+    ("[::1", "unclosed '['"),
+    ("[zz::1]", "not IPv6"),
+    ("a" * 300, "DNS label over 63"),
+    ("exa%00mple", "NUL in a host"),
+    ("-a.example", "label starts with '-'"),
+    ("%ff.example", "host not UTF-8"),
+]
+ANY_HOSTS = [
+    "example.org",
+    "127.0.0.1",
+    "10.1.2.3",
+    "[::1]",
+    "[::ffff:127.0.0.1]",
+    "0.0.0.0",
+    "xn--nxasmq6b",
+    "%30.0.0.0",
+    "localhost",
+    "exa_mple",
+    "a" * 63 + ".example",
+]
 JUNK = string.ascii_letters + string.digits + ":;=%._-~!$&'()*+,@[]"
 
 
@@ -182,34 +228,65 @@ def _segment(rng: random.Random) -> tuple[str, str, str]:
     if kind < 7:
         return _host(rng)
     if kind == 7:
-        return rng.choice(["monitor:broker", "monitor:metrics", "monitor:nope", "monitor:",
-                           "monitor:health", "docker:local", "docker:remote"]), "any", ""
+        return (
+            rng.choice(
+                [
+                    "monitor:broker",
+                    "monitor:metrics",
+                    "monitor:nope",
+                    "monitor:",
+                    "monitor:health",
+                    "docker:local",
+                    "docker:remote",
+                ]
+            ),
+            "any",
+            "",
+        )
     if kind == 8:
         return "".join(rng.choice(JUNK) for _ in range(rng.randint(0, 40))), "any", ""
-    return rng.choice(["x", "y", "host", "shost"]) + ":" + "".join(
-        rng.choice(JUNK) for _ in range(rng.randint(0, 60))), "any", ""
+    return (
+        rng.choice(["x", "y", "host", "shost"])
+        + ":"
+        + "".join(rng.choice(JUNK) for _ in range(rng.randint(0, 60))),
+        "any",
+        "",
+    )
 
 
 #: header lines RFC 9110/9112 make an error (twisted.web must answer 4xx and close)
-BAD_HEADERS = [(b"No-Colon-Here", "header line without ':'"),
-               (b"Content-Length: abc", "Content-Length not a number"),
-               (b"Content-Length: -1", "negative Content-Length"),
-               (b"Content-Length: 1\r\nContent-Length: 2", "two Content-Lengths"),
-               (b"X: " + b"v" * 17_000, "17 kB header line"),
-               (b"Bad Name: 1", "space in a header name"),
-               (b"Transfer-Encoding: gzip", "a transfer coding that is not chunked")]
-ODD_HEADERS = [b"Accept: */*", b"X-Dockerspaces-Token: t", b"Cookie: dsroute=" + b"A" * 22,
-               b"Cookie: dsroute=%00", b"Origin: https://evil.example", b"Upgrade: websocket",
-               b"Connection: Upgrade", b"Referer: /x:a:1:80/", b"Bad\x7fName: 1", b"X: \x00",
-               b"Host: other", b"Expect: 100-continue", b" Folded: 1",
-               b"X: " + b"v" * 8000, b"Cookie: " + b"c=1; " * 500]
+BAD_HEADERS = [
+    (b"No-Colon-Here", "header line without ':'"),
+    (b"Content-Length: abc", "Content-Length not a number"),
+    (b"Content-Length: -1", "negative Content-Length"),
+    (b"Content-Length: 1\r\nContent-Length: 2", "two Content-Lengths"),
+    (b"X: " + b"v" * 17_000, "17 kB header line"),
+    (b"Bad Name: 1", "space in a header name"),
+    (b"Transfer-Encoding: gzip", "a transfer coding that is not chunked"),
+]
+ODD_HEADERS = [
+    b"Accept: */*",
+    b"X-Dockerspaces-Token: t",
+    b"Cookie: dsroute=" + b"A" * 22,
+    b"Cookie: dsroute=%00",
+    b"Origin: https://evil.example",
+    b"Upgrade: websocket",
+    b"Connection: Upgrade",
+    b"Referer: /x:a:1:80/",
+    b"Bad\x7fName: 1",
+    b"X: \x00",
+    b"Host: other",
+    b"Expect: 100-continue",
+    b" Folded: 1",
+    b"X: " + b"v" * 8000,
+    b"Cookie: " + b"c=1; " * 500,
+]
 
 
 def _request(rng: random.Random) -> Case:
     """One whole request (head and a body that matches its framing) and its bar."""
     seg, expect, why = _segment(rng)
-    method = rng.choice([b"GET"] * 6 + [b"POST", b"HEAD", b"OPTIONS", b"PUT", b"DELETE",
-                                        b"FOO", b"get"])
+    method = rng.choice([b"GET"] * 6 + [b"POST", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"FOO", b"get"])
     target = b"/" + seg.encode("utf-8", "surrogateescape")
     target += rng.choice([b"", b"/", b"/", b"/a/b?q=1", b"/%2e%2e/x", b"?" + b"q" * 100, b"//x"])
     version = rng.choice([b"HTTP/1.1"] * 8 + [b"HTTP/1.0"])
@@ -226,8 +303,7 @@ def _request(rng: random.Random) -> Case:
     elif r < 0.06:
         method, expect, why = b"G\x00T", "reject", "NUL in the method"
     elif r < 0.07:
-        version, expect, why = rng.choice([(b"HTTP/x", "reject", "bad version"),
-                                           (b"HTTP/2.0", "any", "")])
+        version, expect, why = rng.choice([(b"HTTP/x", "reject", "bad version"), (b"HTTP/2.0", "any", "")])
     elif r < 0.08:
         headers += [b"H%d: %s" % (i, b"v" * 500) for i in range(200)]
         expect, why = "reject", "100 kB of headers"
@@ -243,8 +319,12 @@ def _request(rng: random.Random) -> Case:
             body = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
         elif b"Content-Length" not in b"".join(headers):
             headers.append(b"Content-Length: %d" % len(body))
-    if expect == "valid" and (b"Host: other" in headers or b"\x00" in b"".join(headers)
-                              or b"\x7f" in b"".join(headers) or b" Folded: 1" in headers):
+    if expect == "valid" and (
+        b"Host: other" in headers
+        or b"\x00" in b"".join(headers)
+        or b"\x7f" in b"".join(headers)
+        or b" Folded: 1" in headers
+    ):
         expect = "any"  # a second Host or a NUL may well be a 400 (RFC 9110/9112)
     head = method + b" " + target + b" " + version + b"\r\n" + b"\r\n".join(headers)
     if expect == "valid" and len(head) > 16_000:
@@ -256,8 +336,9 @@ def _request(rng: random.Random) -> Case:
 # -- the client ---------------------------------------------------------------------------
 
 
-def _getaddrinfo(host: str, port: Any, family: int = 0, type: int = 0, proto: int = 0,
-                 flags: int = 0) -> list[Any]:
+def _getaddrinfo(
+    host: str, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+) -> list[Any]:
     """``socket.getaddrinfo`` without a network: it encodes the name as the real one does
     (``UnicodeError`` for a label over 63 characters), then knows ``localhost`` and names
     under ``example``/``example.org`` (TEST-NET-1) and nothing else."""
@@ -306,13 +387,15 @@ class _Factory(ClientFactory):
         self.done.errback(reason)
 
 
-def summary(cases: int, statuses: Counter[str], by_expect: Counter[str], creates: int,
-            seconds: float) -> str:
+def summary(cases: int, statuses: Counter[str], by_expect: Counter[str], creates: int, seconds: float) -> str:
     """One printable line: cases, statuses histogram, bar classes, containers created."""
-    return (f"fuzz: {cases} cases in {seconds:.1f} s; statuses: "
-            + ", ".join(f"{k}×{v}" for k, v in sorted(statuses.items()))
-            + "; by bar: " + ", ".join(f"{k} {v}" for k, v in sorted(by_expect.items()))
-            + f"; containers created {creates}")
+    return (
+        f"fuzz: {cases} cases in {seconds:.1f} s; statuses: "
+        + ", ".join(f"{k}×{v}" for k, v in sorted(statuses.items()))
+        + "; by bar: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(by_expect.items()))
+        + f"; containers created {creates}"
+    )
 
 
 class FuzzTests(TestCase):
@@ -326,9 +409,12 @@ class FuzzTests(TestCase):
         self.engine = FakeEngine(reactor, host)
         # short waits: a worker launch with no slot for it waits worker_timeout (by
         # design), an x: request queue_timeout; each must end within CASE_TIMEOUT
-        broker = Broker(reactor, [host], {"local": self.engine},
-                        BrokerSettings(queue_timeout=1, start_timeout=1, worker_timeout=1,
-                                       ping_interval=0))
+        broker = Broker(
+            reactor,
+            [host],
+            {"local": self.engine},
+            BrokerSettings(queue_timeout=1, start_timeout=1, worker_timeout=1, ping_interval=0),
+        )
         self.successResultOf(broker.start())
         self.addCleanup(broker.shutdown, False, 0)
         proxy = Proxy(reactor, endpoint_factory=lambda backend: _Refusing())
@@ -338,12 +424,18 @@ class FuzzTests(TestCase):
         policy = HostPolicy(allow=(), own_ports=set(), resolve=resolve)
         config = Config(ports=("tcp:0",), cors=True)
         metrics = Metrics()
-        routes = Routes(config, proxy, broker, policy, reactor=reactor,
-                        engines={"local": self.engine}, metrics=metrics, has_slots=True)
-        root = Root(config, routes, Recorder(reactor, metrics),
-                    route_cookies=proxy.route_cookies)
-        self.port = reactor.listenTCP(0, make_site(root, reactor, max_body=1 << 20),
-                                      interface="127.0.0.1")
+        routes = Routes(
+            config,
+            proxy,
+            broker,
+            policy,
+            reactor=reactor,
+            engines={"local": self.engine},
+            metrics=metrics,
+            has_slots=True,
+        )
+        root = Root(config, routes, Recorder(reactor, metrics), route_cookies=proxy.route_cookies)
+        self.port = reactor.listenTCP(0, make_site(root, reactor, max_body=1 << 20), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
@@ -355,13 +447,13 @@ class FuzzTests(TestCase):
         done: Deferred[bytes] = Deferred()
         factory = _Factory(data, done)
         connector = global_reactor.connectTCP(  # type: ignore[attr-defined]
-            "127.0.0.1", self.port.getHost().port, factory)
+            "127.0.0.1", self.port.getHost().port, factory
+        )
 
         def expire() -> None:
             if not done.called:
                 got = factory.protocol_instance.got if factory.protocol_instance else b""
-                done.errback(Failure(TimeoutError(f"no close in {CASE_TIMEOUT:g} s "
-                                                  f"(got {got[:60]!r})")))
+                done.errback(Failure(TimeoutError(f"no close in {CASE_TIMEOUT:g} s (got {got[:60]!r})")))
                 connector.disconnect()
 
         timeout = global_reactor.callLater(CASE_TIMEOUT, expire)  # type: ignore[attr-defined]
@@ -386,8 +478,11 @@ class FuzzTests(TestCase):
         ran = 0
         for i in range(CASES):
             if unanswered >= MAX_UNANSWERED or time.monotonic() - started > BUDGET:
-                problems.insert(0, f"stopped after {ran} of {CASES} cases ({unanswered} "
-                                   f"unanswered, {time.monotonic() - started:.0f} s)")
+                problems.insert(
+                    0,
+                    f"stopped after {ran} of {CASES} cases ({unanswered} "
+                    f"unanswered, {time.monotonic() - started:.0f} s)",
+                )
                 break
             case = _request(rng)
             ran += 1
@@ -398,15 +493,15 @@ class FuzzTests(TestCase):
                 got = yield self.send(raw)
             except TimeoutError as e:
                 unanswered += 1
-                problems.append(f"#{i} unanswered ({e}; {case.why or case.expect}): "
-                                f"{raw[:120]!r}")
+                problems.append(f"#{i} unanswered ({e}; {case.why or case.expect}): {raw[:120]!r}")
                 continue
             while got.startswith(b"HTTP/1.1 100 "):  # Expect: 100-continue
                 got = got.split(b"\r\n\r\n", 1)[1]
             line = got.split(b"\r\n", 1)[0]
             if not line.startswith(b"HTTP/1."):
-                problems.append(f"#{i} no status line ({got[:60]!r}; {case.why or case.expect})"
-                                f" for {raw[:120]!r}")
+                problems.append(
+                    f"#{i} no status line ({got[:60]!r}; {case.why or case.expect}) for {raw[:120]!r}"
+                )
                 continue
             status = int(line.split(b" ")[1])
             statuses[str(status)] += 1
@@ -414,30 +509,34 @@ class FuzzTests(TestCase):
             # a job or host route (by its path, or its Referer's) may end in a
             # documented backend failure: nothing listens behind the fake engine
             path = raw.split(b" ")[1]
-            route = path[1:3] in (b"x:", b"y:") or path[1:6] in (b"host:", b"shost") or \
-                b"Referer: /x:" in raw
-            if status >= 500 and not (status in (502, 503, 504) and route
-                                      and case.expect != "reject"):
-                problems.append(f"#{i} {status} ({case.why or case.expect}) for {raw[:160]!r}: "
-                                f"{got[-200:]!r}")
+            route = path[1:3] in (b"x:", b"y:") or path[1:6] in (b"host:", b"shost") or b"Referer: /x:" in raw
+            if status >= 500 and not (status in (502, 503, 504) and route and case.expect != "reject"):
+                problems.append(
+                    f"#{i} {status} ({case.why or case.expect}) for {raw[:160]!r}: {got[-200:]!r}"
+                )
             elif case.expect == "reject" and not 400 <= status < 500:
-                problems.append(f"#{i} {status}, not a 4xx, for a malformed request "
-                                f"({case.why}): {raw[:160]!r}")
+                problems.append(
+                    f"#{i} {status}, not a 4xx, for a malformed request ({case.why}): {raw[:160]!r}"
+                )
             elif case.expect == "valid" and status == 400:
-                problems.append(f"#{i} 400 for a well-formed spec: {raw[:160]!r}: "
-                                f"{got[-200:]!r}")
+                problems.append(f"#{i} 400 for a well-formed spec: {raw[:160]!r}: {got[-200:]!r}")
             if case.expect == "reject" and started_something:
-                problems.append(f"#{i} {status}, but a container was created or an image "
-                                f"pulled for a malformed request ({case.why}): {raw[:120]!r}")
+                problems.append(
+                    f"#{i} {status}, but a container was created or an image "
+                    f"pulled for a malformed request ({case.why}): {raw[:120]!r}"
+                )
         seconds = time.monotonic() - started
         gc.collect()  # "Unhandled error in Deferred" is logged when the Deferred is freed
-        bad_log = [e for e in self.events
-                   if "log_failure" in e or e.get("log_level") in (LogLevel.critical,
-                                                                   LogLevel.error)]
+        bad_log = [
+            e
+            for e in self.events
+            if "log_failure" in e or e.get("log_level") in (LogLevel.critical, LogLevel.error)
+        ]
         print("\n" + summary(ran, statuses, by_expect, self.engine.creates, seconds))
         for event in bad_log[:5]:
-            problems.append("log: " + str(event.get("log_format"))[:200] + " "
-                            + str(event.get("log_failure", ""))[:300])
+            problems.append(
+                "log: " + str(event.get("log_format"))[:200] + " " + str(event.get("log_failure", ""))[:300]
+            )
         if bad_log:
             problems.append(f"{len(bad_log)} error/critical log event(s) in all")
         for p in problems[:40]:

@@ -55,8 +55,7 @@ class RequestHeadTests(SynchronousTestCase):
         return (
             b"GET /p HTTP/1.1\r\nHost: f\r\nCookie: a=1; dsroute=AbCd; b=2\r\n"
             b"Cookie: dsroute=EfGh\r\nCookie: c=3\r\nX-Dockerspaces-Token: t0ken\r\n"
-            b"x-dockerspaces-token: t1ken\r\nAuthorization: Bearer app-credential\r\n"
-            + extra + b"\r\n"
+            b"x-dockerspaces-token: t1ken\r\nAuthorization: Bearer app-credential\r\n" + extra + b"\r\n"
         )
 
     def test_own_cookies_and_token_never_reach_a_container(self) -> None:
@@ -92,9 +91,12 @@ class RequestHeadTests(SynchronousTestCase):
         """A WebSocket handshake (tunnelled) carries no more of ours than a request."""
         h = ProxyHarness()
         h.external = True
-        h.client(self.own_credentials_request(
-            b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n"
-            b"Sec-WebSocket-Version: 13\r\n"))
+        h.client(
+            self.own_credentials_request(
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n"
+                b"Sec-WebSocket-Version: 13\r\n"
+            )
+        )
         _, bt = h.accept()
         sent = bt.value()
         _, headers = head_of(sent)
@@ -145,11 +147,19 @@ class HeadParserTests(SynchronousTestCase):
     parser does."""
 
     @settings(max_examples=1500, deadline=None)
-    @given(st.lists(st.tuples(_NAME, st.sampled_from([b"", b" ", b"\t", b"  "]), _VALUE,
-                              st.sampled_from([b"", b" ", b"\t "])), max_size=6))
+    @given(
+        st.lists(
+            st.tuples(
+                _NAME,
+                st.sampled_from([b"", b" ", b"\t", b"  "]),
+                _VALUE,
+                st.sampled_from([b"", b" ", b"\t "]),
+            ),
+            max_size=6,
+        )
+    )
     def test_fast_path_agrees(self, lines: list[tuple[str, bytes, bytes, bytes]]) -> None:
-        block = b"".join(k.encode() + b":" + pre + v + post + b"\r\n"
-                         for k, pre, v, post in lines)
+        block = b"".join(k.encode() + b":" + pre + v + post + b"\r\n" for k, pre, v, post in lines)
         try:
             slow: Any = parse_header_lines(block) if block else []
         except Exception as e:  # noqa: BLE001 - compared below
@@ -162,24 +172,43 @@ class HeadParserTests(SynchronousTestCase):
         self.assertEqual(fast, slow)
 
     @settings(max_examples=1000, deadline=None)
-    @given(st.lists(st.tuples(
-        st.sampled_from(["Connection", "connection", "TE", "te", "Test", "Keep-Alive",
-                         "Connection-X", "X-Connection", "Upgrade", "A"]),
-        st.sampled_from([b"", b" x", b"connection:", b"\nTE: y"[1:], b"te:"]),
-    ), max_size=6), st.sets(st.sampled_from([b"connection", b"te", b"keep-alive", b"upgrade"])))
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "Connection",
+                        "connection",
+                        "TE",
+                        "te",
+                        "Test",
+                        "Keep-Alive",
+                        "Connection-X",
+                        "X-Connection",
+                        "Upgrade",
+                        "A",
+                    ]
+                ),
+                st.sampled_from([b"", b" x", b"connection:", b"\nTE: y"[1:], b"te:"]),
+            ),
+            max_size=6,
+        ),
+        st.sets(st.sampled_from([b"connection", b"te", b"keep-alive", b"upgrade"])),
+    )
     def test_drop_lines(self, lines: list[tuple[str, bytes]], names: set[bytes]) -> None:
         """drop_lines keeps exactly the lines whose name (any case) is not in names."""
         block = b"".join(k.encode() + b":" + v + b"\r\n" for k, v in lines)
-        expected = b"".join(k.encode() + b":" + v + b"\r\n" for k, v in lines
-                            if k.lower().encode() not in names)
+        expected = b"".join(
+            k.encode() + b":" + v + b"\r\n" for k, v in lines if k.lower().encode() not in names
+        )
         self.assertEqual(drop_lines(block, frozenset(names)), expected)
 
     def test_folded_and_odd_lines_take_the_slow_path(self) -> None:
-        head = (b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d\r\n"
-                b"X-D: a\nb\rc")
+        head = b"HTTP/1.1 200 OK\r\nX-A: one\r\n  two\r\nX-B:\x0bv\x0c\r\nX C: d\r\nX-D: a\nb\rc"
         # a name that is not a token is dropped, CR/LF inside a value become spaces
-        self.assertEqual(parse_response_head(head)[3],
-                         [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X-D", b"a b c")])
+        self.assertEqual(
+            parse_response_head(head)[3], [(b"X-A", b"one two"), (b"X-B", b"v"), (b"X-D", b"a b c")]
+        )
         self.assertRaises(BadResponse, parse_response_head, b"HTTP/1.1 200 OK\r\n X: y")
         self.assertRaises(BadResponse, parse_response_head, b"HTTP/1.1 200 OK\r\nno colon")
 
@@ -203,25 +232,35 @@ class ForwardedHeadTests(SynchronousTestCase):
     head was built."""
 
     @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.tuples(
-        st.one_of(st.sampled_from(_HOP + ["X-A", "x-a", "ETag", "Vary", "X-Named"]),
-                  st.text(alphabet="abcXYZ-_", min_size=1, max_size=5)),
-        st.sampled_from([b"1", b" padded ", b"a, b", b"close", b"keep-alive", b"X-Named",
-                         b"\tt\t", b""]),
-    ), max_size=6), st.booleans())
-    def test_client_sees_end_to_end_headers(self, lines: list[tuple[str, bytes]],
-                                            plain: bool) -> None:
-        block = b"".join(k.encode() + (b": " if plain else b":") + v + b"\r\n"
-                         for k, v in lines)
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(
+                    st.sampled_from(_HOP + ["X-A", "x-a", "ETag", "Vary", "X-Named"]),
+                    st.text(alphabet="abcXYZ-_", min_size=1, max_size=5),
+                ),
+                st.sampled_from(
+                    [b"1", b" padded ", b"a, b", b"close", b"keep-alive", b"X-Named", b"\tt\t", b""]
+                ),
+            ),
+            max_size=6,
+        ),
+        st.booleans(),
+    )
+    def test_client_sees_end_to_end_headers(self, lines: list[tuple[str, bytes]], plain: bool) -> None:
+        block = b"".join(k.encode() + (b": " if plain else b":") + v + b"\r\n" for k, v in lines)
         h = ProxyHarness()
         ct, _ = h.answer(b"HTTP/1.1 200 OK\r\n" + block + b"Content-Length: 0\r\n\r\n")
-        named = {t.strip().lower() for k, v in lines if k.lower() == "connection"
-                 for t in v.decode().split(",")}
+        named = {
+            t.strip().lower() for k, v in lines if k.lower() == "connection" for t in v.decode().split(",")
+        }
         dropped = {x.lower() for x in _HOP} | named
-        expected = [(k.lower().encode(), v.strip()) for k, v in lines
-                    if k.lower() not in dropped and k.lower() != "content-length"]
-        got = [(k, v) for k, v in head_of(ct.value())[1]
-               if k not in (b"date", b"content-length")]
+        expected = [
+            (k.lower().encode(), v.strip())
+            for k, v in lines
+            if k.lower() not in dropped and k.lower() != "content-length"
+        ]
+        got = [(k, v) for k, v in head_of(ct.value())[1] if k not in (b"date", b"content-length")]
         if "content-length" not in dropped:
             self.assertIn((b"content-length", b"0"), head_of(ct.value())[1])
         self.assertEqual(got, [kv for kv in expected if kv[0] != b"date"])
@@ -252,9 +291,7 @@ class HelperTests(SynchronousTestCase):
             b"relative/x": b"relative/x",
         }
         for value, want in cases.items():
-            self.assertEqual(
-                rewrite_location(value, prefix=pre, backend_host=b"b.example:8080"), want, value
-            )
+            self.assertEqual(rewrite_location(value, prefix=pre, backend_host=b"b.example:8080"), want, value)
         self.assertEqual(
             rewrite_location(b"http://b.example:80/a", prefix=b"/p", backend_host=b"b.example"),
             b"/p/a",

@@ -30,9 +30,19 @@ class ContainerRangesTests(SynchronousTestCase):
             NetworkInfo("host", "host"),
             NetworkInfo("odd", "bridge", ("not-a-cidr",)),
         ]
-        self.assertEqual(container_ranges(nets), {ipaddress.ip_network(n) for n in (
-            "172.17.0.0/16", "10.77.0.0/24", "fd00:77::/64", "192.168.1.192/27",
-            "192.168.2.0/24")})
+        self.assertEqual(
+            container_ranges(nets),
+            {
+                ipaddress.ip_network(n)
+                for n in (
+                    "172.17.0.0/16",
+                    "10.77.0.0/24",
+                    "fd00:77::/64",
+                    "192.168.1.192/27",
+                    "192.168.2.0/24",
+                )
+            },
+        )
 
 
 class HostPolicyServiceTests(SynchronousTestCase):
@@ -49,11 +59,13 @@ class HostPolicyServiceTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        svc = HostPolicyService(policy, {"gpu1": gpu, "local": local}, clock, interval=60,
-                                read_local=lambda: set(addresses))
+        svc = HostPolicyService(
+            policy, {"gpu1": gpu, "local": local}, clock, interval=60, read_local=lambda: set(addresses)
+        )
         svc.startService()
-        self.assertEqual(policy.blocked_now, {ipaddress.ip_network("10.77.0.0/24"),
-                                              ipaddress.ip_network("172.17.0.0/16")})
+        self.assertEqual(
+            policy.blocked_now, {ipaddress.ip_network("10.77.0.0/24"), ipaddress.ip_network("172.17.0.0/16")}
+        )
         self.assertEqual(policy.generation, 2)  # one per engine; the addresses as given
         gpu.set_down(True)
         gpu.network_list = []

@@ -11,9 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 class InsideTests(SynchronousTestCase):
     """Container detection and the sibling gateway (no Docker needed)."""
 
-    ROUTE = ("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-             "eth0\t00000000\t010011AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
-             "eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n")
+    ROUTE = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010011AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+    )
 
     def fake_root(self, dockerenv: bool, route: str, cgroup: str = "0::/\n") -> str:
         root = self.mktemp()

@@ -88,12 +88,12 @@ class FakeProxy:
         return NOT_DONE_YET
 
 
-def job(segment: str, broker: FakeBroker, proxy: FakeProxy,
-        allow: tuple[str, ...] = ()) -> JobResource:
+def job(segment: str, broker: FakeBroker, proxy: FakeProxy, allow: tuple[str, ...] = ()) -> JobResource:
     spec = parse_route(segment)
     assert isinstance(spec, JobSpec)
-    return JobResource(spec, b"/" + segment.encode(), b"/rest?q", broker=broker,
-                       proxy=proxy, allow_image=allow)  # type: ignore[arg-type]
+    return JobResource(
+        spec, b"/" + segment.encode(), b"/rest?q", broker=broker, proxy=proxy, allow_image=allow
+    )  # type: ignore[arg-type]
 
 
 class JobResourceTests(SynchronousTestCase):
@@ -159,8 +159,7 @@ class JobResourceTests(SynchronousTestCase):
         confirms it died."""
         for alive in (True, False):
             lease, proxy = FakeLease(), FakeProxy()
-            job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(
-                DummyRequest([b""]))
+            job("x:team:app:1:8080", FakeBroker(result=lease), proxy).render(DummyRequest([b""]))
             proxy.calls[0]["on_end"](ExchangeEnd("unanswered", None, 0))
             self.assertEqual(lease.retries, [])  # waits for the broker's word
             lease.confirms[0].callback(alive)
@@ -193,8 +192,10 @@ class JobResourceTests(SynchronousTestCase):
         self.assertEqual((lease.released, lease.failures), (1, 0))
 
     def test_broker_errors_are_answers(self) -> None:
-        for err, status, retry in [(QueueTimeout("waited too long"), 503, b"10"),
-                                   (Overloaded("queue full"), 503, b"5")]:
+        for err, status, retry in [
+            (QueueTimeout("waited too long"), 503, b"10"),
+            (Overloaded("queue full"), 503, b"5"),
+        ]:
             request = DummyRequest([b""])
             job("x:team:app:1:8080", FakeBroker(result=err), FakeProxy()).render(request)
             self.assertEqual(request.responseCode, status)
@@ -216,8 +217,15 @@ class JobResourceTests(SynchronousTestCase):
         spec = parse_route("x:team:worker:1:3")
         assert isinstance(spec, JobSpec)
         broker = FakeBroker(result=object())
-        res = JobResource(spec, b"/x:team:worker:1:3", b"/", broker=broker, proxy=FakeProxy(),
-                          allow_image=(), worker_post_only=True)  # type: ignore[arg-type]
+        res = JobResource(
+            spec,
+            b"/x:team:worker:1:3",
+            b"/",
+            broker=broker,
+            proxy=FakeProxy(),
+            allow_image=(),
+            worker_post_only=True,
+        )  # type: ignore[arg-type]
         request = DummyRequest([b""])
         res.render(request)
         self.assertEqual((request.responseCode, broker.workers), (405, []))
@@ -257,8 +265,14 @@ class HostResourceTests(SynchronousTestCase):
     def test_forbidden(self) -> None:
         target = parse_route("host:127.0.0.1:8080")
         proxy = FakeProxy()
-        res = HostResource(target, b"/host:127.0.0.1:8080", b"/", proxy=proxy,  # type: ignore[arg-type]
-                           policy=HostPolicy(allow=(), own_ports=set()), cookie=True)
+        res = HostResource(
+            target,
+            b"/host:127.0.0.1:8080",
+            b"/",
+            proxy=proxy,  # type: ignore[arg-type]
+            policy=HostPolicy(allow=(), own_ports=set()),
+            cookie=True,
+        )
         request = DummyRequest([b""])
         res.render(request)
         self.assertEqual(request.responseCode, 403)
@@ -268,8 +282,14 @@ class HostResourceTests(SynchronousTestCase):
     def test_allowed_forwards_with_host_header(self) -> None:
         target = parse_route("host:127.0.0.1:8080")
         proxy = FakeProxy()
-        res = HostResource(target, b"/host:127.0.0.1:8080", b"/a", proxy=proxy,  # type: ignore[arg-type]
-                           policy=HostPolicy(allow=("127.0.0.1",), own_ports={8888}), cookie=True)
+        res = HostResource(
+            target,
+            b"/host:127.0.0.1:8080",
+            b"/a",
+            proxy=proxy,  # type: ignore[arg-type]
+            policy=HostPolicy(allow=("127.0.0.1",), own_ports={8888}),
+            cookie=True,
+        )
         res.render(DummyRequest([b""]))
         (call,) = proxy.calls
         self.assertEqual(call["backend"].description, "tcp:127.0.0.1:8080")
@@ -282,8 +302,14 @@ class HostResourceTests(SynchronousTestCase):
         proxy = FakeProxy()
         pending: Deferred[list[str]] = Deferred()
         policy = HostPolicy(allow=(), own_ports=set(), resolve=lambda name: pending)
-        res = HostResource(target, b"/host:db.internal:5432", b"/", proxy=proxy,  # type: ignore[arg-type]
-                           policy=policy, cookie=False)
+        res = HostResource(
+            target,
+            b"/host:db.internal:5432",
+            b"/",
+            proxy=proxy,  # type: ignore[arg-type]
+            policy=policy,
+            cookie=False,
+        )
         request = DummyRequest([b""])
         self.assertEqual(res.render(request), NOT_DONE_YET)
         self.assertEqual(proxy.calls, [])
@@ -296,10 +322,17 @@ class HostResourceTests(SynchronousTestCase):
     def test_name_resolving_to_loopback_refused(self) -> None:
         target = parse_route("host:sneaky.example:80")
         proxy = FakeProxy()
-        policy = HostPolicy(allow=(), own_ports=set(),
-                            resolve=lambda name: succeed(["93.184.216.34", "127.0.0.1"]))
-        res = HostResource(target, b"/host:sneaky.example:80", b"/", proxy=proxy,  # type: ignore[arg-type]
-                           policy=policy, cookie=True)
+        policy = HostPolicy(
+            allow=(), own_ports=set(), resolve=lambda name: succeed(["93.184.216.34", "127.0.0.1"])
+        )
+        res = HostResource(
+            target,
+            b"/host:sneaky.example:80",
+            b"/",
+            proxy=proxy,  # type: ignore[arg-type]
+            policy=policy,
+            cookie=True,
+        )
         request = DummyRequest([b""])
         res.render(request)
         self.assertEqual(request.responseCode, 403)
@@ -312,8 +345,12 @@ class HostRouteTests(SynchronousTestCase):
     def route(self, segment: str, policy: HostPolicy, proxy: FakeProxy) -> HostRoute:
         target = parse_route(segment)
         assert isinstance(target, HostTarget)
-        return HostRoute(target, b"/" + segment.encode(), proxy=proxy,  # type: ignore[arg-type]
-                         policy=policy)
+        return HostRoute(
+            target,
+            b"/" + segment.encode(),
+            proxy=proxy,  # type: ignore[arg-type]
+            policy=policy,
+        )
 
     def request(self, uri: bytes) -> DummyRequest:
         r = DummyRequest([b""])

@@ -118,21 +118,36 @@ class TextObserverTests(unittest.TestCase):
 
     def twistd_lines(self) -> str:
         """What twistd's own textFileLogObserver writes for the same events."""
-        return "".join(formatEventAsClassicLogText(e, formatTime=formatTime) or ""
-                       for e in self.events)
+        return "".join(formatEventAsClassicLogText(e, formatTime=formatTime) or "" for e in self.events)
 
     def test_same_lines_as_twistd(self) -> None:
-        logs.log_request(kind="host", route="h:1", method=b"GET", uri=b"/host:h:1/a?b=2",
-                         status=200, nbytes=3, seconds=0.5, logger=self.log)
+        logs.log_request(
+            kind="host",
+            route="h:1",
+            method=b"GET",
+            uri=b"/host:h:1/a?b=2",
+            status=200,
+            nbytes=3,
+            seconds=0.5,
+            logger=self.log,
+        )
         self.log.info("plain {what}", what="event")
         self.log.info("with a system", log_system="custom")
         try:
             1 / 0  # noqa: B018 - raised on purpose: a failure to log
         except ZeroDivisionError:
             self.log.failure("it broke")
-        logs.log_request(kind="x", route="r", method="GET", uri=b"/x:a:1:80/",
-                         status=502, nbytes=0, seconds=0.1, reason="backend-error",
-                         logger=self.log)
+        logs.log_request(
+            kind="x",
+            route="r",
+            method="GET",
+            uri=b"/x:a:1:80/",
+            status=502,
+            nbytes=0,
+            seconds=0.1,
+            reason="backend-error",
+            logger=self.log,
+        )
         self.reactor.advance(0)
         self.assertEqual(self.out.getvalue(), self.twistd_lines())
         text = self.out.getvalue()
@@ -143,8 +158,14 @@ class TextObserverTests(unittest.TestCase):
     def test_request_log_writes_the_same_lines_directly(self) -> None:
         """RequestLog(text=observer) skips the event, not a character of the line."""
         request: dict[str, Any] = {
-            "kind": "x", "route": "r", "method": b"POST", "uri": b"/x:a:1:80/p?secret=1",
-            "status": 502, "nbytes": 0, "seconds": 0.1, "queue_wait": 0.25,
+            "kind": "x",
+            "route": "r",
+            "method": b"POST",
+            "uri": b"/x:a:1:80/p?secret=1",
+            "status": 502,
+            "nbytes": 0,
+            "seconds": 0.1,
+            "queue_wait": 0.25,
             "reason": "backend-error",
         }
         when = 1_700_000_000.5
@@ -159,14 +180,20 @@ class TextObserverTests(unittest.TestCase):
         self.assertEqual(self.out.getvalue(), "")  # batched until the end of the iteration
         self.reactor.advance(0)
         self.assertEqual(self.out.getvalue(), by_event)
-        self.assertIn("x r POST /x:a:1:80/p?secret=… -> 502 0B in 0.100s queued 0.250s "
-                      "(backend-error)", by_event)
+        self.assertIn(
+            "x r POST /x:a:1:80/p?secret=… -> 502 0B in 0.100s queued 0.250s (backend-error)", by_event
+        )
         self.assertEqual(len(self.events), 1)  # the direct line made no event
 
     def test_timestamp_follows_the_clock(self) -> None:
         for when in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5, 1_700_003_600.0):
-            event = {"log_format": "at {when}", "when": when, "log_time": when,
-                     "log_level": LogLevel.info, "log_namespace": "t"}
+            event = {
+                "log_format": "at {when}",
+                "when": when,
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": "t",
+            }
             self.events.append(event)
             self.obs(event)
         self.reactor.advance(0)
@@ -204,8 +231,7 @@ class SetupTests(unittest.TestCase):
         log.info("two")
         self.assertEqual(out.getvalue(), "")
         reactor.advance(0)
-        self.assertEqual([json.loads(x)["message"] for x in out.getvalue().splitlines()],
-                         ["one", "two"])
+        self.assertEqual([json.loads(x)["message"] for x in out.getvalue().splitlines()], ["one", "two"])
         self.assertEqual(len(out.writes), 1)
 
 

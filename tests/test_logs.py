@@ -27,19 +27,53 @@ class Captured:
 
     def sequence(self) -> None:
         spec = parse_route(SEGMENT)
-        logs.log_request(kind="x", route=spec.display, method=b"POST",  # type: ignore[union-attr]
-                         uri=f"/{SEGMENT}/api/tts?text=hello&key={SECRET}".encode(),
-                         status=200, nbytes=1234, seconds=1.25, queue_wait=0.5,
-                         client="10.0.0.9", logger=self.log)
-        logs.log_container("pull-start", spec.display, "local", 9100,  # type: ignore[union-attr]
-                           logger=self.log)
-        logs.log_container("ready", spec.display, "local", 9100,  # type: ignore[union-attr]
-                           container="3f2a9c0d1e2f3a4b5c6d", seconds=2.5, logger=self.log)
-        logs.log_container("crash", spec.display, "gpu1", 9101,  # type: ignore[union-attr]
-                           detail="exit code 3", logger=self.log)
-        logs.log_request(kind="host", route="example.org:80", method="GET", uri=b"/host:example.org/",
-                         status=502, nbytes=0, seconds=0.004, reason="backend-error",
-                         logger=self.log)
+        logs.log_request(
+            kind="x",
+            route=spec.display,
+            method=b"POST",  # type: ignore[union-attr]
+            uri=f"/{SEGMENT}/api/tts?text=hello&key={SECRET}".encode(),
+            status=200,
+            nbytes=1234,
+            seconds=1.25,
+            queue_wait=0.5,
+            client="10.0.0.9",
+            logger=self.log,
+        )
+        logs.log_container(
+            "pull-start",
+            spec.display,
+            "local",
+            9100,  # type: ignore[union-attr]
+            logger=self.log,
+        )
+        logs.log_container(
+            "ready",
+            spec.display,
+            "local",
+            9100,  # type: ignore[union-attr]
+            container="3f2a9c0d1e2f3a4b5c6d",
+            seconds=2.5,
+            logger=self.log,
+        )
+        logs.log_container(
+            "crash",
+            spec.display,
+            "gpu1",
+            9101,  # type: ignore[union-attr]
+            detail="exit code 3",
+            logger=self.log,
+        )
+        logs.log_request(
+            kind="host",
+            route="example.org:80",
+            method="GET",
+            uri=b"/host:example.org/",
+            status=502,
+            nbytes=0,
+            seconds=0.004,
+            reason="backend-error",
+            logger=self.log,
+        )
 
 
 class TextTests(unittest.TestCase):
@@ -50,15 +84,17 @@ class TextTests(unittest.TestCase):
         spec = parse_route(SEGMENT)
         display = spec.display  # type: ignore[union-attr]
         redacted = "/" + display.replace(" ", ":")
-        self.assertEqual(lines, [
-            f"x {display} POST {redacted}/api/tts?text=…&key=… -> 200 1234B in 1.250s queued 0.500s",
-            f"container pull-start {display} on local:9100",
-            f"container ready {display} on local:9100 [3f2a9c0d1e2f] after 2.500s",
-            f"container crash {display} on gpu1:9101: exit code 3",
-            "host example.org:80 GET /host:example.org/ -> 502 0B in 0.004s (backend-error)",
-        ])
-        self.assertEqual([e["log_level"].name for e in c.events],
-                         ["info", "info", "info", "warn", "info"])
+        self.assertEqual(
+            lines,
+            [
+                f"x {display} POST {redacted}/api/tts?text=…&key=… -> 200 1234B in 1.250s queued 0.500s",
+                f"container pull-start {display} on local:9100",
+                f"container ready {display} on local:9100 [3f2a9c0d1e2f] after 2.500s",
+                f"container crash {display} on gpu1:9101: exit code 3",
+                "host example.org:80 GET /host:example.org/ -> 502 0B in 0.004s (backend-error)",
+            ],
+        )
+        self.assertEqual([e["log_level"].name for e in c.events], ["info", "info", "info", "warn", "info"])
 
     def test_no_secret_anywhere(self) -> None:
         c = Captured()
@@ -70,12 +106,22 @@ class TextTests(unittest.TestCase):
     def test_request_event_is_what_logger_info_builds(self) -> None:
         """log_request hands its observer the very event ``Logger.info`` would."""
         c = Captured()
-        logs.log_request(kind="host", route="h:1", method=b"GET", uri=b"/host:h:1/a?b=c",
-                         status=200, nbytes=3, seconds=0.5, client="10.0.0.1", logger=c.log)
+        logs.log_request(
+            kind="host",
+            route="h:1",
+            method=b"GET",
+            uri=b"/host:h:1/a?b=c",
+            status=200,
+            nbytes=3,
+            seconds=0.5,
+            client="10.0.0.1",
+            logger=c.log,
+        )
         (ours,) = c.events
         ref: list[dict[str, Any]] = []
         Logger(namespace="dockerspaces.request", observer=ref.append).info(
-            "{ds_text}", **{k: v for k, v in ours.items() if k.startswith("ds_")})
+            "{ds_text}", **{k: v for k, v in ours.items() if k.startswith("ds_")}
+        )
         (theirs,) = ref
         self.assertEqual(set(ours), set(theirs))
         for k in ours:

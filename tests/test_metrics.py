@@ -68,9 +68,11 @@ class MetricsTests(unittest.TestCase):
         kx = (("kind", "x"),)
         self.assertEqual(s[("dockerspaces_request_duration_seconds_count", kx)], 2)
         self.assertAlmostEqual(s[("dockerspaces_request_duration_seconds_sum", kx)], 4.3)
+
         # cumulative buckets: 0.3 is <= 0.5, 4.0 is not <= 2.5 but <= 5.0
         def le(b):
             return (("kind", "x"), ("le", b))
+
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("0.25"))], 0)
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("0.5"))], 1)
         self.assertEqual(s[("dockerspaces_request_duration_seconds_bucket", le("2.5"))], 1)
@@ -91,7 +93,8 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(s[("dockerspaces_container_crashes_total", (("host", "gpu1:2375"),))], 1)
         self.assertNotIn(("dockerspaces_container_crashes_total", (("host", "local"),)), s)
         self.assertEqual(
-            s[("dockerspaces_container_events_total", (("event", "pull-start"), ("host", "local")))], 1)
+            s[("dockerspaces_container_events_total", (("event", "pull-start"), ("host", "local")))], 1
+        )
 
     def test_snapshot_gauges(self) -> None:
         s = samples(self.sequence().render(SNAPSHOT))
@@ -114,8 +117,9 @@ class MetricsTests(unittest.TestCase):
         m = Metrics()
         m.request_done("y", 200, 100.0)
         s = samples(m.render())
-        les = sorted(float(dict(k[1])["le"]) for k in s
-                     if k[0] == "dockerspaces_request_duration_seconds_bucket")
+        les = sorted(
+            float(dict(k[1])["le"]) for k in s if k[0] == "dockerspaces_request_duration_seconds_bucket"
+        )
         self.assertEqual(les, sorted(DURATION_BUCKETS) + [float("inf")])
 
     def test_counter_cannot_go_down(self) -> None:
@@ -149,9 +153,9 @@ class GroupTests(unittest.TestCase):
         m.group_request("ml", "x", 200)
         m.group_request(None, "y", 429)
         s = samples(m.render(SNAPSHOT))
-        key = ("dockerspaces_group_requests_total",
-               (("group", "ml"), ("kind", "x"), ("status", "200")))
+        key = ("dockerspaces_group_requests_total", (("group", "ml"), ("kind", "x"), ("status", "200")))
         self.assertEqual(s[key], 2)
-        self.assertEqual(s[("dockerspaces_group_requests_total",
-                            (("group", "-"), ("kind", "y"), ("status", "429")))], 1)
+        self.assertEqual(
+            s[("dockerspaces_group_requests_total", (("group", "-"), ("kind", "y"), ("status", "429")))], 1
+        )
         self.assertNotIn(b'user="', m.render(SNAPSHOT))

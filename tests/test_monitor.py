@@ -17,15 +17,32 @@ from dockerspaces.web.monitor import MonitorResource, own_view
 SNAP: dict[str, Any] = {
     "SourceSlots": [{"State": "Run", "Key": "x:team/a:1:80 env[]#0", "RefInfo": "h:9100"}],
     "TargetSlots": [
-        {"State": "Run", "Key": "x:team/a:1:80 env[]#0", "Container": "c-alice", "Users": ["alice"],
-         "InFlight": 1, "RefInfo": "h:9100", "LastError": None, "SlotType": "x", "Port": 9100},
-        {"State": "Run", "Key": "x:team/b:1:80 env[S]#1", "Container": "c-bob", "Users": ["bob"],
-         "InFlight": 2, "RefInfo": "h:9101", "LastError": "boom", "SlotType": "x", "Port": 9101},
+        {
+            "State": "Run",
+            "Key": "x:team/a:1:80 env[]#0",
+            "Container": "c-alice",
+            "Users": ["alice"],
+            "InFlight": 1,
+            "RefInfo": "h:9100",
+            "LastError": None,
+            "SlotType": "x",
+            "Port": 9100,
+        },
+        {
+            "State": "Run",
+            "Key": "x:team/b:1:80 env[S]#1",
+            "Container": "c-bob",
+            "Users": ["bob"],
+            "InFlight": 2,
+            "RefInfo": "h:9101",
+            "LastError": "boom",
+            "SlotType": "x",
+            "Port": 9101,
+        },
         {"State": "Free", "Key": None, "Container": None, "Users": [], "InFlight": 0, "Port": 9102},
     ],
     "Queues": {"x:team/a:1:80 env[]#0": 3, "x:team/b:1:80 env[S]#1": 1},
-    "QueueUsers": {"x:team/a:1:80 env[]#0": {"alice": 1, "bob": 2},
-                   "x:team/b:1:80 env[S]#1": {"bob": 1}},
+    "QueueUsers": {"x:team/a:1:80 env[]#0": {"alice": 1, "bob": 2}, "x:team/b:1:80 env[S]#1": {"bob": 1}},
     "Estimates": {"x:team/a:1:80 env[]#0": {"Service": 1.0}, "x:team/b:1:80 env[S]#1": {}},
     "Pulls": [{"Ref": "team/b:1"}],
     "Hosts": [{"Name": "local", "Up": True}],
@@ -53,8 +70,7 @@ class OwnViewTests(SynchronousTestCase):
 
     def test_resource_filters_for_non_admins(self) -> None:
         resource = MonitorResource(lambda: SNAP)
-        for identity, sees_bob in ((None, True), (who("root", admin=True), True),
-                                   (who("alice"), False)):
+        for identity, sees_bob in ((None, True), (who("root", admin=True), True), (who("alice"), False)):
             request = DummyRequest([b""])
             if identity is not None:
                 setattr(request, IDENTITY_ATTR, identity)

@@ -56,8 +56,10 @@ class ProcTests(SynchronousTestCase):
         self.assertEqual(parse_if_inet6(INET6), {"fd00::2", "::1"})
 
     def test_docker_bridges_only(self) -> None:
-        self.assertEqual(parse_route_table(ROUTE), {ipaddress.ip_network("172.17.0.0/16"),
-                                                    ipaddress.ip_network("172.18.0.0/16")})
+        self.assertEqual(
+            parse_route_table(ROUTE),
+            {ipaddress.ip_network("172.17.0.0/16"), ipaddress.ip_network("172.18.0.0/16")},
+        )
 
     def test_this_machine(self) -> None:
         """On the test machine itself: loopback is among its addresses, the default
@@ -68,11 +70,20 @@ class ProcTests(SynchronousTestCase):
 
 class PortsTests(SynchronousTestCase):
     def test_every_strports_form(self) -> None:
-        self.assertEqual(listening_ports([
-            "tcp:8888", "tcp:port=8889:interface=127.0.0.1", "ssl:port=8443:privateKey=k.pem",
-            "ssl:8444:privateKey=a\\\\:b", "tcp6:port=9000:interface=\\\\:\\\\:1",
-            "unix:/tmp/s", "le:/certs:tcp:443",
-        ]), {8888, 8889, 8443, 8444, 9000, 443})
+        self.assertEqual(
+            listening_ports(
+                [
+                    "tcp:8888",
+                    "tcp:port=8889:interface=127.0.0.1",
+                    "ssl:port=8443:privateKey=k.pem",
+                    "ssl:8444:privateKey=a\\\\:b",
+                    "tcp6:port=9000:interface=\\\\:\\\\:1",
+                    "unix:/tmp/s",
+                    "le:/certs:tcp:443",
+                ]
+            ),
+            {8888, 8889, 8443, 8444, 9000, 443},
+        )
 
     def test_own_ports_of_config(self) -> None:
         c = Config(ports=("tcp:port=7000:interface=0.0.0.0", "ssl:port=7443:privateKey=x"))
@@ -85,10 +96,17 @@ class PortsTests(SynchronousTestCase):
             HostConfig("peer", "http://peer.example:8888/docker:local", 9300, 1),
             HostConfig("ssh", "ssh://ops@10.1.1.1", 9400, 0),
         ]
-        self.assertEqual(engine_targets(hosts), {
-            ("gpu1.example", 2375), ("gpu1.example", 9200), ("gpu1.example", 9201),
-            ("peer.example", 8888), ("peer.example", 9300), ("10.1.1.1", 22),
-        })
+        self.assertEqual(
+            engine_targets(hosts),
+            {
+                ("gpu1.example", 2375),
+                ("gpu1.example", 9200),
+                ("gpu1.example", 9201),
+                ("peer.example", 8888),
+                ("peer.example", 9300),
+                ("10.1.1.1", 22),
+            },
+        )
 
 
 #: Twisted's own reader of strports descriptions (private: compared with, never used)
@@ -97,10 +115,13 @@ _TWISTED_PARSE = getattr(endpoints, "_parse", None)
 
 class StrportsWordsTests(SynchronousTestCase):
     def test_forms(self) -> None:
-        self.assertEqual(strports_words("tcp:port=8889:interface=127.0.0.1"),
-                         (["tcp"], {"port": "8889", "interface": "127.0.0.1"}))
-        self.assertEqual(strports_words("ssl:8444:privateKey=a\\:b"),
-                         (["ssl", "8444"], {"privateKey": "a:b"}))
+        self.assertEqual(
+            strports_words("tcp:port=8889:interface=127.0.0.1"),
+            (["tcp"], {"port": "8889", "interface": "127.0.0.1"}),
+        )
+        self.assertEqual(
+            strports_words("ssl:8444:privateKey=a\\:b"), (["ssl", "8444"], {"privateKey": "a:b"})
+        )
         self.assertEqual(strports_words("a=b=c"), ([], {"a": "b=c"}))
         self.assertRaises(ValueError, strports_words, "tcp:8888\\")
         self.assertEqual(listening_ports(["tcp:8888\\", "tcp:8889"]), {8889})
@@ -133,8 +154,7 @@ class InterfaceAddressesTests(SynchronousTestCase):
         proc = self.mktemp()
         os.makedirs(os.path.join(proc, "net"))
         with open(os.path.join(proc, "net", "fib_trie"), "w") as f:
-            f.write("Main:\n  +-- 10.0.0.0/24 2 0 2\n     |-- 10.0.0.7\n"
-                    "        /32 host LOCAL\n")
+            f.write("Main:\n  +-- 10.0.0.0/24 2 0 2\n     |-- 10.0.0.7\n        /32 host LOCAL\n")
         with open(os.path.join(proc, "net", "if_inet6"), "w") as f:
             f.write("fd000000000000000000000000000002 04 40 00 82     eth0\n")
         self.assertEqual(interface_addresses(proc), {"10.0.0.7", "fd00::2"})

@@ -33,17 +33,43 @@ class Defaults(SynchronousTestCase):
     def test_defaults(self) -> None:
         c = parse()
         expected = {
-            "ports": ("tcp:8888",), "docker": "unix:///var/run/docker.sock", "target": 5,
-            "start_port": 9100, "cluster": (), "gpu": 0, "source": 15, "queue": 1000,
-            "queue_timeout": 300.0, "start_timeout": 600.0, "worker_timeout": 1800.0,
-            "release": 1800.0, "stop": 0.0, "pull": "missing", "registry": None,
-            "user": None, "password": None, "password_file": None, "email": None,
-            "auths": None, "allow_image": (), "publish_ip": None, "instance": None,
-            "keep_containers": False, "cors": False, "root": None, "allow_host": (),
-            "docker_api": False, "docker_api_allow": ("127.0.0.0/8",),
-            "docker_api_token_file": None, "config": None, "log_format": "text",
-            "max_body": 8 * 1024**3, "worker_post_only": False, "worker_release_max": 0,
-            "worker_slots": -1, "no_host_route": False,
+            "ports": ("tcp:8888",),
+            "docker": "unix:///var/run/docker.sock",
+            "target": 5,
+            "start_port": 9100,
+            "cluster": (),
+            "gpu": 0,
+            "source": 15,
+            "queue": 1000,
+            "queue_timeout": 300.0,
+            "start_timeout": 600.0,
+            "worker_timeout": 1800.0,
+            "release": 1800.0,
+            "stop": 0.0,
+            "pull": "missing",
+            "registry": None,
+            "user": None,
+            "password": None,
+            "password_file": None,
+            "email": None,
+            "auths": None,
+            "allow_image": (),
+            "publish_ip": None,
+            "instance": None,
+            "keep_containers": False,
+            "cors": False,
+            "root": None,
+            "allow_host": (),
+            "docker_api": False,
+            "docker_api_allow": ("127.0.0.0/8",),
+            "docker_api_token_file": None,
+            "config": None,
+            "log_format": "text",
+            "max_body": 8 * 1024**3,
+            "worker_post_only": False,
+            "worker_release_max": 0,
+            "worker_slots": -1,
+            "no_host_route": False,
         }
         for field, value in expected.items():
             self.assertEqual(getattr(c, field), value, field)
@@ -52,23 +78,54 @@ class Defaults(SynchronousTestCase):
     def test_every_option_in_table_exists(self) -> None:
         names = {o.name for o in OPTIONS}
         spec_names = {
-            "port", "docker", "target", "start-port", "cluster", "gpu", "source", "queue",
-            "queue-timeout", "start-timeout", "worker-timeout", "release", "stop", "pull",
-            "registry", "user", "password", "password-file", "email", "auths", "allow-image",
-            "publish-ip", "instance", "keep-containers", "cors", "root", "allow-host",
-            "docker-api", "docker-api-allow", "docker-api-token-file", "config",
-            "log-format", "max-body",
+            "port",
+            "docker",
+            "target",
+            "start-port",
+            "cluster",
+            "gpu",
+            "source",
+            "queue",
+            "queue-timeout",
+            "start-timeout",
+            "worker-timeout",
+            "release",
+            "stop",
+            "pull",
+            "registry",
+            "user",
+            "password",
+            "password-file",
+            "email",
+            "auths",
+            "allow-image",
+            "publish-ip",
+            "instance",
+            "keep-containers",
+            "cors",
+            "root",
+            "allow-host",
+            "docker-api",
+            "docker-api-allow",
+            "docker-api-token-file",
+            "config",
+            "log-format",
+            "max-body",
             # issue 12: worker limits and the host: switch
-            "worker-post-only", "worker-release-max", "worker-slots", "no-host-route",
+            "worker-post-only",
+            "worker-release-max",
+            "worker-slots",
+            "no-host-route",
             # issue 13: accounts
-            "auth", "state", "session-lifetime",
+            "auth",
+            "state",
+            "session-lifetime",
         }
         self.assertEqual(names, spec_names)
 
     def test_single_host(self) -> None:
         (h,) = parse("--target", "2", "--start-port", "9200").hosts()
-        self.assertEqual(h, HostConfig("local", "unix:///var/run/docker.sock", 9200, 2, 0,
-                                       "127.0.0.1"))
+        self.assertEqual(h, HostConfig("local", "unix:///var/run/docker.sock", 9200, 2, 0, "127.0.0.1"))
 
 
 class Values(SynchronousTestCase):
@@ -79,24 +136,77 @@ class Values(SynchronousTestCase):
         with open(token, "w") as f:
             f.write("tok\n")
         c = parse(
-            "--port", "tcp:1234", "--port", "unix:/tmp/s", "--docker", "tcp://h:2375",
-            "--target", "3", "--source", "7", "--queue", "9", "--queue-timeout", "1.5",
-            "--start-timeout", "20", "--worker-timeout", "30", "--release", "40", "--stop",
-            "5", "--pull", "never", "--registry", "https://r.example", "--user", "u",
-            "--password", "p", "--email", "e@x", "--auths", "a.json", "--allow-image",
-            "team/*", "--allow-image", "x:1", "--publish-ip", "0.0.0.0", "--instance", "i1",
-            "--keep-containers", "--cors", "--root", "example.org:81", "--allow-host",
-            "10.0.0.0/8", "--docker-api", "--docker-api-allow", "10.1.0.0/16",
-            "--docker-api-token-file", token, "--log-format", "json", "--max-body", "1MiB",
-            "--gpu", "2",
+            "--port",
+            "tcp:1234",
+            "--port",
+            "unix:/tmp/s",
+            "--docker",
+            "tcp://h:2375",
+            "--target",
+            "3",
+            "--source",
+            "7",
+            "--queue",
+            "9",
+            "--queue-timeout",
+            "1.5",
+            "--start-timeout",
+            "20",
+            "--worker-timeout",
+            "30",
+            "--release",
+            "40",
+            "--stop",
+            "5",
+            "--pull",
+            "never",
+            "--registry",
+            "https://r.example",
+            "--user",
+            "u",
+            "--password",
+            "p",
+            "--email",
+            "e@x",
+            "--auths",
+            "a.json",
+            "--allow-image",
+            "team/*",
+            "--allow-image",
+            "x:1",
+            "--publish-ip",
+            "0.0.0.0",
+            "--instance",
+            "i1",
+            "--keep-containers",
+            "--cors",
+            "--root",
+            "example.org:81",
+            "--allow-host",
+            "10.0.0.0/8",
+            "--docker-api",
+            "--docker-api-allow",
+            "10.1.0.0/16",
+            "--docker-api-token-file",
+            token,
+            "--log-format",
+            "json",
+            "--max-body",
+            "1MiB",
+            "--gpu",
+            "2",
         )
         self.assertEqual(c.ports, ("tcp:1234", "unix:/tmp/s"))
         self.assertEqual((c.target, c.source, c.queue), (3, 7, 9))
-        self.assertEqual((c.queue_timeout, c.start_timeout, c.worker_timeout, c.release, c.stop),
-                         (1.5, 20.0, 30.0, 40.0, 5.0))
+        self.assertEqual(
+            (c.queue_timeout, c.start_timeout, c.worker_timeout, c.release, c.stop),
+            (1.5, 20.0, 30.0, 40.0, 5.0),
+        )
         self.assertEqual(c.pull, "never")
-        self.assertEqual((c.registry, c.user, c.password, c.email, c.auths),
-                         ("https://r.example", "u", "p", "e@x", "a.json"))
+        self.assertEqual(
+            (c.registry, c.user, c.password, c.email, c.auths),
+            ("https://r.example", "u", "p", "e@x", "a.json"),
+        )
         self.assertEqual(c.allow_image, ("team/*", "x:1"))
         self.assertEqual((c.publish_ip, c.instance_name()), ("0.0.0.0", "i1"))
         self.assertTrue(c.keep_containers and c.cors and c.docker_api)
@@ -113,11 +223,19 @@ class Values(SynchronousTestCase):
         self.assertNotIn("s3cret", repr(parse("--password", "s3cret")))
 
     def test_cluster(self) -> None:
-        c = parse("--cluster", "19100:5:http://10.0.0.2:7878/docker:local",
-                  "--cluster", "12100:5:unix:///var/run/docker.sock", "--target", "9")
+        c = parse(
+            "--cluster",
+            "19100:5:http://10.0.0.2:7878/docker:local",
+            "--cluster",
+            "12100:5:unix:///var/run/docker.sock",
+            "--target",
+            "9",
+        )
         hosts = c.hosts()
-        self.assertEqual([(h.name, h.start_port, h.slots) for h in hosts],
-                         [("10.0.0.2:7878", 19100, 5), ("local", 12100, 5)])
+        self.assertEqual(
+            [(h.name, h.start_port, h.slots) for h in hosts],
+            [("10.0.0.2:7878", 19100, 5), ("local", 12100, 5)],
+        )
         self.assertEqual([h.publish_ip for h in hosts], ["0.0.0.0", "127.0.0.1"])
         self.assertEqual(hosts[0].address, "10.0.0.2")
 
@@ -185,16 +303,16 @@ class ConfigFile(SynchronousTestCase):
         self.assertEqual((c.source, c.target, c.cors, c.queue_timeout), (5, 2, True, 9.0))
         self.assertEqual(c.allow_image, ("team/*",))
         (p,) = c.profiles
-        self.assertEqual((p.pattern, p.volumes, p.shm_size, p.mem_limit, p.cpus, p.ready_path, p.gpu),
-                         ("selmaproject/*", ("/models:/models:ro",), "1g", "4g", 1.5, "/health", False))
+        self.assertEqual(
+            (p.pattern, p.volumes, p.shm_size, p.mem_limit, p.cpus, p.ready_path, p.gpu),
+            ("selmaproject/*", ("/models:/models:ro",), "1g", "4g", 1.5, "/health", False),
+        )
 
     def test_worker_limits(self) -> None:
         """--worker-release-max globally and per profile; --worker-slots; the flag."""
-        path = self.write('worker-slots = 2\n[[profile]]\nimage = "team/*"\n'
-                          'worker-release-max = 3\n')
+        path = self.write('worker-slots = 2\n[[profile]]\nimage = "team/*"\nworker-release-max = 3\n')
         c = parse("--config", path, "--worker-release-max", "1", "--worker-post-only")
-        self.assertEqual((c.worker_slots, c.worker_release_max, c.worker_post_only),
-                         (2, 1, True))
+        self.assertEqual((c.worker_slots, c.worker_release_max, c.worker_post_only), (2, 1, True))
         self.assertEqual(c.profiles[0].worker_release_max, 3)
         from dockerspaces.app import run_options_for
         from dockerspaces.spec import parse_route
@@ -218,8 +336,9 @@ class ConfigFile(SynchronousTestCase):
         self.assertIn("TOML", str(e))
 
     def test_bad_profile(self) -> None:
-        e = self.assertRaises(usage.UsageError, parse, "--config",
-                              self.write("[[profile]]\nimage='a'\nvolume=['x']\n"))
+        e = self.assertRaises(
+            usage.UsageError, parse, "--config", self.write("[[profile]]\nimage='a'\nvolume=['x']\n")
+        )
         self.assertIn("volume", str(e))
 
 
@@ -253,8 +372,7 @@ class AuthOptions(SynchronousTestCase):
         d = tempfile.mkdtemp()
         path = os.path.join(d, "c.toml")
         with open(path, "w") as f:
-            f.write('target = 1\n[auth]\nmode = "accounts"\nstate = "/s.sqlite"\n'
-                    "session-lifetime = 60\n")
+            f.write('target = 1\n[auth]\nmode = "accounts"\nstate = "/s.sqlite"\nsession-lifetime = 60\n')
         c = build_config({"config": path})
         self.assertEqual((c.auth, c.state, c.session_lifetime), ("accounts", "/s.sqlite", 60.0))
         with open(path, "w") as f:

@@ -41,8 +41,13 @@ class FloorTests(SynchronousTestCase):
         for path in sorted((ROOT / "dockerspaces").rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 for name in names:
                     need = NEW_STDLIB.get(name.split(".")[0])
                     if need is not None:
@@ -50,5 +55,3 @@ class FloorTests(SynchronousTestCase):
 
     def test_running_python_meets_the_floor(self) -> None:
         self.assertGreaterEqual(sys.version_info[:2], floor())
-
-

@@ -24,8 +24,9 @@ from dockerspaces.web.pages import (
 BROWSER = b"text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
 
 
-def request(uri: bytes = b"/x:a:1:80/", accept: bytes | None = BROWSER, method: bytes = b"GET",
-            **headers: bytes) -> DummyRequest:
+def request(
+    uri: bytes = b"/x:a:1:80/", accept: bytes | None = BROWSER, method: bytes = b"GET", **headers: bytes
+) -> DummyRequest:
     r = DummyRequest([b""])
     r.uri, r.method = uri, method
     if accept is not None:
@@ -71,8 +72,9 @@ class BoardTests(unittest.TestCase):
         self.clock.advance(2)
         view = self.board.get(t)
         assert view is not None
-        self.assertEqual((view["state"], view["current"], view["total"], view["detail"]),
-                         ("pulling", 5, 10, "layer 1"))
+        self.assertEqual(
+            (view["state"], view["current"], view["total"], view["detail"]), ("pulling", 5, 10, "layer 1")
+        )
         self.assertEqual(view["waited"], 2)
         self.assertEqual(view["url"], "/x:a:1:80/")
         self.board.finish(t, "ready")
@@ -222,5 +224,6 @@ class ResourceTests(unittest.TestCase):
         self.assertIn(b"<table", html)
         self.assertIn(b"XMLHttpRequest", html)
         self.assertEqual(dash.render(request(b"/monitor:broker/", accept=None)), b'{"Queues": {}}')
-        self.assertEqual(dash.render(request(b"/monitor:broker/", accept=b"application/json")),
-                         b'{"Queues": {}}')
+        self.assertEqual(
+            dash.render(request(b"/monitor:broker/", accept=b"application/json")), b'{"Queues": {}}'
+        )

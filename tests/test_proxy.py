@@ -36,8 +36,9 @@ class ResponseTests(SynchronousTestCase):
     def test_streamed_head_sent_before_any_body(self) -> None:
         """A chunked answer (SSE, docker wait/events) shows its head at once."""
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.1 200 OK")
         self.assertEqual(values(headers, b"content-type"), [b"text/event-stream"])
@@ -45,8 +46,9 @@ class ResponseTests(SynchronousTestCase):
 
     def test_repeated_header_in_two_spellings_kept(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
-                         b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 0\r\n\r\n"
+        )
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"set-cookie"), [b"a=1", b"b=2"])
 
@@ -81,8 +83,9 @@ class ResponseTests(SynchronousTestCase):
 
     def test_date_and_server_are_the_backends(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
-                         b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n"
+        )
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"date"), [b"Sun, 06 Nov 1994 08:49:37 GMT"])
         self.assertEqual(values(headers, b"server"), [])  # no Server of ours on theirs
@@ -175,8 +178,7 @@ class ResponseTests(SynchronousTestCase):
             self.assertEqual(ct.value(), b"")
             self.assertEqual(h.ends, [ExchangeEnd("unanswered", None, 0)])
         # ... but not again, and never a request with a body
-        for retry, raw in [(1, GET),
-                           (2, b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")]:
+        for retry, raw in [(1, GET), (2, b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi")]:
             h = ProxyHarness()
             h.retry = retry
             _, ct = h.client(raw)
@@ -191,8 +193,10 @@ class ResponseTests(SynchronousTestCase):
         (behind docker-proxy a dead app's port still accepts) -- then it was never
         read, and it is handed back ``unforwarded`` like a refused connect."""
         post = b"POST /p HTTP/1.1\r\nHost: f\r\nContent-Length: 2\r\n\r\nhi"
-        for dead_before, end in [(True, ExchangeEnd("unforwarded", None, 0)),
-                                 (False, ExchangeEnd("backend-error", 502, 0))]:
+        for dead_before, end in [
+            (True, ExchangeEnd("unforwarded", None, 0)),
+            (False, ExchangeEnd("backend-error", 502, 0)),
+        ]:
             h = ProxyHarness()
             h.retry = 1
             asked: list[tuple[float, Deferred[bool]]] = []
@@ -296,8 +300,7 @@ class ResponseTests(SynchronousTestCase):
         """Without chunking or a length the client could not tell a cut answer from a
         whole one: its connection is aborted (a reset), not closed."""
         h = ProxyHarness()
-        ct, p = h.answer(b"HTTP/1.0 200 OK\r\n\r\npart",
-                         request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
+        ct, p = h.answer(b"HTTP/1.0 200 OK\r\n\r\npart", request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
         aborted: list[bool] = []
         ct.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
         p.connectionLost(Failure(ierror.ConnectionLost("reset")))
@@ -348,8 +351,10 @@ class ResponseTests(SynchronousTestCase):
 
     def test_http10_client_gets_close_delimited_answer(self) -> None:
         h = ProxyHarness()
-        ct, p = h.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-                         request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n")
+        ct, p = h.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+            request=b"GET / HTTP/1.0\r\nHost: f\r\n\r\n",
+        )
         line, headers = head_of(ct.value())
         self.assertEqual(line, b"HTTP/1.0 200 OK")
         self.assertEqual(values(headers, b"transfer-encoding"), [])
@@ -359,9 +364,10 @@ class ResponseTests(SynchronousTestCase):
 
     def test_client_connection_close_kept_in_head(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
-                         b"\r\nok",
-                         request=b"GET / HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+            request=b"GET / HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n",
+        )
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"connection"), [b"close"])
         self.assertTrue(ct.value().endswith(b"\r\n\r\nok"))
@@ -370,12 +376,12 @@ class ResponseTests(SynchronousTestCase):
 
     def test_header_spelling_and_order_kept(self) -> None:
         h = ProxyHarness()
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\n"
-                         b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(
+            b'HTTP/1.1 200 OK\r\nx-lower: 1\r\nETag: "e"\r\nX-Lower: 2\r\nContent-Length: 0\r\n\r\n'
+        )
         head = ct.value().split(b"\r\n\r\n")[0]
         # as the backend sent them: order, spelling, repeats
-        self.assertIn(b"\r\nx-lower: 1\r\nETag: \"e\"\r\nX-Lower: 2\r\nContent-Length: 0\r\n",
-                      head)
+        self.assertIn(b'\r\nx-lower: 1\r\nETag: "e"\r\nX-Lower: 2\r\nContent-Length: 0\r\n', head)
 
     def test_refused_is_502(self) -> None:
         h = ProxyHarness()
@@ -402,8 +408,7 @@ class ResponseTests(SynchronousTestCase):
         _, ct = h.client(GET)
         p, _ = h.accept()
         p.dataReceived(
-            b"HTTP/1.1 302 Found\r\nLocation: http://backend.example/next?a=1\r\n"
-            b"Content-Length: 0\r\n\r\n"
+            b"HTTP/1.1 302 Found\r\nLocation: http://backend.example/next?a=1\r\nContent-Length: 0\r\n\r\n"
         )
         self.assertIn(b"Location: /x:team:app:1:8080/next?a=1\r\n", ct.value())
 
@@ -427,8 +432,9 @@ class ResponseTests(SynchronousTestCase):
         h = ProxyHarness()
         seg = "x:team:app:1:8080:SECRET=hunter22;TOKEN=abc%3Bdef"
         h.cookie = seg
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-                         b"Content-Length: 0\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 0\r\n\r\n"
+        )
         [cookie] = values(head_of(ct.value())[1], b"set-cookie")
         value = cookie.split(b";", 1)[0].removeprefix(b"dsroute=")
         for leak in (b"hunter22", b"SECRET", b"TOKEN", b"abc", b"team", b"x:", b"8080"):
@@ -445,8 +451,7 @@ class ResponseTests(SynchronousTestCase):
         p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 0\r\n\r\n")
         [cookie] = values(head_of(ct.value())[1], b"set-cookie")
         self.assertTrue(cookie.startswith(b"dsroute="), cookie)
-        self.assertEqual(cookie.split(b"; ")[1:], [b"Path=/", b"HttpOnly", b"SameSite=Lax",
-                                                    b"Secure"])
+        self.assertEqual(cookie.split(b"; ")[1:], [b"Path=/", b"HttpOnly", b"SameSite=Lax", b"Secure"])
 
     def test_route_cookie_from_the_injected_key(self) -> None:
         """The key is injectable (same key, same reference; another key, another)."""
@@ -466,8 +471,7 @@ class ResponseTests(SynchronousTestCase):
         h.cors_allowed = False
         _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
         p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n"
-                       b"Content-Length: 2\r\n\r\n{}")
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\nContent-Length: 2\r\n\r\n{}")
         _, headers = head_of(ct.value())
         self.assertEqual([k for k, _ in headers if k.startswith(b"access-control-")], [])
 
@@ -475,12 +479,10 @@ class ResponseTests(SynchronousTestCase):
         h = ProxyHarness(cors=True)
         _, ct = h.client(b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
         p, _ = h.accept()
-        p.dataReceived(b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\n"
-                       b"Content-Length: 2\r\n\r\nok")
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nContent-Length: 2\r\n\r\nok")
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"vary"), [b"Accept-Encoding, Origin"])
-        self.assertEqual(values(headers, b"access-control-allow-origin"),
-                         [b"https://app.example"])
+        self.assertEqual(values(headers, b"access-control-allow-origin"), [b"https://app.example"])
 
     def test_cors_vary_merge_keeps_every_token_once(self) -> None:
         """Several backend Vary lines (one folded: the header block is not plain) keep
@@ -490,27 +492,32 @@ class ResponseTests(SynchronousTestCase):
         req = b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n"
 
         def tokens(ct: StringTransport) -> list[bytes]:
-            return [t.strip() for v in values(head_of(ct.value())[1], b"vary")
-                    for t in v.split(b",")]
+            return [t.strip() for v in values(head_of(ct.value())[1], b"vary") for t in v.split(b",")]
 
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: Cookie,\r\n"
-                         b" Accept\r\nContent-Length: 2\r\n\r\nok", req)
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: Cookie,\r\n"
+            b" Accept\r\nContent-Length: 2\r\n\r\nok",
+            req,
+        )
         self.assertEqual(tokens(ct), [b"Accept-Encoding", b"Cookie", b"Accept", b"Origin"])
         self.assertTrue(ct.value().endswith(b"\r\n\r\nok"))
         ct, _ = ProxyHarness(cors=True).answer(
-            b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: origin\r\n"
-            b"Content-Length: 0\r\n\r\n", req)
+            b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nVary: origin\r\nContent-Length: 0\r\n\r\n", req
+        )
         self.assertEqual(tokens(ct), [b"Accept-Encoding", b"origin"])
         ct, _ = ProxyHarness(cors=True).answer(
-            b"HTTP/1.1 200 OK\r\nVary: *\r\nContent-Length: 0\r\n\r\n", req)
+            b"HTTP/1.1 200 OK\r\nVary: *\r\nContent-Length: 0\r\n\r\n", req
+        )
         self.assertEqual(tokens(ct), [b"*"])
 
     def test_cors_vary_on_a_streamed_answer(self) -> None:
         """A streamed answer's head goes out before any body byte: the merged Vary
         and our CORS headers are in it."""
         h = ProxyHarness(cors=True)
-        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nVary: Accept\r\nTransfer-Encoding: chunked\r\n\r\n",
-                         b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n")
+        ct, _ = h.answer(
+            b"HTTP/1.1 200 OK\r\nVary: Accept\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: f\r\nOrigin: https://app.example\r\n\r\n",
+        )
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"vary"), [b"Accept, Origin"])
         self.assertEqual(values(headers, b"access-control-allow-origin"), [b"https://app.example"])
@@ -534,9 +541,7 @@ class _Backend(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         for _ in range(data.count(b"\r\n\r\n")):
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
-            )
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
 
 
 BODY = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB, not a multiple of any read size
@@ -586,12 +591,17 @@ class LoopbackTests(TestCase):
 
             def render(self, request: Any) -> Any:
                 return proxy.forward(
-                    request, backend, request.uri, prefix=b"", host_header=None,
+                    request,
+                    backend,
+                    request.uri,
+                    prefix=b"",
+                    host_header=None,
                     on_end=ends.append,
                 )
 
-        site = make_site(Fwd(), r, max_body=1 << 20,
-                         on_request_logged=lambda req: logged.append(req.sentLength))
+        site = make_site(
+            Fwd(), r, max_body=1 << 20, on_request_logged=lambda req: logged.append(req.sentLength)
+        )
         front = r.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(front.stopListening)
         done: Deferred[bytes] = Deferred()

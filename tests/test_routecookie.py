@@ -51,8 +51,7 @@ class RouteCookieTests(SynchronousTestCase):
         assert first is not None
         rc.ref("x:b:1:80")
         rc.ref("x:c:1:80")  # evicts the least recently used
-        for value in (first, b"AAAAAAAAAAAAAAAAAAAAAA", b"x%3Ateam%3Aapp%3A1%3A80", b"",
-                      b"A" * 500):
+        for value in (first, b"AAAAAAAAAAAAAAAAAAAAAA", b"x%3Ateam%3Aapp%3A1%3A80", b"", b"A" * 500):
             self.assertIsNone(rc.from_request(with_cookie(value)), value)
         self.assertEqual(len(rc._table), 2)
 
@@ -92,8 +91,7 @@ class NotForwardedTests(SynchronousTestCase):
 
     def test_authorization_kept_for_containers_not_for_host_targets(self) -> None:
         self.assertIn(b"Bearer x", self.head({b"authorization": [b"Bearer x"]}))
-        self.assertNotIn(b"Bearer x", self.head({b"authorization": [b"Bearer x"]},
-                                                external=True))
+        self.assertNotIn(b"Bearer x", self.head({b"authorization": [b"Bearer x"]}, external=True))
 
     def test_without_own_cookies(self) -> None:
         self.assertEqual(without_own_cookies(b"a=1"), b"a=1")

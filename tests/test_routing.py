@@ -42,8 +42,14 @@ class RefererTests(SynchronousTestCase):
         self.assertEqual(route_from_referer(b"http://h/" + seg.encode() + b"/p", b"h"), seg)
 
     def test_not_a_route(self) -> None:
-        for ref in (b"http://h/static/app.js", b"http://h/x:Bad:1", b"http://h/", b"", None,
-                    b"http://h/monitor:broker/"):
+        for ref in (
+            b"http://h/static/app.js",
+            b"http://h/x:Bad:1",
+            b"http://h/",
+            b"",
+            None,
+            b"http://h/monitor:broker/",
+        ):
             self.assertIsNone(route_from_referer(ref, b"h"), ref)
 
 
@@ -113,22 +119,27 @@ class HostPolicyTests(SynchronousTestCase):
         """This machine's own addresses (any port), Docker's networks (slot
         containers), and the engines' and peers' names and addresses (any port):
         refused unless allowed."""
-        p = self.policy(local=frozenset({"192.168.1.20", "172.17.0.1", "fd00::2"}),
-                        blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
-                        engines=frozenset({"10.0.0.5", "GPU1.example."}))
+        p = self.policy(
+            local=frozenset({"192.168.1.20", "172.17.0.1", "fd00::2"}),
+            blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
+            engines=frozenset({"10.0.0.5", "GPU1.example."}),
+        )
         self.assertIn("address of this machine", self.forbidden(p.check("192.168.1.20", 80)))
         self.assertIn("address of this machine", self.forbidden(p.check("172.17.0.1", 80)))
-        self.assertIn("[fd00::2]:443 (fd00::2) is an address of this machine",
-                      self.forbidden(p.check("fd00::2", 443)))
+        self.assertIn(
+            "[fd00::2]:443 (fd00::2) is an address of this machine", self.forbidden(p.check("fd00::2", 443))
+        )
         self.assertIn("Docker network", self.forbidden(p.check("172.17.0.2", 8080)))
         for port in (2375, 22, 8080):
             self.assertIn("engine or peer", self.forbidden(p.check("10.0.0.5", port)))
             self.assertIn("engine or peer", self.forbidden(p.check("db.internal", port)))
             self.assertIn("engine or peer", self.forbidden(p.check("gpu1.example", port)))
         self.assertEqual(self.successResultOf(p.check("example.org", 2375)), "93.184.216.34")
-        allowed = self.policy(("172.17.0.0/16", "10.0.0.5"),
-                              blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
-                              engines=frozenset({"10.0.0.5"}))
+        allowed = self.policy(
+            ("172.17.0.0/16", "10.0.0.5"),
+            blocked=frozenset({ipaddress.ip_network("172.17.0.0/16")}),
+            engines=frozenset({"10.0.0.5"}),
+        )
         self.assertEqual(self.successResultOf(allowed.check("172.17.0.2", 8080)), "172.17.0.2")
         self.assertEqual(self.successResultOf(allowed.check("db.internal", 2375)), "10.0.0.5")
 
@@ -226,8 +237,7 @@ class ResolverTests(SynchronousTestCase):
             f = self.failureResultOf(resolver_from(r)(name), ResolveError)
             self.assertIn("cannot look up", f.getErrorMessage())
         self.assertEqual(r.asked, [])
-        f = self.failureResultOf(resolver_from(_Resolver(ValueError("no")))("x.example"),
-                                 ResolveError)
+        f = self.failureResultOf(resolver_from(_Resolver(ValueError("no")))("x.example"), ResolveError)
         self.assertIn("no", f.getErrorMessage())
 
     def test_timeout_then_late_answer_ignored(self) -> None:
@@ -297,8 +307,9 @@ class CorsTests(SynchronousTestCase):
 
     def test_plain_options_is_not_preflight(self) -> None:
         self.assertFalse(is_preflight(self.request(b"OPTIONS", origin=b"https://a")))
-        self.assertFalse(is_preflight(self.request(b"GET", origin=b"https://a",
-                                                   access_control_request_method=b"GET")))
+        self.assertFalse(
+            is_preflight(self.request(b"GET", origin=b"https://a", access_control_request_method=b"GET"))
+        )
 
 
 class RouteCookieFallbackTests(SynchronousTestCase):
@@ -340,8 +351,7 @@ class RouteCookieFallbackTests(SynchronousTestCase):
         assert ref is not None
         self.assertNotIn(b"hunter22", ref)
         self.assertEqual(root.getChildWithDefault(b"static", self.request(ref)), "job")
-        self.assertEqual(calls, [("job", self.SEG, b"/" + self.SEG.encode(),
-                                  b"/static/app.js?v=1")])
+        self.assertEqual(calls, [("job", self.SEG, b"/" + self.SEG.encode(), b"/static/app.js?v=1")])
 
     def test_unknown_forged_evicted_or_raw_fall_through(self) -> None:
         from dockerspaces.spec import HostTarget
@@ -353,8 +363,15 @@ class RouteCookieFallbackTests(SynchronousTestCase):
             cookies.ref("x:c:1:80")
             other_key = self.root()[2].ref(self.SEG)  # a reference of another start
             assert evicted is not None and other_key is not None
-            for value in (evicted, other_key, b"AAAAAAAAAAAAAAAAAAAAAA",
-                          self.SEG.encode(), b"x%3Ateam%3Aapp%3A1%3A80", b"", None):
+            for value in (
+                evicted,
+                other_key,
+                b"AAAAAAAAAAAAAAAAAAAAAA",
+                self.SEG.encode(),
+                b"x%3Ateam%3Aapp%3A1%3A80",
+                b"",
+                None,
+            ):
                 child = root.getChildWithDefault(b"static", self.request(value))
                 if answer == 404:
                     self.assertEqual(getattr(child, "status", None), 404, value)

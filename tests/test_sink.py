@@ -26,8 +26,10 @@ def web_imports() -> dict[str, set[str]]:
                     deps.add(node.module.split(".")[0])
                 else:
                     deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module is not None and (
-                node.module.startswith("dockerspaces.web.")
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.module is not None
+                and (node.module.startswith("dockerspaces.web."))
             ):
                 deps.add(node.module.split(".")[2])
         graph[name] = (deps & modules) - {name}

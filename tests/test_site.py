@@ -43,7 +43,10 @@ class SiteTests(SynchronousTestCase):
         self.logged: list[Any] = []
         self.resource = Echo()
         self.site = make_site(
-            self.resource, self.clock, max_body=100, head_timeout=5.0,
+            self.resource,
+            self.clock,
+            max_body=100,
+            head_timeout=5.0,
             on_request_logged=self.logged.append,
         )
 
@@ -59,17 +62,16 @@ class SiteTests(SynchronousTestCase):
         heads = {
             b"414": b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
             b"431": b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_500 + b"\r\n\r\n",
-            b"431 ": b"GET / HTTP/1.1\r\n" + b"".join(
-                b"X%d: %s\r\n" % (i, b"a" * 900) for i in range(110)) + b"\r\n",
-            b"431  ": b"GET / HTTP/1.1\r\n" + b"".join(
-                b"X%d: a\r\n" % i for i in range(600)) + b"\r\n",
+            b"431 ": b"GET / HTTP/1.1\r\n"
+            + b"".join(b"X%d: %s\r\n" % (i, b"a" * 900) for i in range(110))
+            + b"\r\n",
+            b"431  ": b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: a\r\n" % i for i in range(600)) + b"\r\n",
         }
         for status, raw in heads.items():
             channel, t = self.connect()
             for i in range(0, len(raw), 4096):
-                channel.dataReceived(raw[i:i + 4096])
-            self.assertTrue(t.value().startswith(b"HTTP/1.1 " + status.strip() + b" "),
-                            t.value()[:60])
+                channel.dataReceived(raw[i : i + 4096])
+            self.assertTrue(t.value().startswith(b"HTTP/1.1 " + status.strip() + b" "), t.value()[:60])
             self.assertTrue(t.disconnecting)
             self.assertEqual(t.value().count(b"HTTP/1.1 "), 1)
 
@@ -91,14 +93,15 @@ class SiteTests(SynchronousTestCase):
             t = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5))
             channel.makeConnection(t)
             for i in range(0, len(raw), 4096):
-                channel.dataReceived(raw[i:i + 4096])
+                channel.dataReceived(raw[i : i + 4096])
             channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")  # nothing more is read
             status = int(t.value()[9:12])
             self.assertEqual(refused[-1][0], status)
         self.assertEqual([r[0] for r in refused], [414, 431, 400, 400, 413])
-        self.assertEqual([r[4] for r in refused], ["uri-too-long", "head-too-large",
-                                                    "bad-request", "bad-request",
-                                                    "body-too-large"])
+        self.assertEqual(
+            [r[4] for r in refused],
+            ["uri-too-long", "head-too-large", "bad-request", "bad-request", "body-too-large"],
+        )
         self.assertEqual(refused[0][1:3], (b"GET", b"/" + b"a" * 195))
         self.assertEqual(refused[1][1:3], (b"GET", b"/p?q=1"))
         self.assertEqual(refused[3][1:3], (b"GET", b"/h"))
@@ -127,12 +130,13 @@ class SiteTests(SynchronousTestCase):
 
     def test_form_upload_not_parsed(self) -> None:
         """A multipart POST stays in the spool (twisted.web would read it into args)."""
-        body = (b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n"
-                + b"v" * 20 + b"\r\n--xx--\r\n")
+        body = b'--xx\r\nContent-Disposition: form-data; name="f"\r\n\r\n' + b"v" * 20 + b"\r\n--xx--\r\n"
         ch, t = self.connect()
-        ch.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n"
-                        b"Content-Type: multipart/form-data; boundary=xx\r\n"
-                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        ch.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: h\r\n"
+            b"Content-Type: multipart/form-data; boundary=xx\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "), t.value())
         self.assertEqual(self.resource.seen, [body])
         self.assertEqual(self.logged[0].args, {})
@@ -305,8 +309,7 @@ class SiteTests(SynchronousTestCase):
                 held.append(request)
                 return 1  # NOT_DONE_YET
 
-        for site in (make_site(Hold(), self.clock, max_body=10),
-                     server.Site(Hold(), reactor=self.clock)):
+        for site in (make_site(Hold(), self.clock, max_body=10), server.Site(Hold(), reactor=self.clock)):
             for ending in ("finish", "lost", "lost-after-finish"):
                 ch = site.buildProtocol(None)
                 ch.makeConnection(StringTransport())
@@ -319,8 +322,7 @@ class SiteTests(SynchronousTestCase):
                 if ending != "finish":
                     ch.connectionLost(Exception("gone"))
                     self.assertTrue(done_or_gone(req))
-                self.assertEqual(done_or_gone(req),
-                                 bool(req.finished or req._disconnected), ending)
+                self.assertEqual(done_or_gone(req), bool(req.finished or req._disconnected), ending)
         self.assertFalse(done_or_gone(DummyRequest([b""])))
 
     def test_http11_only_and_quiet(self) -> None:
@@ -341,27 +343,31 @@ class RequestLineTests(SynchronousTestCase):
     """parse_request_line answers exactly as twisted.web's own parser."""
 
     @settings(max_examples=2000, deadline=None)
-    @given(st.one_of(
-        st.binary(max_size=40),
-        st.builds(lambda m, t, v: m + b" " + t + b" " + v,
-                  st.sampled_from([b"GET", b"POST", b"M-SEARCH", b"G@T", b"", b"get"]),
-                  st.binary(max_size=30),
-                  st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b""])),
-        st.builds(lambda t: b"GET /" + t + b" HTTP/1.1",
-                  st.binary(min_size=0, max_size=30)),
-    ))
+    @given(
+        st.one_of(
+            st.binary(max_size=40),
+            st.builds(
+                lambda m, t, v: m + b" " + t + b" " + v,
+                st.sampled_from([b"GET", b"POST", b"M-SEARCH", b"G@T", b"", b"get"]),
+                st.binary(max_size=30),
+                st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b""]),
+            ),
+            st.builds(lambda t: b"GET /" + t + b" HTTP/1.1", st.binary(min_size=0, max_size=30)),
+        )
+    )
     def test_same_as_twisted(self, line: bytes) -> None:
-        self.assertEqual(_outcome(parse_request_line, line),
-                         _outcome(TWISTED_PARSE_REQUEST_LINE, line))
+        self.assertEqual(_outcome(parse_request_line, line), _outcome(TWISTED_PARSE_REQUEST_LINE, line))
 
     def test_every_byte_in_the_target(self) -> None:
         for c in range(256):
             line = b"GET /a" + bytes([c]) + b"b HTTP/1.1"
-            self.assertEqual(_outcome(parse_request_line, line),
-                             _outcome(TWISTED_PARSE_REQUEST_LINE, line), c)
+            self.assertEqual(
+                _outcome(parse_request_line, line), _outcome(TWISTED_PARSE_REQUEST_LINE, line), c
+            )
             method = b"G" + bytes([c]) + b"T / HTTP/1.1"
-            self.assertEqual(_outcome(parse_request_line, method),
-                             _outcome(TWISTED_PARSE_REQUEST_LINE, method), c)
+            self.assertEqual(
+                _outcome(parse_request_line, method), _outcome(TWISTED_PARSE_REQUEST_LINE, method), c
+            )
 
     def test_installed_by_make_site(self) -> None:
         from twisted.web import http
@@ -369,7 +375,8 @@ class RequestLineTests(SynchronousTestCase):
         make_site(Resource(), MemoryReactorClock(), max_body=1)
         self.assertIs(http._parseRequestLine, parse_request_line)
         ch = make_site(Echo(), MemoryReactorClock(), max_body=10).buildProtocol(
-            IPv4Address("TCP", "10.0.0.1", 1))
+            IPv4Address("TCP", "10.0.0.1", 1)
+        )
         t = StringTransport()
         ch.makeConnection(t)
         ch.dataReceived(b"GET /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\nGET /a\x01 HTTP/1.1\r\n\r\n")
@@ -389,11 +396,18 @@ class Snapshot(Resource):
         self.seen: list[Any] = []
 
     def render(self, request: Any) -> bytes:
-        self.seen.append((
-            request.method, request.uri, request.path, request.clientproto, request.args,
-            sorted((k, list(v)) for k, v in request.requestHeaders.getAllRawHeaders()),
-            request.content.read(), request.channel.persistent,
-        ))
+        self.seen.append(
+            (
+                request.method,
+                request.uri,
+                request.path,
+                request.clientproto,
+                request.args,
+                sorted((k, list(v)) for k, v in request.requestHeaders.getAllRawHeaders()),
+                request.content.read(),
+                request.channel.persistent,
+            )
+        )
         return b"ok"
 
 
@@ -418,7 +432,7 @@ def _serve(raw: bytes, whole: bool) -> tuple[list[Any], bytes, bool, int]:
         for i in range(len(raw)):
             if t.disconnecting:  # a real transport stops reading once closing
                 break
-            ch.dataReceived(raw[i:i + 1])
+            ch.dataReceived(raw[i : i + 1])
     out = t.value()
     # the Date header differs by the second it was sent in
     out = b"\r\n".join(x for x in out.split(b"\r\n") if not x.lower().startswith(b"date:"))
@@ -473,24 +487,40 @@ class FastHeadTests(SynchronousTestCase):
         method=st.sampled_from([b"GET", b"HEAD", b"DELETE", b"M-SEARCH", b"G@T"]),
         target=st.binary(min_size=1, max_size=12).map(lambda b: b"/" + b.replace(b" ", b"")),
         version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2"]),
-        headers=st.lists(st.tuples(
-            st.one_of(st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=6).map(str.encode),
-                      st.sampled_from([b"Connection", b"Expect", b"Host", b"Cookie",
-                                       b"Bad Name", b"X\x00"])),
-            st.one_of(st.binary(max_size=8).filter(lambda v: b"\r\n" not in v),
-                      st.sampled_from([b"close", b"100-continue", b" \tpadded\t ", b"a=1; b=2"])),
-        ), max_size=5),
+        headers=st.lists(
+            st.tuples(
+                st.one_of(
+                    st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=6).map(str.encode),
+                    st.sampled_from([b"Connection", b"Expect", b"Host", b"Cookie", b"Bad Name", b"X\x00"]),
+                ),
+                st.one_of(
+                    st.binary(max_size=8).filter(lambda v: b"\r\n" not in v),
+                    st.sampled_from([b"close", b"100-continue", b" \tpadded\t ", b"a=1; b=2"]),
+                ),
+            ),
+            max_size=5,
+        ),
     )
-    def test_same_as_twisted(self, method: bytes, target: bytes, version: bytes,
-                             headers: list[tuple[bytes, bytes]]) -> None:
-        raw = (method + b" " + target + b" " + version + b"\r\n"
-               + b"".join(k + b":" + v + b"\r\n" for k, v in headers) + b"\r\n")
+    def test_same_as_twisted(
+        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        raw = (
+            method
+            + b" "
+            + target
+            + b" "
+            + version
+            + b"\r\n"
+            + b"".join(k + b":" + v + b"\r\n" for k, v in headers)
+            + b"\r\n"
+        )
         self.assertEqual(_serve(raw, whole=True)[:3], _serve(raw, whole=False)[:3])
 
     def test_second_request_on_a_connection(self) -> None:
         resource = Snapshot()
         ch = make_site(resource, MemoryReactorClock(), max_body=10).buildProtocol(
-            IPv4Address("TCP", "10.0.0.1", 1))
+            IPv4Address("TCP", "10.0.0.1", 1)
+        )
         t = StringTransport()
         ch.makeConnection(t)
         ch.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")

@@ -248,8 +248,13 @@ def job_specs(draw: st.DrawFn) -> JobSpec:
     return JobSpec(
         mode,
         # Docker reads a first component with '.' before others as a registry (no '_')
-        tuple(draw(st.lists(_lower, min_size=1, max_size=3).filter(
-            lambda n: len(n) == 1 or "." not in n[0] or "_" not in n[0]))),
+        tuple(
+            draw(
+                st.lists(_lower, min_size=1, max_size=3).filter(
+                    lambda n: len(n) == 1 or "." not in n[0] or "_" not in n[0]
+                )
+            )
+        ),
         draw(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,12}", fullmatch=True)),
         port,
         tuple(draw(_env).items()),
@@ -274,8 +279,7 @@ class Properties(SynchronousTestCase):
                 pass
 
     @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.sampled_from(["a", "1", "80", "", "A=1", "%3A", "=", ";", "3", "b.c"]),
-                    max_size=7))
+    @given(st.lists(st.sampled_from(["a", "1", "80", "", "A=1", "%3A", "=", ";", "3", "b.c"]), max_size=7))
     def test_never_crashes_structured(self, parts: list[str]) -> None:
         for mode in ("x", "y"):
             try:

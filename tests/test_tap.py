@@ -19,10 +19,8 @@ class OptionsTests(SynchronousTestCase):
         """Flags, parameters and repeatable options given land in ``given`` by name;
         the rest come from the defaults in ``config``."""
         o = Options()
-        o.parseOptions(["--port", "tcp:0", "--port", "tcp:1", "--keep-containers",
-                        "--stop", "7"])
-        self.assertEqual(o.given, {"port": ["tcp:0", "tcp:1"], "keep-containers": True,
-                                   "stop": "7"})
+        o.parseOptions(["--port", "tcp:0", "--port", "tcp:1", "--keep-containers", "--stop", "7"])
+        self.assertEqual(o.given, {"port": ["tcp:0", "tcp:1"], "keep-containers": True, "stop": "7"})
         assert o.config is not None
         self.assertEqual(o.config.ports, ("tcp:0", "tcp:1"))
         self.assertEqual(o.config.stop, 7)
@@ -49,8 +47,7 @@ class MakeServiceTests(SynchronousTestCase):
         """makeService returns the top MultiService holding the broker and the proxy
         services and one listener per --port (nothing listens before it starts)."""
         o = Options()
-        o.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--target", "0",
-                        "--instance", "tap-test"])
+        o.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--target", "0", "--instance", "tap-test"])
         top = makeService(o)
         self.assertIsInstance(top, MultiService)
         self.assertFalse(top.running)

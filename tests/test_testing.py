@@ -50,7 +50,7 @@ class ProxyHarnessTests(SynchronousTestCase):
         """The StringTransport side: the test settles each connection attempt."""
         h = ProxyHarness()
         _, ct = h.client(GET)
-        (_, d), = h.pending
+        ((_, d),) = h.pending
         d.errback(ierror.ConnectionRefusedError())
         self.assertTrue(ct.value().startswith(b"HTTP/1.1 502 "))
         self.assertEqual([e.reason for e in h.ends], ["refused"])

@@ -170,8 +170,12 @@ class HelperTests(SynchronousTestCase):
     def test_switching_head(self) -> None:
         head = switching_head(
             b"Switching Protocols",
-            [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade, X-A"), (b"X-A", b"1"),
-             (b"Sec-WebSocket-Accept", b"k")],
+            [
+                (b"Upgrade", b"websocket"),
+                (b"Connection", b"Upgrade, X-A"),
+                (b"X-A", b"1"),
+                (b"Sec-WebSocket-Accept", b"k"),
+            ],
             b"websocket",
         )
         self.assertEqual(

@@ -161,8 +161,11 @@ class MismatchTests(SeamTestCase):
 
     def test_a_missing_private_name(self) -> None:
         names = twistedseam._private_names()
-        self.patch(twistedseam, "_private_names",
-                   lambda: [*names, ("HTTPChannel", HTTPChannel, "_goneInANewRelease")])
+        self.patch(
+            twistedseam,
+            "_private_names",
+            lambda: [*names, ("HTTPChannel", HTTPChannel, "_goneInANewRelease")],
+        )
         self.assertFalse(decide({}))
         self.assert_all_off("missing Twisted internals: HTTPChannel._goneInANewRelease")
 
@@ -227,6 +230,7 @@ class SameAnswersTests(SeamTestCase):
             b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
             b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
         ):
+
             def serve(raw: bytes = raw) -> tuple[Any, bool]:
                 site = make_site(_Pages(), MemoryReactorClock(), max_body=1)
                 channel = site.buildProtocol(CLIENT)
@@ -243,10 +247,11 @@ class SameAnswersTests(SeamTestCase):
         """The direct socket writes send what the transport's write would."""
         answers = [  # each in the pieces the backend sends it in
             [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nETag: x\r\n\r\nhello"],
-            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-             b"4000\r\n" + b"b" * 0x4000 + b"\r\n0\r\n\r\n"],
-            [b"HTTP/1.1 200 OK\r\nContent-Length: 40000\r\n\r\n" + b"c" * 100,
-             b"c" * 20_000, b"c" * 19_900],
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"4000\r\n" + b"b" * 0x4000 + b"\r\n0\r\n\r\n",
+            ],
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 40000\r\n\r\n" + b"c" * 100, b"c" * 20_000, b"c" * 19_900],
         ]
 
         def serve() -> list[Any]:
@@ -284,8 +289,7 @@ class DockerSeamTests(SynchronousTestCase):
     def test_the_names_exist(self) -> None:
         import docker  # type: ignore[import-untyped]
 
-        for name in ("_post", "_url", "_raise_for_status", "_stream_helper",
-                     "_retrieve_server_version"):
+        for name in ("_post", "_url", "_raise_for_status", "_stream_helper", "_retrieve_server_version"):
             self.assertTrue(callable(getattr(docker.APIClient, name, None)), name)
         client = docker.APIClient(base_url="http://127.0.0.1:1", version="1.41")
         self.addCleanup(client.close)

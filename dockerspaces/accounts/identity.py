@@ -117,9 +117,17 @@ def identity_for(snapshot: Snapshot, principal: Principal) -> Identity | None:
     scopes = None
     if principal.token_id is not None:
         scopes = snapshot.tokens[principal.token_id].scopes
-    return Identity(user.name, tuple(g.name for g in groups), routes, tuple(images),
-                    any(g.admin for g in groups), quota, principal.via, principal.token_id,
-                    scopes)
+    return Identity(
+        user.name,
+        tuple(g.name for g in groups),
+        routes,
+        tuple(images),
+        any(g.admin for g in groups),
+        quota,
+        principal.via,
+        principal.token_id,
+        scopes,
+    )
 
 
 # -- credentials ---------------------------------------------------------------------
@@ -255,8 +263,7 @@ class AccountsRealm:
     def __init__(self, snapshot: Callable[[], Snapshot]):
         self.snapshot = snapshot
 
-    def requestAvatar(self, avatarId: AvatarId, mind: object,
-                      *interfaces: type[Interface]) -> AvatarResult:
+    def requestAvatar(self, avatarId: AvatarId, mind: object, *interfaces: type[Interface]) -> AvatarResult:
         """``(IIdentity, identity, logout)``; UnauthorizedLogin for a disabled user."""
         if IIdentity not in interfaces:
             raise NotImplementedError("only IIdentity avatars")
@@ -270,8 +277,10 @@ class AccountsRealm:
 
 def make_portal(service: Verifier) -> Portal:
     """The portal with the three checkers over ``service``."""
-    return Portal(AccountsRealm(lambda: service.snapshot),
-                  [TokenChecker(service), PasswordChecker(service), SessionChecker(service)])
+    return Portal(
+        AccountsRealm(lambda: service.snapshot),
+        [TokenChecker(service), PasswordChecker(service), SessionChecker(service)],
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -29,16 +29,18 @@ def _memory(n: int, r: int, p: int) -> int:
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
-                          maxmem=_memory(n, r, p) + (1 << 20), dklen=KEY_BYTES)
+    return hashlib.scrypt(
+        password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_memory(n, r, p) + (1 << 20), dklen=KEY_BYTES
+    )
 
 
 def hash_password(password: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = 1) -> str:
     """A new salted scrypt hash of ``password`` in the encoding above."""
     salt = os.urandom(SALT_BYTES)
     key = _scrypt(password, salt, n, r, p)
-    return "$".join(("scrypt", str(n), str(r), str(p), base64.b64encode(salt).decode(),
-                     base64.b64encode(key).decode()))
+    return "$".join(
+        ("scrypt", str(n), str(r), str(p), base64.b64encode(salt).decode(), base64.b64encode(key).decode())
+    )
 
 
 def verify_password(password: str, encoded: str) -> bool:
@@ -62,5 +64,4 @@ def verify_password(password: str, encoded: str) -> bool:
 
 def _sane(n: int, r: int, p: int) -> bool:
     """scrypt's rules (n a power of two above 1) and bounded memory and time."""
-    return (n > 1 and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 16
-            and _memory(n, r, p) <= MAX_MEMORY)
+    return n > 1 and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 16 and _memory(n, r, p) <= MAX_MEMORY

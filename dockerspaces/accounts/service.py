@@ -69,8 +69,7 @@ class AccountsService(Service):
     store_factory: Callable[[str], Store] = Store
     password_cache: float = PASSWORD_CACHE
     # (tests: pools that run inline)
-    pool_factory: Callable[[str], ThreadPool] = lambda name: ThreadPool(minthreads=1, maxthreads=1,
-                                                                  name=name)
+    pool_factory: Callable[[str], ThreadPool] = lambda name: ThreadPool(minthreads=1, maxthreads=1, name=name)
     generation: int = 0  # bumps whenever the snapshot is replaced
     _db: ThreadPool | None = None  # made by pool_factory
     _kdf: ThreadPool | None = None
@@ -181,8 +180,7 @@ class AccountsService(Service):
         unknown users (against a dummy hash: the time does not tell who exists)."""
         u = self.snapshot.users.get(user)
         encoded = u.password_hash if u is not None and u.enabled else None
-        mark = hmac.new(self._key, user.encode() + b"\0" + password.encode(),
-                        hashlib.sha256).digest()
+        mark = hmac.new(self._key, user.encode() + b"\0" + password.encode(), hashlib.sha256).digest()
         hit = self._passwords.get(mark)
         if encoded is not None and hit is not None and hit[0] == encoded and hit[1] > self.now():
             return succeed(True)
@@ -201,8 +199,9 @@ class AccountsService(Service):
                 self._passwords[mark] = (encoded, self.now() + self.password_cache)
             return ok
 
-        return deferToThreadPool(self.reactor, self._kdf, verify_password, password,
-                                 encoded_check).addCallback(checked)
+        return deferToThreadPool(
+            self.reactor, self._kdf, verify_password, password, encoded_check
+        ).addCallback(checked)
 
     # -- sessions --------------------------------------------------------------------
     def create_session(self, user: str, lifetime: float) -> Deferred[str]:
@@ -239,8 +238,9 @@ class AccountsService(Service):
         """Remember a token's use (written with the next refresh)."""
         self._token_uses[token_id] = self.now()
 
-    def container_event(self, event: str, container: str | None, display: str,
-                        owner: str | None, gpus: int) -> None:
+    def container_event(
+        self, event: str, container: str | None, display: str, owner: str | None, gpus: int
+    ) -> None:
         """Usage rows: a container started for ``owner`` opens one, its end closes it."""
         if container is None or self._db is None:
             return

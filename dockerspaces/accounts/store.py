@@ -103,8 +103,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _NO_QUOTA = Quota()
 _GROUPS = "SELECT name, images, routes, quota_containers, quota_gpus, quota_queued, admin FROM groups"
-_TOKENS = ("SELECT id, user, digest, scopes, expires, created, last_used, description "
-           "FROM tokens")
+_TOKENS = "SELECT id, user, digest, scopes, expires, created, last_used, description FROM tokens"
 
 
 class Unset(enum.Enum):
@@ -140,8 +139,10 @@ def check_images(images: Iterable[str]) -> tuple[str, ...]:
     out = tuple(images)
     for pattern in out:
         if not pattern or pattern != pattern.strip() or " " in pattern:
-            raise AccountsError(f"image pattern {pattern!r}: give a name or name:tag pattern "
-                                "without spaces (as --allow-image)")
+            raise AccountsError(
+                f"image pattern {pattern!r}: give a name or name:tag pattern "
+                "without spaces (as --allow-image)"
+            )
     return out
 
 
@@ -236,9 +237,11 @@ class Store:
     def _checked_version(self) -> int:
         version = self.schema_version()
         if version > SCHEMA_VERSION:
-            raise AccountsError(f"the state file {self.path!r} was written by a newer "
-                                f"dockerspaces (schema {version}, this one knows "
-                                f"{SCHEMA_VERSION})")
+            raise AccountsError(
+                f"the state file {self.path!r} was written by a newer "
+                f"dockerspaces (schema {version}, this one knows "
+                f"{SCHEMA_VERSION})"
+            )
         return version
 
     def schema_version(self) -> int:
@@ -327,8 +330,10 @@ class Store:
         with self._write():
             if self._row("SELECT 1 FROM users WHERE name = ?", name) is not None:
                 raise AccountsError(f"user {name!r} exists already")
-            self.db.execute("INSERT INTO users (name, enabled, password_hash, created) "
-                            "VALUES (?, 1, ?, ?)", (name, hashed, self.clock()))
+            self.db.execute(
+                "INSERT INTO users (name, enabled, password_hash, created) VALUES (?, 1, ?, ?)",
+                (name, hashed, self.clock()),
+            )
         return self.user(name)
 
     def user(self, name: str) -> User:
@@ -336,8 +341,9 @@ class Store:
         row = self._row("SELECT name, enabled, password_hash FROM users WHERE name = ?", name)
         if row is None:
             raise AccountsError(f"no user {name!r}")
-        groups = tuple(r[0] for r in self.db.execute(
-            "SELECT grp FROM members WHERE user = ? ORDER BY grp", (name,)))
+        groups = tuple(
+            r[0] for r in self.db.execute("SELECT grp FROM members WHERE user = ? ORDER BY grp", (name,))
+        )
         return User(row[0], bool(row[1]), groups, row[2])
 
     def users(self) -> list[User]:
@@ -345,28 +351,40 @@ class Store:
         groups: dict[str, list[str]] = {}
         for grp, user in self.db.execute("SELECT grp, user FROM members ORDER BY grp"):
             groups.setdefault(user, []).append(grp)
-        return [User(name, bool(enabled), tuple(groups.get(name, ())), hashed)
-                for name, enabled, hashed in self.db.execute(
-                    "SELECT name, enabled, password_hash FROM users ORDER BY name")]
+        return [
+            User(name, bool(enabled), tuple(groups.get(name, ())), hashed)
+            for name, enabled, hashed in self.db.execute(
+                "SELECT name, enabled, password_hash FROM users ORDER BY name"
+            )
+        ]
 
     def set_password(self, name: str, password: str) -> None:
         """Set or replace a user's password."""
         self._need_user(name)
-        self._change("UPDATE users SET password_hash = ? WHERE name = ?",
-                     (hash_password(password), name), f"no user {name!r}")
+        self._change(
+            "UPDATE users SET password_hash = ? WHERE name = ?",
+            (hash_password(password), name),
+            f"no user {name!r}",
+        )
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         """Enable or disable a user (a disabled user's tokens and sessions stop working)."""
-        self._change("UPDATE users SET enabled = ? WHERE name = ?", (int(enabled), name),
-                     f"no user {name!r}")
+        self._change("UPDATE users SET enabled = ? WHERE name = ?", (int(enabled), name), f"no user {name!r}")
 
     def remove_user(self, name: str) -> None:
         """Remove a user with their memberships, tokens and sessions (usage rows stay)."""
         self._change("DELETE FROM users WHERE name = ?", (name,), f"no user {name!r}")
 
     # -- groups ---------------------------------------------------------------------------
-    def add_group(self, name: str, *, images: Iterable[str] = (), routes: Iterable[str] = (),
-                  quota: Quota = _NO_QUOTA, admin: bool = False) -> Group:
+    def add_group(
+        self,
+        name: str,
+        *,
+        images: Iterable[str] = (),
+        routes: Iterable[str] = (),
+        quota: Quota = _NO_QUOTA,
+        admin: bool = False,
+    ) -> Group:
         """A new group: the images and routes its members may use, their quota, and
         whether they are admins."""
         check_name("group", name)
@@ -379,14 +397,29 @@ class Store:
             self.db.execute(
                 "INSERT INTO groups (name, images, routes, quota_containers, quota_gpus, "
                 "quota_queued, admin) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, json.dumps(image_list), json.dumps(sorted(route_set)),
-                 quota.containers, quota.gpus, quota.queued, int(admin)))
+                (
+                    name,
+                    json.dumps(image_list),
+                    json.dumps(sorted(route_set)),
+                    quota.containers,
+                    quota.gpus,
+                    quota.queued,
+                    int(admin),
+                ),
+            )
         return self.group(name)
 
-    def update_group(self, name: str, *, images: Iterable[str] | None = None,
-                     routes: Iterable[str] | None = None, containers: QuotaChange = UNSET,
-                     gpus: QuotaChange = UNSET, queued: QuotaChange = UNSET,
-                     admin: bool | None = None) -> Group:
+    def update_group(
+        self,
+        name: str,
+        *,
+        images: Iterable[str] | None = None,
+        routes: Iterable[str] | None = None,
+        containers: QuotaChange = UNSET,
+        gpus: QuotaChange = UNSET,
+        queued: QuotaChange = UNSET,
+        admin: bool | None = None,
+    ) -> Group:
         """Change the given fields of a group (None or UNSET: unchanged; a quota of None
         means unlimited) and return it."""
         changes: dict[str, SQLValue] = {}
@@ -401,8 +434,11 @@ class Store:
             changes["admin"] = int(admin)
         if changes:
             assignments = ", ".join(f"{column} = ?" for column in changes)
-            self._change(f"UPDATE groups SET {assignments} WHERE name = ?",  # noqa: S608 - column names are ours
-                         (*changes.values(), name), f"no group {name!r}")
+            self._change(
+                f"UPDATE groups SET {assignments} WHERE name = ?",  # noqa: S608 - column names are ours
+                (*changes.values(), name),
+                f"no group {name!r}",
+            )
         return self.group(name)
 
     def group(self, name: str) -> Group:
@@ -414,8 +450,7 @@ class Store:
 
     def groups(self) -> list[Group]:
         """Every group, by name."""
-        return [_group(r) for r in self.db.execute(
-            _GROUPS + " ORDER BY name")]
+        return [_group(r) for r in self.db.execute(_GROUPS + " ORDER BY name")]
 
     def remove_group(self, name: str) -> None:
         """Remove a group (its memberships go with it)."""
@@ -426,27 +461,37 @@ class Store:
         with self._write():
             self._need_group(group)
             self._need_user(user)
-            self.db.execute("INSERT OR IGNORE INTO members (grp, user) VALUES (?, ?)",
-                            (group, user))
+            self.db.execute("INSERT OR IGNORE INTO members (grp, user) VALUES (?, ?)", (group, user))
 
     def remove_member(self, group: str, user: str) -> None:
         """Take ``user`` out of ``group``."""
         with self._write():
             self._need_group(group)
             self._need_user(user)
-            self._change("DELETE FROM members WHERE grp = ? AND user = ?", (group, user),
-                         f"user {user!r} is not in group {group!r}")
+            self._change(
+                "DELETE FROM members WHERE grp = ? AND user = ?",
+                (group, user),
+                f"user {user!r} is not in group {group!r}",
+            )
 
     def members(self, group: str) -> list[str]:
         """The users of ``group``, by name."""
         with self._read():
             self._need_group(group)
-            return [r[0] for r in self.db.execute(
-                "SELECT user FROM members WHERE grp = ? ORDER BY user", (group,))]
+            return [
+                r[0]
+                for r in self.db.execute("SELECT user FROM members WHERE grp = ? ORDER BY user", (group,))
+            ]
 
     # -- tokens ---------------------------------------------------------------------------
-    def create_token(self, user: str, *, scopes: Iterable[str] | None = None,
-                     expires: float | None = None, description: str = "") -> tuple[str, Token]:
+    def create_token(
+        self,
+        user: str,
+        *,
+        scopes: Iterable[str] | None = None,
+        expires: float | None = None,
+        description: str = "",
+    ) -> tuple[str, Token]:
         """A new API token of ``user``: the token string (to show once: only its digest is
         stored) and the stored token. ``scopes`` None: every route the user's groups
         allow."""
@@ -463,9 +508,16 @@ class Store:
             self.db.execute(
                 "INSERT INTO tokens (id, user, digest, scopes, expires, created, description) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token_id, user, token_digest(secret),
-                 None if scope_set is None else json.dumps(sorted(scope_set)),
-                 expires, now, description))
+                (
+                    token_id,
+                    user,
+                    token_digest(secret),
+                    None if scope_set is None else json.dumps(sorted(scope_set)),
+                    expires,
+                    now,
+                    description,
+                ),
+            )
         return f"{TOKEN_PREFIX}{token_id}_{secret}", self._token(token_id)
 
     def _token(self, token_id: str) -> Token:
@@ -488,12 +540,17 @@ class Store:
         """The unrevoked tokens (of ``user``: AccountsError if there is no such user), by
         user and creation."""
         if user is None:
-            return [_token(r) for r in self.db.execute(
-                _TOKENS + " WHERE revoked = 0 ORDER BY user, created, id")]
+            return [
+                _token(r) for r in self.db.execute(_TOKENS + " WHERE revoked = 0 ORDER BY user, created, id")
+            ]
         with self._read():
             self._need_user(user)
-            return [_token(r) for r in self.db.execute(
-                _TOKENS + " WHERE revoked = 0 AND user = ? ORDER BY created, id", (user,))]
+            return [
+                _token(r)
+                for r in self.db.execute(
+                    _TOKENS + " WHERE revoked = 0 AND user = ? ORDER BY created, id", (user,)
+                )
+            ]
 
     def touch_tokens(self, uses: Mapping[str, float]) -> None:
         """Record when tokens were last used (one transaction; unknown ids are ignored,
@@ -503,7 +560,8 @@ class Store:
         with self._write():
             self.db.executemany(
                 "UPDATE tokens SET last_used = max(coalesce(last_used, ?), ?) WHERE id = ?",
-                [(t, t, token_id) for token_id, t in uses.items()])
+                [(t, t, token_id) for token_id, t in uses.items()],
+            )
 
     # -- sessions -------------------------------------------------------------------------
     def create_session(self, user: str, lifetime: float) -> str:
@@ -513,16 +571,21 @@ class Store:
         now = self.clock()
         with self._write():
             self._need_user(user)
-            self.db.execute("INSERT INTO sessions (digest, user, created, expires) "
-                            "VALUES (?, ?, ?, ?)", (_digest(session), user, now, now + lifetime))
+            self.db.execute(
+                "INSERT INTO sessions (digest, user, created, expires) VALUES (?, ?, ?, ?)",
+                (_digest(session), user, now, now + lifetime),
+            )
         return session
 
     def session_user(self, session_id: str) -> str | None:
         """The user of a live session; None when the session is unknown or expired or
         its user is disabled or removed."""
-        row = self._row("SELECT s.user FROM sessions s JOIN users u ON u.name = s.user "
-                        "WHERE s.digest = ? AND s.expires > ? AND u.enabled = 1",
-                        _digest(session_id), self.clock())
+        row = self._row(
+            "SELECT s.user FROM sessions s JOIN users u ON u.name = s.user "
+            "WHERE s.digest = ? AND s.expires > ? AND u.enabled = 1",
+            _digest(session_id),
+            self.clock(),
+        )
         return None if row is None else str(row[0])
 
     def end_session(self, session_id: str) -> None:
@@ -533,22 +596,25 @@ class Store:
     def purge_sessions(self) -> int:
         """Remove the expired sessions; how many there were."""
         with self._write():
-            return int(self.db.execute("DELETE FROM sessions WHERE expires <= ?",
-                                       (self.clock(),)).rowcount)
+            return int(self.db.execute("DELETE FROM sessions WHERE expires <= ?", (self.clock(),)).rowcount)
 
     # -- usage ----------------------------------------------------------------------------
     def usage_start(self, user: str, container: str, display: str, gpus: int, at: float) -> None:
         """Container ``container`` (``display``: what it runs) started for ``user`` at
         ``at``, holding ``gpus`` GPUs."""
         with self._write():
-            self.db.execute("INSERT INTO usage (user, container, display, gpus, started) "
-                            "VALUES (?, ?, ?, ?, ?)", (user, container, display, gpus, at))
+            self.db.execute(
+                "INSERT INTO usage (user, container, display, gpus, started) VALUES (?, ?, ?, ?, ?)",
+                (user, container, display, gpus, at),
+            )
 
     def usage_stop(self, container: str, at: float) -> None:
         """The container ended at ``at`` (idempotent; nothing when no row is open)."""
         with self._write():
-            self.db.execute("UPDATE usage SET stopped = max(started, ?) "
-                            "WHERE container = ? AND stopped IS NULL", (at, container))
+            self.db.execute(
+                "UPDATE usage SET stopped = max(started, ?) WHERE container = ? AND stopped IS NULL",
+                (at, container),
+            )
 
     def usage(self, since: float, until: float) -> list[UsageRow]:
         """Per user, by name: the containers started within ``[since, until)``, and the
@@ -558,24 +624,37 @@ class Store:
             raise AccountsError("the usage period ends before it begins")
         totals: dict[str, tuple[int, float, float]] = {}
         for user, gpus, started, stopped in self.db.execute(
-                "SELECT user, gpus, started, stopped FROM usage "
-                "WHERE started < ? AND (stopped IS NULL OR stopped > ?)", (until, since)):
+            "SELECT user, gpus, started, stopped FROM usage "
+            "WHERE started < ? AND (stopped IS NULL OR stopped > ?)",
+            (until, since),
+        ):
             end = until if stopped is None else min(until, stopped)
             seconds = max(0.0, end - max(since, started))
             count, total, gpu_total = totals.get(user, (0, 0.0, 0.0))
-            totals[user] = (count + (started >= since), total + seconds,
-                            gpu_total + gpus * seconds)
+            totals[user] = (count + (started >= since), total + seconds, gpu_total + gpus * seconds)
         return [UsageRow(user, *t) for user, t in sorted(totals.items())]
 
 
 def _group(row: Row) -> Group:
     name, images, routes, containers, gpus, queued, admin = row
-    return Group(name, tuple(json.loads(images)), frozenset(json.loads(routes)),
-                 Quota(containers, gpus, queued), bool(admin))
+    return Group(
+        name,
+        tuple(json.loads(images)),
+        frozenset(json.loads(routes)),
+        Quota(containers, gpus, queued),
+        bool(admin),
+    )
 
 
 def _token(row: Row) -> Token:
     token_id, user, digest, scopes, expires, created, last_used, description = row
-    return Token(token_id, user, digest,
-                 None if scopes is None else frozenset(json.loads(scopes)),
-                 expires, created, last_used, description or "")
+    return Token(
+        token_id,
+        user,
+        digest,
+        None if scopes is None else frozenset(json.loads(scopes)),
+        expires,
+        created,
+        last_used,
+        description or "",
+    )

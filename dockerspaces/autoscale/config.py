@@ -41,11 +41,30 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 #: every key an ``[[autoscale]]`` table may hold
-KEYS = frozenset({
-    "name", "image", "tag", "env", "management", "amqp", "credentials", "vhost", "queue",
-    "target", "activation", "min", "max", "interval", "cooldown", "stabilization", "lag",
-    "amqp-env", "queue-env", "connect-grace",
-})
+KEYS = frozenset(
+    {
+        "name",
+        "image",
+        "tag",
+        "env",
+        "management",
+        "amqp",
+        "credentials",
+        "vhost",
+        "queue",
+        "target",
+        "activation",
+        "min",
+        "max",
+        "interval",
+        "cooldown",
+        "stabilization",
+        "lag",
+        "amqp-env",
+        "queue-env",
+        "connect-grace",
+    }
+)
 REQUIRED = ("name", "image", "amqp", "credentials", "queue", "max")
 
 
@@ -79,8 +98,7 @@ class Entry:
     @property
     def limits(self) -> Limits:
         """The policy's parameters."""
-        return Limits(self.target, self.activation, self.min, self.max, self.cooldown,
-                      self.stabilization)
+        return Limits(self.target, self.activation, self.min, self.max, self.cooldown, self.stabilization)
 
     @property
     def queue_ref(self) -> QueueRef:
@@ -112,10 +130,11 @@ def worker_spec(entry: Entry) -> JobSpec:
     """The worker's ``x:IMAGE:TAG:3`` spec: the entry's env plus ``amqp-env`` (the AMQP
     URL with the credentials) and ``queue-env`` (the queue).  The env is part of the
     spec's key; its display shows names only."""
-    env = [*entry.env,
-           (entry.amqp_env, amqp_url_with_credentials(entry.amqp, entry.user,
-                                                       entry.password, entry.vhost)),
-           (entry.queue_env, entry.queue)]
+    env = [
+        *entry.env,
+        (entry.amqp_env, amqp_url_with_credentials(entry.amqp, entry.user, entry.password, entry.vhost)),
+        (entry.queue_env, entry.queue),
+    ]
     head = [quote(c, safe="") for c in entry.image.split("/")]
     parts = [*head, quote(entry.tag, safe=""), "3"]
     raw_env = ";".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in env)
@@ -169,8 +188,7 @@ class _Reader:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise self.error(key, f"must be a number of seconds, not {v!r}")
         if not math.isfinite(v) or v < 0 or (positive and v == 0):
-            raise self.error(key, f"must be a finite number {'>' if positive else '>='} 0, "
-                             f"not {v!r}")
+            raise self.error(key, f"must be a finite number {'>' if positive else '>='} 0, not {v!r}")
         return float(v)
 
     def url(self, key: str, default: str | None, schemes: tuple[str, ...]) -> str:
@@ -187,15 +205,21 @@ class _Reader:
         return v
 
 
-def parse_entry(raw: object, index: int, base_dir: str = ".",
-                read_creds: Callable[[str], tuple[str, str]] = read_credentials) -> Entry:
+def parse_entry(
+    raw: object,
+    index: int,
+    base_dir: str = ".",
+    read_creds: Callable[[str], tuple[str, str]] = read_credentials,
+) -> Entry:
     """One ``[[autoscale]]`` table; ``credentials`` relative to ``base_dir``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: [[autoscale]] #{index + 1}: must be a table")
     name_v = raw.get("name")
     if not isinstance(name_v, str) or not _NAME.match(name_v):
-        raise ConfigError(f"config: [[autoscale]] #{index + 1}: name: required, letters, "
-                          f"digits, '_', '.', '-' (max 63), not {name_v!r}")
+        raise ConfigError(
+            f"config: [[autoscale]] #{index + 1}: name: required, letters, "
+            f"digits, '_', '.', '-' (max 63), not {name_v!r}"
+        )
     r = _Reader(raw, name_v)
     for key in raw:
         if key not in KEYS:
@@ -256,9 +280,11 @@ def parse_entry(raw: object, index: int, base_dir: str = ".",
     return entry
 
 
-def parse_entries(raw: object, base_dir: str = ".",
-                  read_creds: Callable[[str], tuple[str, str]] = read_credentials,
-                  ) -> tuple[Entry, ...]:
+def parse_entries(
+    raw: object,
+    base_dir: str = ".",
+    read_creds: Callable[[str], tuple[str, str]] = read_credentials,
+) -> tuple[Entry, ...]:
     """The ``autoscale`` value of a TOML document (a list of tables, as ``tomllib``
     gives ``[[autoscale]]``): names unique, no two entries with the same worker spec
     (they would fight over the same containers)."""
@@ -275,8 +301,10 @@ def parse_entries(raw: object, base_dir: str = ".",
         seen[e.name] = e
         key = e.spec.key
         if key in keys:
-            raise ConfigError(f"config: [[autoscale]] {e.name}: the same worker (image, "
-                              f"tag, env, AMQP URL, queue) as [[autoscale]] {keys[key]}")
+            raise ConfigError(
+                f"config: [[autoscale]] {e.name}: the same worker (image, "
+                f"tag, env, AMQP URL, queue) as [[autoscale]] {keys[key]}"
+            )
         keys[key] = e.name
     return entries
 

@@ -100,8 +100,7 @@ class Policy:
         if want == 0 and actual == 0:
             return self._record(now, 0, actual, why)
         if actual == 0 and depth < lim.activation and lim.min == 0:
-            return self._record(
-                now, 0, actual, f"{depth} message(s) below activation {lim.activation}")
+            return self._record(now, 0, actual, f"{depth} message(s) below activation {lim.activation}")
         if actual == 0 and want > 0 and depth >= lim.activation:
             why += f", activation {lim.activation} reached"
         if want == 0 and actual > 0:
@@ -114,8 +113,7 @@ class Policy:
                 why = f"queue empty for {empty_for:g}s < cooldown {lim.cooldown:g}s: keep 1"
         return self._record(now, want, actual, why, to_zero)
 
-    def _record(self, now: float, want: int, actual: int, why: str,
-                to_zero: bool = False) -> Decision:
+    def _record(self, now: float, want: int, actual: int, why: str, to_zero: bool = False) -> Decision:
         """Remember ``want`` in the window, then stabilize a scale-down (HPA: the
         highest recommendation of the window, no higher than ``actual``)."""
         window = self.limits.stabilization
@@ -128,8 +126,9 @@ class Policy:
         highest = max(n for _, n in self._history)
         desired = min(actual, max(want, highest))
         if desired == actual:
-            return Decision(actual, why + f"; highest in the last {window:g}s is "
-                            f"{highest}: keep {actual} (stabilization)")
+            return Decision(
+                actual, why + f"; highest in the last {window:g}s is {highest}: keep {actual} (stabilization)"
+            )
         if desired > want:
             why += f"; highest in the last {window:g}s is {highest}"
         return Decision(desired, why + ": scale down")
@@ -171,17 +170,25 @@ class Selection:
     def summary(self) -> str:
         """E.g. ``stopping 2 idle (busy 3, connecting 1)``."""
         if self.unmapped:
-            return ("no consumer of the queue is at a worker's address (NAT between "
-                    "workers and RabbitMQ?): stopping none")
-        others = [f"{n} {what}" for n, what in (
-            (self.busy, "busy"), (self.connecting, "connecting"),
-            (self.settling, "settling"), (self.unknown, "without address")) if n]
+            return (
+                "no consumer of the queue is at a worker's address (NAT between "
+                "workers and RabbitMQ?): stopping none"
+            )
+        others = [
+            f"{n} {what}"
+            for n, what in (
+                (self.busy, "busy"),
+                (self.connecting, "connecting"),
+                (self.settling, "settling"),
+                (self.unknown, "without address"),
+            )
+            if n
+        ]
         tail = f" ({', '.join(others)})" if others else ""
         return f"stopping {len(self.ids)} idle{tail}"
 
 
-def worker_state(worker: WorkerContainer, occupancy: Occupancy, now: float,
-                 grace: float) -> str:
+def worker_state(worker: WorkerContainer, occupancy: Occupancy, now: float, grace: float) -> str:
     """``idle``, ``busy``, ``connecting`` or ``unknown`` for one worker (the rules of
     the module docstring, without the settle time)."""
     if worker.address is None:
@@ -199,8 +206,9 @@ class IdleTracker:
 
     _idle_since: dict[str, float] = field(factory=dict, alias="idle_since")
 
-    def observe(self, workers: Iterable[WorkerContainer], occupancy: Occupancy,
-                at: float, grace: float) -> None:
+    def observe(
+        self, workers: Iterable[WorkerContainer], occupancy: Occupancy, at: float, grace: float
+    ) -> None:
         """Take one (fresh) reading made at ``at`` into account."""
         seen: dict[str, float] = {}
         for w in workers:
@@ -212,15 +220,24 @@ class IdleTracker:
         """The worker is being stopped or gone."""
         self._idle_since.pop(container_id, None)
 
-    def choose(self, workers: Sequence[WorkerContainer], occupancy: Occupancy,
-               count: int, now: float, grace: float, settle: float) -> Selection:
+    def choose(
+        self,
+        workers: Sequence[WorkerContainer],
+        occupancy: Occupancy,
+        count: int,
+        now: float,
+        grace: float,
+        settle: float,
+    ) -> Selection:
         """Up to ``count`` workers that may be stopped, newest first: idle in the
         latest observation and for at least ``settle`` seconds.  None at all when the
         queue has consumers but none at any worker's address (the mapping does not
         work, e.g. NAT: every worker would look idle)."""
-        mapped = any(w.address is not None and (
-            occupancy.consumers.get(w.address, 0) or occupancy.unacked.get(w.address, 0))
-            for w in workers)
+        mapped = any(
+            w.address is not None
+            and (occupancy.consumers.get(w.address, 0) or occupancy.unacked.get(w.address, 0))
+            for w in workers
+        )
         if not mapped and any(occupancy.consumers.values()) and workers:
             return Selection((), unmapped=True)
         counts = {"busy": 0, "connecting": 0, "unknown": 0, "settling": 0}
@@ -236,6 +253,10 @@ class IdleTracker:
                 continue
             ready.append(w)
         ready.sort(key=lambda w: w.since, reverse=True)
-        return Selection(tuple(w.id for w in ready[:max(count, 0)]), busy=counts["busy"],
-                         connecting=counts["connecting"], unknown=counts["unknown"],
-                         settling=counts["settling"])
+        return Selection(
+            tuple(w.id for w in ready[: max(count, 0)]),
+            busy=counts["busy"],
+            connecting=counts["connecting"],
+            unknown=counts["unknown"],
+            settling=counts["settling"],
+        )

@@ -87,8 +87,10 @@ class BrokerWorkers:
             if cid not in alive:
                 del self._addresses[cid]
         return gatherResults([self._address(v) for v in views]).addCallback(
-            lambda addresses: [WorkerContainer(v.id, a, v.since)
-                               for v, a in zip(views, addresses, strict=True)])
+            lambda addresses: [
+                WorkerContainer(v.id, a, v.since) for v, a in zip(views, addresses, strict=True)
+            ]
+        )
 
     def _address(self, view: WorkerView) -> Deferred[str | None]:
         known: str | None = self._addresses.get(view.id)
@@ -102,8 +104,12 @@ class BrokerWorkers:
             return address
 
         def failed(f: Failure) -> None:
-            log.info("autoscale: cannot read the address of worker {id} on {host}: {e}",
-                     id=view.id[:12], host=view.host, e=f.getErrorMessage())
+            log.info(
+                "autoscale: cannot read the address of worker {id} on {host}: {e}",
+                id=view.id[:12],
+                host=view.host,
+                e=f.getErrorMessage(),
+            )
 
         return engine.container_address(view.id).addCallbacks(got, failed)
 

@@ -67,8 +67,10 @@ class QueueRef:
     @property
     def channels_url(self) -> str:
         """The vhost's channels with only the columns a reading needs."""
-        return (f"{self.base}/api/vhosts/{quote(self.vhost, safe='')}/channels"
-                "?columns=name,messages_unacknowledged,connection_details.peer_host")
+        return (
+            f"{self.base}/api/vhosts/{quote(self.vhost, safe='')}/channels"
+            "?columns=name,messages_unacknowledged,connection_details.peer_host"
+        )
 
     @property
     def display(self) -> str:
@@ -112,12 +114,12 @@ def _count(data: Mapping[str, Any], key: str, what: str) -> int:
 
 
 async def _get_json(client: HTTPClient, url: str, ref: QueueRef) -> object:
-    response = await client.get(url, auth=(ref.user, ref.password),
-                                headers=Headers({b"Accept": [b"application/json"]}))
+    response = await client.get(
+        url, auth=(ref.user, ref.password), headers=Headers({b"Accept": [b"application/json"]})
+    )
     body = await response.content()
     if response.code == 401:
-        raise RabbitUnreachable(
-            f"the management API refused user {ref.user!r} (401) for {ref.display}")
+        raise RabbitUnreachable(f"the management API refused user {ref.user!r} (401) for {ref.display}")
     if response.code == 404:
         raise RabbitUnreachable(f"{ref.display}: not found (404)")
     if response.code != 200:
@@ -128,8 +130,7 @@ async def _get_json(client: HTTPClient, url: str, ref: QueueRef) -> object:
         raise RabbitUnreachable(f"{ref.display}: the answer is not JSON") from None
 
 
-def parse_queue(data: object, ref: QueueRef) -> tuple[int, int, int, dict[str, int],
-                                                      dict[str, str]]:
+def parse_queue(data: object, ref: QueueRef) -> tuple[int, int, int, dict[str, int], dict[str, str]]:
     """From ``/api/queues/V/Q``: ready, unacked, consumers, consumers by peer address,
     and each consumer channel's peer address by channel name."""
     if not isinstance(data, dict):
@@ -152,8 +153,7 @@ def parse_queue(data: object, ref: QueueRef) -> tuple[int, int, int, dict[str, i
     return ready, unacked, consumers, peers, channels
 
 
-def parse_channels(data: object, ref: QueueRef,
-                   peer_of_channel: Mapping[str, str]) -> dict[str, int]:
+def parse_channels(data: object, ref: QueueRef, peer_of_channel: Mapping[str, str]) -> dict[str, int]:
     """From ``/api/vhosts/V/channels``: unacknowledged messages by peer address (the
     connection's ``peer_host``, else the consumer channel's, by channel name)."""
     if not isinstance(data, list):
@@ -175,8 +175,9 @@ def parse_channels(data: object, ref: QueueRef,
     return out
 
 
-def read_queue(client: HTTPClient, ref: QueueRef, reactor: IReactorTime,
-               timeout: float = 10.0) -> Deferred[QueueReading]:
+def read_queue(
+    client: HTTPClient, ref: QueueRef, reactor: IReactorTime, timeout: float = 10.0
+) -> Deferred[QueueReading]:
     """Read ``ref``'s queue (see the module docstring); fails with
     :class:`RabbitUnreachable` (also after ``timeout`` seconds)."""
 
@@ -184,8 +185,9 @@ def read_queue(client: HTTPClient, ref: QueueRef, reactor: IReactorTime,
         queue = await _get_json(client, ref.queue_url, ref)
         ready, unacked, consumers, peers, channels = parse_queue(queue, ref)
         listing = await _get_json(client, ref.channels_url, ref)
-        return QueueReading(ready, unacked, consumers, reactor.seconds(), peers,
-                            parse_channels(listing, ref, channels))
+        return QueueReading(
+            ready, unacked, consumers, reactor.seconds(), peers, parse_channels(listing, ref, channels)
+        )
 
     def timed_out(result: object, timeout: float) -> QueueReading:
         # whatever the cancelled request failed with (treq: ResponseNeverReceived)
@@ -199,7 +201,8 @@ def read_queue(client: HTTPClient, ref: QueueRef, reactor: IReactorTime,
             raise RabbitUnreachable(_scrub(f.getErrorMessage(), ref))
         if f.check(CancelledError, DeferredTimeout, TimeoutError):
             raise RabbitUnreachable(f"{ref.display}: cancelled or timed out")
-        raise RabbitUnreachable(_scrub(
-            f"{ref.display}: {getattr(f.type, '__name__', f.type)}: {f.getErrorMessage()}", ref))
+        raise RabbitUnreachable(
+            _scrub(f"{ref.display}: {getattr(f.type, '__name__', f.type)}: {f.getErrorMessage()}", ref)
+        )
 
     return d.addErrback(failed)

@@ -84,8 +84,14 @@ class Scaler:
 class AutoscaleService(Service):
     """Scales the workers of every entry from its queue (see the module docstring)."""
 
-    def __init__(self, entries: Iterable[Entry], pool: WorkerPool, reader: QueueReader,
-                 clock: IReactorTime, log_every: int = LOG_EVERY) -> None:
+    def __init__(
+        self,
+        entries: Iterable[Entry],
+        pool: WorkerPool,
+        reader: QueueReader,
+        clock: IReactorTime,
+        log_every: int = LOG_EVERY,
+    ) -> None:
         self._pool = pool
         self._reader = reader
         self._clock = clock
@@ -116,7 +122,8 @@ class AutoscaleService(Service):
         loop.clock = self._clock
         s.loop = loop
         loop.start(s.entry.interval, now=True).addErrback(
-            lambda f: log.failure("autoscale {name}: loop stopped", f, name=s.entry.name))
+            lambda f: log.failure("autoscale {name}: loop stopped", f, name=s.entry.name)
+        )
 
     def _stop_loop(self, s: Scaler) -> None:
         if s.loop is not None and s.loop.running:
@@ -164,8 +171,10 @@ class AutoscaleService(Service):
         for d in list(s.launching):
             d.cancel()
         self._retiring.append(s)
-        log.info("autoscale {name}: removed or changed in the config: its workers stop as "
-                 "they become idle", name=s.entry.name)
+        log.info(
+            "autoscale {name}: removed or changed in the config: its workers stop as they become idle",
+            name=s.entry.name,
+        )
 
     # ------------------------------------------------------------------ one tick
 
@@ -194,8 +203,11 @@ class AutoscaleService(Service):
             if not s.outage:
                 s.outage = True
                 log.warn(  # noqa: G010 - twisted.logger
-                    "autoscale {name}: cannot read {queue}: {e} (no change until it "
-                    "answers)", name=e.name, queue=e.queue_ref.display, e=str(ex))
+                    "autoscale {name}: cannot read {queue}: {e} (no change until it answers)",
+                    name=e.name,
+                    queue=e.queue_ref.display,
+                    e=str(ex),
+                )
             return None
         if s.outage:
             s.outage = False
@@ -211,7 +223,8 @@ class AutoscaleService(Service):
         except Exception as ex:  # noqa: BLE001 - no decision without the workers
             s.errors += 1
             log.warn(  # noqa: G010 - twisted.logger
-                "autoscale {name}: cannot list the workers: {e}", name=e.name, e=str(ex))
+                "autoscale {name}: cannot list the workers: {e}", name=e.name, e=str(ex)
+            )
             return
         now = self._clock.seconds()
         workers = [w for w in listed if w.id not in s.stopping]
@@ -238,11 +251,11 @@ class AutoscaleService(Service):
                 changed = True
             if excess and reading is not None:
                 if not fresh:
-                    reason += (f"; waiting for statistics {e.lag:g}s newer than the last "
-                               "launch/stop")
+                    reason += f"; waiting for statistics {e.lag:g}s newer than the last launch/stop"
                 else:
-                    chosen = s.idle.choose(workers, reading.occupancy(), excess, reading.at,
-                                           e.connect_grace, settle=e.lag)
+                    chosen = s.idle.choose(
+                        workers, reading.occupancy(), excess, reading.at, e.connect_grace, settle=e.lag
+                    )
                     reason += "; " + chosen.summary()
                     for cid in chosen.ids:
                         self._stop(s, cid, now)
@@ -273,8 +286,8 @@ class AutoscaleService(Service):
             if msg != s.last_launch_error:  # the same refusal again: logged once
                 s.last_launch_error = msg
                 log.warn(  # noqa: G010 - twisted.logger
-                    "autoscale {name}: launching a worker failed: {e}", name=s.entry.name,
-                    e=msg)
+                    "autoscale {name}: launching a worker failed: {e}", name=s.entry.name, e=msg
+                )
 
         d.addBoth(ended)
 
@@ -290,12 +303,23 @@ class AutoscaleService(Service):
                 s.errors += 1
                 log.warn(  # noqa: G010 - twisted.logger
                     "autoscale {name}: stopping worker {id} failed: {e}",
-                    name=s.entry.name, id=cid[:12], e=result.getErrorMessage())
+                    name=s.entry.name,
+                    id=cid[:12],
+                    e=result.getErrorMessage(),
+                )
 
         self._pool.stop(s.entry, cid).addBoth(ended)
 
-    def _report(self, s: Scaler, reading: QueueReading | None, desired: int, actual: int,
-                reason: str, now: float, changed: bool) -> None:
+    def _report(
+        self,
+        s: Scaler,
+        reading: QueueReading | None,
+        desired: int,
+        actual: int,
+        reason: str,
+        now: float,
+        changed: bool,
+    ) -> None:
         e = s.entry
         if desired > actual:
             what = f"scale up {actual}->{desired}"
@@ -309,11 +333,15 @@ class AutoscaleService(Service):
             log.info(
                 "autoscale {name}: queue={queue} ready={ready} unacked={unacked} "
                 "consumers={consumers} desired={desired} actual={actual}: {reason}",
-                name=e.name, queue=e.queue,
+                name=e.name,
+                queue=e.queue,
                 ready="?" if reading is None else reading.ready,
                 unacked="?" if reading is None else reading.unacked,
                 consumers="?" if reading is None else reading.consumers,
-                desired=desired, actual=actual, reason=reason)
+                desired=desired,
+                actual=actual,
+                reason=reason,
+            )
         s.last_desired = desired
         s.view = {
             "Queue": e.queue,
@@ -348,14 +376,30 @@ class AutoscaleService(Service):
 
     def _view(self, s: Scaler) -> dict[str, object]:
         if s.view:
-            return dict(s.view, Errors=s.errors, Unreachable=s.failed_reads,
-                        Launching=len(s.launching), Stopping=len(s.stopping),
-                        Retiring=s.retiring)
-        return {"Queue": s.entry.queue, "Desired": None, "Actual": None, "Ready": None,
-                "Unacked": None, "Consumers": None, "LastDecision": "", "Reason": "",
-                "Errors": s.errors, "Unreachable": s.failed_reads,
-                "Launching": len(s.launching), "Stopping": len(s.stopping),
-                "Retiring": s.retiring, "At": None}
+            return dict(
+                s.view,
+                Errors=s.errors,
+                Unreachable=s.failed_reads,
+                Launching=len(s.launching),
+                Stopping=len(s.stopping),
+                Retiring=s.retiring,
+            )
+        return {
+            "Queue": s.entry.queue,
+            "Desired": None,
+            "Actual": None,
+            "Ready": None,
+            "Unacked": None,
+            "Consumers": None,
+            "LastDecision": "",
+            "Reason": "",
+            "Errors": s.errors,
+            "Unreachable": s.failed_reads,
+            "Launching": len(s.launching),
+            "Stopping": len(s.stopping),
+            "Retiring": s.retiring,
+            "At": None,
+        }
 
     def entries(self) -> tuple[Entry, ...]:
         """The current (not retiring) entries."""

@@ -34,8 +34,7 @@ SignalInstaller = Callable[[Callable[[], None]], Callable[[], None]]
 class ThreadCaller(Protocol):
     """The reactor's ``callFromThread`` (``IReactorFromThreads``)."""
 
-    def callFromThread(self, f: Callable[..., object], *args: object,
-                       **kwargs: object) -> None:
+    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run ``f`` on the reactor thread."""
 
 
@@ -74,11 +73,17 @@ def _fingerprint(path: str) -> tuple[int, int, int] | None:
 class ConfigWatcher(Service):
     """Calls ``on_change`` with the file's entries when they change (module docstring)."""
 
-    def __init__(self, path: str, current: Sequence[Entry],
-                 on_change: Callable[[tuple[Entry, ...]], None], clock: IReactorTime,
-                 install_sighup: SignalInstaller | None = None, load: Loader | None = None,
-                 poll: float = 1.0,
-                 fingerprint: Callable[[str], object] = _fingerprint) -> None:
+    def __init__(
+        self,
+        path: str,
+        current: Sequence[Entry],
+        on_change: Callable[[tuple[Entry, ...]], None],
+        clock: IReactorTime,
+        install_sighup: SignalInstaller | None = None,
+        load: Loader | None = None,
+        poll: float = 1.0,
+        fingerprint: Callable[[str], object] = _fingerprint,
+    ) -> None:
         self.path = path
         self.current: tuple[Entry, ...] = tuple(current)
         self.on_change = on_change
@@ -102,7 +107,8 @@ class ConfigWatcher(Service):
         self._loop = LoopingCall(self.check)
         self._loop.clock = self._clock
         self._loop.start(self._poll, now=False).addErrback(
-            lambda f: log.failure("autoscale: config watch stopped", f))
+            lambda f: log.failure("autoscale: config watch stopped", f)
+        )
 
     def stopService(self) -> None:
         """Stop polling and put the previous SIGHUP handler back."""
@@ -131,16 +137,17 @@ class ConfigWatcher(Service):
             entries = tuple(self._load(self.path))
         except (ConfigError, OSError, ValueError) as e:
             self.errors += 1
-            log.error("autoscale: {why}: not reloaded, the entries in force stay: {e}",
-                      why=why, e=str(e))
+            log.error("autoscale: {why}: not reloaded, the entries in force stay: {e}", why=why, e=str(e))
             return False
         if entries == self.current:
             if why == "SIGHUP":
-                log.info("autoscale: SIGHUP: [[autoscale]] unchanged ({n} entries)",
-                         n=len(entries))
+                log.info("autoscale: SIGHUP: [[autoscale]] unchanged ({n} entries)", n=len(entries))
             return False
         self.current = entries
-        log.info("autoscale: {why}: [[autoscale]] re-read: {names}", why=why,
-                 names=", ".join(e.name for e in entries) or "none")
+        log.info(
+            "autoscale: {why}: [[autoscale]] re-read: {names}",
+            why=why,
+            names=", ".join(e.name for e in entries) or "none",
+        )
         self.on_change(entries)
         return True

@@ -34,8 +34,9 @@ class Autoscaler(MultiService):
         watcher.setServiceParent(self)
 
 
-def build_autoscaler(config_path: str, broker: WorkerControl, engines: Mapping[str, IEngine],
-                     reactor: Any) -> Autoscaler | None:
+def build_autoscaler(
+    config_path: str, broker: WorkerControl, engines: Mapping[str, IEngine], reactor: Any
+) -> Autoscaler | None:
     """The autoscaler for the ``[[autoscale]]`` entries of ``config_path``; None when the
     file has none (entries added later are picked up only after a restart).
     ``reactor``: the global reactor (time, TCP, threads)."""
@@ -50,6 +51,7 @@ def build_autoscaler(config_path: str, broker: WorkerControl, engines: Mapping[s
         return read_queue(client, ref, reactor, READ_TIMEOUT)
 
     service = AutoscaleService(entries, BrokerWorkers(broker, engines), reader, reactor)
-    watcher = ConfigWatcher(config_path, entries, service.reconfigure, reactor,
-                            install_sighup=sighup_installer(reactor))
+    watcher = ConfigWatcher(
+        config_path, entries, service.reconfigure, reactor, install_sighup=sighup_installer(reactor)
+    )
     return Autoscaler(service, watcher)

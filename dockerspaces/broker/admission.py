@@ -72,14 +72,20 @@ class Admission:
         k = self.st.keys.get(key)
         if k is None:
             k = self.st.keys[key] = KeyState(
-                key, spec, labels.get(LABEL_DISPLAY) or spec.display, adopted=key != spec.key)
+                key, spec, labels.get(LABEL_DISPLAY) or spec.display, adopted=key != spec.key
+            )
         return k
 
     def maybe_forget(self, k: KeyState) -> None:
         """Drop a key no waiter (in any line) holds and no container uses, so the
         table stays bounded by what is in use."""
-        if (k.live or k.waiters or k.containers or k in self.placement.hungry
-                or (k.recheck is not None and k.recheck.active())):
+        if (
+            k.live
+            or k.waiters
+            or k.containers
+            or k in self.placement.hungry
+            or (k.recheck is not None and k.recheck.active())
+        ):
             return
         if self.st.keys.get(k.key) is k:
             del self.st.keys[k.key]
@@ -87,14 +93,16 @@ class Admission:
 
     # ------------------------------------------------------------------ a waiter's life
 
-    def new_waiter(self, spec: JobSpec, progress: ProgressCallback | None,
-                   owner: Owner | None = None) -> Waiter:
+    def new_waiter(
+        self, spec: JobSpec, progress: ProgressCallback | None, owner: Owner | None = None
+    ) -> Waiter:
         """A request arrives: it holds its key and counts as waiting for its owner
         until it ends; cancelling its Deferred makes it leave every line."""
         holder: list[Waiter] = []
         d: Deferred[Any] = Deferred(lambda _d: self.cancel(holder[0]))
-        w = Waiter(spec, self.key_for(spec), d, self.st.clock.seconds(), progress,
-                   owner=owner, seq=self.st.tick())
+        w = Waiter(
+            spec, self.key_for(spec), d, self.st.clock.seconds(), progress, owner=owner, seq=self.st.tick()
+        )
         self.live(w)
         holder.append(w)
         return w
@@ -151,8 +159,7 @@ class Admission:
         k = w.key
         pl, quotas = self.placement, self.st.quotas
         if w.spec.worker or not self.takes_at_once(w):
-            if not pl.may_start(o, k) and (
-                    w.spec.worker or not quotas.held_of_key(o.user, k)):
+            if not pl.may_start(o, k) and (w.spec.worker or not quotas.held_of_key(o.user, k)):
                 return over_quota(o, quotas.refusal(o), pl.retry_after(k))
             if o.queued is not None and quotas.queued(o.user) > o.queued:
                 return over_quota(o, "queued", pl.retry_after(k))
@@ -170,9 +177,13 @@ class Admission:
                 self._queue_watchers += 1
                 self.fx.publish(w, Progress("queued", position=len(self.queue)))
         else:
-            self.fail(w, Overloaded(
-                f"too many requests: {self.settings.source} being served and "
-                f"{self.settings.queue} waiting (--source/--queue)"))
+            self.fail(
+                w,
+                Overloaded(
+                    f"too many requests: {self.settings.source} being served and "
+                    f"{self.settings.queue} waiting (--source/--queue)"
+                ),
+            )
 
     def _admit(self, w: Waiter) -> None:
         """An admitted launch claims a slot; an admitted request joins its key's line."""
@@ -216,10 +227,14 @@ class Admission:
         w.waiting = True
         k.hold = False
         if w.progress is not None:
-            position = len(k.waiters) if k.waiters.anonymous else next(
-                i for i, q in enumerate(k.waiters.in_order(), 1) if q is w)
-            self.fx.publish(w, Progress("queued", position=position,
-                                        detail=k.status.detail if k.status else None))
+            position = (
+                len(k.waiters)
+                if k.waiters.anonymous
+                else next(i for i, q in enumerate(k.waiters.in_order(), 1) if q is w)
+            )
+            self.fx.publish(
+                w, Progress("queued", position=position, detail=k.status.detail if k.status else None)
+            )
         self.placement.consider(k)
 
     def put_back(self, w: Waiter) -> None:
@@ -300,8 +315,8 @@ class Admission:
     def queue_timeout_error(self, w: Waiter) -> QueueTimeout:
         """The error of a request that got no container within ``--queue-timeout``."""
         return QueueTimeout(
-            f"no container for {w.spec.display} within {self.settings.queue_timeout:g} s "
-            "(--queue-timeout)")
+            f"no container for {w.spec.display} within {self.settings.queue_timeout:g} s (--queue-timeout)"
+        )
 
     def covered(self, w: Waiter) -> bool:
         """True when a container of its key is being started for waiter ``w``: x: one of
@@ -331,6 +346,10 @@ class Admission:
     def _worker_timed_out(self, w: Waiter) -> None:
         """``--worker-timeout`` passed and no container was started for launch ``w``."""
         if w.container is None:
-            self.fail(w, NoCapacity(
-                f"no slot for worker {w.spec.display} within "
-                f"{self.settings.worker_timeout:g} s (--worker-timeout)"))
+            self.fail(
+                w,
+                NoCapacity(
+                    f"no slot for worker {w.spec.display} within "
+                    f"{self.settings.worker_timeout:g} s (--worker-timeout)"
+                ),
+            )

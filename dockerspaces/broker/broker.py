@@ -90,8 +90,9 @@ class Broker:
     ):
         self.settings = settings
         self.fx = Effects(before=self._settle)
-        self.state = st = BrokerState(cast(Clock, clock), hosts, engines, settings,
-                                      run_options, on_container, self.fx)
+        self.state = st = BrokerState(
+            cast(Clock, clock), hosts, engines, settings, run_options, on_container, self.fx
+        )
         self.admission = Admission(st)
         self.placement = Placement(st)
         self.leases = Leases(st)
@@ -150,8 +151,9 @@ class Broker:
         return self.fx.entries
 
     @entry
-    def acquire(self, spec: JobSpec, progress: ProgressCallback | None = None,
-                owner: Owner | None = None) -> Deferred[Lease]:
+    def acquire(
+        self, spec: JobSpec, progress: ProgressCallback | None = None, owner: Owner | None = None
+    ) -> Deferred[Lease]:
         """A lease on a container for ``spec`` (x: exclusive, y: shared), for ``owner``
         (None: accounts off; else its quotas apply, see ``docs/broker.md``).
 
@@ -176,7 +178,9 @@ class Broker:
 
     @entry
     def launch_worker(
-        self, spec: JobSpec, progress: ProgressCallback | None = None,
+        self,
+        spec: JobSpec,
+        progress: ProgressCallback | None = None,
         owner: Owner | None = None,
     ) -> Deferred[ContainerHandle]:
         """Start one more container of a port-3 spec for ``owner``; fires once it has
@@ -200,9 +204,13 @@ class Broker:
         k = self.state.keys.get(spec.key)
         if k is None:
             return []
-        out = [WorkerView(c.handle.id, c.slot.host.name,
-                          c.created_at if c.created_at is not None else c.slot.since)
-               for c in k.containers if c.state == WORKER and c.handle is not None]
+        out = [
+            WorkerView(
+                c.handle.id, c.slot.host.name, c.created_at if c.created_at is not None else c.slot.since
+            )
+            for c in k.containers
+            if c.state == WORKER and c.handle is not None
+        ]
         return sorted(out, key=lambda v: v.since)
 
     @entry
@@ -231,9 +239,9 @@ class Broker:
         self.hosts.stop_pinging()
         waiting = list(self.admission.waiting())
         waiting += [
-            s.container.worker for s in st.slots
-            if s.container is not None and s.container.worker is not None
-            and not s.container.worker.done
+            s.container.worker
+            for s in st.slots
+            if s.container is not None and s.container.worker is not None and not s.container.worker.done
         ]
         for k in st.keys.values():
             if k.recheck is not None and k.recheck.active():
@@ -289,9 +297,11 @@ class Broker:
     @staticmethod
     def _resolver(d: Deferred[None]) -> Callable[[], None]:
         """A job firing ``d`` (unless it fired already: drain timeout)."""
+
         def fire() -> None:
             if not d.called:
                 d.callback(None)
+
         return fire
 
     @entry

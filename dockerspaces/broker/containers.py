@@ -84,16 +84,22 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ starting
 
-    def start_container(self, k: KeyState, slot: Slot, worker: Waiter | None = None,
-                        owner: Owner | None = None) -> Container:
+    def start_container(
+        self, k: KeyState, slot: Slot, worker: Waiter | None = None, owner: Owner | None = None
+    ) -> Container:
         """Start a container of ``k`` in ``slot`` (for a worker launch, or for a request
         of ``owner``, who holds it while it starts), within the start timeout; the
         engine is called once the slot's evicted container is gone."""
         now = self.st.clock.seconds()
         opts = self.st.run_options(k.spec)
-        c = Container(k, slot, STARTING, worker=worker,
-                      owner=owner.user if owner is not None else None,
-                      gpus=1 if slot.info.gpu is not None and opts.gpu else 0)
+        c = Container(
+            k,
+            slot,
+            STARTING,
+            worker=worker,
+            owner=owner.user if owner is not None else None,
+            gpus=1 if slot.info.gpu is not None and opts.gpu else 0,
+        )
         if c.owner is not None:
             self.st.quotas.hold(c.owner, c)  # a worker's, until it is gone
         slot.container = c
@@ -126,8 +132,7 @@ class Lifecycle:
         @self.fx.wrap
         def on_progress(p: PullProgress) -> None:
             self.pulls[pull_key] = p
-            self._key_status(c, Progress("pulling", detail=p.status, current=p.current,
-                                         total=p.total))
+            self._key_status(c, Progress("pulling", detail=p.status, current=p.current, total=p.total))
 
         t0 = self.st.clock.seconds()
         self.st.emit("pull-start", c)
@@ -151,8 +156,7 @@ class Lifecycle:
         """The image is there: ``c``'s waiters learn it is starting."""
         self._key_status(c, Progress("starting"))
 
-    def _removed_if_late(self, d: Deferred[ContainerHandle], engine: IEngine
-                         ) -> Deferred[ContainerHandle]:
+    def _removed_if_late(self, d: Deferred[ContainerHandle], engine: IEngine) -> Deferred[ContainerHandle]:
         """``d`` (an engine's create), cancellable: a container created after its start
         was given up (start deadline, shutdown) is removed when the engine returns it."""
         out: Deferred[ContainerHandle] = Deferred(lambda _d: None)
@@ -165,8 +169,7 @@ class Lifecycle:
                     out.callback(cast(ContainerHandle, result))
                 return
             if isinstance(result, ContainerHandle):
-                log.info("removing {name}: created after its start was given up",
-                         name=result.name)
+                log.info("removing {name}: created after its start was given up", name=result.name)
                 engine.stop(result, 0).addBoth(self._removing(lambda r: None))
 
         d.addBoth(got)
@@ -261,28 +264,33 @@ class Lifecycle:
         display = k.spec.display
         if c.timed_out or isinstance(e, NotReady):
             timeout = self.st.run_options(k.spec).start_timeout or self.settings.start_timeout
-            return StartTimeout(f"{display} did not become ready within {timeout:g} s "
-                                "(--start-timeout)")
+            return StartTimeout(f"{display} did not become ready within {timeout:g} s (--start-timeout)")
         if isinstance(e, EngineUnreachable):
             self.hosts.host_down(c.slot.host, str(e))
             return None
         if isinstance(e, PortAllocated):
             self._quarantine(c.slot, str(e))
             return None
-        if isinstance(e, ContainerRemoved) and k.restarts < START_RETRIES \
-                and not self.st.draining:
+        if isinstance(e, ContainerRemoved) and k.restarts < START_RETRIES and not self.st.draining:
             k.restarts += 1
             c.slot.last_error = str(e)
-            warn("start of {display} on {host}:{port}: {why}; starting it again "
-                 "({n} of {most})", display=display, host=c.slot.host.name,
-                 port=c.slot.info.port, why=str(e), n=k.restarts, most=START_RETRIES)
+            warn(
+                "start of {display} on {host}:{port}: {why}; starting it again ({n} of {most})",
+                display=display,
+                host=c.slot.host.name,
+                port=c.slot.info.port,
+                why=str(e),
+                n=k.restarts,
+                most=START_RETRIES,
+            )
             return None
         if isinstance(e, ContainerRemoved):
             return StartFailed(f"{display}: {e} ({k.restarts + 1} times in a row)")
         if isinstance(e, ContainerExited):
             tail = (e.log_tail or "")[-LOG_TAIL:]
-            return StartFailed(f"{display} exited while starting: {e}"
-                               + (f"\n--- log tail ---\n{tail}" if tail else ""))
+            return StartFailed(
+                f"{display} exited while starting: {e}" + (f"\n--- log tail ---\n{tail}" if tail else "")
+            )
         if isinstance(e, CancelledError):
             return StartFailed(f"{display}: start cancelled")
         return StartFailed(f"{display} failed to start: {e}")
@@ -296,9 +304,13 @@ class Lifecycle:
         k = c.key
         err = self._start_error(c, f.value)
         if err is not None:
-            warn("start of {display} on {host}:{port} failed: {err}", display=k.spec.display,
-                 host=c.slot.host.name, port=c.slot.info.port,
-                 err=redact(err.message, k.spec))
+            warn(
+                "start of {display} on {host}:{port} failed: {err}",
+                display=k.spec.display,
+                host=c.slot.host.name,
+                port=c.slot.info.port,
+                err=redact(err.message, k.spec),
+            )
             # the monitor is unauthenticated: the first line (exit code, reason) only;
             # the log tail is in the log and on the requester's own error page
             c.slot.last_error = err.message.splitlines()[0][:500]
@@ -327,8 +339,13 @@ class Lifecycle:
         """Keep a slot whose port something else holds out of use for a while."""
         s.blocked_until = self.st.clock.seconds() + SLOT_QUARANTINE
         s.last_error = why
-        warn("slot {host}:{port} is taken by something else; not used for {secs:g} s: {why}",
-             host=s.host.name, port=s.info.port, secs=SLOT_QUARANTINE, why=why)
+        warn(
+            "slot {host}:{port} is taken by something else; not used for {secs:g} s: {why}",
+            host=s.host.name,
+            port=s.info.port,
+            secs=SLOT_QUARANTINE,
+            why=why,
+        )
 
         @self.fx.wrap
         def unblock() -> None:
@@ -383,8 +400,7 @@ class Lifecycle:
             self.leases.gone(c)
         c.inflight = 0
 
-    def stop(self, c: Container, grace: float, evict: bool = False, quiet: bool = False
-             ) -> None:
+    def stop(self, c: Container, grace: float, evict: bool = False, quiet: bool = False) -> None:
         """Stop and remove a container (``evict``: to make room; its slot then waits for
         the stop before the new container starts); forgotten once the engine is done."""
         k = c.key
@@ -460,6 +476,7 @@ class Lifecycle:
         k = c.key
         self.forget(c)
         if handle is not None:
+
             def then(result: object) -> None:
                 if isinstance(result, Failure):
                     self.hosts.engine_failed(h, result)

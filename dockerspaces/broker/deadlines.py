@@ -37,8 +37,7 @@ class Deadlines:
             self.items[w] = deadline
         if self._call is None:
             first = next(iter(self.items.values()))
-            self._call = self._clock.callLater(max(0.0, first - self._clock.seconds()),
-                                               self._fire)
+            self._call = self._clock.callLater(max(0.0, first - self._clock.seconds()), self._fire)
 
     def discard(self, w: Waiter) -> None:
         """``w`` no longer has this deadline."""

@@ -51,6 +51,7 @@ class Effects:
     def fire(self, d: Deferred[Any], result: object) -> None:
         """Fire ``d`` with ``result`` (a Failure errbacks) as a job; a lease for a
         Deferred cancelled meanwhile is given straight back."""
+
         def job() -> None:
             if d.called:
                 if isinstance(result, Lease):
@@ -92,6 +93,7 @@ class Effects:
 
     def wrap(self, fn: Callable[P, R]) -> Callable[P, R]:
         """``fn`` as an entry point (a callback from outside: engine, timer)."""
+
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             self.entries += 1
@@ -118,6 +120,7 @@ S = TypeVar("S", bound=HasEffects)
 def entry(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
     """Mark ``method`` as an entry point: when the outermost entry point returns (or
     raises), the jobs its mutations queued run."""
+
     @functools.wraps(method)
     def run(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         fx = self.fx

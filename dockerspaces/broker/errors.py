@@ -82,8 +82,7 @@ class OverQuota(BrokerError):
     status = 429
     default_retry_after = 1
 
-    def __init__(self, message: str, retry_after: int | None = None, *, user: str = "",
-                 quota: str = ""):
+    def __init__(self, message: str, retry_after: int | None = None, *, user: str = "", quota: str = ""):
         super().__init__(message, max(1, retry_after) if retry_after is not None else None)
         self.user = user
         self.quota = quota

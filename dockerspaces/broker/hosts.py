@@ -84,13 +84,24 @@ class Hosts:
         if c is None or c.state not in (IDLE, BUSY, WORKER):
             return
         if not c.crashed:
-            log.info("container {id} of {display} {kind}", id=c.id,
-                     display=c.key.spec.display,
-                     kind="was killed (out of memory)" if ev.kind == "oom" else "died")
-            self.st.emit("crash", c, detail="oom" if ev.kind == "oom" else
-                         (f"exit {ev.exit_code}" if ev.exit_code is not None else None))
-        self.lifecycle.lose(c, f"container {'killed (oom)' if ev.kind == 'oom' else 'died'}"
-                            + (f" (exit {ev.exit_code})" if ev.exit_code is not None else ""))
+            log.info(
+                "container {id} of {display} {kind}",
+                id=c.id,
+                display=c.key.spec.display,
+                kind="was killed (out of memory)" if ev.kind == "oom" else "died",
+            )
+            self.st.emit(
+                "crash",
+                c,
+                detail="oom"
+                if ev.kind == "oom"
+                else (f"exit {ev.exit_code}" if ev.exit_code is not None else None),
+            )
+        self.lifecycle.lose(
+            c,
+            f"container {'killed (oom)' if ev.kind == 'oom' else 'died'}"
+            + (f" (exit {ev.exit_code})" if ev.exit_code is not None else ""),
+        )
 
     @entry
     def _ping_all(self) -> None:
@@ -186,11 +197,14 @@ class Hosts:
                 continue
             slot = self.st.slot_by_port.get((h.name, o.slot_port or -1))
             spec = o.spec
-            ok = o.running and spec is not None and slot is not None and (
-                slot.container is None and slot.evicting is None)
+            ok = (
+                o.running
+                and spec is not None
+                and slot is not None
+                and (slot.container is None and slot.evicting is None)
+            )
             if ok and spec is not None and spec.mode == "y":
-                ok = not any(c.state != GONE
-                             for c in self.admission.adopted_key(spec, o.labels).containers)
+                ok = not any(c.state != GONE for c in self.admission.adopted_key(spec, o.labels).containers)
             if not ok or spec is None or slot is None:
                 self.lifecycle.remove_owned(h, o)
                 continue
@@ -202,13 +216,17 @@ class Hosts:
             h.free.pop(slot, None)
             self.st.by_id[o.id] = c
             k.containers[c] = None
-            log.info("adopted {id} of {display} in {host}:{port}", id=o.id,
-                     display=spec.display, host=h.name, port=slot.info.port)
+            log.info(
+                "adopted {id} of {display} in {host}:{port}",
+                id=o.id,
+                display=spec.display,
+                host=h.name,
+                port=slot.info.port,
+            )
             if spec.worker:
                 c.state = WORKER
                 c.protected_until = now + self.st.settings.release
-                c.timer = self.st.clock.callLater(self.st.settings.release,
-                                                  self.lifecycle.protection_over, c)
+                c.timer = self.st.clock.callLater(self.st.settings.release, self.lifecycle.protection_over, c)
             else:
                 if spec.mode == "x":
                     k.idle[c] = None

@@ -65,9 +65,19 @@ class Leases:
         if not c.endpoint:
             c.endpoint = c.slot.host.engine.endpoint_for(c.slot.info, k.spec)
         w.endpoint = c.slot.ref_info
-        lease = Lease(c.endpoint, k.display, c.id, now - w.arrived, self._release,
-                      container=c, waiter=w, started=now, retry=self._retry,
-                      confirm=self._confirm, died_before=self._died_before)
+        lease = Lease(
+            c.endpoint,
+            k.display,
+            c.id,
+            now - w.arrived,
+            self._release,
+            container=c,
+            waiter=w,
+            started=now,
+            retry=self._retry,
+            confirm=self._confirm,
+            died_before=self._died_before,
+        )
         self.fx.publish(w, Progress("ready"))
         self.fx.fire(w.deferred, lease)
 
@@ -120,12 +130,19 @@ class Leases:
         if self.st.draining:
             adm.fail(w, Draining("dockerspaces is shutting down"))
         elif w.retries > MAX_RETRIES:
-            adm.fail(w, BackendRefused(
-                f"{w.spec.display}: {MAX_RETRIES + 1} containers in a row refused or reset "
-                "the request before answering"))
+            adm.fail(
+                w,
+                BackendRefused(
+                    f"{w.spec.display}: {MAX_RETRIES + 1} containers in a row refused or reset "
+                    "the request before answering"
+                ),
+            )
         else:
-            log.info("request for {display} handed back unforwarded (try {n}): back to the "
-                     "head of its queue", display=w.spec.display, n=w.retries)
+            log.info(
+                "request for {display} handed back unforwarded (try {n}): back to the head of its queue",
+                display=w.spec.display,
+                n=w.retries,
+            )
             adm.put_back(w)
             if ended and not failed and c is not None and c.inflight == 0:
                 self.became_idle(c)  # alive: it may serve the request again
@@ -219,8 +236,7 @@ class Leases:
         k = c.key
         k.idle.pop(c, None)
         self.placement.lru.pop(c, None)
-        log.info("container {id} of {display} crashed: {why}", id=c.id,
-                 display=k.spec.display, why=why)
+        log.info("container {id} of {display} crashed: {why}", id=c.id, display=k.spec.display, why=why)
         self.st.emit("crash", c, detail=why)
         if c.inflight == 0:
             self.lifecycle.stop(c, 0, quiet=True)

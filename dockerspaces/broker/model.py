@@ -51,6 +51,7 @@ class Clock(Protocol):
     ) -> IDelayedCall:
         """Run ``callable`` after ``delay`` seconds."""
 
+
 # Container states.
 STARTING = "starting"  # cold start in progress (maybe still waiting for an eviction)
 IDLE = "idle"  # running, no request in flight
@@ -79,8 +80,7 @@ class BrokerSettings:
     @classmethod
     def from_config(cls, config: Config) -> BrokerSettings:
         """The settings named like a Config field, taken from ``config``."""
-        return cls(**{f.name: getattr(config, f.name) for f in attrs.fields(cls)
-                      if hasattr(config, f.name)})
+        return cls(**{f.name: getattr(config, f.name) for f in attrs.fields(cls) if hasattr(config, f.name)})
 
 
 @frozen
@@ -139,8 +139,12 @@ class Slot:
     def takes_new(self, now: float) -> bool:
         """True when a new container may be placed here: empty, no container of ours
         being cleared from its port, not quarantined."""
-        return (self.container is None and self.evicting is None and not self.clearing
-                and self.blocked_until <= now)
+        return (
+            self.container is None
+            and self.evicting is None
+            and not self.clearing
+            and self.blocked_until <= now
+        )
 
 
 @define(eq=False)
@@ -253,8 +257,7 @@ class Lease:
     container: Container | None = field(default=None, repr=False)
     _retry: Callable[[Lease, bool], Deferred[Lease]] | None = field(default=None, repr=False)
     _confirm: Callable[[Lease, float], Deferred[bool]] | None = field(default=None, repr=False)
-    _died_before: Callable[[Lease, float, float], Deferred[bool]] | None = field(
-        default=None, repr=False)
+    _died_before: Callable[[Lease, float, float], Deferred[bool]] | None = field(default=None, repr=False)
     waiter: Waiter | None = field(default=None, repr=False)
     started: float = 0.0
     released: bool = False

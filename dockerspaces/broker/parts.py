@@ -127,12 +127,12 @@ class LeasesPart(Protocol):
 class LifecyclePart(Protocol):
     """Starting and stopping containers (:class:`~dockerspaces.broker.containers.Lifecycle`)."""
 
-    def start_container(self, k: KeyState, slot: Slot, worker: Waiter | None = None,
-                        owner: Owner | None = None) -> Container:
+    def start_container(
+        self, k: KeyState, slot: Slot, worker: Waiter | None = None, owner: Owner | None = None
+    ) -> Container:
         """Start a container of ``k`` in ``slot``."""
 
-    def stop(self, c: Container, grace: float, evict: bool = False, quiet: bool = False
-             ) -> None:
+    def stop(self, c: Container, grace: float, evict: bool = False, quiet: bool = False) -> None:
         """Stop ``c`` (SIGTERM, then SIGKILL after ``grace``)."""
 
     def protection_over(self, c: Container) -> None:

@@ -169,8 +169,7 @@ class Placement:
         """The scale-out rule (:func:`.scaling.wants_more`) for x: key ``k`` now."""
         service = scaling.service_estimate(k.service.value, self._mean_age(k))
         demand = self._demand(k) if k.waiters.owned else len(k.waiters)
-        return scaling.wants_more(demand, k.starting, k.busy, service,
-                                  self._cold_estimate(k))
+        return scaling.wants_more(demand, k.starting, k.busy, service, self._cold_estimate(k))
 
     def _schedule_recheck(self, k: KeyState) -> None:
         """Set ``k``'s timer for the moment the rule would want one more container as
@@ -178,8 +177,9 @@ class Placement:
         busy = k.busy
         if not k.waiters or not busy:
             return
-        t = scaling.time_to_scale(self._demand(k), k.starting, busy, k.service.value,
-                                  k.mean_lease_start(), self._cold_estimate(k))
+        t = scaling.time_to_scale(
+            self._demand(k), k.starting, busy, k.service.value, k.mean_lease_start(), self._cold_estimate(k)
+        )
         if t is None:
             return
         now = self.st.clock.seconds()
@@ -267,8 +267,9 @@ class Placement:
                     self.leases.assign(q, usable)
             self.hungry.pop(k, None)
             return
-        pending = any(c.state == STARTING or (c.state in (IDLE, BUSY) and c.slot.host.up)
-                      for c in k.containers)
+        pending = any(
+            c.state == STARTING or (c.state in (IDLE, BUSY) and c.slot.host.up) for c in k.containers
+        )
         if not k.waiters or pending or k.hold or self.st.draining:
             self.hungry.pop(k, None)
             return
@@ -283,8 +284,9 @@ class Placement:
             self.hungry.pop(k, None)
             self._start(k, slot, owner=w.owner)
 
-    def _start(self, k: KeyState, slot: Slot, worker: Waiter | None = None,
-               owner: Owner | None = None) -> Container:
+    def _start(
+        self, k: KeyState, slot: Slot, worker: Waiter | None = None, owner: Owner | None = None
+    ) -> Container:
         """Start a container of ``k`` in ``slot`` (counted for :meth:`feed`)."""
         self._started += 1
         return self.lifecycle.start_container(k, slot, worker=worker, owner=owner)
@@ -314,17 +316,28 @@ class Placement:
         if limit > 0:
             held = sum(1 for c in w.key.containers if c.state in (STARTING, WORKER))
             if held >= limit:
-                adm.fail(w, NoCapacity(
-                    f"worker {w.spec.display}: {held} of its kind already hold slots "
-                    f"(--worker-release-max {limit})"))
+                adm.fail(
+                    w,
+                    NoCapacity(
+                        f"worker {w.spec.display}: {held} of its kind already hold slots "
+                        f"(--worker-release-max {limit})"
+                    ),
+                )
                 return
         cap = self._worker_cap()
         if cap == 0:
             adm.fail(w, NoCapacity("worker launches are turned off here (--worker-slots 0)"))
             return
-        if sum(1 for s in self.st.slots
-               if s.container is not None and s.container.key.spec.worker
-               and s.container.state in (STARTING, WORKER)) >= cap:
+        if (
+            sum(
+                1
+                for s in self.st.slots
+                if s.container is not None
+                and s.container.key.spec.worker
+                and s.container.state in (STARTING, WORKER)
+            )
+            >= cap
+        ):
             w.waiting = True  # workers hold their share of the slots: wait for one to end
             self.hungry[w] = None
             return
@@ -340,22 +353,24 @@ class Placement:
         """A worker's start was lost with its host: look for a slot elsewhere, with a
         new ``--worker-timeout``."""
         w.container = None
-        self.admission.worker_deadlines.add(
-            w, self.st.clock.seconds() + self.settings.worker_timeout)
+        self.admission.worker_deadlines.add(w, self.st.clock.seconds() + self.settings.worker_timeout)
         self.claim_worker(w)
 
     # ------------------------------------------------------------------ slots
 
-    def _take_capacity(self, k: KeyState, fits: Callable[[Slot], bool] | None = None
-                       ) -> Slot | None:
+    def _take_capacity(self, k: KeyState, fits: Callable[[Slot], bool] | None = None) -> Slot | None:
         """A slot for a new container of ``k``: a free one on the up host with the most
         free slots (the one free the longest there), else the slot of the least
         recently used idle container of another key, evicted. ``fits``: only slots it
         accepts (the owner's GPU quota)."""
         best: HostState | None = None
         for h in self.st.hosts:
-            if h.up and h.free and (best is None or len(h.free) > len(best.free)) and (
-                    fits is None or any(fits(s) for s in h.free)):
+            if (
+                h.up
+                and h.free
+                and (best is None or len(h.free) > len(best.free))
+                and (fits is None or any(fits(s) for s in h.free))
+            ):
                 best = h
         if best is not None:
             slot = next(s for s in best.free if fits is None or fits(s))

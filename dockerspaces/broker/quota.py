@@ -74,10 +74,13 @@ _QUOTA_WORDS = {"containers": "container", "gpus": "GPU", "queued": "queued requ
 def over_quota(owner: Owner, what: str, retry_after: int) -> OverQuota:
     """The :class:`OverQuota` for ``owner`` reaching its ``what`` quota
     (``"containers"``, ``"gpus"`` or ``"queued"``)."""
-    limit = {"containers": owner.containers, "gpus": owner.gpus,
-             "queued": owner.queued}[what] or 0
-    return OverQuota(f"{owner.user}: quota of {_plural(limit, _QUOTA_WORDS[what])} at once "
-                     "reached (group quota)", retry_after, user=owner.user, quota=what)
+    limit = {"containers": owner.containers, "gpus": owner.gpus, "queued": owner.queued}[what] or 0
+    return OverQuota(
+        f"{owner.user}: quota of {_plural(limit, _QUOTA_WORDS[what])} at once reached (group quota)",
+        retry_after,
+        user=owner.user,
+        quota=what,
+    )
 
 
 @define
@@ -217,8 +220,9 @@ class Quotas:
         """True when ``owner`` may hold one more container with ``gpus`` GPUs."""
         u = self._users.get(owner.user)
         held, used = (u.containers, u.gpus) if u is not None else (0, 0)
-        return ((owner.containers is None or held < owner.containers)
-                and (owner.gpus is None or used + gpus <= owner.gpus))
+        return (owner.containers is None or held < owner.containers) and (
+            owner.gpus is None or used + gpus <= owner.gpus
+        )
 
     def may_hold(self, owner: Owner, c: Held) -> bool:
         """True when ``owner`` may be given ``c``: it holds it already (a shared y:
@@ -241,8 +245,7 @@ class Quotas:
         """Which quota stops ``owner`` adding a container: ``"containers"`` when
         reached, else ``"gpus"``."""
         held = self.containers(owner.user)
-        return "containers" if owner.containers is not None and held >= owner.containers \
-            else "gpus"
+        return "containers" if owner.containers is not None and held >= owner.containers else "gpus"
 
     def table(self) -> dict[str, tuple[int, int, int]]:
         """``{user: (containers, gpus, queued)}`` of every user with something in
@@ -388,7 +391,8 @@ class Line(OrderedDict[W, None]):
         yield from self._back
         later = 0  # turns given during the walk come after every real one
         heap: list[tuple[tuple[int, int], int, Iterator[W]]] = [
-            ((0, self._turn(user)), i, iter(q)) for i, (user, q) in enumerate(self._fifo.items())]
+            ((0, self._turn(user)), i, iter(q)) for i, (user, q) in enumerate(self._fifo.items())
+        ]
         heapq.heapify(heap)
         while heap:
             _, i, it = heap[0]

@@ -64,7 +64,11 @@ def wants_more(waiting: int, starting: int, busy: int, service: float, cold: flo
 
 
 def time_to_scale(
-    waiting: int, starting: int, busy: int, ewma: float | None, age_sum_base: float,
+    waiting: int,
+    starting: int,
+    busy: int,
+    ewma: float | None,
+    age_sum_base: float,
     cold: float,
 ) -> float | None:
     """Absolute time at which the rule would start to want one more container.

@@ -55,9 +55,20 @@ def container_views(st: BrokerState) -> list[ContainerView]:
     for s in st.slots:
         for c in (s.evicting, s.container):
             if c is not None and c.handle is not None:
-                out.append(ContainerView(c.id, s.host.name, s.info.port, c.key.key,
-                                         c.key.spec.display, c.state, c.inflight,
-                                         c.key.spec, tuple(st.quotas.users_of(c)), c.owner))
+                out.append(
+                    ContainerView(
+                        c.id,
+                        s.host.name,
+                        s.info.port,
+                        c.key.key,
+                        c.key.spec.display,
+                        c.state,
+                        c.inflight,
+                        c.key.spec,
+                        tuple(st.quotas.users_of(c)),
+                        c.owner,
+                    )
+                )
     return out
 
 
@@ -70,17 +81,18 @@ def _source_slots(st: BrokerState, admitted: Iterable[Waiter]) -> list[dict[str,
         if len(out) >= n:
             break
         served = w.assigned is not None and not w.spec.worker
-        out.append({
-            "State": "Run" if served else "Wait",
-            "Since": int(w.assigned if served and w.assigned is not None else w.arrived),
-            "SlotType": w.spec.slot_type,
-            "RunInfo": {},
-            "RefInfo": w.endpoint if served else "",
-            "Key": w.spec.display,
-        })
+        out.append(
+            {
+                "State": "Run" if served else "Wait",
+                "Since": int(w.assigned if served and w.assigned is not None else w.arrived),
+                "SlotType": w.spec.slot_type,
+                "RunInfo": {},
+                "RefInfo": w.endpoint if served else "",
+                "Key": w.spec.display,
+            }
+        )
     while len(out) < n:
-        out.append({"State": "Free", "Since": None, "SlotType": "", "RunInfo": {},
-                    "RefInfo": "", "Key": ""})
+        out.append({"State": "Free", "Since": None, "SlotType": "", "RunInfo": {}, "RefInfo": "", "Key": ""})
     return out
 
 
@@ -90,33 +102,38 @@ def _target_slots(st: BrokerState) -> list[dict[str, Any]]:
     out = []
     for s in st.slots:
         c = s.evicting or s.container
-        state = "Free" if c is None else (
-            "Stopping" if s.evicting is not None else _SLOT_STATE.get(c.state, "Free"))
-        out.append({
-            "State": state,
-            "Since": int(s.since),
-            "SlotType": c.key.spec.slot_type if c is not None else "",
-            "RunInfo": {},
-            "RefInfo": s.ref_info,
-            "Host": s.host.name,
-            "Port": s.info.port,
-            "Gpu": s.info.gpu,
-            "Container": (c.id or None) if c is not None else None,
-            "Key": c.key.spec.display if c is not None else None,
-            "InFlight": c.inflight if c is not None else 0,
-            "LastError": s.last_error,
-            "HostUp": s.host.up,
-            "ProtectedFor": (
-                max(0, math.ceil(c.protected_until - now))
-                if c is not None and c.state == WORKER else None
-            ),
-            "Users": st.quotas.users_of(c) if c is not None else [],
-        })
+        state = (
+            "Free"
+            if c is None
+            else ("Stopping" if s.evicting is not None else _SLOT_STATE.get(c.state, "Free"))
+        )
+        out.append(
+            {
+                "State": state,
+                "Since": int(s.since),
+                "SlotType": c.key.spec.slot_type if c is not None else "",
+                "RunInfo": {},
+                "RefInfo": s.ref_info,
+                "Host": s.host.name,
+                "Port": s.info.port,
+                "Gpu": s.info.gpu,
+                "Container": (c.id or None) if c is not None else None,
+                "Key": c.key.spec.display if c is not None else None,
+                "InFlight": c.inflight if c is not None else 0,
+                "LastError": s.last_error,
+                "HostUp": s.host.up,
+                "ProtectedFor": (
+                    max(0, math.ceil(c.protected_until - now))
+                    if c is not None and c.state == WORKER
+                    else None
+                ),
+                "Users": st.quotas.users_of(c) if c is not None else [],
+            }
+        )
     return out
 
 
-def _queues(st: BrokerState, lone: Iterable[Waiter]
-            ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+def _queues(st: BrokerState, lone: Iterable[Waiter]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """Waiting requests per key display, and per display and user (the owned ones):
     the keys' lines, plus ``lone`` waiters (admission queue, launches wanting a slot)."""
     queues: dict[str, int] = {}
@@ -139,9 +156,13 @@ def _queues(st: BrokerState, lone: Iterable[Waiter]
     return queues, queue_users
 
 
-def monitor_view(st: BrokerState, admitted: Iterable[Waiter], queued: Iterable[Waiter],
-                 lone: Iterable[Waiter], pulls: Mapping[tuple[str, str], PullProgress]
-                 ) -> dict[str, Any]:
+def monitor_view(
+    st: BrokerState,
+    admitted: Iterable[Waiter],
+    queued: Iterable[Waiter],
+    lone: Iterable[Waiter],
+    pulls: Mapping[tuple[str, str], PullProgress],
+) -> dict[str, Any]:
     """The ``/monitor:broker/`` JSON: ``admitted`` (in admission order) and ``queued``
     (the admission FIFO) requests, ``lone`` waiters outside any key's line (the
     admission FIFO and launches wanting a slot), ``pulls`` in progress per (host, ref)."""
@@ -159,18 +180,26 @@ def monitor_view(st: BrokerState, admitted: Iterable[Waiter], queued: Iterable[W
         "Queues": queues,
         "QueueUsers": queue_users,
         "Hosts": [
-            {"Name": h.name, "Up": h.up, "Since": int(h.since), "Slots": len(h.slots),
-             "Free": sum(1 for s in h.slots if s.container is None and s.evicting is None),
-             "LastError": h.last_error}
+            {
+                "Name": h.name,
+                "Up": h.up,
+                "Since": int(h.since),
+                "Slots": len(h.slots),
+                "Free": sum(1 for s in h.slots if s.container is None and s.evicting is None),
+                "LastError": h.last_error,
+            }
             for h in st.hosts
         ],
         "Pulls": [
-            {"Host": host, "Ref": ref, "Status": p.status, "Current": p.current,
-             "Total": p.total}
+            {"Host": host, "Ref": ref, "Status": p.status, "Current": p.current, "Total": p.total}
             for (host, ref), p in pulls.items()
         ],
-        "Admission": {"Admitted": len(admitted), "Source": settings.source,
-                      "Queued": len(queued), "Queue": settings.queue},
+        "Admission": {
+            "Admitted": len(admitted),
+            "Source": settings.source,
+            "Queued": len(queued),
+            "Queue": settings.queue,
+        },
         "Estimates": {
             k.spec.display: {"Service": k.service.value, "ColdStart": k.cold.value}
             for k in st.keys.values()

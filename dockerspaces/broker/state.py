@@ -46,9 +46,16 @@ evict, crash. ``owner``: the user the container was started for (None without ac
 class BrokerState:
     """What the parts of the broker share; each part owns the rest of its own state."""
 
-    def __init__(self, clock: Clock, hosts: list[HostConfig], engines: Mapping[str, IEngine],
-                 settings: BrokerSettings, run_options: Callable[[JobSpec], RunOptions],
-                 on_container: ContainerHook | None, fx: Effects):
+    def __init__(
+        self,
+        clock: Clock,
+        hosts: list[HostConfig],
+        engines: Mapping[str, IEngine],
+        settings: BrokerSettings,
+        run_options: Callable[[JobSpec], RunOptions],
+        on_container: ContainerHook | None,
+        fx: Effects,
+    ):
         self.settings = settings
         self.clock = clock
         self.run_options = run_options
@@ -92,16 +99,22 @@ class BrokerState:
         n = self.removals
         for s in self.slots:
             for c in (s.container, s.evicting):
-                if c is not None and (c.state == STOPPING
-                                      or (c.state == STARTING and not c.start_over)):
+                if c is not None and (c.state == STOPPING or (c.state == STARTING and not c.start_over)):
                     n += 1
         return n
 
-    def emit(self, event: str, c: Container, seconds: float | None = None,
-             detail: str | None = None) -> None:
+    def emit(self, event: str, c: Container, seconds: float | None = None, detail: str | None = None) -> None:
         """Tell the container hook (logs, metrics, usage) about a container event."""
         if self.on_container is None:
             return
-        self.on_container(event, c.key.spec.display, c.slot.host.name, c.slot.info.port,
-                          container=c.handle.id if c.handle is not None else None,
-                          seconds=seconds, detail=detail, owner=c.owner, gpus=c.gpus)
+        self.on_container(
+            event,
+            c.key.spec.display,
+            c.slot.host.name,
+            c.slot.info.port,
+            container=c.handle.id if c.handle is not None else None,
+            seconds=seconds,
+            detail=detail,
+            owner=c.owner,
+            gpus=c.gpus,
+        )

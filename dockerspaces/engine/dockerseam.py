@@ -15,12 +15,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 
-def post_streaming(client: Any, path: str, params: Mapping[str, str],
-                   headers: Mapping[str, str]) -> Any:
+def post_streaming(client: Any, path: str, params: Mapping[str, str], headers: Mapping[str, str]) -> Any:
     """POST to the engine API ``path`` (``/images/create``) with a streamed answer and
     no timeout; the ``requests`` response, its status checked (``APIError``)."""
-    response = client._post(client._url(path), params=params, headers=headers,
-                            stream=True, timeout=None)
+    response = client._post(client._url(path), params=params, headers=headers, stream=True, timeout=None)
     client._raise_for_status(response)
     return response
 

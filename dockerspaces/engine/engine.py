@@ -122,15 +122,9 @@ class Engine:
             host.name,
             host.url,
             pool
-            or DaemonThreadPool(
-                minthreads=0, maxthreads=max(host.slots, 1) + 2, name=f"engine-{host.name}"
-            ),
+            or DaemonThreadPool(minthreads=0, maxthreads=max(host.slots, 1) + 2, name=f"engine-{host.name}"),
             client_factory
-            or (
-                lambda: make_client(
-                    host.url, timeout=timeout, tls=tls, extra_headers=extra_headers
-                )
-            ),
+            or (lambda: make_client(host.url, timeout=timeout, tls=tls, extra_headers=extra_headers)),
             shutdown_timeout,
         )
         self._pulls = Pulls(reactor, self._threads, pull, auth or RegistryAuth())
@@ -198,9 +192,7 @@ class Engine:
         raw = f"ds-{self.instance}-{self.name}-{slot.port}-{uuid.uuid4().hex[:6]}"
         return _NAME_BAD.sub("_", raw)
 
-    def create(
-        self, spec: JobSpec, slot: SlotInfo, options: RunOptions
-    ) -> Deferred[ContainerHandle]:
+    def create(self, spec: JobSpec, slot: SlotInfo, options: RunOptions) -> Deferred[ContainerHandle]:
         """Create (not start) a labelled container for ``spec`` in ``slot``."""
         return self._threads.run(self._create_sync, spec, slot, options, self.container_name(slot))
 
@@ -243,10 +235,9 @@ class Engine:
             if status_of(e) == 409:
                 raise EngineError(f"container name {name} is already in use on {self.name}") from None
             raise EngineError(
-                f"creating a container for {spec.display} on {self.name} failed: {msg}") from None
-        return ContainerHandle(
-            id=result["Id"], name=name, host=self.name, slot=slot, key=spec.key, spec=spec
-        )
+                f"creating a container for {spec.display} on {self.name} failed: {msg}"
+            ) from None
+        return ContainerHandle(id=result["Id"], name=name, host=self.name, slot=slot, key=spec.key, spec=spec)
 
     def start(self, handle: ContainerHandle) -> Deferred[None]:
         """Start a created container; on failure it is removed again."""
@@ -267,7 +258,8 @@ class Engine:
             if is_not_found(e):
                 raise ContainerRemoved(
                     f"container {handle.name} ({handle.spec.display}) was removed from "
-                    "outside before it started") from None
+                    "outside before it started"
+                ) from None
             try:
                 client.remove_container(handle.id, force=True, v=True)
             except Exception:  # noqa: BLE001, S110 - best effort cleanup
@@ -283,17 +275,24 @@ class Engine:
 
     # ----------------------------------------------------------------- readiness
 
-    def wait_ready(
-        self, handle: ContainerHandle, deadline: float, options: RunOptions
-    ) -> Deferred[None]:
+    def wait_ready(self, handle: ContainerHandle, deadline: float, options: RunOptions) -> Deferred[None]:
         """Poll until ready (see SPEC and :mod:`~dockerspaces.engine.readiness`);
         ContainerExited at once, NotReady at the deadline."""
         started = self._started_at.get(handle.id, self._reactor.seconds())
-        d = Deferred.fromCoroutine(wait_ready(
-            self._threads, self._reactor, self._probe, handle, deadline, options,
-            address=self.host.address, started=started, probe_timeout=self._probe_timeout,
-            worker_settle=self._worker_settle,
-        ))
+        d = Deferred.fromCoroutine(
+            wait_ready(
+                self._threads,
+                self._reactor,
+                self._probe,
+                handle,
+                deadline,
+                options,
+                address=self.host.address,
+                started=started,
+                probe_timeout=self._probe_timeout,
+                worker_settle=self._worker_settle,
+            )
+        )
 
         def forget(result: object) -> object:
             self._started_at.pop(handle.id, None)
@@ -304,8 +303,7 @@ class Engine:
     def _probe(self, address: str, port: int, path: str, timeout: float) -> Deferred[ProbeResult]:
         if self._probe_agent is None:  # made on first use: the reactor may not run before
             self._probe_agent = probe_agent(self._reactor, self._probe_timeout)
-        return probe_status_line(self._reactor, address, port, path, timeout,
-                                 agent=self._probe_agent)
+        return probe_status_line(self._reactor, address, port, path, timeout, agent=self._probe_agent)
 
     # ----------------------------------------------------------------------- stop
 
@@ -418,8 +416,12 @@ def network_from_docker(info: dict[str, Any]) -> NetworkInfo:
             subnets.append(str(conf["Subnet"]))
         if conf.get("IPRange"):
             ranges.append(str(conf["IPRange"]))
-    return NetworkInfo(name=str(info.get("Name") or ""), driver=str(info.get("Driver") or ""),
-                       subnets=tuple(subnets), ip_ranges=tuple(ranges))
+    return NetworkInfo(
+        name=str(info.get("Name") or ""),
+        driver=str(info.get("Driver") or ""),
+        subnets=tuple(subnets),
+        ip_ranges=tuple(ranges),
+    )
 
 
 class EngineService(Service):

@@ -60,9 +60,7 @@ def pull_error(ref: str, registry: str, message: str, had_credentials: bool) -> 
     if "denied" in low:
         if had_credentials:
             return Unauthorized(f"{where} denied access to {ref}: {message}")
-        return ImageNotFound(
-            f"image {ref} not found on {where} (or it needs credentials): {message}"
-        )
+        return ImageNotFound(f"image {ref} not found on {where} (or it needs credentials): {message}")
     if any(s in low for s in ("not found", "manifest unknown", "does not exist", "no such")):
         return ImageNotFound(f"image {ref} not found on {where}: {message}")
     return EngineError(f"pulling {ref} from {where} failed: {message}")

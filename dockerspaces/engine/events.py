@@ -73,9 +73,7 @@ class EventWatcher:
     """The event thread of one engine (see the module docstring); ``reactor`` provides
     ``IReactorFromThreads``."""
 
-    def __init__(
-        self, reactor: Any, host: HostConfig, threads: ClientThreads, instance: str
-    ) -> None:
+    def __init__(self, reactor: Any, host: HostConfig, threads: ClientThreads, instance: str) -> None:
         self.host = host
         self.filters = event_filters(instance, host.name)
         self.callbacks: list[Callable[[ContainerEvent], None]] = []
@@ -131,8 +129,10 @@ class EventWatcher:
                         # after the die itself (which must not wait for an inspect)
                         exited = self._exited_at(event.container_id)
                         if exited is not None:
-                            self._reactor.callFromThread(self._dispatch, ContainerEvent(
-                                "exited", event.container_id, event.exit_code, exited))
+                            self._reactor.callFromThread(
+                                self._dispatch,
+                                ContainerEvent("exited", event.container_id, event.exit_code, exited),
+                            )
             except Exception as e:  # noqa: BLE001 - reconnect after any failure
                 if stopping.is_set():
                     break

@@ -124,8 +124,14 @@ class FakeEngine:
         """Down: ``ping()`` answers False and every operation fails with EngineUnreachable."""
         self.down = down
 
-    def crash(self, container_id: str, exit_code: int = 137, log_tail: str = "",
-              kind: str = "die", exited_at: float | None = None) -> None:
+    def crash(
+        self,
+        container_id: str,
+        exit_code: int = 137,
+        log_tail: str = "",
+        kind: str = "die",
+        exited_at: float | None = None,
+    ) -> None:
         """The container exits; watchers get a ``die`` (or ``oom``) event, carrying
         ``exited_at`` as an engine on this machine reports it."""
         c = self.containers[container_id]
@@ -134,14 +140,20 @@ class FakeEngine:
         c.log_tail = log_tail
         waiters, c.ready_waiters = c.ready_waiters, []
         for d in waiters:
-            d.errback(ContainerExited(f"container exited with code {exit_code}", exit_code,
-                                      log_tail))
+            d.errback(ContainerExited(f"container exited with code {exit_code}", exit_code, log_tail))
         self._emit(ContainerEvent("oom" if kind == "oom" else "die", container_id, exit_code))
         if exited_at is not None:
             self._emit(ContainerEvent("exited", container_id, exit_code, exited_at))
 
-    def seed(self, spec: JobSpec | None, port: int | None, *, running: bool = True,
-             instance: str | None = None, host: str | None = None) -> str:
+    def seed(
+        self,
+        spec: JobSpec | None,
+        port: int | None,
+        *,
+        running: bool = True,
+        instance: str | None = None,
+        host: str | None = None,
+    ) -> str:
         """Plant a container from a previous run (our labels) or of another instance."""
         labels = {
             LABEL_INSTANCE: instance if instance is not None else self.instance,
@@ -161,9 +173,9 @@ class FakeEngine:
     def own(self) -> dict[str, FakeContainer]:
         """Containers carrying this instance's and this host's labels."""
         return {
-            cid: c for cid, c in self.containers.items()
-            if c.labels.get(LABEL_INSTANCE) == self.instance
-            and c.labels.get(LABEL_HOST) == self.name
+            cid: c
+            for cid, c in self.containers.items()
+            if c.labels.get(LABEL_INSTANCE) == self.instance and c.labels.get(LABEL_HOST) == self.name
         }
 
     def running_on(self, port: int) -> list[FakeContainer]:
@@ -214,11 +226,15 @@ class FakeEngine:
         def run() -> ContainerHandle:
             cid = f"{self.name}-{next(self._ids):06x}"
             labels = {
-                LABEL_INSTANCE: self.instance, LABEL_HOST: self.name,
-                LABEL_SLOT: str(slot.port), LABEL_KEY: spec.key, LABEL_DISPLAY: spec.display,
+                LABEL_INSTANCE: self.instance,
+                LABEL_HOST: self.name,
+                LABEL_SLOT: str(slot.port),
+                LABEL_KEY: spec.key,
+                LABEL_DISPLAY: spec.display,
             }
-            self.containers[cid] = FakeContainer(cid, f"ds-{cid}", spec, slot.port, labels,
-                                                 gpu=slot.gpu if options.gpu else None)
+            self.containers[cid] = FakeContainer(
+                cid, f"ds-{cid}", spec, slot.port, labels, gpu=slot.gpu if options.gpu else None
+            )
             self.creates += 1
             return ContainerHandle(cid, f"ds-{cid}", self.name, slot, spec.key, spec)
 
@@ -255,8 +271,7 @@ class FakeEngine:
 
         return self._op(self.start_delay, run)
 
-    def wait_ready(self, handle: ContainerHandle, deadline: float,
-                   options: RunOptions) -> Deferred[None]:
+    def wait_ready(self, handle: ContainerHandle, deadline: float, options: RunOptions) -> Deferred[None]:
         """Ready after ``ready_delay``; NotReady at ``deadline``; ContainerExited on a crash."""
         if self.down:
             return fail(EngineUnreachable(f"engine {self.name} does not answer"))
@@ -314,10 +329,12 @@ class FakeEngine:
         """Our labelled containers, running or stopped."""
         if self.down:
             return fail(EngineUnreachable(f"engine {self.name} does not answer"))
-        return succeed([
-            OwnedContainer(c.id, c.name, c.running, c.port, dict(c.labels), c.spec)
-            for c in self.own().values()
-        ])
+        return succeed(
+            [
+                OwnedContainer(c.id, c.name, c.running, c.port, dict(c.labels), c.spec)
+                for c in self.own().values()
+            ]
+        )
 
     def ping(self) -> Deferred[bool]:
         """False while down."""

@@ -159,17 +159,13 @@ class IEngine(Protocol):
     ) -> Deferred[None]:
         """Make ``ref`` present per the pull policy; progress arrives on the reactor."""
 
-    def create(
-        self, spec: JobSpec, slot: SlotInfo, options: RunOptions
-    ) -> Deferred[ContainerHandle]:
+    def create(self, spec: JobSpec, slot: SlotInfo, options: RunOptions) -> Deferred[ContainerHandle]:
         """Create (not start) a labelled container for ``spec`` in ``slot``."""
 
     def start(self, handle: ContainerHandle) -> Deferred[None]:
         """Start a created container."""
 
-    def wait_ready(
-        self, handle: ContainerHandle, deadline: float, options: RunOptions
-    ) -> Deferred[None]:
+    def wait_ready(self, handle: ContainerHandle, deadline: float, options: RunOptions) -> Deferred[None]:
         """Fire when ready (HTTP status line / healthy / worker still running after 2 s).
 
         ``deadline`` is an absolute time on the engine's clock.  Fails with

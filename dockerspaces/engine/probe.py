@@ -73,7 +73,7 @@ def url_host(address: str) -> str:
     if ":" not in address:
         return address
     digits = address.encode("ascii").hex()
-    return ".".join(digits[i:i + 60] for i in range(0, len(digits), 60)) + _V6_DOMAIN
+    return ".".join(digits[i : i + 60] for i in range(0, len(digits), 60)) + _V6_DOMAIN
 
 
 @implementer(IAgentEndpointFactory)
@@ -98,9 +98,7 @@ def probe_agent(reactor: Any, connect_timeout: float = 5.0) -> IAgent:
     """The agent probes go through: non-persistent pool, direct endpoints (see the
     module docstring); ``reactor`` provides ``IReactorTCP`` and ``IReactorTime``."""
     pool = HTTPConnectionPool(reactor, persistent=False)
-    return Agent.usingEndpointFactory(
-        reactor, AddressEndpoints(reactor, connect_timeout), pool=pool
-    )
+    return Agent.usingEndpointFactory(reactor, AddressEndpoints(reactor, connect_timeout), pool=pool)
 
 
 class _DropBody(Protocol):

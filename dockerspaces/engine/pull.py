@@ -50,9 +50,7 @@ class Pulls:
     """The pulls of one engine (see the module docstring); ``reactor`` provides
     ``IReactorFromThreads``."""
 
-    def __init__(
-        self, reactor: Any, threads: ClientThreads, policy: str, auth: RegistryAuth
-    ) -> None:
+    def __init__(self, reactor: Any, threads: ClientThreads, policy: str, auth: RegistryAuth) -> None:
         if policy not in PULL_POLICIES:
             raise ValueError(f"pull policy {policy!r}: use one of {', '.join(PULL_POLICIES)}")
         self.policy = policy
@@ -134,8 +132,9 @@ class Pulls:
         headers = {"X-Registry-Auth": docker.auth.encode_header(auth_config)} if auth_config else {}
         self._progress(pull, PullProgress(ref, f"pulling {ref} from {registry}"), force=True)
         try:
-            response = post_streaming(client, "/images/create",
-                                      params={"fromImage": repo, "tag": tag}, headers=headers)
+            response = post_streaming(
+                client, "/images/create", params={"fromImage": repo, "tag": tag}, headers=headers
+            )
         except docker.errors.APIError as e:
             raise pull_error(ref, registry, explanation(e), auth_config is not None) from None
         stream = CancellableStream(json_stream(client, response), response)
@@ -168,8 +167,7 @@ class Pulls:
             except Exception:  # noqa: BLE001, S110 - ssh streams cannot be closed
                 pass
         if stopping.is_set():
-            raise EngineError(
-                f"pull of {ref} interrupted: engine {self._threads.name} is shutting down")
+            raise EngineError(f"pull of {ref} interrupted: engine {self._threads.name} is shutting down")
         try:
             client.inspect_image(ref)
         except docker.errors.APIError as e:

@@ -91,13 +91,11 @@ async def wait_ready(
         st = await threads.run(inspect_sync, handle.id)
         if st.gone or st.status == "removing":
             raise ContainerRemoved(
-                f"container {handle.name} ({spec.display}) was removed from outside "
-                "while starting"
+                f"container {handle.name} ({spec.display}) was removed from outside while starting"
             )
         if st.status in ("exited", "dead") and st.exit_code == 137 and not st.oom:
             raise ContainerRemoved(
-                f"container {handle.name} ({spec.display}) was killed (exit 137) "
-                "from outside while starting"
+                f"container {handle.name} ({spec.display}) was killed (exit 137) from outside while starting"
             )
         if st.status in ("exited", "dead"):
             tail = await threads.run(log_tail_sync, handle.id)

@@ -87,8 +87,7 @@ class DockerClient(Protocol):
     def remove_container(self, container: str, force: bool = False, v: bool = False) -> None:
         """Remove the container (``force``: even running; ``v``: its volumes)."""
 
-    def containers(self, all: bool = False,
-                   filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def containers(self, all: bool = False, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The containers matching ``filters`` (``all``: stopped ones too)."""
 
     def events(self, **kwargs: Any) -> EventStream:

@@ -54,9 +54,7 @@ class EngineTLS:
         """The ``docker.tls.TLSConfig`` for these files."""
         import docker.tls  # type: ignore[import-untyped]
 
-        client_cert = (
-            (self.client_cert, self.client_key) if self.client_cert and self.client_key else None
-        )
+        client_cert = (self.client_cert, self.client_key) if self.client_cert and self.client_key else None
         verify: bool | str = self.verify
         if self.verify and self.ca_cert:
             verify = self.ca_cert

@@ -60,13 +60,11 @@ class Recorder:
         """The client went before ``request`` was done (the site's ``on_request_lost``)."""
         self.done(request, "client-gone")
 
-    def refused(self, status: int, method: bytes, uri: bytes, client: Any,
-                reason: str) -> None:
+    def refused(self, status: int, method: bytes, uri: bytes, client: Any, reason: str) -> None:
         """An answer the channel gave before any request was processed (the site's
         ``on_refused``: 400 malformed head, 413, 414, 431): logged and counted as
         route kind ``bad``; ``uri`` is what could be read of it (maybe nothing)."""
-        self.log(REFUSED, "-", method or b"-", uri or b"-", status, 0, 0.0, None, client,
-                 reason)
+        self.log(REFUSED, "-", method or b"-", uri or b"-", status, 0, 0.0, None, client, reason)
         if self.metrics is not None:
             self.metrics.request_done(REFUSED, status, 0.0)
 
@@ -79,10 +77,19 @@ class Recorder:
         seconds = self.clock.seconds() - info.started
         status = 499 if reason == "client-gone" else request.code or 0
         identity = getattr(request, IDENTITY_ATTR, None)
-        self.log(info.kind, info.route, request.method, request.uri, status,
-                 getattr(request, "sentLength", 0) or 0, seconds, info.queue_wait,
-                 request.getClientAddress(), reason or info.reason,
-                 None if identity is None else identity.user)
+        self.log(
+            info.kind,
+            info.route,
+            request.method,
+            request.uri,
+            status,
+            getattr(request, "sentLength", 0) or 0,
+            seconds,
+            info.queue_wait,
+            request.getClientAddress(),
+            reason or info.reason,
+            None if identity is None else identity.user,
+        )
         if self.metrics is not None:
             self.metrics.request_done(info.kind, status, seconds, info.queue_wait)
             if identity is not None:

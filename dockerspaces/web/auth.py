@@ -73,8 +73,16 @@ def identity_of(request: Request) -> Identity | None:
 
 def route_name(kind: str) -> str | None:
     """The group route a root route kind needs (None: any signed-in user)."""
-    return {"x": "x", "y": "y", "worker": "worker", "host": "host", "shost": "host",
-            "root": "host", "docker": "docker-api", "monitor": "monitor"}.get(kind)
+    return {
+        "x": "x",
+        "y": "y",
+        "worker": "worker",
+        "host": "host",
+        "shost": "host",
+        "root": "host",
+        "docker": "docker-api",
+        "monitor": "monitor",
+    }.get(kind)
 
 
 @define
@@ -150,9 +158,16 @@ def _credentials(request: Request) -> _Creds | None:
 class AuthGate:
     """Checks every routed request (see the module docstring)."""
 
-    def __init__(self, service: AccountsService, portal: Portal, clock: Any, *,
-                 session_lifetime: float = 86400.0, throttle: Throttle | None = None,
-                 containers: Callable[[str], list[tuple[str, str, str | None]]] | None = None):
+    def __init__(
+        self,
+        service: AccountsService,
+        portal: Portal,
+        clock: Any,
+        *,
+        session_lifetime: float = 86400.0,
+        throttle: Throttle | None = None,
+        containers: Callable[[str], list[tuple[str, str, str | None]]] | None = None,
+    ):
         self.service = service
         self.portal = portal
         self.clock = clock
@@ -163,16 +178,19 @@ class AuthGate:
         self._cache: dict[bytes, tuple[int, Identity, float]] = {}
 
     # -- the gate --------------------------------------------------------------------
-    def guard(self, request: Request, kind: str, spec: JobSpec | None,
-              go: Callable[[], Resource]) -> Resource:
+    def guard(
+        self, request: Request, kind: str, spec: JobSpec | None, go: Callable[[], Resource]
+    ) -> Resource:
         """``go()``'s resource if the request may pass, else the answer that refuses it
         (a resource that waits, when a password or session must be checked first)."""
         if kind == "monitor-public":
             return go()
         creds = _credentials(request)
         if creds is None:
-            return self._unauthenticated(request, "sign in first: no credentials "
-                                         "(Authorization: Bearer TOKEN, or log in at /auth:login)")
+            return self._unauthenticated(
+                request,
+                "sign in first: no credentials (Authorization: Bearer TOKEN, or log in at /auth:login)",
+            )
         if creds.credentials is None:
             return self._unauthenticated(request, "malformed Authorization header")
         hit = self._cache.get(creds.key)
@@ -199,16 +217,25 @@ class AuthGate:
         later.append(True)  # a password or session: checked in the accounts threads
         return _Later(d)
 
-    def _logged_in(self, request: Request, result: Any, creds: _Creds, keys: list[str],
-                   kind: str, spec: JobSpec | None, go: Callable[[], Resource]) -> Resource:
+    def _logged_in(
+        self,
+        request: Request,
+        result: Any,
+        creds: _Creds,
+        keys: list[str],
+        kind: str,
+        spec: JobSpec | None,
+        go: Callable[[], Resource],
+    ) -> Resource:
         if isinstance(result, Failure):
             if not result.check(UnauthorizedLogin):
                 log.failure("checking credentials failed", result)
                 return ErrorResource(500, "checking credentials failed")
             self.throttle.failed(*keys)
             if not creds.from_header:  # an expired or ended session: sign in again
-                return self._unauthenticated(request, "the session has ended; sign in again",
-                                             clear_session=True)
+                return self._unauthenticated(
+                    request, "the session has ended; sign in again", clear_session=True
+                )
             return self._unauthenticated(request, "wrong user, password or token")
         identity: Identity = result[1]
         if creds.user:
@@ -223,14 +250,24 @@ class AuthGate:
         self._cache[creds.key] = (self.service.generation, identity, until)
         return self._authorized(request, identity, creds, kind, spec, go)
 
-    def _authorized(self, request: Request, identity: Identity, creds: _Creds, kind: str,
-                    spec: JobSpec | None, go: Callable[[], Resource]) -> Resource:
+    def _authorized(
+        self,
+        request: Request,
+        identity: Identity,
+        creds: _Creds,
+        kind: str,
+        spec: JobSpec | None,
+        go: Callable[[], Resource],
+    ) -> Resource:
         if identity.token_id is not None:
             self.service.token_used(identity.token_id)
         needed = route_name(kind)
         if kind == "docker" and identity.via != "token":
-            return ErrorResource(403, "/docker:local takes API tokens with the docker-api "
-                                 "scope only (not passwords or browser sessions)")
+            return ErrorResource(
+                403,
+                "/docker:local takes API tokens with the docker-api "
+                "scope only (not passwords or browser sessions)",
+            )
         if needed is not None and not identity.may_use(needed):
             if identity.scopes is not None and needed not in identity.scopes:
                 why = f"not in the token's scopes: {', '.join(sorted(identity.scopes)) or 'none'}"
@@ -238,21 +275,22 @@ class AuthGate:
                 why = f"not allowed by the groups: {', '.join(identity.groups) or 'none'}"
             return ErrorResource(403, f"{identity.user} may not use the {needed!r} route ({why})")
         if spec is not None and not identity.may_run(spec.ref, spec.image):
-            return ErrorResource(403, f"{identity.user} may not run image {spec.ref} (no "
-                                 f"image pattern of the groups {', '.join(identity.groups) or 'none'} "
-                                 "matches)")
+            return ErrorResource(
+                403,
+                f"{identity.user} may not run image {spec.ref} (no "
+                f"image pattern of the groups {', '.join(identity.groups) or 'none'} "
+                "matches)",
+            )
         setattr(request, IDENTITY_ATTR, identity)
         if creds.from_header:
             setattr(request, OWN_AUTH_ATTR, True)
         return go()
 
-    def _unauthenticated(self, request: Request, message: str,
-                         clear_session: bool = False) -> Resource:
+    def _unauthenticated(self, request: Request, message: str, clear_session: bool = False) -> Resource:
         if clear_session:
             _set_cookie(request, SESSION_COOKIE, b"", 0, secure=request.isSecure())
         if wants_html(request):
-            return _SeeOther(b"/auth:login?next=" + quote(request.uri.decode("latin-1"),
-                                                          safe="").encode())
+            return _SeeOther(b"/auth:login?next=" + quote(request.uri.decode("latin-1"), safe="").encode())
         return _Challenge(message)
 
     # -- pages -----------------------------------------------------------------------
@@ -277,10 +315,10 @@ def _client(request: Request) -> str:
     return str(getattr(request.getClientAddress(), "host", "-"))
 
 
-def _set_cookie(request: Request, name: bytes, value: bytes, max_age: int, *, secure: bool,
-                same_site: bytes = b"Lax") -> None:
-    parts = [name + b"=" + value, b"Path=/", b"HttpOnly", b"SameSite=" + same_site,
-             b"Max-Age=%d" % max_age]
+def _set_cookie(
+    request: Request, name: bytes, value: bytes, max_age: int, *, secure: bool, same_site: bytes = b"Lax"
+) -> None:
+    parts = [name + b"=" + value, b"Path=/", b"HttpOnly", b"SameSite=" + same_site, b"Max-Age=%d" % max_age]
     if secure:
         parts.append(b"Secure")
     request.responseHeaders.addRawHeader(b"set-cookie", b"; ".join(parts))
@@ -352,10 +390,12 @@ class _SeeOther(Resource):
         return b"See " + self.location + b"\n"
 
 
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;"
-          "padding:0 1rem;color:#222}input{display:block;width:100%;margin:.3rem 0 1rem;"
-          "padding:.4rem;font-size:1rem}button{padding:.5rem 1.2rem;font-size:1rem}"
-          ".err{color:#b00}table{border-collapse:collapse}td{padding:.2rem .8rem .2rem 0}")
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;"
+    "padding:0 1rem;color:#222}input{display:block;width:100%;margin:.3rem 0 1rem;"
+    "padding:.4rem;font-size:1rem}button{padding:.5rem 1.2rem;font-size:1rem}"
+    ".err{color:#b00}table{border-collapse:collapse}td{padding:.2rem .8rem .2rem 0}"
+)
 
 
 def _page(request: Request, title: str, body: str, status: int = 200) -> bytes:
@@ -363,10 +403,13 @@ def _page(request: Request, title: str, body: str, status: int = 200) -> bytes:
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-frame-options", b"DENY")
-    request.setHeader(b"content-security-policy",
-                      b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}"
-            f"</title><style>{_STYLE}</style></head><body>{body}</body></html>").encode()
+    request.setHeader(
+        b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}"
+        f"</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+    ).encode()
 
 
 def _csrf(request: Request) -> str:
@@ -375,8 +418,7 @@ def _csrf(request: Request) -> str:
     if have and len(have) >= 20:
         return have.decode("latin-1")
     token = secrets.token_urlsafe(24)
-    _set_cookie(request, CSRF_COOKIE, token.encode(), 3600, secure=request.isSecure(),
-                same_site=b"Strict")
+    _set_cookie(request, CSRF_COOKIE, token.encode(), 3600, secure=request.isSecure(), same_site=b"Strict")
     return token
 
 
@@ -409,14 +451,20 @@ def _fields(request: Request) -> dict[str, str] | None:
 def _login_form(request: Request, next_url: str, error: str = "", status: int = 200) -> bytes:
     token = _csrf(request)
     err = f"<p class=err>{html.escape(error)}</p>" if error else ""
-    return _page(request, "Sign in - dockerspaces", (
-        "<h1>dockerspaces</h1><form method=post action=/auth:login>"
-        f"{err}<label>User<input name=user autocomplete=username autofocus required></label>"
-        "<label>Password or token<input name=password type=password "
-        "autocomplete=current-password required></label>"
-        f"<input type=hidden name=csrf value='{html.escape(token, quote=True)}'>"
-        f"<input type=hidden name=next value='{html.escape(next_url, quote=True)}'>"
-        "<button type=submit>Sign in</button></form>"), status)
+    return _page(
+        request,
+        "Sign in - dockerspaces",
+        (
+            "<h1>dockerspaces</h1><form method=post action=/auth:login>"
+            f"{err}<label>User<input name=user autocomplete=username autofocus required></label>"
+            "<label>Password or token<input name=password type=password "
+            "autocomplete=current-password required></label>"
+            f"<input type=hidden name=csrf value='{html.escape(token, quote=True)}'>"
+            f"<input type=hidden name=next value='{html.escape(next_url, quote=True)}'>"
+            "<button type=submit>Sign in</button></form>"
+        ),
+        status,
+    )
 
 
 class _Login(Resource):
@@ -445,22 +493,26 @@ class _Login(Resource):
         wait = gate.throttle.retry_after(*keys)
         if wait is not None:
             request.setHeader(b"retry-after", str(wait).encode())
-            return _login_form(request, next_url, "Too many failed sign-ins; try again "
-                               f"in {wait} s.", 429)
-        d = gate.portal.login(UsernamePassword(user.encode(), fields.get("password", "").encode()),
-                              None, IIdentity)
+            return _login_form(request, next_url, f"Too many failed sign-ins; try again in {wait} s.", 429)
+        d = gate.portal.login(
+            UsernamePassword(user.encode(), fields.get("password", "").encode()), None, IIdentity
+        )
 
         def signed_in(result: Any) -> Deferred[None]:
             identity: Identity = result[1]
             gate.throttle.succeeded("u:" + user)
-            return gate.service.create_session(identity.user, gate.session_lifetime) \
-                .addCallback(cookie)
+            return gate.service.create_session(identity.user, gate.session_lifetime).addCallback(cookie)
 
         def cookie(session: str) -> None:
             if done_or_gone(request):
                 return
-            _set_cookie(request, SESSION_COOKIE, session.encode(), int(gate.session_lifetime),
-                        secure=request.isSecure())
+            _set_cookie(
+                request,
+                SESSION_COOKIE,
+                session.encode(),
+                int(gate.session_lifetime),
+                secure=request.isSecure(),
+            )
             request.setResponseCode(303)
             request.setHeader(b"location", next_url.encode())
             request.setHeader(b"cache-control", b"no-store")
@@ -492,10 +544,15 @@ class _Logout(Resource):
     def render_GET(self, request: Request) -> bytes:
         """A confirmation form (a GET never changes state)."""
         token = _csrf(request)
-        return _page(request, "Sign out - dockerspaces", (
-            "<h1>Sign out</h1><form method=post action=/auth:logout>"
-            f"<input type=hidden name=csrf value='{html.escape(token, quote=True)}'>"
-            "<button type=submit id=logout>Sign out</button></form>"))
+        return _page(
+            request,
+            "Sign out - dockerspaces",
+            (
+                "<h1>Sign out</h1><form method=post action=/auth:logout>"
+                f"<input type=hidden name=csrf value='{html.escape(token, quote=True)}'>"
+                "<button type=submit id=logout>Sign out</button></form>"
+            ),
+        )
 
     def render_POST(self, request: Request) -> Any:
         """End the session; back to the sign-in page."""
@@ -530,19 +587,29 @@ class _Home(Resource):
         identity = identity_of(request)
         assert identity is not None  # noqa: S101 - the gate let it through
         rows = "".join(
-            "<tr><td>" + (f"<a href='{html.escape(link, quote=True)}'>{html.escape(key)}</a>"
-                          if link else html.escape(key))
+            "<tr><td>"
+            + (
+                f"<a href='{html.escape(link, quote=True)}'>{html.escape(key)}</a>"
+                if link
+                else html.escape(key)
+            )
             + f"</td><td>{html.escape(state)}</td></tr>"
-            for key, state, link in self.gate.containers(identity.user))
+            for key, state, link in self.gate.containers(identity.user)
+        )
         apps = f"<table>{rows}</table>" if rows else "<p>No running applications.</p>"
         links = ""
         if identity.admin or identity.may_use("monitor"):
             links = "<p><a href='/monitor:broker/'>Dashboard</a></p>"
         token = _csrf(request)
-        return _page(request, "dockerspaces", (
-            f"<h1>dockerspaces</h1><p>Signed in as <b id=user>{html.escape(identity.user)}</b>"
-            f" ({html.escape(', '.join(identity.groups) or 'no group')}"
-            f"{', admin' if identity.admin else ''}).</p><h2>Your applications</h2>{apps}"
-            f"{links}<form method=post action=/auth:logout><input type=hidden name=csrf "
-            f"value='{html.escape(token, quote=True)}'><button type=submit>Sign out</button>"
-            "</form>"))
+        return _page(
+            request,
+            "dockerspaces",
+            (
+                f"<h1>dockerspaces</h1><p>Signed in as <b id=user>{html.escape(identity.user)}</b>"
+                f" ({html.escape(', '.join(identity.groups) or 'no group')}"
+                f"{', admin' if identity.admin else ''}).</p><h2>Your applications</h2>{apps}"
+                f"{links}<form method=post action=/auth:logout><input type=hidden name=csrf "
+                f"value='{html.escape(token, quote=True)}'><button type=submit>Sign out</button>"
+                "</form>"
+            ),
+        )

@@ -288,7 +288,8 @@ class BackendProtocol(TwistedProtocol):
             self.left = 0
             if left:
                 self.sink.response_data(  # type: ignore[union-attr]
-                    data if len(data) == left else memoryview(data)[:left])
+                    data if len(data) == left else memoryview(data)[:left]
+                )
             if len(data) > left:
                 self.keep_alive = False
             self._complete()
@@ -336,7 +337,8 @@ class BackendProtocol(TwistedProtocol):
                     self.state = _TUNNEL
                     self.keep_alive = False
                     self.sink.response_upgraded(  # type: ignore[union-attr]
-                        self, status, reason, headers, bytes(rest))
+                        self, status, reason, headers, bytes(rest)
+                    )
                     return
                 if status == 101:
                     self._fail(BadResponse("101 Switching Protocols without an Upgrade request"))
@@ -346,7 +348,12 @@ class BackendProtocol(TwistedProtocol):
             self._start_body(version, status, reason, headers, rest, raw)
 
     def _start_body(
-        self, version: bytes, status: int, reason: bytes, headers: Headers, rest: memoryview,
+        self,
+        version: bytes,
+        status: int,
+        reason: bytes,
+        headers: Headers,
+        rest: memoryview,
         raw: bytes | None = None,
     ) -> None:
         grouped = group_headers(headers)
@@ -371,7 +378,8 @@ class BackendProtocol(TwistedProtocol):
         # so the exchange needs not register as the client's producer
         whole = no_body or (length is not None and not chunked and len(rest) == length)
         self.sink.response_head(  # type: ignore[union-attr]
-            status, reason, grouped, headers, raw, whole=whole)
+            status, reason, grouped, headers, raw, whole=whole
+        )
         if self.sink is None or self.state != _HEAD:
             return  # the exchange ended while handling the head
         if whole and not no_body:

@@ -245,10 +245,7 @@ class DockerApiResource(Resource):
         """Why ``request`` may not use the engine API, or None when it may."""
         ip = caller_ip(request)
         if ip is None:
-            return (
-                f"/docker:local only serves callers with an IP address "
-                f"(this one is {_describe(request)})"
-            )
+            return f"/docker:local only serves callers with an IP address (this one is {_describe(request)})"
         if not any(ip in net for net in self.allow_networks if net.version == ip.version):
             allowed = ", ".join(str(n) for n in self.allow_networks) or "nobody"
             return f"/docker:local: caller {ip} is not in --docker-api-allow ({allowed})"

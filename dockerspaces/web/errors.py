@@ -9,9 +9,7 @@ from twisted.web.server import Request
 from .site import done_or_gone
 
 
-def write_error(
-    request: Request, status: int, message: str, retry_after: int | None = None
-) -> bytes:
+def write_error(request: Request, status: int, message: str, retry_after: int | None = None) -> bytes:
     """Set status and headers for an error answer and return its body (plain text)."""
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
@@ -25,9 +23,7 @@ def write_error(
     return b"" if request.method == b"HEAD" else body
 
 
-def finish_error(
-    request: Request, status: int, message: str, retry_after: int | None = None
-) -> None:
+def finish_error(request: Request, status: int, message: str, retry_after: int | None = None) -> None:
     """Answer an asynchronous request with an error, unless it is already gone or started."""
     if done_or_gone(request):
         return
@@ -78,8 +74,7 @@ class MethodNotAllowed(Resource):
         """Write the 405 answer."""
         request.setHeader(b"allow", self.allow)
         method = request.method.decode("latin-1", "replace")[:20]
-        return write_error(request, 405, f"{method!r} is not allowed here; use "
-                           f"{self.allow.decode()}")
+        return write_error(request, 405, f"{method!r} is not allowed here; use {self.allow.decode()}")
 
 
 class RedirectResource(Resource):

@@ -63,8 +63,6 @@ class BadResponse(Exception):
     """The backend sent something that is not an HTTP/1.x response."""
 
 
-
-
 def connection_tokens(values: Sequence[bytes]) -> AbstractSet[bytes]:
     """Lower-cased tokens of ``Connection`` header values (a set not to be changed)."""
     if len(values) == 1:
@@ -86,8 +84,8 @@ def connection_tokens(values: Sequence[bytes]) -> AbstractSet[bytes]:
 
 # the Connection values nearly every request and response carries
 _COMMON_TOKENS = {
-    v: frozenset({v.lower()}) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close",
-                                        b"upgrade", b"Upgrade")
+    v: frozenset({v.lower()})
+    for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
 }
 
 
@@ -184,7 +182,7 @@ def _names_env(referer: bytes) -> bool:
     path = referer
     if b"://" in path[:12]:
         path = path.split(b"://", 1)[1]
-        path = path[path.find(b"/"):] if b"/" in path else b"/"
+        path = path[path.find(b"/") :] if b"/" in path else b"/"
     first = path.lstrip(b"/").split(b"/", 1)[0].split(b"?", 1)[0]
     return first[:2] in (b"x:", b"y:") and b"=" in first
 
@@ -244,13 +242,15 @@ def rewrite_location(value: bytes, *, prefix: bytes, backend_host: bytes) -> byt
         for scheme in (b"http://", b"https://"):
             if low.startswith(scheme):
                 rest = value[len(scheme) :]
-                cut = min((i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0),
-                          default=len(rest))
+                cut = min(
+                    (i for i in (rest.find(b"/"), rest.find(b"?"), rest.find(b"#")) if i >= 0),
+                    default=len(rest),
+                )
                 authority, path_part = rest[:cut], rest[cut:]
-                if authority.lower() == backend_host.lower() or (
-                    scheme == b"http://" and authority.lower() == backend_host.lower() + b":80"
-                ) or (
-                    scheme == b"https://" and authority.lower() == backend_host.lower() + b":443"
+                if (
+                    authority.lower() == backend_host.lower()
+                    or (scheme == b"http://" and authority.lower() == backend_host.lower() + b":80")
+                    or (scheme == b"https://" and authority.lower() == backend_host.lower() + b":443")
                 ):
                     path = path_part if path_part.startswith(b"/") else b"/" + path_part
                 break
@@ -266,9 +266,7 @@ def rewrite_location(value: bytes, *, prefix: bytes, backend_host: bytes) -> byt
 #: starts. A header block is plain (parsed by this one regex, passed on as received)
 #: when each of its CRLFs ends a matched line and it has no bare CR or LF. No lazy
 #: quantifier: ``[^\r\n]*?`` retried the rest of the pattern at every byte.
-_PLAIN_LINE = re.compile(
-    rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\r\n\x0b\x0c]*[^ \t\r\n\x0b\x0c])?)[ \t]*\r\n"
-)
+_PLAIN_LINE = re.compile(rb"(?m)^(" + TOKEN + rb"):[ \t]*((?:[^\r\n\x0b\x0c]*[^ \t\r\n\x0b\x0c])?)[ \t]*\r\n")
 _TOKEN = re.compile(TOKEN)
 
 

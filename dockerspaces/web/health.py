@@ -49,8 +49,14 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, engines: Mapping[str, IEngine], clock: IReactorTime, *,
-                 serving: Callable[[], bool] = lambda: True, timeout: float = 5.0):
+    def __init__(
+        self,
+        engines: Mapping[str, IEngine],
+        clock: IReactorTime,
+        *,
+        serving: Callable[[], bool] = lambda: True,
+        timeout: float = 5.0,
+    ):
         super().__init__()
         self.engines, self.clock, self.serving, self.timeout = engines, clock, serving, timeout
 
@@ -72,8 +78,11 @@ class HealthResource(Resource):
                     engines[name] = "up" if ok and value else "down"
             serving = bool(self.serving())
             healthy = serving and any(v == "up" for v in engines.values())
-            return healthy, {"status": "ok" if healthy else "unavailable",
-                             "serving": serving, "engines": engines}
+            return healthy, {
+                "status": "ok" if healthy else "unavailable",
+                "serving": serving,
+                "engines": engines,
+            }
 
         return DeferredList(pings, consumeErrors=True).addCallback(done)
 

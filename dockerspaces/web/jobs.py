@@ -33,8 +33,7 @@ def image_allowed(patterns: tuple[str, ...], spec: JobSpec) -> bool:
     """``--allow-image``: True when no pattern is set or one matches ``name:tag`` / ``name``."""
     if not patterns:
         return True
-    return any(fnmatch.fnmatchcase(spec.ref, p) or fnmatch.fnmatchcase(spec.image, p)
-               for p in patterns)
+    return any(fnmatch.fnmatchcase(spec.ref, p) or fnmatch.fnmatchcase(spec.image, p) for p in patterns)
 
 
 def owner_of(request: Request) -> Owner | None:
@@ -44,8 +43,7 @@ def owner_of(request: Request) -> Owner | None:
     if identity is None:
         return None
     q = identity.quota
-    return Owner(identity.user, containers=q.containers, gpus=q.gpus, queued=q.queued,
-                 group=identity.group)
+    return Owner(identity.user, containers=q.containers, gpus=q.gpus, queued=q.queued, group=identity.group)
 
 
 def _on_gone(request: Request, d: Deferred[Any]) -> None:
@@ -70,9 +68,18 @@ class JobResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, spec: JobSpec, prefix: bytes, path: bytes, *, broker: Any,
-                 proxy: Proxy, allow_image: tuple[str, ...],
-                 waiting: WaitingRoom | None = None, worker_post_only: bool = False):
+    def __init__(
+        self,
+        spec: JobSpec,
+        prefix: bytes,
+        path: bytes,
+        *,
+        broker: Any,
+        proxy: Proxy,
+        allow_image: tuple[str, ...],
+        waiting: WaitingRoom | None = None,
+        worker_post_only: bool = False,
+    ):
         super().__init__()
         self.worker_post_only = worker_post_only
         self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
@@ -86,28 +93,36 @@ class JobResource(Resource):
         if self.spec.worker:
             if self.worker_post_only and request.method != b"POST":
                 request.setHeader(b"allow", b"POST")
-                return write_error(request, 405, f"{self.spec.display}: worker launches take "
-                                   "POST only here (--worker-post-only)")
+                return write_error(
+                    request,
+                    405,
+                    f"{self.spec.display}: worker launches take POST only here (--worker-post-only)",
+                )
             return self._launch(request)
         if self.waiting is not None and wants_html(request):
             owner = owner_of(request)
             if owner is None:
-                d = self.waiting.acquire(request, self.spec.display,
-                                         lambda cb: self.broker.acquire(self.spec, progress=cb))
+                d = self.waiting.acquire(
+                    request, self.spec.display, lambda cb: self.broker.acquire(self.spec, progress=cb)
+                )
             else:
                 d = self.waiting.acquire(
-                    request, self.spec.display,
-                    lambda cb: self.broker.acquire(self.spec, progress=cb, owner=owner))
+                    request,
+                    self.spec.display,
+                    lambda cb: self.broker.acquire(self.spec, progress=cb, owner=owner),
+                )
             _on_gone(request, d)
-            d.addCallbacks(lambda lease: None if lease is None else self._forward(request, lease),
-                           lambda f: _fail(request, f, self.spec.display))
+            d.addCallbacks(
+                lambda lease: None if lease is None else self._forward(request, lease),
+                lambda f: _fail(request, f, self.spec.display),
+            )
             return NOT_DONE_YET
         owner = owner_of(request)
-        d = (self.broker.acquire(self.spec) if owner is None
-             else self.broker.acquire(self.spec, owner=owner))
+        d = self.broker.acquire(self.spec) if owner is None else self.broker.acquire(self.spec, owner=owner)
         _on_gone(request, d)
-        d.addCallbacks(lambda lease: self._forward(request, lease),
-                       lambda f: _fail(request, f, self.spec.display))
+        d.addCallbacks(
+            lambda lease: self._forward(request, lease), lambda f: _fail(request, f, self.spec.display)
+        )
         return NOT_DONE_YET
 
     def _forward(self, request: Request, lease: Any, attempt: int = 0) -> None:
@@ -129,7 +144,8 @@ class JobResource(Resource):
                 # a bodiless GET/HEAD got no answer: sent again, once; the container
                 # is failed only if it is known dead (Docker's die event comes later)
                 lease.confirm(CLOSE_GRACE).addCallback(
-                    lambda alive: self._retry(request, lease, attempt + 1, failed=not alive))
+                    lambda alive: self._retry(request, lease, attempt + 1, failed=not alive)
+                )
                 return
             # A response cut short is not enough to fail the container: one bad request
             # must not cost a shared y: container; a container that really died is
@@ -165,13 +181,17 @@ class JobResource(Resource):
             return
         d = lease.retry(failed)
         _on_gone(request, d)
-        d.addCallbacks(lambda new: self._forward(request, new, attempt),
-                       lambda f: _fail(request, f, self.spec.display))
+        d.addCallbacks(
+            lambda new: self._forward(request, new, attempt), lambda f: _fail(request, f, self.spec.display)
+        )
 
     def _launch(self, request: Request) -> Any:
         owner = owner_of(request)
-        d = (self.broker.launch_worker(self.spec) if owner is None
-             else self.broker.launch_worker(self.spec, owner=owner))
+        d = (
+            self.broker.launch_worker(self.spec)
+            if owner is None
+            else self.broker.launch_worker(self.spec, owner=owner)
+        )
         _on_gone(request, d)
 
         def started(_: object) -> None:
@@ -204,8 +224,9 @@ class HostRoute(Resource):
 
     isLeaf = True
 
-    def __init__(self, target: HostTarget, prefix: bytes, *, proxy: Proxy, policy: HostPolicy,
-                 cookie: bool = True):
+    def __init__(
+        self, target: HostTarget, prefix: bytes, *, proxy: Proxy, policy: HostPolicy, cookie: bool = True
+    ):
         super().__init__()
         self.target, self.prefix, self.proxy, self.policy = target, prefix, proxy, policy
         self.cookie = prefix[1:].decode("latin-1") if cookie and prefix else None
@@ -236,8 +257,7 @@ class HostRoute(Resource):
             if ip is None:
                 d = self.policy.check(t.host, t.port)
                 _on_gone(request, d)
-                d.addCallbacks(lambda ip: self._go(request, path, ip),
-                               lambda f: self._denied(request, f))
+                d.addCallbacks(lambda ip: self._go(request, path, ip), lambda f: self._denied(request, f))
                 return NOT_DONE_YET
             plan = self._literal = _host_plan(t, ip)
         self._forward(request, path, plan)
@@ -251,8 +271,15 @@ class HostRoute(Resource):
 
     def _forward(self, request: Request, path: bytes, plan: tuple[Backend, bytes]) -> None:
         backend, host_header = plan
-        self.proxy.forward(request, backend, path, prefix=self.prefix, host_header=host_header,
-                           set_route_cookie=self.cookie, external=True)
+        self.proxy.forward(
+            request,
+            backend,
+            path,
+            prefix=self.prefix,
+            host_header=host_header,
+            set_route_cookie=self.cookie,
+            external=True,
+        )
 
     def _denied(self, request: Request, f: Failure) -> None:
         if f.check(Forbidden):
@@ -268,8 +295,16 @@ class HostResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, target: HostTarget, prefix: bytes, path: bytes, *, proxy: Proxy,
-                 policy: HostPolicy, cookie: bool):
+    def __init__(
+        self,
+        target: HostTarget,
+        prefix: bytes,
+        path: bytes,
+        *,
+        proxy: Proxy,
+        policy: HostPolicy,
+        cookie: bool,
+    ):
         super().__init__()
         self.route = HostRoute(target, prefix, proxy=proxy, policy=policy, cookie=cookie)
         self.path = path

@@ -27,11 +27,9 @@ def own_view(snapshot: dict[str, Any], user: str) -> dict[str, Any]:
         if user in users:
             slots.append({**s, "Users": [user]})
         else:
-            slots.append({**{k: v for k, v in s.items() if k not in _OTHERS},
-                          "Users": [], "InFlight": 0})
+            slots.append({**{k: v for k, v in s.items() if k not in _OTHERS}, "Users": [], "InFlight": 0})
     view["TargetSlots"] = slots
-    view["SourceSlots"] = [{**s, "Key": "", "RefInfo": ""}
-                           for s in snapshot.get("SourceSlots", [])]
+    view["SourceSlots"] = [{**s, "Key": "", "RefInfo": ""} for s in snapshot.get("SourceSlots", [])]
     queues: dict[str, int] = {}
     for key, waiting in (snapshot.get("QueueUsers") or {}).items():
         mine = int(waiting.get(user, 0))
@@ -39,8 +37,11 @@ def own_view(snapshot: dict[str, Any], user: str) -> dict[str, Any]:
             queues[key] = mine
     view["Queues"] = queues
     view.pop("QueueUsers", None)
-    view["Estimates"] = {k: v for k, v in (snapshot.get("Estimates") or {}).items()
-                         if k in queues or any(s.get("Key") == k for s in slots)}
+    view["Estimates"] = {
+        k: v
+        for k, v in (snapshot.get("Estimates") or {}).items()
+        if k in queues or any(s.get("Key") == k for s in slots)
+    }
     view["Pulls"] = []
     return view
 

@@ -195,8 +195,9 @@ class WaitingRoom:
     abandon_after: float = 30.0
     poll_path: str = "/monitor:progress/"
 
-    def acquire(self, request: Request, display: str,
-                start: Callable[[Callable[[Any], None]], Deferred[Any]]) -> Deferred[Any]:
+    def acquire(
+        self, request: Request, display: str, start: Callable[[Callable[[Any], None]], Deferred[Any]]
+    ) -> Deferred[Any]:
         """Start the acquire (``start(progress_callback)``); the result fires with the lease
         when it comes within ``page_delay``, or with ``None`` once the waiting page has
         been sent (the room then owns the acquire). Cancelling it before the page was sent
@@ -307,4 +308,3 @@ class DashboardResource(Resource):
             request.setHeader(b"cache-control", b"no-store")
             return body
         return self.json_resource.render(request)
-

@@ -225,10 +225,7 @@ class _Exchange:
             self._unforwarded(f"cannot connect to backend {b}: {reason_text(f)}")
             return
         if f.check(CancelledError, ierror.TimeoutError, DeferTimeoutError):
-            msg = (
-                f"backend {b} did not accept a connection within "
-                f"{self.proxy.connect_timeout:g} s"
-            )
+            msg = f"backend {b} did not accept a connection within {self.proxy.connect_timeout:g} s"
             reason = "backend-error"
         elif f.check(ierror.ConnectionRefusedError, ierror.ConnectError):
             msg = f"backend {b} refused the connection ({reason_text(f)})"
@@ -248,8 +245,13 @@ class _Exchange:
 
     # -- backend events ------------------------------------------------------------
     def response_head(
-        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]], headers: Headers,
-        raw: bytes | None = None, whole: bool = False,
+        self,
+        status: int,
+        reason: bytes,
+        grouped: dict[bytes, list[bytes]],
+        headers: Headers,
+        raw: bytes | None = None,
+        whole: bool = False,
     ) -> None:
         """The backend's head (``headers`` as sent, ``grouped`` by lower-cased name;
         ``raw``, the header block as received when plain) is made the client's: its
@@ -271,9 +273,7 @@ class _Exchange:
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
             if cors and b"vary" in grouped:  # merged with ours below
                 drop = drop | {b"vary"}
-        if raw is not None and len(drop) == len(HOP_BY_HOP) and (
-            b"location" not in grouped
-        ):
+        if raw is not None and len(drop) == len(HOP_BY_HOP) and (b"location" not in grouped):
             # nothing to rewrite, only the standard hop-by-hop lines to leave out:
             # the block as received, less those lines
             hop = grouped.keys() & HOP_BY_HOP
@@ -282,13 +282,13 @@ class _Exchange:
             if b"location" in grouped:
                 headers = [
                     (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
-                    if k.lower() == b"location" else (k, v)
+                    if k.lower() == b"location"
+                    else (k, v)
                     for k, v in headers
                 ]
             lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]
         content_type = grouped.get(b"content-type")
-        if (content_type is not None and self.route_cookie
-                and content_type[-1][:9].lower() == b"text/html"):
+        if content_type is not None and self.route_cookie and content_type[-1][:9].lower() == b"text/html":
             cookie = self.proxy.route_cookies.header(self.route_cookie, request.isSecure())
             if cookie is not None:
                 lines.append(b"Set-Cookie: %s\r\n" % cookie)
@@ -406,11 +406,13 @@ class _Exchange:
             if alive:
                 self.response_done()
             else:
-                self.backend_failed(Failure(BackendGone(
-                    "the container died before its answer was complete")), conn)
+                self.backend_failed(
+                    Failure(BackendGone("the container died before its answer was complete")), conn
+                )
 
         confirm().addCallback(decided).addErrback(
-            lambda f: log.failure("confirming a close-delimited answer failed", f))
+            lambda f: log.failure("confirming a close-delimited answer failed", f)
+        )
 
     def backend_failed(self, f: Failure, conn: BackendConnection) -> None:
         """The backend connection failed or ended before the answer was complete."""
@@ -429,13 +431,20 @@ class _Exchange:
             self._connect()
             return
         if self.status is None and not conn.got_bytes and self._may_go_elsewhere(f):
-            self._unforwarded(f"backend {self.backend} closed the connection "
-                              f"without answering ({reason_text(f)})", "unanswered")
+            self._unforwarded(
+                f"backend {self.backend} closed the connection without answering ({reason_text(f)})",
+                "unanswered",
+            )
             return
         msg = f"backend {self.backend} failed: {reason_text(f)}"
-        if (self.status is None and not conn.got_bytes and self.retry_unforwarded
-                and self.died_before is not None and self.sent_at is not None
-                and self.upgrade is None):
+        if (
+            self.status is None
+            and not conn.got_bytes
+            and self.retry_unforwarded
+            and self.died_before is not None
+            and self.sent_at is not None
+            and self.upgrade is None
+        ):
             self._unless_unread(msg, self.died_before, self.sent_at)
             return
         if self.status is None or not self.request.startedWriting:
@@ -457,8 +466,9 @@ class _Exchange:
         else:
             transport.abortConnection()
 
-    def _unless_unread(self, msg: str, died_before: Callable[[float], Deferred[bool]],
-                       sent_at: float) -> None:
+    def _unless_unread(
+        self, msg: str, died_before: Callable[[float], Deferred[bool]], sent_at: float
+    ) -> None:
         """Nothing answered a request that may have been read: 502 -- unless its
         container's process had ended before the first byte was sent (``died_before``:
         behind docker-proxy a dead app's port still accepts, then closes), and then the
@@ -669,8 +679,19 @@ class Proxy:
         API) sends no CORS headers at all, neither ours (``--cors``) nor the backend's.
         """
         _Exchange(
-            self, request, backend, path, prefix, host_header, on_end, set_route_cookie,
-            retry_unforwarded, confirm_close, external, cors, died_before,
+            self,
+            request,
+            backend,
+            path,
+            prefix,
+            host_header,
+            on_end,
+            set_route_cookie,
+            retry_unforwarded,
+            confirm_close,
+            external,
+            cors,
+            died_before,
         ).start()
         return NOT_DONE_YET
 

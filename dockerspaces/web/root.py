@@ -53,6 +53,8 @@ class RouteResources(Protocol):
 
 #: parsed first segments kept by the root (a page's requests repeat the same few)
 PLAN_CACHE = 1024
+
+
 class _Plan:
     """A route segment parsed once: what to dispatch, and how to log it."""
 
@@ -80,8 +82,14 @@ _MONITOR_METHODS = MethodNotAllowed(b"GET, HEAD")
 class Root(Resource):
     """Dispatches every request by its raw first path segment."""
 
-    def __init__(self, config: Config, routes: RouteResources, recorder: Recorder | None = None,
-                 route_cookies: RouteCookies | None = None, gate: AuthGate | None = None):
+    def __init__(
+        self,
+        config: Config,
+        routes: RouteResources,
+        recorder: Recorder | None = None,
+        route_cookies: RouteCookies | None = None,
+        gate: AuthGate | None = None,
+    ):
         super().__init__()
         self.gate = gate  # --auth accounts: every routed request is checked by it
         self.route_cookies = route_cookies  # the proxy's: dsroute references it handed out
@@ -150,10 +158,13 @@ class Root(Resource):
             route = plan.route
             kind = plan.kind
             if isinstance(route, MonitorRoute):
-                kind = {"health": "monitor-public", "progress": "signed-in"}.get(
-                    route.name, "monitor")
-            return gate.guard(request, kind, route if isinstance(route, JobSpec) else None,
-                              lambda: self._route(request, plan, path, cookie))
+                kind = {"health": "monitor-public", "progress": "signed-in"}.get(route.name, "monitor")
+            return gate.guard(
+                request,
+                kind,
+                route if isinstance(route, JobSpec) else None,
+                lambda: self._route(request, plan, path, cookie),
+            )
         return self._route(request, plan, path, cookie)
 
     def _route(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
@@ -202,8 +213,9 @@ class Root(Resource):
             self._begin(request, "root", self.config.root.host_header)
             root = self.config.root
             if self.gate is not None:
-                return self.gate.guard(request, "root", None,
-                                       lambda: self.routes.host(root, b"", full, False))
+                return self.gate.guard(
+                    request, "root", None, lambda: self.routes.host(root, b"", full, False)
+                )
             return self.routes.host(root, b"", full, False)
         self._begin(request, "none", "-")
         return ErrorResource(

@@ -46,8 +46,7 @@ class RouteCookies:
         if ref is None:
             if len(segment) > MAX_SEGMENT:
                 return None
-            mac = hmac.new(self.key, segment.encode("utf-8", "surrogateescape"),
-                           hashlib.sha256).digest()[:16]
+            mac = hmac.new(self.key, segment.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()[:16]
             ref = base64.urlsafe_b64encode(mac).rstrip(b"=")
             while len(self._table) >= self.size:
                 _, old = self._table.popitem(last=False)
@@ -63,8 +62,7 @@ class RouteCookies:
         ref = self.ref(segment)
         if ref is None:
             return None
-        return (b"dsroute=" + ref + b"; Path=/; HttpOnly; SameSite=Lax"
-                + (b"; Secure" if secure else b""))
+        return b"dsroute=" + ref + b"; Path=/; HttpOnly; SameSite=Lax" + (b"; Secure" if secure else b"")
 
     def segment(self, value: bytes | None) -> str | None:
         """The segment a cookie value names, or None (unknown, evicted, forged)."""
@@ -100,7 +98,6 @@ def without_own_cookies(header: bytes) -> bytes | None:
     """A ``Cookie`` header line less dockerspaces' own cookies (None if nothing is left)."""
     if b"ds" not in header:
         return header
-    parts = [p for p in header.split(b";")
-             if p.strip().partition(b"=")[0] not in OWN_COOKIES]
+    parts = [p for p in header.split(b";") if p.strip().partition(b"=")[0] not in OWN_COOKIES]
     kept = b";".join(parts).strip()
     return kept or None

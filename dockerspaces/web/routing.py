@@ -119,8 +119,9 @@ class ResolveError(Exception):
 RESOLVE_TIMEOUT = 15.0
 
 
-def resolver_from(resolver: Any, clock: Any = None, timeout: float = RESOLVE_TIMEOUT
-                  ) -> Callable[[str], Deferred[list[str]]]:
+def resolver_from(
+    resolver: Any, clock: Any = None, timeout: float = RESOLVE_TIMEOUT
+) -> Callable[[str], Deferred[list[str]]]:
     """Adapt an ``IHostnameResolver`` (e.g. ``reactor.nameResolver``) to a lookup function.
 
     The lookup always fires: a name the resolver could not encode (twisted's
@@ -140,10 +141,10 @@ def resolver_from(resolver: Any, clock: Any = None, timeout: float = RESOLVE_TIM
         except Exception as e:  # noqa: BLE001 - a resolver refusing the name at once
             return fail(ResolveError(f"cannot look up {name[:80]!r}: {e}"))
         if clock is not None and not c.d.called:
+
             def expire() -> None:
                 if not c.d.called:
-                    c.d.errback(ResolveError(
-                        f"no address for {name[:80]!r} within {timeout:g} s"))
+                    c.d.errback(ResolveError(f"no address for {name[:80]!r} within {timeout:g} s"))
 
             timer = clock.callLater(timeout, expire)
 
@@ -200,10 +201,8 @@ class HostPolicy:
     _nets: tuple[IPNetwork, ...] = field(init=False)
     _engine_names: frozenset[str] = field(init=False)
     # what update() added, per source; merged into the two sets the checks read
-    _added_local: dict[str, frozenset[str]] = field(init=False, factory=dict, eq=False,
-                                                    repr=False)
-    _added_nets: dict[str, frozenset[IPNetwork]] = field(init=False, factory=dict, eq=False,
-                                                         repr=False)
+    _added_local: dict[str, frozenset[str]] = field(init=False, factory=dict, eq=False, repr=False)
+    _added_nets: dict[str, frozenset[IPNetwork]] = field(init=False, factory=dict, eq=False, repr=False)
     _local_now: frozenset[str] = field(init=False, eq=False, repr=False)
     _blocked_now: tuple[IPNetwork, ...] = field(init=False, eq=False, repr=False)
     #: how many times :meth:`update` changed the policy
@@ -236,8 +235,9 @@ class HostPolicy:
         object.__setattr__(self, "_local_now", frozenset(local))
         object.__setattr__(self, "_blocked_now", tuple(nets))
 
-    def update(self, source: str, *, local: Iterable[str] | None = None,
-               networks: Iterable[IPNetwork] | None = None) -> bool:
+    def update(
+        self, source: str, *, local: Iterable[str] | None = None, networks: Iterable[IPNetwork] | None = None
+    ) -> bool:
         """Set the addresses of this machine (``local``) and the Docker networks
         (``networks``) that ``source`` (e.g. an engine's name) adds to those given at
         construction; None leaves that part of ``source``'s as it was. True when the

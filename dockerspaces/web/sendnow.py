@@ -28,6 +28,12 @@ from ..twistedseam import (
 )
 
 __all__ = [
-    "can_send_now", "can_write_now", "flush_now", "is_plain_tcp", "relay_now", "send_all_now",
-    "send_now", "write_now",
+    "can_send_now",
+    "can_write_now",
+    "flush_now",
+    "is_plain_tcp",
+    "relay_now",
+    "send_all_now",
+    "send_now",
+    "write_now",
 ]

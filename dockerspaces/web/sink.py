@@ -74,8 +74,13 @@ class ResponseSink(Protocol):
         """The protocol the client asked to switch to, if any (a 101 is then expected)."""
 
     def response_head(
-        self, status: int, reason: bytes, grouped: dict[bytes, list[bytes]],
-        headers: list[tuple[bytes, bytes]], raw: bytes | None = None, whole: bool = False,
+        self,
+        status: int,
+        reason: bytes,
+        grouped: dict[bytes, list[bytes]],
+        headers: list[tuple[bytes, bytes]],
+        raw: bytes | None = None,
+        whole: bool = False,
     ) -> None:
         """The answer's status line and headers: ``headers`` as sent, ``grouped`` by
         lower-cased name, ``raw`` the header block as received when it is plain;
@@ -95,8 +100,12 @@ class ResponseSink(Protocol):
         """The connection failed or ended before the answer was complete."""
 
     def response_upgraded(
-        self, conn: BackendConnection, status: int, reason: bytes,
-        headers: list[tuple[bytes, bytes]], rest: bytes,
+        self,
+        conn: BackendConnection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        rest: bytes,
     ) -> None:
         """``101``: the connection now belongs to a tunnel; ``rest``, the bytes read
         past the head."""

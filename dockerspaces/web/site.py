@@ -50,9 +50,19 @@ from ..twistedseam import (
 )
 
 __all__ = [
-    "TOKEN", "TWISTED_PARSE_REQUEST_LINE", "HeadDeadlineChannel", "LimitedRequest", "ProxySite",
-    "done_or_gone", "http_date", "install_request_line_parser", "make_site", "on_lost",
-    "parse_request_line", "refused", "simple_head",
+    "TOKEN",
+    "TWISTED_PARSE_REQUEST_LINE",
+    "HeadDeadlineChannel",
+    "LimitedRequest",
+    "ProxySite",
+    "done_or_gone",
+    "http_date",
+    "install_request_line_parser",
+    "make_site",
+    "on_lost",
+    "parse_request_line",
+    "refused",
+    "simple_head",
 ]
 
 _BODY_413 = "request body of {size} exceeds the limit of {limit} bytes (--max-body)\n"
@@ -184,8 +194,7 @@ class LimitedRequest(SeamRequest):
 #: at most this much of a refused request's URI reaches the log
 _LOGGED_URI = 200
 #: the channel's own answers (twisted.web's ``RESPONSES`` has no 431)
-_REFUSALS = {400: b"Bad Request", 414: b"URI Too Long",
-             431: b"Request Header Fields Too Large"}
+_REFUSALS = {400: b"Bad Request", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
 
 def refused(channel: Any, code: int, method: bytes, uri: bytes, reason: str) -> None:
@@ -261,8 +270,9 @@ class HeadDeadlineChannel(SeamChannel):
         if self.transport is None or getattr(self, "_refused", False):
             return
         self._refused = True
-        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n" % (code, _REFUSALS[code]))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (code, _REFUSALS[code])
+        )
         self.loseConnection()
         # no more parsing of what the client sends after the refused head
         self.dataReceived = self.lineReceived = lambda *a: None  # type: ignore[method-assign]

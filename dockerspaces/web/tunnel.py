@@ -44,9 +44,7 @@ class TakeoverError(Exception):
 
 def can_half_close(transport: Any) -> bool:
     """True for a plain socket transport (TLS and other wrappers close fully)."""
-    return not isinstance(transport, ProtocolWrapper) and hasattr(
-        type(transport), "loseWriteConnection"
-    )
+    return not isinstance(transport, ProtocolWrapper) and hasattr(type(transport), "loseWriteConnection")
 
 
 def _slot(transport: Any, channel: HTTPChannel) -> str:

@@ -43,12 +43,26 @@ class Browser:
         self.port = free_port()
         self.profile = tempfile.mkdtemp(prefix="ds-chromium-")
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-             f"--remote-debugging-port={self.port}", "--remote-allow-origins=*",
-             "--window-size=1000,700", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={self.profile}",
+                f"--remote-debugging-port={self.port}",
+                "--remote-allow-origins=*",
+                "--window-size=1000,700",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.ws_url = self._page_ws()
 
     def _page_ws(self, timeout: float = 30.0) -> str:

@@ -119,6 +119,7 @@ def wait_http_status(host: str, port: int, timeout: float = 10.0, path: str = "/
 
     Blocking: for test setup outside the reactor or for benchmarks only.
     """
+
     def status_line() -> bytes | None:
         try:
             with socket.create_connection((host, port), timeout=2) as s:

@@ -96,8 +96,7 @@ class Report:
 
     def never_forwarded_failed(self) -> list[Outcome]:
         """502s and cut answers of requests no app ever read."""
-        return [o for o in self.outcomes
-                if o.klass in ("502", "aborted") and o.id not in self.forwarded]
+        return [o for o in self.outcomes if o.klass in ("502", "aborted") and o.id not in self.forwarded]
 
     def failed(self) -> list[Outcome]:
         """502s and cut answers, forwarded or not."""
@@ -110,12 +109,19 @@ class Report:
     def stopped_by_us(self) -> set[str]:
         """Killed containers dockerspaces was stopping already (evict/stop logged
         before their crash, if any): their death is its own stop's."""
-        stops = {m.group(1): m.start() for m in re.finditer(
-            r"container (?:evict|stop) .*?\[([0-9a-f]{12})\]", self.server_log)}
-        crashes = {m.group(1): m.start() for m in re.finditer(
-            r"container crash .*?\[([0-9a-f]{12})\]", self.server_log)}
-        return {cid[:12] for _, cid in self.kills
-                if cid[:12] in stops and stops[cid[:12]] < crashes.get(cid[:12], 1 << 62)}
+        stops = {
+            m.group(1): m.start()
+            for m in re.finditer(r"container (?:evict|stop) .*?\[([0-9a-f]{12})\]", self.server_log)
+        }
+        crashes = {
+            m.group(1): m.start()
+            for m in re.finditer(r"container crash .*?\[([0-9a-f]{12})\]", self.server_log)
+        }
+        return {
+            cid[:12]
+            for _, cid in self.kills
+            if cid[:12] in stops and stops[cid[:12]] < crashes.get(cid[:12], 1 << 62)
+        }
 
     def crash_accounting(self) -> list[str]:
         """The "every crash counted once" bar's misses."""
@@ -123,17 +129,19 @@ class Report:
         killed = {cid[:12] for _, cid in self.kills}
         if self.removed_while_starting:
             killed.add(self.removed_while_starting[:12])
-        out = [f"container {cid} counted {n} times as a crash"
-               for cid, n in sorted(lines.items()) if n > 1]
-        out += [f"kill of {cid} not counted as a crash"
-                for cid in sorted({c[:12] for _, c in self.kills} - set(lines)
-                                  - self.stopped_by_us())]
+        out = [f"container {cid} counted {n} times as a crash" for cid, n in sorted(lines.items()) if n > 1]
+        out += [
+            f"kill of {cid} not counted as a crash"
+            for cid in sorted({c[:12] for _, c in self.kills} - set(lines) - self.stopped_by_us())
+        ]
         out += [f"crash of {cid}, which nobody killed" for cid in sorted(set(lines) - killed)]
         if self.crashes is None:
             out.append("dockerspaces_container_crashes_total is not in /monitor:metrics")
         elif self.crashes != sum(lines.values()):
-            out.append(f"crash counter {self.crashes:g} != {sum(lines.values())} crash lines "
-                       f"({len(self.kills)} kills)")
+            out.append(
+                f"crash counter {self.crashes:g} != {sum(lines.values())} crash lines "
+                f"({len(self.kills)} kills)"
+            )
         return out
 
     def violations(self) -> list[str]:
@@ -141,17 +149,20 @@ class Report:
         out = []
         bad = self.never_forwarded_failed()
         if bad:
-            out.append(f"{len(bad)} never-forwarded request(s) got a 502 or a cut answer: "
-                       + ", ".join(f"#{o.id} {o.kind} {o.klass}" for o in bad[:10]))
+            out.append(
+                f"{len(bad)} never-forwarded request(s) got a 502 or a cut answer: "
+                + ", ".join(f"#{o.id} {o.kind} {o.klass}" for o in bad[:10])
+            )
         if c["truncated"]:
             out.append(f"{c['truncated']} truncated answer(s) looked complete")
         if c["lost"]:
             lost = [o for o in self.outcomes if o.klass == "lost"]
-            out.append(f"{c['lost']} request(s) lost: " + ", ".join(
-                f"#{o.id} {o.detail}" for o in lost[:10]))
+            out.append(f"{c['lost']} request(s) lost: " + ", ".join(f"#{o.id} {o.detail}" for o in lost[:10]))
         if len(self.failed()) > self.in_flight_at_kills:
-            out.append(f"{len(self.failed())} 502s and cut answers, more than the "
-                       f"{self.in_flight_at_kills} request(s) in flight at the kills")
+            out.append(
+                f"{len(self.failed())} 502s and cut answers, more than the "
+                f"{self.in_flight_at_kills} request(s) in flight at the kills"
+            )
         if self.leaked:
             out.append("leaked: " + "; ".join(self.leaked))
         out += self.crash_accounting()
@@ -163,15 +174,19 @@ class Report:
         rows = [
             ("requests", n),
             ("ok (complete, correct)", c["ok"]),
-            ("502, forwarded", sum(1 for o in self.outcomes
-                                   if o.klass == "502" and o.id in self.forwarded)),
-            ("502, never forwarded  [bar 0]", sum(1 for o in self.outcomes
-                                                  if o.klass == "502"
-                                                  and o.id not in self.forwarded)),
-            ("cut answer, forwarded", sum(1 for o in self.outcomes
-                                          if o.klass == "aborted" and o.id in self.forwarded)),
-            ("cut answer, never forwarded  [bar 0]", sum(
-                1 for o in self.outcomes if o.klass == "aborted" and o.id not in self.forwarded)),
+            ("502, forwarded", sum(1 for o in self.outcomes if o.klass == "502" and o.id in self.forwarded)),
+            (
+                "502, never forwarded  [bar 0]",
+                sum(1 for o in self.outcomes if o.klass == "502" and o.id not in self.forwarded),
+            ),
+            (
+                "cut answer, forwarded",
+                sum(1 for o in self.outcomes if o.klass == "aborted" and o.id in self.forwarded),
+            ),
+            (
+                "cut answer, never forwarded  [bar 0]",
+                sum(1 for o in self.outcomes if o.klass == "aborted" and o.id not in self.forwarded),
+            ),
             ("other 5xx", sum(v for k, v in c.items() if k.startswith("5") and k != "502")),
             ("truncated, looked complete  [bar 0]", c["truncated"]),
             ("lost, no answer  [bar 0]", c["lost"]),
@@ -181,8 +196,10 @@ class Report:
             ("removed while starting", 1 if self.removed_while_starting else 0),
             ("  ... start tried again", "yes" if self.start_retried else "no"),
             ("  ... already being stopped by us", len(self.stopped_by_us())),
-            ("crashes counted  [bar = kills not being stopped]",
-             "n/a" if self.crashes is None else f"{self.crashes:g}"),
+            (
+                "crashes counted  [bar = kills not being stopped]",
+                "n/a" if self.crashes is None else f"{self.crashes:g}",
+            ),
             ("containers/slots leaked  [bar 0]", len(self.leaked)),
             ("seconds", f"{self.seconds:.0f}"),
         ]
@@ -239,7 +256,7 @@ def _read_answer(sock: socket.socket, deadline: float) -> tuple[int | None, bool
                 if size == 0:
                     return status, True, body, ""
                 body += rest[:size]
-                rest = rest[size + 2:]
+                rest = rest[size + 2 :]
         if b"content-length" in headers:
             n = int(headers[b"content-length"])
             while len(rest) < n:
@@ -268,8 +285,11 @@ def _one(port: int, o: Outcome, route: str, hang_up: float | None, timeout: floa
     path = f"{route}/cgi-bin/work/{o.id}_{spec}"
     body = f"payload-{o.id}".encode() if o.kind == "post" else b""
     method = "POST" if o.kind == "post" else "GET"
-    head = (f"{method} {path} HTTP/1.1\r\nHost: ds\r\nConnection: close\r\n"
-            + (f"Content-Length: {len(body)}\r\n" if body else "") + "\r\n").encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: ds\r\nConnection: close\r\n"
+        + (f"Content-Length: {len(body)}\r\n" if body else "")
+        + "\r\n"
+    ).encode()
     o.sent = time.monotonic()
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -359,8 +379,7 @@ class _LogFollower:
         c = docker_client()
         try:
             while not self.stop.is_set():
-                for info in c.containers(filters={
-                        "label": f"dockerspaces.instance={self.instance}"}):
+                for info in c.containers(filters={"label": f"dockerspaces.instance={self.instance}"}):
                     cid = info["Id"]
                     if cid not in self.threads:
                         t = threading.Thread(target=self._follow, args=(cid,), daemon=True)
@@ -393,9 +412,11 @@ def _containers_in(srv: Server, state: str) -> dict[str, int]:
         snap = srv.snapshot()
     except (OSError, AssertionError):
         return {}
-    return {s["Container"]: int(s.get("InFlight") or 0) for s in snap["TargetSlots"]
-            if s["State"] == state and s.get("Container")
-            and (state != "Run" or s.get("InFlight"))}
+    return {
+        s["Container"]: int(s.get("InFlight") or 0)
+        for s in snap["TargetSlots"]
+        if s["State"] == state and s.get("Container") and (state != "Run" or s.get("InFlight"))
+    }
 
 
 def _metric(srv: Server, name: str) -> float | None:
@@ -413,10 +434,14 @@ def _metric(srv: Server, name: str) -> float | None:
 def _settled(srv: Server, timeout: float) -> dict[str, Any]:
     """The broker's snapshot once no slot is busy and no queue holds a request; after
     ``timeout`` the last one anyway (the leak check then says what is still busy)."""
+
     def idle() -> dict[str, Any] | None:
         snap = srv.snapshot()
-        busy = [s for s in snap["TargetSlots"]
-                if s["State"] in ("Starting", "Stopping", "Run") or s.get("InFlight")]
+        busy = [
+            s
+            for s in snap["TargetSlots"]
+            if s["State"] in ("Starting", "Stopping", "Run") or s.get("InFlight")
+        ]
         return snap if not busy and not snap["Queues"] else None
 
     try:
@@ -425,18 +450,31 @@ def _settled(srv: Server, timeout: float) -> dict[str, Any]:
         return srv.snapshot()
 
 
-def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: float = 3.0,
-        hang_up: float = 0.1, seed: int = 12, client_timeout: float = 90.0,
-        log: Any = print) -> Report:
+def run(
+    srv: Server,
+    *,
+    requests: int = 300,
+    clients: int = 20,
+    kill_every: float = 3.0,
+    hang_up: float = 0.1,
+    seed: int = 12,
+    client_timeout: float = 90.0,
+    log: Any = print,
+) -> Report:
     """Drive the scenario against a started server (``--target 2``) and account."""
     rng = random.Random(seed)
     follower = _LogFollower(srv.instance)
     follower.start()
     kinds = ["short"] * 6 + ["stream"] * 2 + ["post"] * 2
     outcomes = [Outcome(i, rng.choice(kinds), 0.0) for i in range(requests)]
-    plan = [(o, ROUTES[rng.randrange(len(ROUTES))],
-             (rng.uniform(0.05, 1.0) * rng.choice([1, -1])) if rng.random() < hang_up else None)
-            for o in outcomes]
+    plan = [
+        (
+            o,
+            ROUTES[rng.randrange(len(ROUTES))],
+            (rng.uniform(0.05, 1.0) * rng.choice([1, -1])) if rng.random() < hang_up else None,
+        )
+        for o in outcomes
+    ]
     kills: list[tuple[float, str]] = []
     in_flight: list[int] = []
     removed: list[str] = []
@@ -509,8 +547,7 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
     c = docker_client()
     try:
         running = set()
-        for info in c.containers(all=True, filters={
-                "label": f"dockerspaces.instance={srv.instance}"}):
+        for info in c.containers(all=True, filters={"label": f"dockerspaces.instance={srv.instance}"}):
             if info["State"] == "running":
                 running.add(info["Id"][:12])
             if info["Id"][:12] not in held:
@@ -526,6 +563,15 @@ def run(srv: Server, *, requests: int = 300, clients: int = 20, kill_every: floa
             leaked.append(f"slot {s['Port']} is {s['State']} with {s.get('InFlight')} in flight")
     if snap["Queues"]:
         leaked.append(f"queues not empty: {snap['Queues']}")
-    return Report(outcomes, seen, kills, removed[0] if removed else None,
-                  "starting it again" in srv.output(), crashes, leaked, seconds,
-                  sum(in_flight), srv.output())
+    return Report(
+        outcomes,
+        seen,
+        kills,
+        removed[0] if removed else None,
+        "starting it again" in srv.output(),
+        crashes,
+        leaked,
+        seconds,
+        sum(in_flight),
+        srv.output(),
+    )

@@ -234,22 +234,26 @@ _DOCKERFILES: dict[str, str] = {
         "ENV PATH=/bin\n" + _LABELS + 'CMD ["/bin/sh"]\n'
     ),
     TTS: (
-        f"FROM {BASE}\n" + _HTTP_COMMON
+        f"FROM {BASE}\n"
+        + _HTTP_COMMON
         + f"ENV PORT={TTS_PORT} DS_IMAGE={TTS}\nEXPOSE {TTS_PORT}\n"
         + 'CMD ["/bin/ds-serve"]\n'
     ),
     WEB: (
-        f"FROM {BASE}\n" + _HTTP_COMMON
+        f"FROM {BASE}\n"
+        + _HTTP_COMMON
         + f"ENV PORT={WEB_PORT} DS_IMAGE={WEB}\nEXPOSE {WEB_PORT}\n"
         + 'CMD ["/bin/ds-serve"]\n'
     ),
     SLOWHTTP: (
-        f"FROM {BASE}\n" + _HTTP_COMMON
+        f"FROM {BASE}\n"
+        + _HTTP_COMMON
         + f"ENV PORT={WEB_PORT} SLEEP=5 DS_IMAGE={SLOWHTTP}\nEXPOSE {WEB_PORT}\n"
         + 'CMD ["/bin/ds-serve"]\n'
     ),
     HEALTH: (
-        f"FROM {BASE}\n" + _HTTP_COMMON
+        f"FROM {BASE}\n"
+        + _HTTP_COMMON
         + "COPY ds-health /bin/ds-health\n"
         + 'RUN ["/bin/busybox", "chmod", "755", "/bin/ds-health"]\n'
         + f"ENV PORT={WEB_PORT} DS_IMAGE={HEALTH}\nEXPOSE {WEB_PORT}\n"
@@ -490,9 +494,10 @@ def ensure_wsapp_image() -> str:
     client = docker_client(timeout=300)
     try:
         base_id = client.inspect_image(base)["Id"]
-        dockerfile = (f"FROM {base}\nCOPY wsapp.py /wsapp.py\n"
-                      f"ENV PORT={WEB_PORT}\nEXPOSE {WEB_PORT}\n" + _LABELS
-                      + 'CMD ["python3", "-u", "/wsapp.py"]\n')
+        dockerfile = (
+            f"FROM {base}\nCOPY wsapp.py /wsapp.py\n"
+            f"ENV PORT={WEB_PORT}\nEXPOSE {WEB_PORT}\n" + _LABELS + 'CMD ["python3", "-u", "/wsapp.py"]\n'
+        )
         digest = hashlib.sha256((base_id + dockerfile + _WSAPP).encode()).hexdigest()[:16]
         with open(_LOCK_PATH, "a") as lockf:
             fcntl.flock(lockf, fcntl.LOCK_EX)

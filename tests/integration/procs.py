@@ -34,10 +34,18 @@ BIN = os.path.dirname(sys.executable)
 class Server:
     """One dockerspaces process (``twistd -n dockerspaces`` by default)."""
 
-    def __init__(self, *args: str, slots: int = 2, instance: str | None = None,
-                 port: int | None = None, command: str = "twistd",
-                 start_port: int | None = None, extra_env: dict[str, str] | None = None,
-                 probe: str = "/monitor:broker/", probe_headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *args: str,
+        slots: int = 2,
+        instance: str | None = None,
+        port: int | None = None,
+        command: str = "twistd",
+        start_port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        probe: str = "/monitor:broker/",
+        probe_headers: dict[str, str] | None = None,
+    ):
         self.port = port or free_port()
         self.instance = instance or unique_instance("srv")
         self.slots = slots
@@ -63,16 +71,16 @@ class Server:
         """Start and wait until the probe path (/monitor:broker/) answers 200."""
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.argv(), cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         proc = self.proc
 
         def answers() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"dockerspaces exited {proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                status, _, _ = self.request("GET", self.probe, headers=self.probe_headers,
-                                            timeout=2)
+                status, _, _ = self.request("GET", self.probe, headers=self.probe_headers, timeout=2)
             except OSError:
                 return False
             return status == 200
@@ -112,8 +120,14 @@ class Server:
         self.stop()
         remove_instance_containers(self.instance)
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request on a new connection: (status, headers, body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -138,6 +152,7 @@ class Server:
         """The /monitor:broker/ JSON once every host is up: the broker has listed and
         adopted (or removed) its labelled containers, which it does after the port
         opens."""
+
         def all_up() -> dict[str, Any] | None:
             snap = self.snapshot()
             return snap if all(h["Up"] for h in snap["Hosts"]) else None

@@ -48,8 +48,10 @@ from .wait import eventually, eventually_async
 
 TTS_PATH = "/x:selmaproject:tts:777:5002/"
 WEB_PATH = "/x:dockerspaces-test:web:1:8080/"
-BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-           "Sec-Fetch-Mode": "navigate"}
+BROWSER = {
+    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Sec-Fetch-Mode": "navigate",
+}
 #: how soon an admin change must show (README: "within a second"), with a little slack
 #: for this shared 2-core machine
 LIVE = 1.5
@@ -83,8 +85,9 @@ class AccountsCase(unittest.TestCase):
         """A started ``--auth accounts`` server on ``self.state``. Its log goes to this
         test's own temp directory: a concurrent trial run in this checkout may empty
         the shared ``_trial_temp`` where :class:`Server` puts it by default."""
-        srv = Server("--auth", "accounts", "--state", self.state, *extra, slots=slots,
-                     probe="/monitor:health")
+        srv = Server(
+            "--auth", "accounts", "--state", self.state, *extra, slots=slots, probe="/monitor:health"
+        )
         srv.log_path = os.path.abspath(self.mktemp()) + ".log"
         self.addCleanup(srv.cleanup)
         return srv.start()
@@ -92,13 +95,21 @@ class AccountsCase(unittest.TestCase):
     # -- the admin tool --------------------------------------------------------------
     def admin(self, *args: str, stdin: str | None = None) -> Any:
         """``dockerspaces-admin --state STATE --json ARGS``; its parsed JSON output."""
-        argv = [sys.executable, "-m", "dockerspaces.admin", "--state", self.state, "--json",
-                *args]
-        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60,
-                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=False)
+        argv = [sys.executable, "-m", "dockerspaces.admin", "--state", self.state, "--json", *args]
+        p = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            check=False,
+        )
         if p.returncode != 0:
-            raise AssertionError(f"dockerspaces-admin {' '.join(args)} exited {p.returncode}:\n"
-                                 f"{p.stdout}{p.stderr}")
+            raise AssertionError(
+                f"dockerspaces-admin {' '.join(args)} exited {p.returncode}:\n{p.stdout}{p.stderr}"
+            )
         out = p.stdout.strip()
         return json.loads(out) if out else None
 
@@ -124,11 +135,18 @@ class AccountsCase(unittest.TestCase):
         n = next(self._sources)
         return f"127.0.{n // 250}.{n % 250 + 2}"
 
-    def request(self, path: str, headers: dict[str, str] | None = None, method: str = "GET",
-                body: bytes | None = None, source: str | None = None,
-                timeout: float = 120.0) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=timeout,
-                                          source_address=(source, 0) if source else None)
+    def request(
+        self,
+        path: str,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        body: bytes | None = None,
+        source: str | None = None,
+        timeout: float = 120.0,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", self.srv.port, timeout=timeout, source_address=(source, 0) if source else None
+        )
         try:
             conn.request(method, path, body=body, headers=headers or {})
             r = conn.getresponse()
@@ -155,8 +173,7 @@ class AccountsCase(unittest.TestCase):
         for s in self.secrets:
             if s in log:
                 line = next(x for x in log.splitlines() if s in x)
-                self.fail(f"a password, token or session id ({s[:6]}…) reached the server's "
-                          f"log: {line}")
+                self.fail(f"a password, token or session id ({s[:6]}…) reached the server's log: {line}")
         self.assertNotRegex(log, r"(Basic|Bearer) [A-Za-z0-9+/_=-]{8,}")
 
 
@@ -167,14 +184,26 @@ class LiveAdmin(AccountsCase):
         """user, group, token made while the server runs: usable within ~1 s; revoking
         the token and disabling the user lock them out within ~1 s."""
         self.add_user("alice", "correct horse battery staple")
-        self.add_group("ml", "--image", "selmaproject/*", "--route", "x", "--route", "y",
-                       "--containers", "2", "--gpus", "0", "--queued", "10",
-                       members=("alice",))
+        self.add_group(
+            "ml",
+            "--image",
+            "selmaproject/*",
+            "--route",
+            "x",
+            "--route",
+            "y",
+            "--containers",
+            "2",
+            "--gpus",
+            "0",
+            "--queued",
+            "10",
+            members=("alice",),
+        )
         token, tid = self.token("alice")
         self.assertTrue(token.startswith("dst_"), token[:4])
         # "/" passes the gate without starting anything: the cheap probe of the change
-        eventually(lambda: self.status("/", bearer(token), fresh=True) == 200, LIVE,
-                   "the new token accepted")
+        eventually(lambda: self.status("/", bearer(token), fresh=True) == 200, LIVE, "the new token accepted")
         status, _, body = self.request(TTS_PATH, bearer(token))
         self.assertEqual(status, 200, body[:500])
         self.assertIn(b"image=selmaproject/tts:777", body)
@@ -195,24 +224,25 @@ class LiveAdmin(AccountsCase):
         def alice_usage() -> Any:
             mine = [r for r in self.admin("usage")["users"] if r["user"] == "alice"]
             return mine and mine[0]["containers"] >= 1 and mine[0]
+
         eventually(alice_usage, 10, "usage lists alice with a container", interval=0.5)
 
         self.admin("token", "revoke", tid)
-        eventually(lambda: self.status(TTS_PATH, bearer(token), fresh=True) == 401, LIVE,
-                   "the revoked token refused")
-        status, headers, body = self.request(TTS_PATH, basic("alice", token),
-                                             source=self.source())
+        eventually(
+            lambda: self.status(TTS_PATH, bearer(token), fresh=True) == 401, LIVE, "the revoked token refused"
+        )
+        status, headers, body = self.request(TTS_PATH, basic("alice", token), source=self.source())
         self.assertEqual(status, 401, body)
         self.assertIn("www-authenticate", headers)
         # the password still works, until the user is disabled
         pw = basic("alice", "correct horse battery staple")
         self.assertEqual(self.status(TTS_PATH, pw), 200)
         self.admin("user", "disable", "alice")
-        eventually(lambda: self.status(TTS_PATH, pw, fresh=True) == 401, LIVE,
-                   "the disabled user refused")
+        eventually(lambda: self.status(TTS_PATH, pw, fresh=True) == 401, LIVE, "the disabled user refused")
         log = self.srv.output()
-        self.assertRegex(log, r"x:selmaproject/tts:777:5002 .*-> 200 .*user=alice",
-                         "the request log names the user")
+        self.assertRegex(
+            log, r"x:selmaproject/tts:777:5002 .*-> 200 .*user=alice", "the request log names the user"
+        )
         self.assert_no_secrets_logged()
 
 
@@ -222,15 +252,27 @@ class Refusals(AccountsCase):
     def setUp(self) -> None:
         super().setUp()
         self.add_user("alice", "pw-alice-1234")
-        self.add_group("ml", "--image", "selmaproject/*", "--image", "dockerspaces-test/*",
-                       "--route", "x", "--containers", "1", "--queued", "1",
-                       members=("alice",))
+        self.add_group(
+            "ml",
+            "--image",
+            "selmaproject/*",
+            "--image",
+            "dockerspaces-test/*",
+            "--route",
+            "x",
+            "--containers",
+            "1",
+            "--queued",
+            "1",
+            members=("alice",),
+        )
         self.add_user("watcher", "pw-watcher-1357")
         self.add_group("ops", "--route", "monitor", "--admin", members=("watcher",))
         self.tok, _ = self.token("alice")
         self.watch, _ = self.token("watcher")
-        eventually(lambda: self.status("/", bearer(self.watch), fresh=True) == 200, LIVE,
-                   "the tokens accepted")
+        eventually(
+            lambda: self.status("/", bearer(self.watch), fresh=True) == 200, LIVE, "the tokens accepted"
+        )
 
     def test_no_credentials(self) -> None:
         """An API client gets 401 with both challenges; a browser a 303 to the sign-in
@@ -249,13 +291,12 @@ class Refusals(AccountsCase):
         # Sec-Fetch-Mode absent counts as a navigation; a script's fetch and a POST do not
         status, headers, _ = self.request(TTS_PATH, {"Accept": "text/html"})
         self.assertEqual(status, 303)
-        self.assertEqual(self.request(TTS_PATH, dict(BROWSER, **{"Sec-Fetch-Mode": "cors"}))[0],
-                         401)
+        self.assertEqual(self.request(TTS_PATH, dict(BROWSER, **{"Sec-Fetch-Mode": "cors"}))[0], 401)
         self.assertEqual(self.request(TTS_PATH, BROWSER, method="POST", body=b"x")[0], 401)
         # the sign-in page itself is open, with a CSRF cookie for its form
         status, headers, body = self.request(headers["location"], BROWSER)
         self.assertEqual(status, 200, body)
-        self.assertIn(b'name=user', body)
+        self.assertIn(b"name=user", body)
         self.assertIn("dscsrf=", headers.get("set-cookie", ""))
         # a wrong token is a 401 too (not a 403: nobody was identified)
         status, _, body = self.request(TTS_PATH, bearer("dst_" + "x" * 40), source=self.source())
@@ -271,8 +312,7 @@ class Refusals(AccountsCase):
         status, _, body = self.request("/y:selmaproject:tts:777:5002/", bearer(self.tok))
         self.assertEqual(status, 403, body)
         self.assertRegex(body, rb"'y' route")
-        status, _, body = self.request(f"/host:127.0.0.1:{self.srv.start_port}/",
-                                       bearer(self.tok))
+        status, _, body = self.request(f"/host:127.0.0.1:{self.srv.start_port}/", bearer(self.tok))
         self.assertEqual(status, 403, body)
         self.assertRegex(body, rb"'host' route")
         status, _, body = self.request("/monitor:broker/", bearer(self.tok))
@@ -280,8 +320,9 @@ class Refusals(AccountsCase):
         self.assertRegex(body, rb"'monitor' route")
         # a token scoped to y only may not use x:, which the group allows
         scoped, _ = self.token("alice", "--scope", "y")
-        eventually(lambda: self.status("/", bearer(scoped), fresh=True) == 200, LIVE,
-                   "the scoped token accepted")
+        eventually(
+            lambda: self.status("/", bearer(scoped), fresh=True) == 200, LIVE, "the scoped token accepted"
+        )
         status, _, body = self.request(TTS_PATH, bearer(scoped))
         self.assertEqual(status, 403, body)
         self.assertRegex(body, rb"'x' route")
@@ -312,12 +353,16 @@ class Refusals(AccountsCase):
         self.assertGreaterEqual(int(headers["retry-after"]), 1)
         # the same image: waits for alice's container (and counts as queued) ...
         waited: list[tuple[int, bytes]] = []
-        t = threading.Thread(target=lambda: waited.append(
-            self.request(TTS_PATH + "cgi-bin/env", bearer(self.tok))[::2]))
+        t = threading.Thread(
+            target=lambda: waited.append(self.request(TTS_PATH + "cgi-bin/env", bearer(self.tok))[::2])
+        )
         t.start()
         self.addCleanup(t.join, 60)
-        eventually(lambda: sum(self.snapshot(self.watch)["Queues"].values()) == 1, 3,
-                   "alice's second request waiting")
+        eventually(
+            lambda: sum(self.snapshot(self.watch)["Queues"].values()) == 1,
+            3,
+            "alice's second request waiting",
+        )
         # ... so one more is over the queued quota, at once
         status, headers, body = self.request(TTS_PATH, bearer(self.tok))
         self.assertEqual(status, 429, body)
@@ -339,8 +384,7 @@ class Refusals(AccountsCase):
         (for any user), and the form likewise: 429 with Retry-After."""
         for _ in range(5):  # alice, wrong password, five addresses
             self.assertEqual(self.status(TTS_PATH, basic("alice", "wrong"), fresh=True), 401)
-        status, headers, body = self.request(TTS_PATH, basic("alice", "pw-alice-1234"),
-                                             source=self.source())
+        status, headers, body = self.request(TTS_PATH, basic("alice", "pw-alice-1234"), source=self.source())
         self.assertEqual(status, 429, body)
         self.assertIn(b"too many failed sign-ins", body.lower())
         self.assertTrue(1 <= int(headers["retry-after"]) <= 60, headers)
@@ -350,8 +394,7 @@ class Refusals(AccountsCase):
         self.add_user("bob", "pw-bob-5678")
         self.admin("group", "add-member", "ml", "bob")
         bob, _ = self.token("bob")
-        eventually(lambda: self.status("/", bearer(bob), fresh=True) == 200, LIVE,
-                   "bob accepted")
+        eventually(lambda: self.status("/", bearer(bob), fresh=True) == 200, LIVE, "bob accepted")
         self.assertEqual(self.status("/", basic("bob", "pw-bob-5678"), fresh=True), 200)
         here = self.source()
         for i in range(5):
@@ -370,9 +413,9 @@ class Refusals(AccountsCase):
         posted["Content-Type"] = "application/x-www-form-urlencoded"
 
         def sign_in(password: str) -> tuple[int, dict[str, str], bytes]:
-            body = urlencode({"user": "carol", "password": password, "csrf": csrf,
-                              "next": TTS_PATH}).encode()
+            body = urlencode({"user": "carol", "password": password, "csrf": csrf, "next": TTS_PATH}).encode()
             return self.request("/auth:login", posted, "POST", body, source=form)
+
         for _ in range(5):
             status, _, body = sign_in("wrong")
             self.assertEqual(status, 401, body[:300])
@@ -391,11 +434,13 @@ class Refusals(AccountsCase):
         csrf = re.search(r"dscsrf=([^;]+)", headers["set-cookie"]).group(1)  # type: ignore[union-attr]
         form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"dscsrf={csrf}"}
         fields = {"user": "alice", "password": "pw-alice-1234", "next": TTS_PATH}
-        status, _, body = self.request("/auth:login", form, "POST",
-                                       urlencode(dict(fields, csrf="forged" * 5)).encode())
+        status, _, body = self.request(
+            "/auth:login", form, "POST", urlencode(dict(fields, csrf="forged" * 5)).encode()
+        )
         self.assertEqual(status, 403, body[:300])
-        status, headers, body = self.request("/auth:login", form, "POST",
-                                             urlencode(dict(fields, csrf=csrf)).encode())
+        status, headers, body = self.request(
+            "/auth:login", form, "POST", urlencode(dict(fields, csrf=csrf)).encode()
+        )
         self.assertEqual(status, 303, body[:300])
         self.assertEqual(headers["location"], TTS_PATH)
         cookie = headers["set-cookie"]
@@ -421,34 +466,39 @@ class DockerCli(AccountsCase):
     """The docker CLI through /docker:local with a docker-api scoped token."""
 
     skip = docker_available() or (
-        None if CLIS else "no docker CLI at /usr/bin/docker or /usr/local/bin/docker")
+        None if CLIS else "no docker CLI at /usr/bin/docker or /usr/local/bin/docker"
+    )
     slots = 0
     extra = ("--docker-api",)
 
     def setUp(self) -> None:
         super().setUp()
         self.add_user("ops", "pw-ops-3456")
-        self.add_group("admins", "--image", "*", "--route", "x", "--route", "docker-api",
-                       members=("ops",))
+        self.add_group("admins", "--image", "*", "--route", "x", "--route", "docker-api", members=("ops",))
         self.add_user("dev", "pw-dev-7890")
         self.add_group("devs", "--image", "*", "--route", "x", members=("dev",))
         self.api, _ = self.token("ops", "--scope", "docker-api")
         self.x_only, _ = self.token("ops", "--scope", "x")
         self.dev_token, _ = self.token("dev")
         # the last change seen means every earlier one is
-        eventually(lambda: self.status("/", bearer(self.dev_token), fresh=True) == 200, LIVE,
-                   "the tokens accepted")
+        eventually(
+            lambda: self.status("/", bearer(self.dev_token), fresh=True) == 200, LIVE, "the tokens accepted"
+        )
 
-    def docker(self, cli: str, headers: dict[str, str] | None, *args: str) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, cli: str, headers: dict[str, str] | None, *args: str
+    ) -> subprocess.CompletedProcess[str]:
         d = self.mktemp()
         os.makedirs(d)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump({"HttpHeaders": headers} if headers else {}, f)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env.update(DOCKER_HOST=f"tcp://127.0.0.1:{self.srv.port}/docker:local",
-                   DOCKER_CONFIG=d, DOCKER_CLI_HINTS="false")
-        return subprocess.run([cli, *args], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
+        env.update(
+            DOCKER_HOST=f"tcp://127.0.0.1:{self.srv.port}/docker:local",
+            DOCKER_CONFIG=d,
+            DOCKER_CLI_HINTS="false",
+        )
+        return subprocess.run([cli, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
 
     def test_scoped_token_works(self) -> None:
         """``docker version`` and ``docker ps`` with the token in HttpHeaders, as Bearer
@@ -473,12 +523,21 @@ class DockerCli(AccountsCase):
         the route, or a password: 403 -- each said in the CLI's output."""
         cases = [
             ("no credentials", None, r"401 Unauthorized: sign in first"),
-            ("token without the docker-api scope", bearer(self.x_only),
-             r"403 Forbidden: ops may not use the 'docker-api' route"),
-            ("user without the docker-api route", bearer(self.dev_token),
-             r"403 Forbidden: dev may not use the 'docker-api' route"),
-            ("password", basic("ops", "pw-ops-3456"),
-             r"403 Forbidden: /docker:local takes API tokens with the docker-api scope only"),
+            (
+                "token without the docker-api scope",
+                bearer(self.x_only),
+                r"403 Forbidden: ops may not use the 'docker-api' route",
+            ),
+            (
+                "user without the docker-api route",
+                bearer(self.dev_token),
+                r"403 Forbidden: dev may not use the 'docker-api' route",
+            ),
+            (
+                "password",
+                basic("ops", "pw-ops-3456"),
+                r"403 Forbidden: /docker:local takes API tokens with the docker-api scope only",
+            ),
         ]
         for cli in CLIS:
             for what, headers, said in cases:
@@ -502,11 +561,9 @@ class BrowserSignIn(AccountsCase):
         super().setUp()
         ensure_wsapp_image()
         self.add_user("alice", "pw-alice-browser")
-        self.add_group("web", "--image", "dockerspaces-test/*", "--route", "x",
-                       members=("alice",))
+        self.add_group("web", "--image", "dockerspaces-test/*", "--route", "x", members=("alice",))
         probe, _ = self.token("alice")
-        eventually(lambda: self.status("/", bearer(probe), fresh=True) == 200, LIVE,
-                   "alice accepted")
+        eventually(lambda: self.status("/", bearer(probe), fresh=True) == 200, LIVE, "alice accepted")
 
     def test_sign_in_wait_app_websocket_sign_out(self) -> None:
         browser = Browser()
@@ -548,13 +605,15 @@ class BrowserSignIn(AccountsCase):
                 " form: !!document.querySelector('input[name=user]'),"
                 " logout: !!document.getElementById('logout'),"
                 " app: !!document.getElementById('app'),"
-                " ws: (document.getElementById('ws')||{}).textContent || null})")
+                " ws: (document.getElementById('ws')||{}).textContent || null})"
+            )
         except (TimeoutError, AssertionError):
             return None  # navigating: the context is gone for a moment
         return json.loads(text) if text else None
 
-    async def _until(self, s: Session, pred: Callable[[dict[str, Any]], bool], what: str,
-                     timeout: float = 60) -> dict[str, Any]:
+    async def _until(
+        self, s: Session, pred: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60
+    ) -> dict[str, Any]:
         last: list[dict[str, Any] | None] = [None]
 
         async def matching() -> dict[str, Any] | None:
@@ -583,7 +642,8 @@ class BrowserSignIn(AccountsCase):
                 "(function(){var f=document.querySelector('form');"
                 "f.querySelector('input[name=user]').value='alice';"
                 "f.querySelector('input[name=password]').value='pw-alice-browser';"
-                "f.submit(); return true;})()")
+                "f.submit(); return true;})()"
+            )
             last: list[dict[str, Any] | None] = [None]
 
             async def echoed() -> dict[str, Any] | None:
@@ -598,8 +658,7 @@ class BrowserSignIn(AccountsCase):
             try:
                 app = await eventually_async(echoed, 90, "the app's WebSocket echo")
             except AssertionError:
-                raise AssertionError(
-                    f"the app's WebSocket echo never showed (last {last[0]})") from None
+                raise AssertionError(f"the app's WebSocket echo never showed (last {last[0]})") from None
             seen["final_url"], seen["ws"] = app["href"], app["ws"]
             seen["shot_app"] = await s.screenshot("accounts-app.png")
             seen["cookies"] = (await s.call("Network.getCookies", urls=[base + "/"]))["cookies"]

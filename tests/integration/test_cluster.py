@@ -54,18 +54,25 @@ class Cluster(TestCase):
         self.peer_url = f"http://127.0.0.1:{self.peer_port}/docker:local"
         self.peer_host = f"127.0.0.1:{self.peer_port}"
         self.front = Server(
-            "--cluster", f"{self.peer_slots}:2:{self.peer_url}",
-            "--cluster", f"{self.local_slots}:2:unix:///var/run/docker.sock",
-            "--docker-api-token-file", self.token_file,
-            "--start-timeout", "60", "--queue-timeout", "120",
+            "--cluster",
+            f"{self.peer_slots}:2:{self.peer_url}",
+            "--cluster",
+            f"{self.local_slots}:2:unix:///var/run/docker.sock",
+            "--docker-api-token-file",
+            self.token_file,
+            "--start-timeout",
+            "60",
+            "--queue-timeout",
+            "120",
             slots=4,
         )
         self.addCleanup(self.front.cleanup)
         self.front.start()
 
     def start_peer(self) -> Server:
-        peer = Server("--docker-api", "--docker-api-token-file", self.token_file,
-                      slots=0, port=self.peer_port)
+        peer = Server(
+            "--docker-api", "--docker-api-token-file", self.token_file, slots=0, port=self.peer_port
+        )
         self.addCleanup(peer.stop)
         return peer.start()
 
@@ -80,8 +87,7 @@ class Cluster(TestCase):
 
     def container_hosts(self) -> dict[str, str]:
         """Container id -> host label of the front's running containers."""
-        return {c["Id"]: c["Labels"].get(HOST_LABEL, "")
-                for c in self.front.containers()}
+        return {c["Id"]: c["Labels"].get(HOST_LABEL, "") for c in self.front.containers()}
 
     def fire(self, paths: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
         with ThreadPoolExecutor(len(paths)) as pool:
@@ -94,45 +100,58 @@ class Cluster(TestCase):
         self.assertEqual(len(slots), 4)  # capacity is the sum of both hosts' slots
         self.assertEqual(
             sorted((s["Host"], s["Port"]) for s in slots),
-            sorted([(self.peer_host, self.peer_slots), (self.peer_host, self.peer_slots + 1),
-                    ("local", self.local_slots), ("local", self.local_slots + 1)]),
+            sorted(
+                [
+                    (self.peer_host, self.peer_slots),
+                    (self.peer_host, self.peer_slots + 1),
+                    ("local", self.local_slots),
+                    ("local", self.local_slots + 1),
+                ]
+            ),
         )
         self.wait_for("both hosts up", lambda: all(h["Up"] for h in self.hosts().values()))
 
         # four keys at once fill all four slots: two on each host
         results = self.fire([web_path(f"P{n}") for n in range(4)])
-        self.assertEqual([r[0] for r in results], [200] * 4,
-                         [r[2][:300] for r in results if r[0] != 200])
+        self.assertEqual([r[0] for r in results], [200] * 4, [r[2][:300] for r in results if r[0] != 200])
         for _, _, body in results:
             self.assertIn(b"slept 2", body)
         by_host = sorted(self.container_hosts().values())
         self.assertEqual(by_host, sorted([self.peer_host] * 2 + ["local"] * 2))
-        busy = {(s["Host"], s["Port"]) for s in self.front.snapshot()["TargetSlots"]
-                if s["Container"]}
+        busy = {(s["Host"], s["Port"]) for s in self.front.snapshot()["TargetSlots"] if s["Container"]}
         self.assertEqual(len(busy), 4)
         self.assertIn("docker-api: POST /v1.", self.peer.output())  # created via the peer
         self.assertNotIn("refused", self.peer.output())
 
         # the peer goes away while two requests run in its containers and four new keys
         # arrive at once: nothing is lost, new work lands on the socket
-        on_peer = [s["Key"] for s in self.front.snapshot()["TargetSlots"]
-                   if s["Host"] == self.peer_host and s["Key"]]
+        on_peer = [
+            s["Key"] for s in self.front.snapshot()["TargetSlots"] if s["Host"] == self.peer_host and s["Key"]
+        ]
         self.assertEqual(len(on_peer), 2, on_peer)
         names = [k.split("env[", 1)[1].split("]", 1)[0] for k in on_peer]
         with ThreadPoolExecutor(2) as pool:
-            inflight = [pool.submit(self.front.get, web_path(n, "cgi-bin/sleep?4"), timeout=150)
-                        for n in names]
-            self.wait_for("both requests in flight on the peer", lambda: sum(
-                int(s.get("InFlight") or 0) for s in self.front.snapshot()["TargetSlots"]
-                if s["Host"] == self.peer_host) == 2)
+            inflight = [
+                pool.submit(self.front.get, web_path(n, "cgi-bin/sleep?4"), timeout=150) for n in names
+            ]
+            self.wait_for(
+                "both requests in flight on the peer",
+                lambda: (
+                    sum(
+                        int(s.get("InFlight") or 0)
+                        for s in self.front.snapshot()["TargetSlots"]
+                        if s["Host"] == self.peer_host
+                    )
+                    == 2
+                ),
+            )
             self.assertIn(self.peer.stop(), (0, -15))  # twistd re-raises SIGTERM at exit
             results = self.fire([web_path(f"Q{n}", "") for n in range(4)])
             done = [f.result() for f in inflight]
         self.assertEqual([r[0] for r in done], [200, 200], [r[2][:300] for r in done])
         for _, _, body in done:
             self.assertIn(b"slept 4", body)
-        self.assertEqual([r[0] for r in results], [200] * 4,
-                         [r[2][:300] for r in results if r[0] != 200])
+        self.assertEqual([r[0] for r in results], [200] * 4, [r[2][:300] for r in results if r[0] != 200])
         self.wait_for("the peer marked down", lambda: not self.hosts()[self.peer_host]["Up"])
         self.assertTrue(self.hosts()["local"]["Up"])
         snap = self.front.snapshot()
@@ -146,8 +165,7 @@ class Cluster(TestCase):
         self.peer = self.start_peer()
         self.wait_for("the peer back up", lambda: self.hosts()[self.peer_host]["Up"])
         results = self.fire([web_path(f"R{n}", "cgi-bin/sleep?1") for n in range(4)])
-        self.assertEqual([r[0] for r in results], [200] * 4,
-                         [r[2][:300] for r in results if r[0] != 200])
+        self.assertEqual([r[0] for r in results], [200] * 4, [r[2][:300] for r in results if r[0] != 200])
         snap = self.front.snapshot()
         keys_on_peer = [s["Key"] or "" for s in snap["TargetSlots"] if s["Host"] == self.peer_host]
         self.assertTrue(any("env[R" in k for k in keys_on_peer), snap["TargetSlots"])

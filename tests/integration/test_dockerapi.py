@@ -76,10 +76,12 @@ class CliTestCase(TestCase):
         )
         return env
 
-    def docker(self, cli: str, env: dict[str, str], *args: str, stdin: bytes | None = None,
-               timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([cli, *args], check=False, env=env, input=stdin, capture_output=True,
-                              timeout=timeout)
+    def docker(
+        self, cli: str, env: dict[str, str], *args: str, stdin: bytes | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [cli, *args], check=False, env=env, input=stdin, capture_output=True, timeout=timeout
+        )
 
     def run_args(self, *more: str) -> list[str]:
         """``docker run`` arguments with the test labels."""
@@ -117,8 +119,9 @@ class OpenRoute(CliTestCase):
             env = self.env(self.srv)
             r = self.docker(cli, env, *self.run_args("--rm", BASE, "echo", "hi"))
             self.assertEqual((r.returncode, r.stdout), (0, b"hi\n"), (cli, r.stderr))
-            r = self.docker(cli, env, *self.run_args("--rm", BASE, "sh", "-c",
-                                                     "echo out; echo err >&2; exit 3"))
+            r = self.docker(
+                cli, env, *self.run_args("--rm", BASE, "sh", "-c", "echo out; echo err >&2; exit 3")
+            )
             self.assertEqual(r.returncode, 3, (cli, r.stderr))
             self.assertEqual(r.stdout, b"out\n")
             self.assertIn(b"err", r.stderr)
@@ -128,13 +131,14 @@ class OpenRoute(CliTestCase):
             self.assertEqual(r.returncode, 0, (cli, r.stderr))
             self.assertEqual(r.stdout, data)
         self.assertIn("docker-api: POST /v1.", self.srv.output())
-        self.assertRegex(self.srv.output(), r"docker-api: POST /v1\.\d+/containers/create.* from 127\.0\.0\.1")
+        self.assertRegex(
+            self.srv.output(), r"docker-api: POST /v1\.\d+/containers/create.* from 127\.0\.0\.1"
+        )
         self.assertNotRegex(self.srv.output(), r"docker-api: (GET|HEAD) ")
 
     def test_exec(self) -> None:
         """``docker exec``: output, stdin and exit codes through the hijacked connection."""
-        r = self.docker(CLIS[0], self.env(self.srv),
-                        *self.run_args("-d", BASE, "sleep", "120"))
+        r = self.docker(CLIS[0], self.env(self.srv), *self.run_args("-d", BASE, "sleep", "120"))
         self.assertEqual(r.returncode, 0, r.stderr)
         cid = r.stdout.decode().strip()
         for cli in CLIS:
@@ -150,12 +154,14 @@ class OpenRoute(CliTestCase):
         """``docker logs -f`` shows lines as they come and ends when the container does."""
         for cli in CLIS:
             env = self.env(self.srv)
-            r = self.docker(cli, env, *self.run_args(
-                "-d", BASE, "sh", "-c", "echo first; sleep 4; echo second"))
+            r = self.docker(
+                cli, env, *self.run_args("-d", BASE, "sh", "-c", "echo first; sleep 4; echo second")
+            )
             self.assertEqual(r.returncode, 0, r.stderr)
             cid = r.stdout.decode().strip()
-            p = subprocess.Popen([cli, "logs", "-f", cid], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+            p = subprocess.Popen(
+                [cli, "logs", "-f", cid], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             try:
                 first = _readline(p, 10)
                 self.assertEqual(first, b"first\n")
@@ -179,17 +185,35 @@ class OpenRoute(CliTestCase):
         since = str(int(time.time()) - 1)
         for cli in CLIS:
             env = self.env(self.srv)
-            p = subprocess.Popen([cli, "events", "--filter", "label=" + label,
-                                  "--filter", "event=create", "--format", "{{.Action}} {{.Actor.ID}}"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p = subprocess.Popen(
+                [
+                    cli,
+                    "events",
+                    "--filter",
+                    "label=" + label,
+                    "--filter",
+                    "event=create",
+                    "--format",
+                    "{{.Action}} {{.Actor.ID}}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             try:
                 time.sleep(1.0)  # the point of the test, not synchronisation: a quiet stream stays open
                 self.assertIsNone(p.poll(), "docker events ended early")
                 c = docker_client()
                 try:
-                    cid = c.create_container(BASE, "true", labels={
-                        TEST_LABEL: "1", label.split("=", maxsplit=1)[0]: label.split("=")[1],
-                        self.run_label.split("=")[0]: self.run_label.split("=")[1]})["Id"]
+                    cid = c.create_container(
+                        BASE,
+                        "true",
+                        labels={
+                            TEST_LABEL: "1",
+                            label.split("=", maxsplit=1)[0]: label.split("=")[1],
+                            self.run_label.split("=")[0]: self.run_label.split("=")[1],
+                        },
+                    )["Id"]
                 finally:
                     c.close()
                 line = _readline(p, 15)
@@ -198,9 +222,12 @@ class OpenRoute(CliTestCase):
                 p.kill()
                 p.communicate()
             # --since replays the past: read one line, then stop
-            p = subprocess.Popen([cli, "events", "--since", since, "--filter", "label=" + label,
-                                  "--format", "{{.Action}}"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p = subprocess.Popen(
+                [cli, "events", "--since", since, "--filter", "label=" + label, "--format", "{{.Action}}"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             try:
                 self.assertEqual(_readline(p, 15), b"create\n")
             finally:
@@ -212,8 +239,17 @@ class OpenRoute(CliTestCase):
         tag = f"dstest-dockerapi-build:{uuid.uuid4().hex[:8]}"
         dockerfile = f"FROM {BASE}\nRUN echo built-here > /built\nLABEL {TEST_LABEL}=1\n"
         cli = "/usr/bin/docker" if "/usr/bin/docker" in CLIS else CLIS[0]
-        r = self.docker(cli, self.env(self.srv, DOCKER_BUILDKIT="0"), "build", "-q", "-t", tag,
-                        "-", stdin=dockerfile.encode(), timeout=120)
+        r = self.docker(
+            cli,
+            self.env(self.srv, DOCKER_BUILDKIT="0"),
+            "build",
+            "-q",
+            "-t",
+            tag,
+            "-",
+            stdin=dockerfile.encode(),
+            timeout=120,
+        )
         c = docker_client()
         self.addCleanup(_remove_image, tag)
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -261,8 +297,7 @@ class TokenRoute(CliTestCase):
             self.assertNotEqual(r.returncode, 0)
             self.assertIn(b"403", r.stderr)
             self.assertIn(b"X-Dockerspaces-Token", r.stderr)
-            r = self.docker(cli, self.env(self.srv, wrong),
-                            *self.run_args("--rm", BASE, "echo", "nope"))
+            r = self.docker(cli, self.env(self.srv, wrong), *self.run_args("--rm", BASE, "echo", "nope"))
             self.assertNotEqual(r.returncode, 0)
             self.assertIn(b"wrong X-Dockerspaces-Token", r.stderr)
             self.assertNotIn(TOKEN.encode(), r.stderr)
@@ -273,8 +308,7 @@ class TokenRoute(CliTestCase):
             c.close()
         status, _, body = self.srv.get("/docker:local/_ping")
         self.assertEqual(status, 403, body)
-        status, _, body = self.srv.get("/docker:local/_ping",
-                                       headers={"X-Dockerspaces-Token": TOKEN})
+        status, _, body = self.srv.get("/docker:local/_ping", headers={"X-Dockerspaces-Token": TOKEN})
         self.assertEqual((status, body), (200, b"OK"))
         self.assertNotIn(TOKEN, self.srv.output())
 
@@ -293,8 +327,7 @@ class ClosedRoute(CliTestCase):
     def test_outside_allow_list_is_403(self) -> None:
         """--docker-api-allow without loopback: the CLI on 127.0.0.1 gets 403 with the reason;
         and host: with loopback allowed still refuses this instance's own port."""
-        srv = self.server("--docker-api", "--docker-api-allow", "10.0.0.0/8",
-                          "--allow-host", "127.0.0.1")
+        srv = self.server("--docker-api", "--docker-api-allow", "10.0.0.0/8", "--allow-host", "127.0.0.1")
         for cli in CLIS:
             r = self.docker(cli, self.env(srv), "ps")
             self.assertNotEqual(r.returncode, 0)
@@ -331,8 +364,9 @@ class NothingOfOursReachesAContainer(TestCase):
         for leak in ("hunter22", "SECRET", "selmaproject", "5002"):
             self.assertNotIn(leak, cookie)
         ref = cookie.split(";", 1)[0]
-        status, _, body = self.srv.get("/cgi-bin/env", headers={
-            "Cookie": "theme=dark; " + ref, "X-Dockerspaces-Token": TOKEN})
+        status, _, body = self.srv.get(
+            "/cgi-bin/env", headers={"Cookie": "theme=dark; " + ref, "X-Dockerspaces-Token": TOKEN}
+        )
         self.assertEqual(status, 200, body)  # routed by the cookie to the container
         text = body.decode()
         self.assertIn("REQUEST_URI=/cgi-bin/env", text)
@@ -351,8 +385,9 @@ class NothingOfOursReachesAContainer(TestCase):
         self.assertEqual((status, body), (200, b"OK"))
         self.assertEqual([k for k in headers if k.startswith("access-control-")], [])
         preflight = dict(origin, **{"Access-Control-Request-Method": "DELETE"})
-        status, headers, _ = self.srv.request("OPTIONS", "/docker:local/v1.41/containers/json",
-                                              headers=preflight)
+        status, headers, _ = self.srv.request(
+            "OPTIONS", "/docker:local/v1.41/containers/json", headers=preflight
+        )
         self.assertNotEqual(status, 204)
         self.assertEqual([k for k in headers if k.startswith("access-control-")], [])
         # the control: a preflight elsewhere is answered here
@@ -383,4 +418,3 @@ def _remove_image(tag: str) -> None:
         pass
     finally:
         c.close()
-

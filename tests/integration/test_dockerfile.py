@@ -51,8 +51,15 @@ PYBASE = os.environ.get("DOCKERSPACES_TEST_PYBASE", "dockerspaces-test/pybase:bo
 IMAGE = "dockerspaces-test/dockerspaces:latest"
 _LOCK = os.path.join(tempfile.gettempdir(), "dockerspaces-test-pybase.lock")
 # what `pip install .` needs; the Dockerfile's .dockerignore keeps the rest out anyway
-_CONTEXT_ITEMS = ("Dockerfile", ".dockerignore", "setup.cfg", "pyproject.toml", "README.md",
-                  "dockerspaces", "twisted")
+_CONTEXT_ITEMS = (
+    "Dockerfile",
+    ".dockerignore",
+    "setup.cfg",
+    "pyproject.toml",
+    "README.md",
+    "dockerspaces",
+    "twisted",
+)
 
 
 class ConfFilesTests(unittest.TestCase):
@@ -86,15 +93,20 @@ class ConfFilesTests(unittest.TestCase):
                 continue
             block = [m.group(1)]
             if m.group(1).rstrip().endswith("["):  # a multi-line array
-                for follow in lines[i + 1:first_table]:
+                for follow in lines[i + 1 : first_table]:
                     block.append(follow.lstrip("#"))
                     if follow.lstrip("# ").startswith("]"):
                         break
             key = m.group(1).split("=", 1)[0].strip()
-            body = "\n".join(x for j, x in enumerate(lines[:first_table])
-                             if not re.match(rf"{re.escape(key)}\s*=", x)) + "\n" + "\n".join(block)
+            body = (
+                "\n".join(
+                    x for j, x in enumerate(lines[:first_table]) if not re.match(rf"{re.escape(key)}\s*=", x)
+                )
+                + "\n"
+                + "\n".join(block)
+            )
             if key in ("password", "password-file"):
-                body += "\nuser = \"u\"\n"
+                body += '\nuser = "u"\n'
             path = self.mktemp()
             with open(path, "w", encoding="utf-8") as f:
                 f.write(body + "\n")
@@ -118,8 +130,9 @@ class ConfFilesTests(unittest.TestCase):
         self.assertEqual(settings["User"], ["dockerspaces"])
         self.assertIn("docker", settings["SupplementaryGroups"][0].split())
         exec_start = settings["ExecStart"][0].split()
-        self.assertEqual(exec_start[:4], ["/usr/local/bin/twistd", "--nodaemon", "--pidfile=",
-                                          "dockerspaces"])
+        self.assertEqual(
+            exec_start[:4], ["/usr/local/bin/twistd", "--nodaemon", "--pidfile=", "dockerspaces"]
+        )
         self.assertIn("--config", exec_start)
         self.assertIn("${CREDENTIALS_DIRECTORY}/registry-password", exec_start)
         self.assertTrue(settings["LoadCredential"][0].startswith("registry-password:"))
@@ -130,7 +143,7 @@ class ConfFilesTests(unittest.TestCase):
         from dockerspaces.tap import Options
 
         opts = Options()
-        args = exec_start[exec_start.index("dockerspaces") + 1:]
+        args = exec_start[exec_start.index("dockerspaces") + 1 :]
         args = [self.toml if a.endswith("dockerspaces.toml") else a for a in args]
         pw = self.mktemp()
         with open(pw, "w") as f:
@@ -153,8 +166,11 @@ class ConfFilesTests(unittest.TestCase):
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         p = subprocess.run([tool, "verify", path], check=False, capture_output=True, text=True, timeout=60)
-        lines = [x for x in (p.stdout + p.stderr).splitlines()
-                 if "dockerspaces.service" in x and "docker.service" not in x.split(":", 1)[-1]]
+        lines = [
+            x
+            for x in (p.stdout + p.stderr).splitlines()
+            if "dockerspaces.service" in x and "docker.service" not in x.split(":", 1)[-1]
+        ]
         self.assertEqual((p.returncode, lines), (0, []), p.stdout + p.stderr)
 
 
@@ -179,22 +195,36 @@ def ensure_pybase() -> str:
                 return PYBASE
             if shutil.which("debootstrap") is None or os.geteuid() != 0:
                 raise unittest.SkipTest(
-                    f"no {PYBASE} image and no way to make it (needs root and "
-                    "`apt-get install debootstrap`)")
+                    f"no {PYBASE} image and no way to make it (needs root and `apt-get install debootstrap`)"
+                )
             work = tempfile.mkdtemp(prefix="ds-pybase-")
             try:
                 target = os.path.join(work, "root")
                 p = subprocess.run(
-                    ["debootstrap", "--variant=minbase",
-                     "--include=python3,python3-venv,python3-pip,ca-certificates",
-                     "bookworm", target, "http://deb.debian.org/debian"],
-                    check=False, capture_output=True, text=True, timeout=900)
+                    [
+                        "debootstrap",
+                        "--variant=minbase",
+                        "--include=python3,python3-venv,python3-pip,ca-certificates",
+                        "bookworm",
+                        target,
+                        "http://deb.debian.org/debian",
+                    ],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
                 if p.returncode != 0:
                     raise unittest.SkipTest(f"debootstrap failed: {p.stdout[-2000:]}{p.stderr[-2000:]}")
                 tar = subprocess.Popen(["tar", "-C", target, "-c", "."], stdout=subprocess.PIPE)
                 imp = subprocess.run(
-                    ["docker", "import", "-c", "ENV LANG=C.UTF-8", "-c", 'CMD ["/bin/bash"]',
-                     "-", PYBASE], stdin=tar.stdout, check=False, capture_output=True, text=True, timeout=600)
+                    ["docker", "import", "-c", "ENV LANG=C.UTF-8", "-c", 'CMD ["/bin/bash"]', "-", PYBASE],
+                    stdin=tar.stdout,
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 tar.wait()
                 if imp.returncode != 0:
                     raise RuntimeError(f"docker import failed: {imp.stderr}")
@@ -218,7 +248,11 @@ def ensure_wheels() -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     p = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "-w", tmp, ROOT, "setuptools>=61", "wheel"],
-        check=False, capture_output=True, text=True, timeout=600)
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if p.returncode != 0:
         raise unittest.SkipTest(f"cannot build dependency wheels (no package index?): {p.stderr[-1500:]}")
     for name in os.listdir(tmp):
@@ -241,8 +275,11 @@ def build_image(tag: str = IMAGE) -> tuple[str, float]:
         for item in _CONTEXT_ITEMS:
             src = os.path.join(ROOT, item)
             if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(ctx, item),
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache"))
+                shutil.copytree(
+                    src,
+                    os.path.join(ctx, item),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache"),
+                )
             else:
                 shutil.copy2(src, os.path.join(ctx, item))
         shutil.copytree(wheels, os.path.join(ctx, "wheels"))
@@ -250,9 +287,16 @@ def build_image(tag: str = IMAGE) -> tuple[str, float]:
         t0 = time.monotonic()
         log: list[str] = []
         try:
-            for chunk in client.build(path=ctx, tag=tag, buildargs={"BASE": base}, rm=True,
-                                      forcerm=True, decode=True, pull=False,
-                                      labels={TEST_LABEL + ".image": "1"}):
+            for chunk in client.build(
+                path=ctx,
+                tag=tag,
+                buildargs={"BASE": base},
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+                labels={TEST_LABEL + ".image": "1"},
+            ):
                 if "error" in chunk:
                     raise RuntimeError(f"docker build failed: {chunk['error']}\n" + "".join(log[-60:]))
                 if "stream" in chunk:
@@ -294,9 +338,13 @@ class DockerfileTests(unittest.TestCase):
     def run_image(self, args: list[str], **kw: Any) -> str:
         assert self.image is not None
         host_config = self.client.create_host_config(**kw)
-        c = self.client.create_container(self.image, command=args, host_config=host_config,
-                                         labels={OWN_LABEL: "1"},
-                                         ports=list(kw.get("port_bindings", {}) or []))
+        c = self.client.create_container(
+            self.image,
+            command=args,
+            host_config=host_config,
+            labels={OWN_LABEL: "1"},
+            ports=list(kw.get("port_bindings", {}) or []),
+        )
         cid = str(c["Id"])
         self.addCleanup(self._remove, cid)
         self.client.start(cid)
@@ -337,9 +385,14 @@ class DockerfileTests(unittest.TestCase):
         """The twisted plugin cache was written at build time (the runtime user cannot)."""
         assert self.image is not None
         c = self.client.create_container(
-            self.image, entrypoint=["/opt/dockerspaces/bin/python", "-c",
-                                    "import glob; print(glob.glob('/opt/dockerspaces/lib/*/site-packages/twisted/plugins/dropin.cache'))"],
-            labels={OWN_LABEL: "1"})
+            self.image,
+            entrypoint=[
+                "/opt/dockerspaces/bin/python",
+                "-c",
+                "import glob; print(glob.glob('/opt/dockerspaces/lib/*/site-packages/twisted/plugins/dropin.cache'))",
+            ],
+            labels={OWN_LABEL: "1"},
+        )
         self.addCleanup(self._remove, c["Id"])
         self.client.start(c["Id"])
         self.client.wait(c["Id"], timeout=60)
@@ -351,8 +404,18 @@ class DockerfileTests(unittest.TestCase):
         instance = unique_instance("image")
         self.addCleanup(remove_instance_containers, instance)
         cid = self.run_image(
-            ["--user", "someone", "--password", "not-used-here", "-target", "1",
-             "-start-port", str(slot), "--instance", instance],
+            [
+                "--user",
+                "someone",
+                "--password",
+                "not-used-here",
+                "-target",
+                "1",
+                "-start-port",
+                str(slot),
+                "--instance",
+                instance,
+            ],
             binds=["/var/run/docker.sock:/var/run/docker.sock"],
             port_bindings={8888: ("127.0.0.1", port)},
         )
@@ -378,7 +441,8 @@ class DockerfileTests(unittest.TestCase):
         self.assertEqual(len(sib), 1, sib)
         bindings = [(p.get("IP"), p.get("PublicPort")) for p in sib[0]["Ports"] if p.get("PublicPort")]
         self.assertEqual(bindings, [(_gateway_of(self.client, cid), slot)])
-        snap = json.loads(urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/monitor:broker/", timeout=10).read())
+        snap = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/monitor:broker/", timeout=10).read()
+        )
         self.assertNotIn("not-used-here", json.dumps(snap))
         self.assertNotIn("not-used-here", self.logs(cid))

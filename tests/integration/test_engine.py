@@ -63,9 +63,7 @@ class EngineIntegrationBase(TestCase):
         ensure_test_images()
         self.instance = unique_instance("eng")
         self.ports = free_ports(self.slots)
-        self.host = HostConfig(
-            name="local", url=DOCKER_URL, start_port=self.ports[0], slots=self.slots
-        )
+        self.host = HostConfig(name="local", url=DOCKER_URL, start_port=self.ports[0], slots=self.slots)
         self.engine = self.make_engine()
         self.addCleanup(remove_instance_containers, self.instance)
 

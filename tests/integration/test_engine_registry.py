@@ -132,9 +132,7 @@ class RegistryPullTests(TestCase):
 
     def test_wrong_credentials_quickly(self) -> Deferred[None]:
         assert self.registry is not None
-        auth = RegistryAuth.from_options(
-            registry=self.registry.host, user=self.USER, password="WRONG-pw-123"
-        )
+        auth = RegistryAuth.from_options(registry=self.registry.host, user=self.USER, password="WRONG-pw-123")
 
         async def go() -> None:
             t0 = time.monotonic()
@@ -157,9 +155,7 @@ class RegistryPullTests(TestCase):
 
     def test_missing_tag(self) -> Deferred[None]:
         assert self.registry is not None
-        auth = RegistryAuth.from_options(
-            registry=self.registry.host, user=self.USER, password=self.PASSWORD
-        )
+        auth = RegistryAuth.from_options(registry=self.registry.host, user=self.USER, password=self.PASSWORD)
 
         async def go() -> None:
             with self.assertRaises(ImageNotFound):
@@ -178,7 +174,9 @@ class RegistryPullTests(TestCase):
         async def go() -> None:
             # Credentials for the real registry only: the recorder must see none.
             auth = RegistryAuth.from_options(
-                registry=self.registry.host, user=self.USER, password=self.PASSWORD  # type: ignore[union-attr]
+                registry=self.registry.host,
+                user=self.USER,
+                password=self.PASSWORD,  # type: ignore[union-attr]
             )
             with self.assertRaises(Unauthorized):
                 await self.engine(auth).ensure_image(other_ref)

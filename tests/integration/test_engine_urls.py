@@ -95,9 +95,7 @@ class EngineURLTests(TestCase):
     def test_http_with_path_prefix_and_token_header(self) -> Deferred[None]:
         fwd = listen_tcp_to_unix(reactor)
         self.addCleanup(fwd.stopListening)
-        gw = listen_prefix_gateway(
-            reactor, fwd.getHost().port, b"docker:local", b"x-ds-token", b"tok123"
-        )
+        gw = listen_prefix_gateway(reactor, fwd.getHost().port, b"docker:local", b"x-ds-token", b"tok123")
         self.addCleanup(gw.close)
         seen = gw.seen
         url = f"http://127.0.0.1:{gw.port.getHost().port}/docker:local"

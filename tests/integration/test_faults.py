@@ -37,7 +37,6 @@ class FaultInjection(TestCase):
         report = faults.run(srv, log=print)
         print("\n" + report.table())
         self.assertGreaterEqual(len(report.kills), 10, "too few kills to mean anything")
-        self.assertIsNotNone(report.removed_while_starting,
-                             "no container was caught while starting")
+        self.assertIsNotNone(report.removed_while_starting, "no container was caught while starting")
         self.assertGreater(report.counts()["ok"], 150)
         self.assertEqual(report.violations(), [])

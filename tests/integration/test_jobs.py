@@ -58,8 +58,11 @@ class Exclusive(JobsTestCase):
             c = docker_client()
             try:
                 while not stop.is_set():
-                    n = len(c.containers(filters={"label": f"dockerspaces.instance={srv.instance}",
-                                                  "status": "running"}))
+                    n = len(
+                        c.containers(
+                            filters={"label": f"dockerspaces.instance={srv.instance}", "status": "running"}
+                        )
+                    )
                     running_max = max(running_max, n)
                     time.sleep(0.1)  # pacing of the sampler, not synchronisation
             finally:
@@ -103,8 +106,7 @@ class Exclusive(JobsTestCase):
 
     def test_disconnect_while_queued(self) -> None:
         srv = self.server("--source", "1", slots=1)
-        first = ThreadPoolExecutor(1).submit(
-            srv.get, "/x:dockerspaces-test:web:1:8080/cgi-bin/sleep?3")
+        first = ThreadPoolExecutor(1).submit(srv.get, "/x:dockerspaces-test:web:1:8080/cgi-bin/sleep?3")
         eventually(lambda: in_flight(srv) == 1, 30, "the first request holds the only container")
         sock = socket.create_connection(("127.0.0.1", srv.port))
         sock.sendall(b"GET /x:dockerspaces-test:web:1:8080/ HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -124,8 +126,11 @@ class Exclusive(JobsTestCase):
         eventually(lambda: in_flight(srv) == 1, 30, "the request in flight on the container")
         c = docker_client()
         try:
-            (info,) = [i for i in c.containers(filters={"label": f"dockerspaces.instance={srv.instance}"})
-                       if i["Id"].startswith(victim)]
+            (info,) = [
+                i
+                for i in c.containers(filters={"label": f"dockerspaces.instance={srv.instance}"})
+                if i["Id"].startswith(victim)
+            ]
             c.kill(info["Id"])
         finally:
             c.close()
@@ -147,8 +152,9 @@ class Shared(JobsTestCase):
         srv = self.server(slots=2)
         start = time.monotonic()
         with ThreadPoolExecutor(5) as pool:
-            results = list(pool.map(
-                lambda _: srv.get("/y:dockerspaces-test:web:1:8080/cgi-bin/sleep?2"), range(5)))
+            results = list(
+                pool.map(lambda _: srv.get("/y:dockerspaces-test:web:1:8080/cgi-bin/sleep?2"), range(5))
+            )
         took = time.monotonic() - start
         self.assertEqual([r[0] for r in results], [200] * 5)
         self.assertEqual(len({hostname_of(r[2]) for r in results}), 1)
@@ -187,8 +193,7 @@ class Adoption(JobsTestCase):
         host = hostname_of(body)
         self.assertIn(first.stop(), (0, -signal.SIGTERM))  # twistd re-raises the signal
         self.assertEqual(len(first.containers()), 1, "container not kept")
-        second = Server("--keep-containers", slots=2, instance=first.instance,
-                        start_port=first.start_port)
+        second = Server("--keep-containers", slots=2, instance=first.instance, start_port=first.start_port)
         self.addCleanup(second.cleanup)
         second.start()
         snap = second.reconciled_snapshot()

@@ -25,12 +25,12 @@ from .wait import eventually
 
 def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def get(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> Any:
     """GET url, retrying while the server comes up; returns (status, headers, body)."""
+
     def answer() -> Any:
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
@@ -67,9 +67,22 @@ class EntryPoints(TestCase):
         port = free_port()
         inst = unique_instance("plugin")
         self.addCleanup(remove_instance_containers, inst)
-        proc = spawn([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "dockerspaces",
-                      "--port", f"tcp:{port}:interface=127.0.0.1", "--target", "3",
-                      "--start-port", str(free_port()), "--instance", inst])
+        proc = spawn(
+            [
+                os.path.join(BIN, "twistd"),
+                "-n",
+                "--pidfile=",
+                "dockerspaces",
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--target",
+                "3",
+                "--start-port",
+                str(free_port()),
+                "--instance",
+                inst,
+            ]
+        )
         try:
             status, _headers, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
             self.assertEqual(status, 200)
@@ -91,8 +104,19 @@ class EntryPoints(TestCase):
         slot = free_port()
         inst = unique_instance("compat")
         self.addCleanup(remove_instance_containers, inst)
-        proc = spawn([os.path.join(BIN, "docker-spaces"), "-p", str(port), "-source", "10",
-                      "-cluster", f"{slot}:5:unix:///var/run/docker.sock", "--instance", inst])
+        proc = spawn(
+            [
+                os.path.join(BIN, "docker-spaces"),
+                "-p",
+                str(port),
+                "-source",
+                "10",
+                "-cluster",
+                f"{slot}:5:unix:///var/run/docker.sock",
+                "--instance",
+                inst,
+            ]
+        )
         try:
             status, _, body = get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
             self.assertEqual(status, 200)
@@ -106,15 +130,25 @@ class EntryPoints(TestCase):
         self.assertIn(f"starting on {port}", out)
 
     def test_bad_option_is_a_usage_error(self) -> None:
-        proc = subprocess.run([os.path.join(BIN, "twistd"), "-n", "dockerspaces", "--target", "-2"],
-                              cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                              capture_output=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [os.path.join(BIN, "twistd"), "-n", "dockerspaces", "--target", "-2"],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         self.assertNotEqual(proc.returncode, 0)
         err = (proc.stdout + proc.stderr).decode()
         self.assertIn("--target", err)
         self.assertNotIn("Traceback", err)
-        proc = subprocess.run([os.path.join(BIN, "docker-spaces"), "-frob"], cwd=REPO,
-                              capture_output=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [os.path.join(BIN, "docker-spaces"), "-frob"],
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         self.assertEqual(proc.returncode, 2)
         self.assertIn(b"-frob", proc.stderr)
 
@@ -128,21 +162,38 @@ class LogFile(TestCase):
     def test_request_lines_in_the_logfile(self) -> None:
         port = free_port()
         path = os.path.abspath(self.mktemp())
-        proc = spawn([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", path,
-                      "dockerspaces", "--port", f"tcp:{port}:interface=127.0.0.1",
-                      "--target", "0", "--instance", unique_instance("logfile")])
+        proc = spawn(
+            [
+                os.path.join(BIN, "twistd"),
+                "-n",
+                "--pidfile=",
+                "--logfile",
+                path,
+                "dockerspaces",
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--target",
+                "0",
+                "--instance",
+                unique_instance("logfile"),
+            ]
+        )
         try:
             status, _, _ = get(f"http://127.0.0.1:{port}/monitor:broker/?token=abc", proc=proc)
             self.assertEqual(status, 200)
+
             def request_line() -> str:
                 with open(path) as f:
                     return next((x for x in f if "dockerspaces.request#info" in x), "")
 
             line = eventually(request_line, 10, "a request line in the log file")
             # 2026-11-29T17:50:20+0000 [dockerspaces.request#info] monitor broker GET …
-            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
-                                   r"\[dockerspaces\.request#info\] monitor broker GET "
-                                   r"/monitor:broker/\?token=… -> 200 ")
+            self.assertRegex(
+                line,
+                r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+                r"\[dockerspaces\.request#info\] monitor broker GET "
+                r"/monitor:broker/\?token=… -> 200 ",
+            )
             proc.send_signal(signal.SIGUSR1)
             eventually(lambda: os.path.exists(path + ".1"), 10, "SIGUSR1 rotating the log")
             get(f"http://127.0.0.1:{port}/monitor:broker/", proc=proc)
@@ -164,9 +215,12 @@ class Packaging(TestCase):
         import zipfile
 
         out = self.mktemp()
-        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                               "-w", out, REPO],
-                              capture_output=True, timeout=240, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, REPO],
+            capture_output=True,
+            timeout=240,
+            check=False,
+        )
         self.assertEqual(proc.returncode, 0, proc.stderr.decode()[-2000:])
         (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
         names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()

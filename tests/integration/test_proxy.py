@@ -86,9 +86,7 @@ def make_certs(directory: str) -> dict[str, str]:
     files = {
         "ca": ca.public_bytes(pem),
         "cert": leaf.public_bytes(pem),
-        "key": key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
+        "key": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     }
     out = {}
     for k, data in files.items():
@@ -281,9 +279,7 @@ class HTTPTests(ProxyTestBase):
         )
         resp = yield agent.request(b"GET", base + b"/root-redirect")
         yield readBody(resp)
-        self.assertEqual(
-            resp.headers.getRawHeaders(b"location"), [b"/host:backend.example:8080/elsewhere"]
-        )
+        self.assertEqual(resp.headers.getRawHeaders(b"location"), [b"/host:backend.example:8080/elsewhere"])
         resp = yield agent.request(b"GET", base + b"/echo")
         body = yield readBody(resp)
         self.assertEqual(body, b"hello /echo host=backend.example:8080")
@@ -293,24 +289,18 @@ class HTTPTests(ProxyTestBase):
         """``tls:`` backend verified against a test CA given as the trust root."""
         certs = make_certs(self.tmp)
         cert = PrivateCertificate.loadPEM(read(certs["key"]) + read(certs["cert"]))
-        backend_port = reactor.listenSSL(
-            0, Site(Pages()), cert.options(), interface="127.0.0.1"
-        )
+        backend_port = reactor.listenSSL(0, Site(Pages()), cert.options(), interface="127.0.0.1")
         self.addCleanup(backend_port.stopListening)
         trust = Certificate.loadPEM(read(certs["ca"]))
         self.front.proxy = Proxy(reactor, tls_trust=trust)
         self.addCleanup(self.front.proxy.close_idle)
-        self.front.backend = Backend.tls(
-            "localhost", backend_port.getHost().port, address="127.0.0.1"
-        )
+        self.front.backend = Backend.tls("localhost", backend_port.getHost().port, address="127.0.0.1")
         self.front.host_header = b"localhost"
         resp = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/tls" % self.port)
         body = yield readBody(resp)
         self.assertEqual((resp.code, body), (200, b"hello /tls host=localhost"))
         # the same backend with the wrong name fails verification → 502
-        self.front.backend = Backend.tls(
-            "wrong.example", backend_port.getHost().port, address="127.0.0.1"
-        )
+        self.front.backend = Backend.tls("wrong.example", backend_port.getHost().port, address="127.0.0.1")
         resp = yield Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/tls" % self.port)
         body = yield readBody(resp)
         self.assertEqual(resp.code, 502)
@@ -412,9 +402,7 @@ class TunnelTests(ProxyTestBase):
         self.front.backend = Backend.tcp("127.0.0.1", port)
         self.front.prefix = b"/x:echo:1:80"
         ended = self.front.ended = defer.Deferred()
-        got = yield threads.deferToThread(
-            self.ws_roundtrips, f"ws://127.0.0.1:{self.port}/x:echo:1:80/ws"
-        )
+        got = yield threads.deferToThread(self.ws_roundtrips, f"ws://127.0.0.1:{self.port}/x:echo:1:80/ws")
         self.assertEqual(got, self.expected())
         end = yield ended
         self.assertEqual((end.reason, end.status), ("tunnel-closed", 101))
@@ -435,9 +423,7 @@ class TunnelTests(ProxyTestBase):
         self.front.backend = Backend.tcp("127.0.0.1", port)
         ended = self.front.ended = defer.Deferred()
         ctx = ssl.create_default_context(cafile=certs["ca"])
-        got = yield threads.deferToThread(
-            self.ws_roundtrips, f"wss://127.0.0.1:{lp.getHost().port}/ws", ctx
-        )
+        got = yield threads.deferToThread(self.ws_roundtrips, f"wss://127.0.0.1:{lp.getHost().port}/ws", ctx)
         self.assertEqual(got, self.expected())
         end = yield ended
         self.assertEqual(end.reason, "tunnel-closed")
@@ -459,8 +445,7 @@ class TunnelTests(ProxyTestBase):
                     self.upgraded = True
                     rest = self.buf.split(b"\r\n\r\n", 1)[1]
                     self.transport.write(
-                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\n"
-                        b"Connection: Upgrade\r\n\r\n"
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n"
                     )
                     if rest:
                         self.transport.write(rest.upper())
@@ -476,18 +461,13 @@ class TunnelTests(ProxyTestBase):
         from zope.interface import classImplements
 
         classImplements(Upgrader, IHalfCloseableProtocol)
-        self.front.backend = Backend.tcp(
-            "127.0.0.1", self.listen_backend(Factory.forProtocol(Upgrader))
-        )
+        self.front.backend = Backend.tcp("127.0.0.1", self.listen_backend(Factory.forProtocol(Upgrader)))
         ended = self.front.ended = defer.Deferred()
 
         def client() -> bytes:
             with socket.create_connection(("127.0.0.1", self.port)) as s:
                 s.settimeout(5)
-                s.sendall(
-                    b"GET /raw HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\n"
-                    b"early"
-                )
+                s.sendall(b"GET /raw HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: raw\r\n\r\nearly")
                 head = b""
                 while b"\r\n\r\n" not in head:
                     head += s.recv(1)

@@ -77,8 +77,9 @@ class HostRoute(RoutesTestCase):
     extra = ("--allow-host", "127.0.0.1", "--max-body", "1000", "--cors")
 
     def test_host_route_forwards(self) -> None:
-        status, _, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a/b%2F?q=1",
-                                             headers={"Host": "front.example"})
+        status, _, body = self.srv.get(
+            f"/host:127.0.0.1:{self.bport}/a/b%2F?q=1", headers={"Host": "front.example"}
+        )
         self.assertEqual(status, 200)
         self.assertIn(b"path=/a/b%2F?q=1", body)
         self.assertIn(f"host=127.0.0.1:{self.bport}".encode(), body)
@@ -112,9 +113,14 @@ class HostRoute(RoutesTestCase):
         self.assertEqual((status, body.splitlines()[0]), (200, b"path=/static/app.js"))
         status, _, _ = self.srv.get("/static/app.js", headers={"Referer": f"http://other{prefix}/i.html"})
         self.assertEqual(status, 404)  # a Referer from another host does not route
-        status, _, body = self.srv.get("/ws", headers={"Cookie": "x=1; " + cookie,
-                                                        "Authorization": "Bearer ds-only",
-                                                        "X-Dockerspaces-Token": "t0ken"})
+        status, _, body = self.srv.get(
+            "/ws",
+            headers={
+                "Cookie": "x=1; " + cookie,
+                "Authorization": "Bearer ds-only",
+                "X-Dockerspaces-Token": "t0ken",
+            },
+        )
         self.assertEqual((status, body.splitlines()[0]), (200, b"path=/ws"))
         got = {k.lower(): v for k, v in Backend.seen[-1]["headers"].items()}
         # our cookie, our token and (for a host: target) the client's credentials
@@ -133,13 +139,16 @@ class HostRoute(RoutesTestCase):
 
     def test_cors(self) -> None:
         status, headers, _ = self.srv.request(
-            "OPTIONS", f"/host:127.0.0.1:{self.bport}/x",
-            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+            "OPTIONS",
+            f"/host:127.0.0.1:{self.bport}/x",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
         self.assertIn(status, (200, 204))
         self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
         self.assertEqual(headers["access-control-allow-credentials"], "true")
-        status, headers, _ = self.srv.get(f"/host:127.0.0.1:{self.bport}/x",
-                                          headers={"Origin": "https://app.example"})
+        status, headers, _ = self.srv.get(
+            f"/host:127.0.0.1:{self.bport}/x", headers={"Origin": "https://app.example"}
+        )
         self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
         self.assertIn("Origin", headers["vary"])
         status, headers, _ = self.srv.get("/x:A:1:80/", headers={"Origin": "https://app.example"})
@@ -192,16 +201,21 @@ class LogsAndMetrics(RoutesTestCase):
             for s in fam.samples:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         req = {k: v for k, v in samples.items() if k[0].endswith("requests_total")}
-        x200 = [v for (n, labels), v in req.items() if dict(labels).get("kind") == "x"
-                and dict(labels).get("status") == "200"]
+        x200 = [
+            v
+            for (n, labels), v in req.items()
+            if dict(labels).get("kind") == "x" and dict(labels).get("status") == "200"
+        ]
         self.assertEqual(x200, [3.0])
         starts = [v for (n, _), v in samples.items() if n.endswith("container_starts_total")]
         self.assertEqual(sum(starts), 1.0)
         out = self.srv.output()
         lines = [ln for ln in out.splitlines() if "x:selmaproject/tts:777:5002" in ln and "-> 200" in ln]
         self.assertEqual(len(lines), 3, out[-3000:])
-        self.assertTrue(re.search(r"container ready x:selmaproject/tts:777:5002 env\[TOKEN\]#\w+ on local", out),
-                        out[-3000:])
+        self.assertTrue(
+            re.search(r"container ready x:selmaproject/tts:777:5002 env\[TOKEN\]#\w+ on local", out),
+            out[-3000:],
+        )
         self.assertNotIn("s3cr3t", out)
         self.assertNotIn("s3cr3t", text.decode())
 
@@ -225,9 +239,12 @@ class DockerNetworkRefused(TestCase):
             subnet = f"10.213.{third}.0/24"
             try:
                 self.net = self.client.create_network(
-                    name, driver="bridge", labels={TEST_LABEL: "1"},
+                    name,
+                    driver="bridge",
+                    labels={TEST_LABEL: "1"},
                     options={"com.docker.network.bridge.name": "ds" + name[-8:]},
-                    ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]))
+                    ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]),
+                )
                 break
             except docker.errors.APIError:  # that subnet is taken: try the next
                 continue
@@ -237,9 +254,13 @@ class DockerNetworkRefused(TestCase):
         self.subnet = subnet
         host_config = self.client.create_host_config()
         c = self.client.create_container(
-            WEB, labels={TEST_LABEL: "1"}, host_config=host_config,
+            WEB,
+            labels={TEST_LABEL: "1"},
+            host_config=host_config,
             networking_config=self.client.create_networking_config(
-                {name: self.client.create_endpoint_config(ipv4_address=self.ip)}))
+                {name: self.client.create_endpoint_config(ipv4_address=self.ip)}
+            ),
+        )
         self.addCleanup(self.client.remove_container, c["Id"], force=True)
         self.client.start(c["Id"])
 
@@ -292,12 +313,19 @@ class InputRefusals(RoutesTestCase):
             s.close()
 
     def test_refusals(self) -> None:
-        self.assertTrue(self.raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-                        .startswith(b"HTTP/1.1 414 "))
-        self.assertTrue(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100_000
-                                 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 "))
-        self.assertTrue(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_400
-                                 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(
+            self.raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 414 ")
+        )
+        self.assertTrue(
+            self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100_000 + b"\r\n\r\n").startswith(
+                b"HTTP/1.1 431 "
+            )
+        )
+        self.assertTrue(
+            self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 16_400 + b"\r\n\r\n").startswith(
+                b"HTTP/1.1 431 "
+            )
+        )
         for path, words in {
             "/host:" + "a" * 64 + ".example/": b"63 characters",
             "/shost:xn--a.example/": b"IDNA",
@@ -312,8 +340,7 @@ class InputRefusals(RoutesTestCase):
         self.assertEqual(self.srv.containers(all=True), [])  # nothing pulled or started
         _, _, text = self.srv.get("/monitor:metrics")
         for status in (b"414", b"431", b"400"):
-            self.assertIn(b'dockerspaces_requests_total{kind="bad",status="' + status + b'"}',
-                          text)
+            self.assertIn(b'dockerspaces_requests_total{kind="bad",status="' + status + b'"}', text)
         out = self.srv.output()
         self.assertIn("(uri-too-long)", out)
         self.assertIn("(head-too-large)", out)
@@ -324,8 +351,7 @@ class NoHostRoute(RoutesTestCase):
     """--no-host-route: host:/shost: answer 404; --root still forwards."""
 
     def server_args(self) -> tuple[str, ...]:
-        return ("--no-host-route", "--allow-host", "127.0.0.1",
-                "--root", f"127.0.0.1:{self.bport}")
+        return ("--no-host-route", "--allow-host", "127.0.0.1", "--root", f"127.0.0.1:{self.bport}")
 
     def test_off_but_root_works(self) -> None:
         status, _, body = self.srv.get(f"/host:127.0.0.1:{self.bport}/a")

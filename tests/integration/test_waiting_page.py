@@ -48,8 +48,7 @@ class WaitingPageTests(unittest.TestCase):
         self.assertEqual(seen["final_url"], url)
         self.assertTrue(os.path.getsize(seen["shot_waiting"]) > 1000)
         self.assertTrue(os.path.getsize(seen["shot_app"]) > 1000)
-        self.assertTrue(any(s in ("queued", "pulling", "starting") for s in seen["states"]),
-                        seen["states"])
+        self.assertTrue(any(s in ("queued", "pulling", "starting") for s in seen["states"]), seen["states"])
 
     async def _drive(self, ws_url: str, url: str) -> dict[str, Any]:
         import websockets
@@ -60,13 +59,15 @@ class WaitingPageTests(unittest.TestCase):
             await s.call("Page.enable")
             await s.call("Runtime.enable")
             await s.call("Page.navigate", url=url)
+
             async def app_shown() -> bool:
                 try:
                     state = await s.evaluate(
                         "JSON.stringify({wait: !!document.getElementById('ds-wait'),"
                         " state: (document.getElementById('ds-state')||{}).textContent || null,"
                         " body: document.body ? document.body.innerText : '',"
-                        " href: location.href})")
+                        " href: location.href})"
+                    )
                 except (TimeoutError, AssertionError):
                     return False  # navigating: the context is gone for a moment
                 if not state:
@@ -76,10 +77,13 @@ class WaitingPageTests(unittest.TestCase):
                     if not seen["waiting"]:
                         seen["waiting"] = True
                         seen["shot_waiting"] = await s.screenshot("waiting-page.png")
-                    seen["states"].append(await s.evaluate(
-                        "(function(){var t=(document.getElementById('ds-state')||{}).textContent||'';"
-                        "return /queue/i.test(t)?'queued':/download/i.test(t)?'pulling':"
-                        "/start/i.test(t)?'starting':/ready/i.test(t)?'ready':t;})()"))
+                    seen["states"].append(
+                        await s.evaluate(
+                            "(function(){var t=(document.getElementById('ds-state')||{}).textContent||'';"
+                            "return /queue/i.test(t)?'queued':/download/i.test(t)?'pulling':"
+                            "/start/i.test(t)?'starting':/ready/i.test(t)?'ready':t;})()"
+                        )
+                    )
                 elif "image=dockerspaces-test/web:1" in view["body"]:
                     seen["app"] = view["body"]
                     seen["final_url"] = view["href"]
@@ -97,14 +101,16 @@ class WaitingPageTests(unittest.TestCase):
         """Without text/html the same cold route just takes longer and answers 200."""
         t0 = time.monotonic()
         status, _headers, body = self.server.get(
-            "/x:dockerspaces-test:web:1:8080:DELAY=2/", headers={"Accept": "application/json"})
+            "/x:dockerspaces-test:web:1:8080:DELAY=2/", headers={"Accept": "application/json"}
+        )
         self.assertEqual(status, 200, body[:500])
         self.assertIn(b"image=dockerspaces-test/web:1", body)
         self.assertGreater(time.monotonic() - t0, 1.5)
 
     def test_dashboard_for_browsers(self) -> None:
         status, headers, body = self.server.get(
-            "/monitor:broker/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+            "/monitor:broker/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        )
         self.assertEqual(status, 200)
         self.assertTrue(headers["content-type"].startswith("text/html"), headers)
         self.assertIn(b"<table", body)

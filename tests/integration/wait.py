@@ -24,8 +24,9 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-async def eventually_async(check: Callable[[], Awaitable[T | None]], timeout: float, what: str,
-                           interval: float = 0.1) -> T:
+async def eventually_async(
+    check: Callable[[], Awaitable[T | None]], timeout: float, what: str, interval: float = 0.1
+) -> T:
     """:func:`eventually` inside an asyncio loop (the browser tests): ``check`` is a
     coroutine function, and the pause between calls lets the loop run."""
     deadline = time.monotonic() + timeout
