@@ -304,7 +304,8 @@ class Metrics:
             "Actual": ("workers", "Workers running or launching, by entry."),
             "Ready": ("queue_ready", "Ready messages in the entry's queue."),
             "Unacked": ("queue_unacked", "Unacknowledged messages in the entry's queue."),
-            "Errors": ("read_errors", "Failed queue readings, by entry."),
+            "Errors": ("errors", "Errors of the entry's loop (readings, launches, stops)."),
+            "Unreachable": ("unreachable_reads", "Queue readings RabbitMQ did not answer."),
         }
         gauges = {k: Gauge(p + n, h, ("entry",)) for k, (n, h) in names.items()}
         entries = (snapshot or {}).get("Autoscale") or {}

@@ -86,7 +86,8 @@ class WiringTests(SynchronousTestCase):
                     "Actual": 2,
                     "Ready": 40,
                     "Unacked": 2,
-                    "Errors": 0,
+                    "Errors": 4,
+                    "Unreachable": 3,
                     "Reason": "x",
                 }
             }
@@ -96,6 +97,8 @@ class WiringTests(SynchronousTestCase):
         self.assertIn('dockerspaces_autoscale_workers{entry="consumers"} 2', text)
         self.assertIn('dockerspaces_autoscale_queue_ready{entry="consumers"} 40', text)
         self.assertIn('dockerspaces_autoscale_queue_unacked{entry="consumers"} 2', text)
+        self.assertIn('dockerspaces_autoscale_unreachable_reads{entry="consumers"} 3', text)
+        self.assertIn('dockerspaces_autoscale_errors{entry="consumers"} 4', text)
         self.assertNotIn("dockerspaces_autoscale_", Metrics().render({}).decode())
 
     def test_a_bad_entry_is_a_usage_error(self) -> None:
