@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from twisted.python import log
 from twisted.trial.unittest import TestCase
 
 from .dockerutil import docker_available
@@ -42,6 +43,17 @@ MAX = 3
 #: back to 0, and long against the 1 s interval
 COOLDOWN, STABILIZATION = 10, 5
 SNAPSHOT_KEYS = {"Desired", "Actual", "Ready", "Unacked", "Consumers", "LastDecision", "Reason"}
+
+
+def compress(values: list[Any]) -> list[tuple[Any, int]]:
+    """Runs of equal values as (value, how many times in a row)."""
+    runs: list[tuple[Any, int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return runs
 
 
 class Sampler:
@@ -144,6 +156,10 @@ class AutoscaleTests(TestCase):
 
             final = eventually(back_to_zero, 120, "workers back to 0 after the cooldown", interval=0.5)
         records.extend(self.acct.take(QUEUE + ".done"))  # a late duplicate would be here
+        log.msg(
+            f"autoscale test: running workers sampled {compress(sampler.counts)}; "
+            f"decisions {compress([v['LastDecision'] for v in sampler.views])}; final {final}"
+        )
         self.assertTrue(set(final) >= SNAPSHOT_KEYS, final)
         self.assertTrue(final["Reason"], final)
         return records, sampler
