@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tomllib
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
@@ -20,6 +21,18 @@ GIB = 1024**3
 
 class ConfigError(ValueError):
     """A bad option value; the message names the option and why."""
+
+
+def read_toml(path: str) -> dict[str, object]:
+    """The TOML document at ``path`` (``--config``); :class:`ConfigError` saying why
+    when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from None
 
 
 @frozen

@@ -8,7 +8,6 @@ coercion; ``tap.Options`` (twistd) and ``compat`` (the original's flags) both en
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from .config import (
     parse_allow_host,
     parse_cluster,
     parse_root,
+    read_toml,
     validate_engine_url,
 )
 
@@ -352,13 +352,7 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
 
 def load_config_file(path: str) -> tuple[dict[str, RawValue], tuple[ImageProfile, ...]]:
     """Read a TOML config file: option values by option name, and image profiles."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from None
+    data = read_toml(path)
     values: dict[str, RawValue] = {}
     profiles: tuple[ImageProfile, ...] = ()
     for raw_key, value in data.items():

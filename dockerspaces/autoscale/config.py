@@ -26,13 +26,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from attrs import field, frozen
 
-from ..config import ConfigError
+from ..config import ConfigError, read_toml
 from ..spec import JobSpec, SpecError, parse_job
 from .policy import Limits
 from .rabbit import QueueRef
@@ -312,11 +311,5 @@ def parse_entries(
 def load_entries(path: str) -> tuple[Entry, ...]:
     """The ``[[autoscale]]`` entries of the TOML file at ``path`` (credentials files
     relative to its directory); :class:`ConfigError` when unreadable or bad."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"--config: cannot read {path!r}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config: {path!r} is not valid TOML: {e}") from None
+    data = read_toml(path)
     return parse_entries(data.get("autoscale"), os.path.dirname(path) or ".")
