@@ -289,7 +289,7 @@ def rabbit_account(tag: str = "t", host: str | None = None) -> Account:
     name = f"dstest-{tag}-{suffix}"
     acct = Account(
         user=name,
-        password=secrets.token_urlsafe(18),
+        password="p" + secrets.token_hex(16),  # never a leading "-": rabbitmqctl would read an option
         vhost=name,
         management=MANAGEMENT,
         amqp=f"amqp://{host or bridge_gateway()}:{AMQP_PORT}/",
