@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable
@@ -29,8 +28,10 @@ from .engine.interface import IEngine, RunOptions
 from .hostguard import HostPolicyService, host_policy, warn_refused_root
 from .logoutput import TextObserver
 from .metrics import Metrics
+from .profiles import Profiles
 from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
+from .web.apphosts import AppHosts
 from .web.auth import AuthGate
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
 from .web.errors import ErrorResource
@@ -54,24 +55,7 @@ ContainerHook = Callable[..., None]
 
 def run_options_for(config: Config) -> Callable[[JobSpec], RunOptions]:
     """A function mapping a JobSpec to its RunOptions from the first matching profile."""
-
-    def resolve(spec: JobSpec) -> RunOptions:
-        for p in config.profiles:
-            if fnmatch.fnmatchcase(spec.ref, p.pattern) or fnmatch.fnmatchcase(spec.image, p.pattern):
-                return RunOptions(
-                    volumes=p.volumes,
-                    shm_size=p.shm_size,
-                    mem_limit=p.mem_limit,
-                    nano_cpus=int(p.cpus * 1e9) if p.cpus else None,
-                    network=p.network,
-                    ready_path=p.ready_path,
-                    start_timeout=p.start_timeout,
-                    gpu=p.gpu,
-                    worker_release_max=p.worker_release_max,
-                )
-        return RunOptions()
-
-    return resolve
+    return Profiles(config).run_options
 
 
 _NO_HOST_ROUTE = ErrorResource(404, "host:/shost: routes are turned off here (--no-host-route)")
@@ -93,19 +77,33 @@ class Routes:
     has_slots: bool = True
     docker_api_resource: Resource | None = None
     autoscale: Autoscaler | None = None
+    profiles: Profiles | None = None  # prefix = "keep" apps (None: every app strips)
 
     def snapshot(self) -> dict[str, Any]:
-        """The ``/monitor:broker/`` JSON: the broker's, plus ``Autoscale`` (per entry:
-        desired, actual, queue, last decision and reason) when entries are configured."""
+        """The ``/monitor:broker/`` JSON: the broker's, plus ``Apps`` (each app
+        container's public place: ``Link``, and ``Host`` with ``--app-domain``) and
+        ``Autoscale`` (per entry: desired, actual, queue, last decision and reason) when
+        entries are configured."""
         snap = self.broker.snapshot()
+        if self.profiles is not None:
+            apps = self.profiles.apps
+            snap["Apps"] = [
+                {"Key": v.display, "Link": apps.link(v.spec), "Host": apps.host_of(v.spec)}
+                for v in self.broker.containers()
+                if v.spec is not None and not v.spec.worker
+            ]
         if self.autoscale is not None:
             snap["Autoscale"] = self.autoscale.service.snapshot()
         return snap
 
     def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Resource:
-        """x:/y:/worker."""
+        """x:/y:/worker; ``prefix`` empty: the path is the app's own (an app host)."""
         if not self.has_slots:
             return ErrorResource(503, "this instance has no container slots (--target 0)", 60)
+        if prefix and self.profiles is not None and self.profiles.keeps_prefix(spec):
+            # the app knows its prefix: it gets the whole path (in the key's one
+            # spelling), no X-Forwarded-Prefix, no Location rewriting, no dsroute
+            path, prefix = self.profiles.kept_prefix(spec) + path, b""
         return JobResource(
             spec,
             prefix,
@@ -249,13 +247,16 @@ def _redact_port(desc: str) -> str:
     return ":".join(p for p in desc.split(":") if "=" not in p or p.startswith("interface="))
 
 
-def user_containers(broker: Broker, user: str) -> list[tuple[str, str, str | None]]:
+def user_containers(
+    broker: Broker, user: str, apps: AppHosts | None = None
+) -> list[tuple[str, str, str | None]]:
     """A signed-in user's applications for the home page: (displayed key, state, link)
     of the containers the user holds or that were started for them (warm ones too);
-    the link (the route prefix) only for keys without env values (they stay out of
-    pages)."""
+    the link is :meth:`AppHosts.link` (a route prefix only for keys without env
+    values: they stay out of pages)."""
+    apps = apps if apps is not None else AppHosts()
     return [
-        (v.display, v.state, "/" + v.spec.segment() + "/" if not v.spec.env else None)
+        (v.display, v.state, apps.link(v.spec))
         for v in broker.containers()
         if v.spec is not None and (user in v.users or v.owner == user)
     ]
@@ -296,17 +297,20 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
     if config.auth == "accounts":
         accounts = AccountsService(config.state, reactor, open_snapshot(config.state))
         accounts.setServiceParent(top)
+    apps = AppHosts(config.app_domain, config.public_url)
+    profiles = Profiles(config, apps)
     broker = Broker(
         reactor,
         [h for h in hosts if h.slots > 0],
         engines,
         settings,
-        run_options_for(config),
+        profiles.run_options,
         on_container=container_hook(metrics, accounts),
     )
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
+    apps.known = lambda: [v.spec for v in broker.containers() if v.spec is not None]
     policy = host_policy(config, hosts, reactor)
     HostPolicyService(policy, engines, reactor).setServiceParent(top)
     if config.root is not None:
@@ -327,6 +331,7 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
         has_slots=any(h.slots > 0 for h in hosts),
         docker_api_resource=(DockerApiResource.from_config(config, proxy) if config.docker_api else None),
         autoscale=autoscale,
+        profiles=profiles,
     )
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
@@ -338,11 +343,11 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
             make_portal(accounts),
             reactor,
             session_lifetime=config.session_lifetime,
-            containers=lambda user: user_containers(broker, user),
+            containers=lambda user: user_containers(broker, user, apps),
         )
     else:
         warn_if_exposed(config.ports)
-    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=gate)
+    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=gate, apps=apps)
     site = make_site(
         root,
         reactor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from urllib.parse import urlsplit
@@ -49,6 +50,37 @@ class ImageProfile:
     start_timeout: float | None = None
     gpu: bool = True
     worker_release_max: int | None = None  # None: --worker-release-max
+    # "strip": the backend gets the path after the route segment (the original's
+    # way); "keep": the whole path, the app being told its prefix (docs/apps.md)
+    prefix: str = "strip"
+    command: tuple[str, ...] | None = None  # may use {public_path} and {public_url}
+    env: tuple[tuple[str, str], ...] = ()  # the same; added to the container's env
+
+
+PREFIX_MODES = ("strip", "keep")
+
+
+def parse_app_domain(text: str) -> str:
+    """``--app-domain``: a DNS name whose one-label subdomains are the apps' hosts."""
+    name = text.strip().strip(".").lower()
+    labels = name.split(".")
+    if not name or any(not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", lb) for lb in labels):
+        raise ConfigError(f"--app-domain {text!r}: not a DNS name (e.g. apps.example.org)")
+    return name
+
+
+def parse_public_url(text: str) -> str:
+    """``--public-url``: the absolute http(s) URL clients use for this server (no path)."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--public-url {text!r}: expected http(s)://HOST[:PORT]")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"--public-url {text!r}: give scheme, host and port only (no path)")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError(f"--public-url {text!r}: bad port") from None
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 @frozen
@@ -191,6 +223,8 @@ class Config:
     config: str | None = None
     log_format: str = "text"
     max_body: int = 8 * GIB
+    app_domain: str | None = None  # every key on its own host NAME.DOMAIN (docs/apps.md)
+    public_url: str | None = None  # scheme://host[:port] clients use (else the request's)
     profiles: tuple[ImageProfile, ...] = ()
 
     def hosts(self) -> list[HostConfig]:

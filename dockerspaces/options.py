@@ -17,12 +17,15 @@ from attrs import frozen
 from .config import (
     AUTH_MODES,
     LOG_FORMATS,
+    PREFIX_MODES,
     PULL_POLICIES,
     Config,
     ConfigError,
     ImageProfile,
     parse_allow_host,
+    parse_app_domain,
     parse_cluster,
+    parse_public_url,
     parse_root,
     read_toml,
     validate_engine_url,
@@ -267,6 +270,18 @@ OPTIONS: tuple[Opt, ...] = (
         multi=True,
     ),
     Opt("no-host-route", "no_host_route", bool, "turn host:/shost: routes off (404)", flag=True),
+    Opt(
+        "app-domain",
+        "app_domain",
+        lambda v: parse_app_domain(str(v)),
+        "serve every x:/y: key on its own host NAME.DOMAIN (wildcard DNS; docs/apps.md)",
+    ),
+    Opt(
+        "public-url",
+        "public_url",
+        lambda v: parse_public_url(str(v)),
+        "scheme://host[:port] clients use to reach this server (else each request's own)",
+    ),
     Opt("docker-api", "docker_api", bool, "enable /docker:local", flag=True),
     Opt(
         "docker-api-allow",
@@ -308,6 +323,10 @@ OPTIONS: tuple[Opt, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 
 
+#: the placeholders profile command/env values may use (checked at load)
+_PLACEHOLDERS = {"public_path": "/", "public_url": "http://x/"}
+
+
 def _profile(entry: RawValue, i: int) -> ImageProfile:
     where = f"profile #{i + 1}"
     if not isinstance(entry, dict) or "image" not in entry:
@@ -323,6 +342,9 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
         "start-timeout",
         "gpu",
         "worker-release-max",
+        "prefix",
+        "command",
+        "env",
     }
     for k in entry:
         if k.replace("_", "-") not in known:
@@ -331,6 +353,27 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
     vols = e.get("volumes", [])
     if not isinstance(vols, list) or not all(isinstance(v, str) for v in vols):
         raise ConfigError(f"config: {where}: 'volumes' must be a list of strings")
+    prefix = e.get("prefix", "strip")
+    if prefix not in PREFIX_MODES:
+        raise ConfigError(f'config: {where}: \'prefix\' must be "strip" or "keep", not {prefix!r}')
+    command = e.get("command")
+    if command is not None and (
+        not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command)
+    ):
+        raise ConfigError(f"config: {where}: 'command' must be a non-empty list of strings")
+    env = e.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ConfigError(f"config: {where}: 'env' must be a table of NAME = \"value\" strings")
+    for text in [*(command or ()), *env.values(), str(e.get("ready-path", "/"))]:
+        try:
+            text.format_map(_PLACEHOLDERS)
+        except (KeyError, ValueError, IndexError) as ex:
+            raise ConfigError(
+                f"config: {where}: {text!r}: only {{public_path}} and {{public_url}} may be "
+                f"used (write {{{{ and }}}} for braces): {ex}"
+            ) from None
     try:
         return ImageProfile(
             pattern=str(e["image"]),
@@ -345,6 +388,9 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
             worker_release_max=(
                 None if e.get("worker-release-max") is None else int(e["worker-release-max"])
             ),
+            prefix=str(prefix),
+            command=None if command is None else tuple(command),
+            env=tuple((str(k), str(v)) for k, v in env.items()),
         )
     except (TypeError, ValueError) as ex:
         raise ConfigError(f"config: {where}: {ex}") from None
@@ -422,6 +468,13 @@ def _check(config: Config) -> None:
         raise ConfigError("--port: at least one listening endpoint is needed")
     if config.password is not None and config.password_file is not None:
         raise ConfigError("--password and --password-file: give one, not both")
+    if config.app_domain and config.auth == "accounts":
+        # a browser's session is the main host's cookie; app hosts would need a
+        # sign-in hand-off of their own (docs/apps.md, "Accounts")
+        raise ConfigError(
+            '--app-domain with --auth accounts is not supported yet: use prefix = "keep" '
+            "profiles on the main host (docs/apps.md)"
+        )
     if config.gpu == -1 and not config.cluster and config.target == 0:
         raise ConfigError("--gpu true: one GPU per slot needs --target > 0")
     hosts = config.hosts()

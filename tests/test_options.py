@@ -120,6 +120,9 @@ class Defaults(SynchronousTestCase):
             "auth",
             "state",
             "session-lifetime",
+            # issue 14: apps on their own hosts, the public URL
+            "app-domain",
+            "public-url",
         }
         self.assertEqual(names, spec_names)
 

@@ -63,6 +63,7 @@ from .interface import (
     PullProgress,
     RunOptions,
     SlotInfo,
+    container_env,
 )
 from .probe import ProbeResult, probe_agent, probe_status_line
 from .pull import PULL_POLICIES, Pulls
@@ -222,7 +223,8 @@ class Engine:
             result = client.create_container(
                 image=spec.ref,
                 name=name,
-                environment=[f"{k}={v}" for k, v in spec.env],
+                environment=[f"{k}={v}" for k, v in container_env(spec, options).items()],
+                command=list(options.command) if options.command is not None else None,
                 labels=self.labels_for(spec, slot),
                 ports=ports,
                 host_config=host_config,

@@ -39,6 +39,7 @@ from .interface import (
     PullProgress,
     RunOptions,
     SlotInfo,
+    container_env,
 )
 
 T = TypeVar("T")
@@ -58,6 +59,8 @@ class FakeContainer:
     log_tail: str = ""
     gpu: int | None = None
     ready_waiters: list[Deferred[None]] = field(factory=list)
+    env: dict[str, str] = field(factory=dict)  # as the real engine would set it
+    command: tuple[str, ...] | None = None
 
 
 class FakeEngine:
@@ -233,7 +236,14 @@ class FakeEngine:
                 LABEL_DISPLAY: spec.display,
             }
             self.containers[cid] = FakeContainer(
-                cid, f"ds-{cid}", spec, slot.port, labels, gpu=slot.gpu if options.gpu else None
+                cid,
+                f"ds-{cid}",
+                spec,
+                slot.port,
+                labels,
+                gpu=slot.gpu if options.gpu else None,
+                env=container_env(spec, options),
+                command=options.command,
             )
             self.creates += 1
             return ContainerHandle(cid, f"ds-{cid}", self.name, slot, spec.key, spec)

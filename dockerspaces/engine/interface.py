@@ -47,6 +47,16 @@ class RunOptions:
     start_timeout: float | None = None
     gpu: bool = True  # False: never attach the slot's GPU
     worker_release_max: int | None = None  # workers of this key at once; None: the broker's
+    command: tuple[str, ...] | None = None  # None: the image's own
+    env: tuple[tuple[str, str], ...] = ()  # added to the spec's env (these win)
+
+
+def container_env(spec: JobSpec, options: RunOptions) -> dict[str, str]:
+    """The environment a container of ``spec`` gets: the spec's (the URL's) env, then
+    the profile's and the public path and URL (these win over the URL's)."""
+    env = dict(spec.env)
+    env.update(options.env)
+    return env
 
 
 @frozen

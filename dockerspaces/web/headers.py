@@ -261,6 +261,23 @@ def rewrite_location(value: bytes, *, prefix: bytes, backend_host: bytes) -> byt
     return prefix + path
 
 
+_COOKIE_PATH = re.compile(rb"(;[ \t]*[Pp][Aa][Tt][Hh][ \t]*=[ \t]*)([^;]*)")
+
+
+def rewrite_cookie_path(value: bytes, *, prefix: bytes) -> bytes:
+    """A ``Set-Cookie`` value with its ``Path`` under the route prefix (``Path=/`` →
+    ``Path=PREFIX/``), so that one app's cookies go only to that app; a path already
+    under the prefix, or not starting with ``/`` (the browser ignores it), stays."""
+
+    def under(m: re.Match[bytes]) -> bytes:
+        path = m.group(2)
+        if not path.startswith(b"/") or path.rstrip(b" \t") == prefix or path.startswith(prefix + b"/"):
+            return m.group(0)
+        return m.group(1) + prefix + path
+
+    return _COOKIE_PATH.sub(under, value) if prefix else value
+
+
 #: One ``token ":" value`` line with no byte in the value that ``bytes.strip`` would
 #: remove but SP/HTAB, the value without the SP/HTAB at its edges; anchored at line
 #: starts. A header block is plain (parsed by this one regex, passed on as received)

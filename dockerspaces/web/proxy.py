@@ -68,6 +68,7 @@ from .headers import (
     drop_lines,
     read_client_head,
     request_head,
+    rewrite_cookie_path,
     rewrite_location,
 )
 from .routecookie import RouteCookies
@@ -273,7 +274,13 @@ class _Exchange:
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
             if cors and b"vary" in grouped:  # merged with ours below
                 drop = drop | {b"vary"}
-        if raw is not None and len(drop) == len(HOP_BY_HOP) and (b"location" not in grouped):
+        prefix = self.prefix
+        if (
+            raw is not None
+            and len(drop) == len(HOP_BY_HOP)
+            and b"location" not in grouped
+            and not (prefix and b"set-cookie" in grouped)
+        ):
             # nothing to rewrite, only the standard hop-by-hop lines to leave out:
             # the block as received, less those lines
             hop = grouped.keys() & HOP_BY_HOP
@@ -281,9 +288,14 @@ class _Exchange:
         else:
             if b"location" in grouped:
                 headers = [
-                    (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
+                    (k, rewrite_location(v, prefix=prefix, backend_host=self.backend_host))
                     if k.lower() == b"location"
                     else (k, v)
+                    for k, v in headers
+                ]
+            if prefix and b"set-cookie" in grouped:  # the app's cookies under its prefix
+                headers = [
+                    (k, rewrite_cookie_path(v, prefix=prefix)) if k.lower() == b"set-cookie" else (k, v)
                     for k, v in headers
                 ]
             lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]

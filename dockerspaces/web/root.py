@@ -24,7 +24,9 @@ from ..spec import (
 )
 from . import routing
 from .accesslog import Recorder
+from .apphosts import AppHosts
 from .errors import ErrorResource, MethodNotAllowed, RedirectResource
+from .pages import wants_html
 from .routecookie import RouteCookies
 
 if TYPE_CHECKING:
@@ -89,8 +91,14 @@ class Root(Resource):
         recorder: Recorder | None = None,
         route_cookies: RouteCookies | None = None,
         gate: AuthGate | None = None,
+        apps: AppHosts | None = None,
     ):
         super().__init__()
+        # --app-domain: requests for LABEL.DOMAIN go to that key, browsers opening an
+        # app on the main host are sent there; every x:/y: request tells it how
+        # clients reach us (the public URL its containers are told)
+        self.apps = apps
+        self.app_hosts = apps is not None and apps.domain is not None
         self.gate = gate  # --auth accounts: every routed request is checked by it
         self.route_cookies = route_cookies  # the proxy's: dsroute references it handed out
         self.config = config
@@ -126,6 +134,11 @@ class Root(Resource):
         return plan
 
     def _resolve(self, request: Request) -> Resource:
+        apps = self.apps
+        if self.app_hosts and apps is not None:
+            label = apps.label_of(request.requestHeaders.getRawHeaders(b"host", [None])[0])
+            if label is not None:
+                return self._app_host(request, apps, label)
         raw, forward_path = split_uri_cached(request.uri)
         if self.gate is not None and raw.segment.startswith("auth:"):
             self._begin(request, "auth", raw.segment[5:])
@@ -139,6 +152,21 @@ class Root(Resource):
             return ErrorResource(400, f"bad route {raw.segment[:200]!r}: {e}")
         if plan is None:
             return self._fallback(request, raw.rest, raw.query)
+        route = plan.route
+        if apps is not None and isinstance(route, JobSpec):
+            if (
+                self.app_hosts
+                and not route.worker
+                and request.method in (b"GET", b"HEAD")
+                and wants_html(request)
+            ):
+                # a browser: to the app's own host, path and query kept (API clients
+                # are served where they are)
+                location = apps.redirect_to(request, route, forward_path)
+                if location is not None:
+                    self._begin(request, plan.kind, plan.display)
+                    return RedirectResource(location, 307)
+            apps.note(request, route)
         if plan.redirect and not raw.rest and request.method in (b"GET", b"HEAD"):
             self._begin(request, plan.kind, plan.display)
             location = plan.prefix + b"/" + (b"?" + raw.query if raw.query else b"")
@@ -150,7 +178,34 @@ class Root(Resource):
         if self.recorder is not None:
             self.recorder.begin(request, kind, display)
 
-    def _dispatch(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
+    def _app_host(self, request: Request, apps: AppHosts, label: str) -> Resource:
+        """A request for ``LABEL.DOMAIN``: that key's app with the path untouched (no
+        prefix, no route cookie); ``/monitor:progress/`` is the waiting page's."""
+        raw, _ = split_uri_cached(request.uri)
+        if raw.segment == "monitor:progress":
+            plan = self._plan(raw.segment)
+            if plan is not None:
+                return self._dispatch(request, plan, b"", cookie=False)
+        spec = apps.lookup(label)
+        if spec is None:
+            self._begin(request, "none", label[:63])
+            return ErrorResource(
+                404,
+                f"no app is known at {label}.{apps.domain}: open the app from its /x:… or "
+                "/y:… address on the main host first",
+            )
+        plan = self._plan(spec.segment())
+        if plan is None:  # pragma: no cover - a spec's own segment parses back to it
+            raise AssertionError(spec.segment())
+        apps.note(request, spec)
+        path = b"/" + raw.segment.encode("latin-1") + raw.rest
+        if raw.query:
+            path += b"?" + raw.query
+        return self._dispatch(request, plan, path, cookie=False, prefix=b"")
+
+    def _dispatch(
+        self, request: Request, plan: _Plan, path: bytes, cookie: bool, prefix: bytes | None = None
+    ) -> Resource:
         if self.recorder is not None:  # (not _begin: one call fewer on every request)
             self.recorder.begin(request, plan.kind, plan.display)
         gate = self.gate
@@ -163,11 +218,13 @@ class Root(Resource):
                 request,
                 kind,
                 route if isinstance(route, JobSpec) else None,
-                lambda: self._route(request, plan, path, cookie),
+                lambda: self._route(request, plan, path, cookie, prefix),
             )
-        return self._route(request, plan, path, cookie)
+        return self._route(request, plan, path, cookie, prefix)
 
-    def _route(self, request: Request, plan: _Plan, path: bytes, cookie: bool) -> Resource:
+    def _route(
+        self, request: Request, plan: _Plan, path: bytes, cookie: bool, prefix: bytes | None = None
+    ) -> Resource:
         route = plan.route
         if isinstance(route, HostTarget):
             if cookie:  # the segment is the URI's own: one resource for all its requests
@@ -177,7 +234,7 @@ class Root(Resource):
                 return leaf
             return self.routes.host(route, plan.prefix, path, cookie)
         if isinstance(route, JobSpec):
-            return self.routes.job(route, plan.prefix, path)
+            return self.routes.job(route, plan.prefix if prefix is None else prefix, path)
         if isinstance(route, MonitorRoute):
             if request.method not in (b"GET", b"HEAD"):
                 return _MONITOR_METHODS

@@ -49,6 +49,19 @@
       var hs = hosts[h];
       row(hb, [h, hs.n, hs.run, hs.idle, hs.starting, hs.free, hs.inflight]);
     });
+    var pb = body("ds-apps"), apps = snap.Apps || [], shown = {};
+    apps.forEach(function (a) {
+      if (shown[a.Key]) { return; }
+      shown[a.Key] = true;
+      // an absolute link (--public-url), else its own host (--app-domain) on this
+      // page's scheme and port, else its route
+      var href = a.Link && a.Link.indexOf("://") > 0 ? a.Link
+        : a.Host ? location.protocol + "//" + a.Host + (location.port ? ":" + location.port : "") + "/" : a.Link;
+      var link = href ? el("a", href) : el("span", "(its address names env values)", "muted");
+      if (href) { link.href = href; }
+      row(pb, [el("span", a.Key, "mono"), link]);
+    });
+    if (!apps.length) { row(pb, [el("span", "no app is running", "muted"), ""]); }
     var qb = body("ds-queues"), queues = snap.Queues || {}, keys = Object.keys(queues);
     keys.forEach(function (k) { row(qb, [el("span", k, "mono"), queues[k]]); });
     if (!keys.length) { row(qb, [el("span", "nobody is waiting", "muted"), ""]); }

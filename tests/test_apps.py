@@ -1,0 +1,436 @@
+"""Several apps at once (issue 14): labels of app hosts, Host routing, the browser
+redirect, ``prefix = "keep"`` forwarding, the public path and URL told to containers,
+``Set-Cookie`` paths under the prefix and our own cookies kept from every backend."""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from dockerspaces.app import Routes
+from dockerspaces.config import Config, ConfigError, ImageProfile
+from dockerspaces.options import build_config, load_config_file
+from dockerspaces.profiles import Profiles
+from dockerspaces.spec import JobSpec, parse_route
+from dockerspaces.testing import ProxyHarness, head_of, values
+from dockerspaces.web.apphosts import AppHosts, app_label, public_path
+from dockerspaces.web.headers import rewrite_cookie_path
+from dockerspaces.web.jobs import JobResource
+from dockerspaces.web.root import Root
+
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+JUPYTER_A = "y:acme:jupyter:1:8888:NB=alpha;TOKEN=s3cr3t-value"
+JUPYTER_B = "y:acme:jupyter:1:8888:NB=beta;TOKEN=s3cr3t-value"
+
+
+def spec(segment: str) -> JobSpec:
+    """The JobSpec of a route segment."""
+    s = parse_route(segment)
+    assert isinstance(s, JobSpec)
+    return s
+
+
+class LabelTests(SynchronousTestCase):
+    """``app_label``: stable, DNS-safe, one per key, never an env value."""
+
+    def test_readable_part_and_hash(self) -> None:
+        label = app_label(spec("x:selmaproject:tts:777:5002"))
+        self.assertRegex(label, r"^tts-777-[a-z2-7]{10}$")
+        self.assertEqual(label, app_label(spec("x:selmaproject:tts:777:5002")))  # stable
+
+    def test_same_key_any_spelling_one_label(self) -> None:
+        self.assertEqual(
+            app_label(spec("y:a:b:1:80:P=1;Q=2")),
+            app_label(spec("y:a:b:1:80:Q=2;P=1")),
+        )
+
+    def test_every_part_of_the_key_counts(self) -> None:
+        labels = {
+            app_label(spec(s))
+            for s in ("x:a:b:1:80", "y:a:b:1:80", "x:a:b:2:80", "x:a:b:1:81", "x:a:c:1:80", "x:a:b:1:80:E=1")
+        }
+        self.assertEqual(len(labels), 6)
+
+    def test_no_env_value_and_dns_safe(self) -> None:
+        for seg in (
+            JUPYTER_A,
+            "x:weird_org:image.name:V1.2_rc:80",
+            "x:a:" + "long" * 30 + ":t:80",
+            "x:a:b__c:_-_:80",
+        ):
+            label = app_label(spec(seg))
+            self.assertLessEqual(len(label), 63, seg)
+            self.assertIsNotNone(DNS_LABEL.fullmatch(label), (seg, label))
+            self.assertNotIn("s3cr3t", label)
+            self.assertNotIn("alpha", label)
+
+    def test_no_collisions_among_many_keys(self) -> None:
+        rnd = random.Random(14)
+        seen: dict[str, str] = {}
+        for i in range(20000):
+            value = "".join(rnd.choice(string.ascii_letters) for _ in range(8))
+            seg = f"y:team:app:1:8888:N={value}{i}"
+            label = app_label(spec(seg))
+            self.assertNotIn(label, seen, (seg, seen.get(label)))
+            seen[label] = seg
+
+    def test_public_path_is_canonical(self) -> None:
+        self.assertEqual(public_path(spec("y:acme:jupyter:1:8888")), "/y:acme:jupyter:1:8888/")
+        self.assertEqual(public_path(spec("y:a:b:1:80:Q=2;P=1")), "/y:a:b:1:80:P=1;Q=2/")
+
+
+class AppHostsTests(SynchronousTestCase):
+    """Which Host is an app host; labels remembered or found among the broker's."""
+
+    def test_label_of(self) -> None:
+        apps = AppHosts("apps.localhost")
+        self.assertEqual(apps.label_of(b"tts-777-abc.apps.localhost:8080"), "tts-777-abc")
+        self.assertEqual(apps.label_of(b"TTS-777-ABC.Apps.Localhost"), "tts-777-abc")
+        for host in (
+            b"apps.localhost",
+            b".apps.localhost",
+            b"a.b.apps.localhost",
+            b"x.apps.localhost.evil.org",
+            b"xapps.localhost",
+            b"127.0.0.1:8080",
+            b"[::1]:8080",
+            None,
+        ):
+            self.assertIsNone(apps.label_of(host), host)
+        self.assertIsNone(AppHosts().label_of(b"a.apps.localhost"))
+
+    def test_lookup_remembered_or_from_the_broker(self) -> None:
+        a, b = spec(JUPYTER_A), spec(JUPYTER_B)
+        apps = AppHosts("apps.localhost", known=lambda: [a])
+        self.assertEqual(apps.lookup(app_label(a)), a)  # a container of the broker's
+        self.assertIsNone(apps.lookup(app_label(b)))  # never handed out, not running
+        apps.remember(b)
+        self.assertEqual(apps.lookup(app_label(b)), b)
+        self.assertIsNone(apps.lookup("nothing-0000000000"))
+
+
+class _Routes:
+    """The root's RouteResources, recording what it is asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def job(self, spec: JobSpec, prefix: bytes, path: bytes) -> Any:
+        self.calls.append(("job", spec.key, prefix, path))
+        return "job"
+
+    def monitor(self, route: Any) -> Any:
+        self.calls.append(("monitor", route.name))
+        return "monitor"
+
+    def host(self, *a: Any) -> Any:
+        self.calls.append(("host",))
+        return "host"
+
+
+def request(uri: bytes, host: bytes, accept: bytes | None = None, method: bytes = b"GET") -> Any:
+    """A request for ``uri`` with ``Host`` and ``Accept``."""
+    req = DummyRequest([b""])
+    req.uri, req.method = uri, method
+    req.isSecure = lambda: False  # type: ignore[attr-defined]
+    req.requestHeaders.setRawHeaders(b"host", [host])
+    if accept is not None:
+        req.requestHeaders.setRawHeaders(b"accept", [accept])
+    return req
+
+
+HTML = b"text/html,application/xhtml+xml,*/*;q=0.8"
+
+
+class AppDomainRootTests(SynchronousTestCase):
+    """``--app-domain``: Host routing, the browser redirect, API clients served in place."""
+
+    def setUp(self) -> None:
+        self.apps = AppHosts("apps.localhost")
+        self.routes = _Routes()
+        self.root = Root(Config(app_domain="apps.localhost"), self.routes, apps=self.apps)  # type: ignore[arg-type]
+        self.a = spec(JUPYTER_A)
+        self.seg = b"/" + JUPYTER_A.encode()
+
+    def test_browser_redirected_to_the_apps_host_path_and_query_kept(self) -> None:
+        child = self.root.getChildWithDefault(
+            b"", request(self.seg + b"/tree/x?a=1&b=2", b"front:8080", HTML)
+        )
+        self.assertEqual(child.status, 307)  # type: ignore[attr-defined]
+        label = app_label(self.a)
+        self.assertEqual(child.location, f"http://{label}.apps.localhost:8080/tree/x?a=1&b=2".encode())  # type: ignore[attr-defined]
+        self.assertNotIn(b"s3cr3t", child.location)  # type: ignore[attr-defined]
+        self.assertEqual(self.routes.calls, [])
+
+    def test_redirect_without_slash_and_over_tls(self) -> None:
+        req = request(self.seg, b"front", HTML)
+        req.isSecure = lambda: True
+        child = self.root.getChildWithDefault(b"", req)
+        self.assertEqual(child.location, f"https://{app_label(self.a)}.apps.localhost/".encode())  # type: ignore[attr-defined]
+
+    def test_public_url_gives_scheme_and_port(self) -> None:
+        apps = AppHosts("apps.example.org", "https://spaces.example.org:8443")
+        root = Root(Config(app_domain="apps.example.org"), _Routes(), apps=apps)  # type: ignore[arg-type]
+        child = root.getChildWithDefault(b"", request(self.seg + b"/", b"10.0.0.1:8080", HTML))
+        self.assertEqual(child.location, f"https://{app_label(self.a)}.apps.example.org:8443/".encode())  # type: ignore[attr-defined]
+
+    def test_api_clients_posts_and_workers_served_in_place(self) -> None:
+        for req in (
+            request(self.seg + b"/api/x", b"front", b"application/json"),
+            request(self.seg + b"/api/x", b"front"),
+            request(self.seg + b"/form", b"front", HTML, method=b"POST"),
+        ):
+            self.assertEqual(self.root.getChildWithDefault(b"", req), "job")
+        self.assertEqual(self.routes.calls[0], ("job", self.a.key, self.seg, b"/api/x"))
+        worker = b"/x:acme:worker:1:3"
+        self.assertEqual(self.root.getChildWithDefault(b"", request(worker, b"front", HTML, b"POST")), "job")
+
+    def test_app_host_routes_its_key_with_the_path_untouched(self) -> None:
+        label = self.apps.remember(self.a)
+        host = f"{label}.apps.localhost:8080".encode()
+        for uri in (
+            b"/",
+            b"/api/kernels/k1/channels?session_id=9",
+            b"/x:other:image:1:80/z",
+            b"/monitor:broker/",
+        ):
+            self.assertEqual(self.root.getChildWithDefault(b"", request(uri, host)), "job")
+        self.assertEqual(
+            [c[3] for c in self.routes.calls],
+            [b"/", b"/api/kernels/k1/channels?session_id=9", b"/x:other:image:1:80/z", b"/monitor:broker/"],
+        )
+        self.assertEqual({c[1] for c in self.routes.calls}, {self.a.key})
+        self.assertEqual({c[2] for c in self.routes.calls}, {b""})  # no prefix: no dsroute
+
+    def test_app_host_browser_not_redirected_and_waiting_page_progress(self) -> None:
+        label = self.apps.remember(self.a)
+        host = f"{label}.apps.localhost".encode()
+        self.assertEqual(
+            self.root.getChildWithDefault(b"", request(b"/notebooks/t.ipynb", host, HTML)), "job"
+        )
+        self.assertEqual(
+            self.root.getChildWithDefault(b"", request(b"/monitor:progress/tok", host)), "monitor"
+        )
+        self.assertEqual(self.routes.calls[-1], ("monitor", "progress"))
+
+    def test_unknown_app_host_is_404_with_a_hint(self) -> None:
+        child = self.root.getChildWithDefault(b"", request(b"/", b"nothing-0000000000.apps.localhost"))
+        self.assertEqual(child.status, 404)  # type: ignore[attr-defined]
+        self.assertIn("open the app from its /x:", child.message)  # type: ignore[attr-defined]
+        self.assertEqual(self.routes.calls, [])
+
+
+class StripCookieLimitationTests(SynchronousTestCase):
+    """The known limitation of ``strip`` apps (docs/apps.md): the ``dsroute`` cookie
+    names one app per browser, so a request without the prefix and without a Referer
+    (a reconnecting WebSocket) goes to whichever app's page was loaded last."""
+
+    def test_the_cookie_names_the_last_app_only(self) -> None:
+        from dockerspaces.web.routecookie import RouteCookies
+
+        cookies = RouteCookies(key=b"k" * 32)
+        routes = _Routes()
+        root = Root(Config(), routes, route_cookies=cookies)  # type: ignore[arg-type]
+        for seg in (JUPYTER_A, JUPYTER_B):  # tab A's page, then tab B's
+            ref = cookies.ref(seg)
+            assert ref is not None
+            last = ref
+        req = request(b"/api/kernels/k1/channels", b"front")  # tab A's WebSocket
+        req.requestHeaders.setRawHeaders(b"cookie", [b"dsroute=" + last])
+        root.getChildWithDefault(b"", req)
+        self.assertEqual(routes.calls[0][1], spec(JUPYTER_B).key)  # B's, not A's
+
+
+class KeepPrefixTests(SynchronousTestCase):
+    """``prefix = "keep"``: the whole path in the key's one spelling, no prefix header,
+    no Location rewriting, no route cookie."""
+
+    def routes(self, **config: Any) -> Routes:
+        profiles = (ImageProfile("acme/jupyter:*", prefix="keep"),)
+        c = Config(profiles=profiles, **config)
+        p = Profiles(c, AppHosts(c.app_domain))
+        return Routes(c, proxy=None, broker=None, policy=None, profiles=p)  # type: ignore[arg-type]
+
+    def test_keep_forwards_the_whole_path(self) -> None:
+        seg = "y:acme:jupyter:1:8888:TOKEN=s;NB=a"  # not in canonical order
+        job = self.routes().job(spec(seg), b"/" + seg.encode(), b"/api/kernels?x=1")
+        assert isinstance(job, JobResource)
+        self.assertEqual(job.path, b"/y:acme:jupyter:1:8888:NB=a;TOKEN=s/api/kernels?x=1")
+        self.assertEqual(job.prefix, b"")
+
+    def test_strip_for_other_images_and_on_app_hosts(self) -> None:
+        other = "y:acme:rstudio:1:8787"
+        job = self.routes().job(spec(other), b"/" + other.encode(), b"/a")
+        assert isinstance(job, JobResource)
+        self.assertEqual((job.prefix, job.path), (b"/" + other.encode(), b"/a"))
+        seg = "y:acme:jupyter:1:8888"
+        job = self.routes(app_domain="apps.localhost").job(spec(seg), b"/" + seg.encode(), b"/a")
+        assert isinstance(job, JobResource)
+        self.assertEqual((job.prefix, job.path), (b"/" + seg.encode(), b"/a"))  # an API client there
+
+
+class RunOptionsTests(SynchronousTestCase):
+    """Every container is told its public path and URL; profile placeholders filled."""
+
+    def test_defaults_without_a_profile(self) -> None:
+        apps = AppHosts()
+        s = spec("y:acme:web:1:80")
+        apps.note(request(b"/y:acme:web:1:80/", b"front:8080"), s)
+        env = dict(Profiles(Config(), apps).run_options(s).env)
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_PATH"], "/y:acme:web:1:80/")
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_URL"], "http://front:8080/y:acme:web:1:80/")
+
+    def test_placeholders_in_command_env_and_ready_path(self) -> None:
+        profile = ImageProfile(
+            "acme/jupyter:*",
+            prefix="keep",
+            command=("jupyter-notebook", "--NotebookApp.base_url={public_path}", "--x={{literal}}"),
+            env=(("BASE", "{public_url}"),),
+            ready_path="{public_path}api",
+        )
+        s = spec("y:acme:jupyter:1:8888")
+        opts = Profiles(
+            Config(profiles=(profile,)), AppHosts(None, "https://spaces.example.org")
+        ).run_options(s)
+        self.assertEqual(
+            opts.command,
+            ("jupyter-notebook", "--NotebookApp.base_url=/y:acme:jupyter:1:8888/", "--x={literal}"),
+        )
+        env = dict(opts.env)
+        self.assertEqual(env["BASE"], "https://spaces.example.org/y:acme:jupyter:1:8888/")
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_URL"], env["BASE"])
+        self.assertEqual(opts.ready_path, "/y:acme:jupyter:1:8888/api")
+
+    def test_app_domain_apps_live_at_the_root(self) -> None:
+        apps = AppHosts("apps.localhost")
+        s = spec(JUPYTER_A)
+        req = request(b"/x", b"127.0.0.1:9999")
+        apps.note(req, s)
+        env = dict(Profiles(Config(app_domain="apps.localhost"), apps).run_options(s).env)
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_PATH"], "/")
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_URL"], f"http://{app_label(s)}.apps.localhost:9999/")
+
+    def test_no_origin_known_gives_the_path(self) -> None:
+        s = spec("x:acme:worker:1:3")
+        env = dict(Profiles(Config()).run_options(s).env)
+        self.assertEqual(env["DOCKERSPACES_PUBLIC_URL"], "/x:acme:worker:1:3/")
+
+    def test_fake_engine_container_gets_env_and_command(self) -> None:
+        from twisted.internet.task import Clock
+
+        from dockerspaces.config import HostConfig
+        from dockerspaces.engine.fake import FakeEngine
+        from dockerspaces.engine.interface import RunOptions, SlotInfo
+
+        engine = FakeEngine(Clock(), HostConfig("local", "unix:///x", 9100, 1))
+        s = spec("y:acme:web:1:80:A=url;DOCKERSPACES_PUBLIC_PATH=spoofed")
+        opts = RunOptions(command=("serve",), env=(("A", "profile"), ("DOCKERSPACES_PUBLIC_PATH", "/p/")))
+        handle = self.successResultOf(engine.create(s, SlotInfo("local", 9100), opts))
+        c = engine.containers[handle.id]
+        self.assertEqual(c.command, ("serve",))
+        self.assertEqual(c.env, {"A": "profile", "DOCKERSPACES_PUBLIC_PATH": "/p/"})
+
+
+class ConfigTests(SynchronousTestCase):
+    """Profile keys and the two options, validated with clear errors."""
+
+    def load(self, text: str) -> Any:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return load_config_file(path)[1]
+
+    def test_profile_keys(self) -> None:
+        (p,) = self.load(
+            '[[profile]]\nimage = "acme/jupyter:*"\nprefix = "keep"\n'
+            'command = ["jupyter-notebook", "--base={public_path}"]\nenv = { BASE = "{public_url}" }\n'
+        )
+        self.assertEqual(
+            (p.prefix, p.command, p.env),
+            ("keep", ("jupyter-notebook", "--base={public_path}"), (("BASE", "{public_url}"),)),
+        )
+
+    def test_bad_profiles(self) -> None:
+        for body, words in (
+            ('prefix = "drop"', "'prefix' must be"),
+            ("command = []", "'command' must be"),
+            ('command = "jupyter"', "'command' must be"),
+            ("env = { A = 1 }", "'env' must be"),
+            ('command = ["--base={publicpath}"]', "only {public_path} and {public_url}"),
+            ('env = { A = "{" }', "only {public_path}"),
+            ('ready-path = "{nope}"', "only {public_path}"),
+        ):
+            with self.assertRaises(ConfigError) as e:
+                self.load(f'[[profile]]\nimage = "a"\n{body}\n')
+            self.assertIn(words, str(e.exception), body)
+
+    def test_options(self) -> None:
+        c = build_config(
+            {"app-domain": "Apps.Example.org.", "public-url": "https://spaces.example.org:8443/"}
+        )
+        self.assertEqual(
+            (c.app_domain, c.public_url), ("apps.example.org", "https://spaces.example.org:8443")
+        )
+        for given, words in (
+            ({"app-domain": "apps_x.org"}, "not a DNS name"),
+            ({"app-domain": ""}, "not a DNS name"),
+            ({"public-url": "ftp://x"}, "expected http(s)"),
+            ({"public-url": "https://x/path"}, "no path"),
+            ({"app-domain": "apps.localhost", "auth": "accounts"}, "not supported yet"),
+        ):
+            with self.assertRaises(ConfigError) as e:
+                build_config(given)
+            self.assertIn(words, str(e.exception), given)
+
+
+class CookiePathTests(SynchronousTestCase):
+    """``Set-Cookie`` paths of a stripped app under its prefix."""
+
+    P = b"/y:acme:app:1:80"
+
+    def test_rewrite_cookie_path(self) -> None:
+        for value, want in (
+            (b"sid=1; Path=/", b"sid=1; Path=/y:acme:app:1:80/"),
+            (b"sid=1; path=/api; HttpOnly", b"sid=1; path=/y:acme:app:1:80/api; HttpOnly"),
+            (b"sid=1; HttpOnly; PATH = /a ; Secure", b"sid=1; HttpOnly; PATH = /y:acme:app:1:80/a ; Secure"),
+            (b"sid=1; Path=/y:acme:app:1:80/x", b"sid=1; Path=/y:acme:app:1:80/x"),  # already under it
+            (b"sid=1", b"sid=1"),  # the default path is the request's (public) directory
+            (b"sid=1; Path=relative", b"sid=1; Path=relative"),
+            (b"sid=/; Domain=x", b"sid=/; Domain=x"),
+        ):
+            self.assertEqual(rewrite_cookie_path(value, prefix=self.P), want, value)
+        self.assertEqual(rewrite_cookie_path(b"a=1; Path=/", prefix=b""), b"a=1; Path=/")
+
+    def test_through_the_proxy_strip_and_keep(self) -> None:
+        h = ProxyHarness()
+        h.prefix = self.P
+        answer = b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; Path=/\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n"
+        ct, _ = h.answer(answer)
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"set-cookie"), [b"a=1; Path=/y:acme:app:1:80/", b"b=2"])
+        h = ProxyHarness()
+        h.prefix = b""  # keep mode and app hosts: the app's own cookies as they are
+        ct, _ = h.answer(answer)
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"set-cookie"), [b"a=1; Path=/", b"b=2"])
+
+    def test_own_cookies_never_forwarded_and_no_dsroute_without_prefix(self) -> None:
+        h = ProxyHarness()
+        h.prefix, h.cookie = b"", None
+        raw = (
+            b"GET /notebooks/t.ipynb HTTP/1.1\r\nHost: lab-1-abc.apps.localhost\r\n"
+            b"Cookie: dsroute=abc; _xsrf=k; dssession=s; dscsrf=c\r\n\r\n"
+        )
+        _, ct = h.client(raw)
+        p, bt = h.accept()
+        self.assertIn(b"Cookie: _xsrf=k\r\n", bt.value())
+        for own in (b"dsroute", b"dssession", b"dscsrf"):
+            self.assertNotIn(own, bt.value())
+        p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertNotIn(b"dsroute", ct.value())
+        self.assertTrue(ct.value().endswith(b"hi"))
