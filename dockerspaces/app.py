@@ -344,6 +344,8 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
             reactor,
             session_lifetime=config.session_lifetime,
             containers=lambda user: user_containers(broker, user, apps),
+            public_url=config.public_url,
+            app_origin=apps.origin_of,
         )
     else:
         warn_if_exposed(config.ports)

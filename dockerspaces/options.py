@@ -468,12 +468,11 @@ def _check(config: Config) -> None:
         raise ConfigError("--port: at least one listening endpoint is needed")
     if config.password is not None and config.password_file is not None:
         raise ConfigError("--password and --password-file: give one, not both")
-    if config.app_domain and config.auth == "accounts":
-        # a browser's session is the main host's cookie; app hosts would need a
-        # sign-in hand-off of their own (docs/apps.md, "Accounts")
+    if config.app_domain and config.auth == "accounts" and not config.public_url:
+        # browsers sign in on the main host and are handed over to an app's host
         raise ConfigError(
-            '--app-domain with --auth accounts is not supported yet: use prefix = "keep" '
-            "profiles on the main host (docs/apps.md)"
+            "--app-domain with --auth accounts needs --public-url (the main host's "
+            "scheme://host[:port], where browsers sign in before going to an app's host)"
         )
     if config.gpu == -1 and not config.cluster and config.target == 0:
         raise ConfigError("--gpu true: one GPU per slot needs --target > 0")

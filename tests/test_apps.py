@@ -381,7 +381,7 @@ class ConfigTests(SynchronousTestCase):
             ({"app-domain": ""}, "not a DNS name"),
             ({"public-url": "ftp://x"}, "expected http(s)"),
             ({"public-url": "https://x/path"}, "no path"),
-            ({"app-domain": "apps.localhost", "auth": "accounts"}, "not supported yet"),
+            ({"app-domain": "apps.localhost", "auth": "accounts"}, "needs --public-url"),
         ):
             with self.assertRaises(ConfigError) as e:
                 build_config(given)
@@ -434,3 +434,132 @@ class CookiePathTests(SynchronousTestCase):
         p.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi")
         self.assertNotIn(b"dsroute", ct.value())
         self.assertTrue(ct.value().endswith(b"hi"))
+
+
+class AppHostSignInTests(SynchronousTestCase):
+    """``--auth accounts`` with app hosts: a browser signs in on the main host and is
+    handed over with a one-time ticket; the app host gets its own session cookie."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from dockerspaces.accounts.identity import make_portal
+        from dockerspaces.web.auth import AuthGate
+        from dockerspaces.web.site import make_site
+        from tests.test_auth import FakeAccounts, Routes
+
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_800_000_000)
+        self.accounts = FakeAccounts(clock=self.clock)
+        self.apps = AppHosts("apps.example.org", "https://spaces.example.org")
+        self.gate = AuthGate(
+            self.accounts,
+            make_portal(self.accounts),  # type: ignore[arg-type]
+            self.clock,
+            public_url=self.apps.public_url,
+            app_origin=self.apps.origin_of,
+        )
+        config = Config(app_domain="apps.example.org", public_url=self.apps.public_url, auth="accounts")
+        root = Root(config, Routes(), gate=self.gate, apps=self.apps)  # type: ignore[arg-type]
+        self.site = make_site(root, self.clock, max_body=1 << 20)
+        self.spec = spec("y:team:lab:1:8888:NB=a")
+        self.label = self.apps.remember(self.spec)
+        self.app_host = f"{self.label}.apps.example.org"
+
+    def get(self, host: str, path: str, *headers: tuple[str, str]) -> tuple[int, dict[str, list[str]], bytes]:
+        from twisted.internet.testing import StringTransport
+
+        from tests.test_auth import CLIENT, parse
+
+        ch = self.site.buildProtocol(CLIENT)
+        t = StringTransport(peerAddress=CLIENT)
+        ch.makeConnection(t)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers)]
+        ch.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return parse(t.value())
+
+    def test_hand_off_through_the_main_host(self) -> None:
+        html = ("Accept", "text/html")
+        status, headers, _ = self.get(self.app_host, "/notebooks/t.ipynb?a=1", html)
+        self.assertEqual(status, 303)
+        handoff = (
+            f"https://spaces.example.org/auth:handoff?to={self.label}&path=%2Fnotebooks%2Ft.ipynb%3Fa%3D1"
+        )
+        self.assertEqual(headers["location"], [handoff])
+        main_path = handoff.removeprefix("https://spaces.example.org")
+        # not signed in on the main host: its sign-in page first, then back here
+        status, headers, _ = self.get("spaces.example.org", main_path, html)
+        self.assertEqual(status, 303)
+        self.assertTrue(headers["location"][0].startswith("/auth:login?next=%2Fauth%3Ahandoff"), headers)
+        # signed in: a ticket for the app host
+        self.accounts.sessions["main-session"] = "alice"
+        status, headers, _ = self.get(
+            "spaces.example.org", main_path, html, ("Cookie", "dssession=main-session")
+        )
+        self.assertEqual(status, 303)
+        to = headers["location"][0]
+        m = re.fullmatch(rf"https://{self.label}\.apps\.example\.org/auth:ticket\?t=([\w-]+)&path=(.*)", to)
+        assert m is not None, to
+        self.assertEqual(m.group(2), "%2Fnotebooks%2Ft.ipynb%3Fa%3D1")
+        ticket_path = to.removeprefix(f"https://{self.app_host}")
+        # the ticket on another app host is refused (and used up)
+        other = self.apps.remember(spec("y:team:lab:1:8888:NB=b"))
+        status, _, _ = self.get(f"{other}.apps.example.org", ticket_path)
+        self.assertEqual(status, 403)
+        status, _, _ = self.get(self.app_host, ticket_path)
+        self.assertEqual(status, 403)  # used up by the wrong host's try
+
+    def test_ticket_sets_the_app_hosts_own_session(self) -> None:
+        ticket = self.gate.ticket("alice", self.label)
+        status, headers, _ = self.get(self.app_host, f"/auth:ticket?t={ticket}&path=%2Fnotebooks%2Ft.ipynb")
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["location"], ["/notebooks/t.ipynb"])
+        (cookie,) = headers["set-cookie"]
+        self.assertRegex(cookie, r"^dssession=session-\d+; Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+$")
+        session = cookie.split(";")[0]
+        status, _, body = self.get(self.app_host, "/notebooks/t.ipynb", ("Cookie", session + "; _xsrf=k"))
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"job y:team/lab:1:8888 env[NB]#"), body)
+        self.assertIn(b"for alice", body)
+        self.assertNotIn(b"dssession", body)  # never forwarded to the app
+        self.assertIn(b"_xsrf=k", body)
+        # once only
+        status, _, _ = self.get(self.app_host, f"/auth:ticket?t={ticket}&path=%2F")
+        self.assertEqual(status, 403)
+
+    def test_expired_ticket_bad_paths_and_other_auth_pages(self) -> None:
+        ticket = self.gate.ticket("alice", self.label)
+        self.clock.advance(61)
+        status, _, body = self.get(self.app_host, f"/auth:ticket?t={ticket}&path=%2F")
+        self.assertEqual(status, 403)
+        self.assertIn(b"has expired", body)
+        ticket = self.gate.ticket("alice", self.label)
+        status, headers, _ = self.get(
+            self.app_host, f"/auth:ticket?t={ticket}&path=https%3A%2F%2Fevil.org%2F"
+        )
+        self.assertEqual(headers["location"], ["/"])  # only a path on this host
+        status, _, _ = self.get(self.app_host, "/auth:login")
+        self.assertEqual(status, 404)  # no password form on an app's origin
+        self.accounts.sessions["main-session"] = "alice"
+        status, _, _ = self.get(
+            "spaces.example.org",
+            "/auth:handoff?to=nothing-0000000000&path=%2F",
+            ("Cookie", "dssession=main-session"),
+        )
+        self.assertEqual(status, 404)
+
+    def test_api_clients_on_app_hosts_use_tokens(self) -> None:
+        from tests.test_auth import TOKEN
+
+        status, _, _ = self.get(self.app_host, "/api/contents")
+        self.assertEqual(status, 401)
+        bearer = ("Authorization", "Bearer " + TOKEN)
+        status, _, body = self.get(self.app_host, "/api/contents", bearer)
+        self.assertEqual(status, 200)
+        self.assertIn(b"for alice", body)
+        self.assertNotIn(b"Bearer", body)  # our credential is not the app's
+        # the groups' image patterns hold on app hosts as on the main host
+        other = self.apps.remember(spec("y:other:lab:1:8888"))
+        status, _, body = self.get(f"{other}.apps.example.org", "/api/contents", bearer)
+        self.assertEqual(status, 403)
+        self.assertIn(b"may not run image other/lab:1", body)

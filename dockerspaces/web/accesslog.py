@@ -15,6 +15,9 @@ from .site import on_lost
 _ATTR = "_dockerspaces_route"
 #: the request attribute holding the signed-in identity (``--auth accounts``)
 IDENTITY_ATTR = "_dockerspaces_identity"
+#: the attribute naming the ``--app-domain`` app host label a request came for (set by
+#: the root; the auth gate sends such a browser to sign in on the main host)
+APP_HOST_ATTR = "_dockerspaces_app_host"
 #: the route kind of a request refused before routing (malformed or over a limit),
 #: as of a malformed route segment
 REFUSED = "bad"

@@ -154,6 +154,14 @@ class AppHosts:
         label = self.remember(spec)
         return self._origin(secure, host, f"{label}.{self.domain}")
 
+    def origin_of(self, label: str) -> str | None:
+        """The origin of app host ``label`` by ``--public-url``'s scheme and port (the
+        sign-in hand-off); None for a label no app has, or without ``--public-url``."""
+        spec = self.lookup(label)
+        if spec is None or self.public_url is None:
+            return None
+        return self.app_origin(spec, False, None)
+
     def redirect_to(self, request: Request, spec: JobSpec, path: bytes) -> bytes | None:
         """The URL on ``spec``'s own host for ``path`` (path and query), for a browser
         on the main host; None when it cannot be told (no ``Host``, no --public-url)."""

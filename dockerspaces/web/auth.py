@@ -19,6 +19,13 @@ cookie and an ``Origin`` check; it sets the session cookie (HttpOnly, SameSite=L
 Secure on TLS listeners, with an expiry; sessions live in SQLite and survive a
 restart). ``/auth:logout`` ends the session. ``/`` shows who is logged in and their
 running applications.
+
+Apps on hosts of their own (``--app-domain``) never show a sign-in form: a browser
+without a session there is sent to ``/auth:handoff`` on the main host (``--public-url``),
+which (signed in, after the login if need be) sends it back with a one-time ticket
+(:data:`TICKET_LIFETIME` seconds, for that app host only) to ``/auth:ticket`` on the app
+host; that sets a session cookie of the app host's own and goes on to the page. The
+password never meets an app's origin, and no cookie is shared between hosts.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ..accounts.identity import (
 )
 from ..accounts.service import AccountsService
 from ..spec import JobSpec
-from .accesslog import IDENTITY_ATTR
+from .accesslog import APP_HOST_ATTR, IDENTITY_ATTR
 from .errors import ErrorResource, write_error
 from .headers import OWN_AUTH_ATTR
 from .pages import wants_html
@@ -64,6 +71,8 @@ CSRF_COOKIE = b"dscsrf"
 CACHE_SIZE = 10_000
 _CHALLENGE = [b'Basic realm="dockerspaces", charset="UTF-8"', b'Bearer realm="dockerspaces"']
 _LOGIN_BODY_MAX = 16 * 1024
+#: seconds a sign-in ticket for an app host may wait to be used (once)
+TICKET_LIFETIME = 60.0
 
 
 def identity_of(request: Request) -> Identity | None:
@@ -167,6 +176,8 @@ class AuthGate:
         session_lifetime: float = 86400.0,
         throttle: Throttle | None = None,
         containers: Callable[[str], list[tuple[str, str, str | None]]] | None = None,
+        public_url: str | None = None,
+        app_origin: Callable[[str], str | None] | None = None,
     ):
         self.service = service
         self.portal = portal
@@ -176,6 +187,11 @@ class AuthGate:
         # the user's running applications for the home page: (key, state, link)
         self.containers = containers or (lambda user: [])
         self._cache: dict[bytes, tuple[int, Identity, float]] = {}
+        # --app-domain: the main host's URL (sign-in lives there), an app host's
+        # origin by its label (None: no such app), the tickets handed out
+        self.public_url = public_url
+        self.app_origin = app_origin or (lambda label: None)
+        self._tickets: dict[str, tuple[str, str, float]] = {}
 
     # -- the gate --------------------------------------------------------------------
     def guard(
@@ -290,17 +306,53 @@ class AuthGate:
         if clear_session:
             _set_cookie(request, SESSION_COOKIE, b"", 0, secure=request.isSecure())
         if wants_html(request):
+            label = getattr(request, APP_HOST_ATTR, None)
+            if label is not None and self.public_url is not None:
+                # an app host: sign in (or find the session) on the main host
+                to = quote(label, safe="")
+                path = quote(request.uri.decode("latin-1"), safe="")
+                return _SeeOther(f"{self.public_url}/auth:handoff?to={to}&path={path}".encode())
             return _SeeOther(b"/auth:login?next=" + quote(request.uri.decode("latin-1"), safe="").encode())
         return _Challenge(message)
 
     # -- pages -----------------------------------------------------------------------
     def page(self, request: Request, name: str) -> Resource:
-        """``/auth:login``, ``/auth:logout``."""
+        """``/auth:login``, ``/auth:logout``, ``/auth:handoff`` (signed in: a ticket
+        for an app host)."""
         if name == "login":
             return _Login(self)
         if name == "logout":
             return _Logout(self)
+        if name == "handoff":
+            return self.guard(request, "home", None, lambda: _Handoff(self))
         return ErrorResource(404, f"/auth:{name} does not exist (login, logout)")
+
+    def ticket(self, user: str, label: str) -> str:
+        """A one-time ticket signing ``user`` in on app host ``label``."""
+        now = self.clock.seconds()
+        if len(self._tickets) >= CACHE_SIZE:
+            self._tickets = {k: v for k, v in self._tickets.items() if v[2] > now}
+            if len(self._tickets) >= CACHE_SIZE:
+                self._tickets.clear()
+        ticket = secrets.token_urlsafe(32)
+        self._tickets[ticket] = (user, label, now + TICKET_LIFETIME)
+        return ticket
+
+    def redeem(self, ticket: str, label: str) -> str | None:
+        """The user of a live ``ticket`` for ``label`` (used up either way)."""
+        found = self._tickets.pop(ticket, None)
+        if found is None:
+            return None
+        user, for_label, until = found
+        if for_label != label or until < self.clock.seconds():
+            return None
+        return user
+
+    def app_page(self, request: Request, label: str, name: str) -> Resource:
+        """``/auth:ticket`` on app host ``label`` (the only ``auth:`` page there)."""
+        if name == "ticket":
+            return _Ticket(self, label)
+        return ErrorResource(404, f"/auth:{name} is on the main host, not on an app's own host")
 
     def home(self, request: Request) -> Resource:
         """``/``: who is signed in, their applications."""
@@ -572,6 +624,79 @@ class _Logout(Resource):
                 request.finish()
 
         self.gate.service.end_session(session.decode("latin-1")).addBoth(done)
+        return NOT_DONE_YET
+
+
+class _Handoff(Resource):
+    """``/auth:handoff?to=LABEL&path=PATH`` on the main host, signed in: 303 to the app
+    host's ``/auth:ticket`` with a one-time ticket."""
+
+    isLeaf = True
+
+    def __init__(self, gate: AuthGate):
+        super().__init__()
+        self.gate = gate
+
+    def render_GET(self, request: Request) -> bytes:
+        """The redirect, or 404 for an app host nobody knows."""
+        identity = identity_of(request)
+        assert identity is not None  # noqa: S101 - the gate let it through
+        args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
+        label = args.get("to", [""])[0]
+        origin = self.gate.app_origin(label)
+        if origin is None:
+            return write_error(request, 404, "no such app host; open the app from its /x:… or /y:… address")
+        path = quote(_safe_next(args.get("path", ["/"])[0]), safe="")
+        ticket = self.gate.ticket(identity.user, label)
+        request.setResponseCode(303)
+        request.setHeader(b"location", f"{origin}/auth:ticket?t={ticket}&path={path}".encode())
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return b""
+
+
+class _Ticket(Resource):
+    """``/auth:ticket?t=TICKET&path=PATH`` on an app host: the app host's own session
+    cookie, then 303 to ``PATH``."""
+
+    isLeaf = True
+
+    def __init__(self, gate: AuthGate, label: str):
+        super().__init__()
+        self.gate, self.label = gate, label
+
+    def render_GET(self, request: Request) -> Any:
+        """Redeem the ticket."""
+        gate = self.gate
+        args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
+        user = gate.redeem(args.get("t", [""])[0], self.label)
+        if user is None:
+            return write_error(request, 403, "this sign-in link was used or has expired; open the app again")
+        path = _safe_next(args.get("path", ["/"])[0])
+
+        def cookie(session: str) -> None:
+            if done_or_gone(request):
+                return
+            _set_cookie(
+                request,
+                SESSION_COOKIE,
+                session.encode(),
+                int(gate.session_lifetime),
+                secure=request.isSecure(),
+            )
+            request.setResponseCode(303)
+            request.setHeader(b"location", path.encode())
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"referrer-policy", b"no-referrer")
+            request.finish()
+
+        def failed(f: Failure) -> None:
+            log.failure("signing in on an app host failed", f)
+            if not done_or_gone(request):
+                request.write(write_error(request, 500, "signing in failed; see the log"))
+                request.finish()
+
+        gate.service.create_session(user, gate.session_lifetime).addCallbacks(cookie, failed)
         return NOT_DONE_YET
 
 

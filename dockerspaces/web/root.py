@@ -23,7 +23,7 @@ from ..spec import (
     split_uri_cached,
 )
 from . import routing
-from .accesslog import Recorder
+from .accesslog import APP_HOST_ATTR, Recorder
 from .apphosts import AppHosts
 from .errors import ErrorResource, MethodNotAllowed, RedirectResource
 from .pages import wants_html
@@ -180,8 +180,15 @@ class Root(Resource):
 
     def _app_host(self, request: Request, apps: AppHosts, label: str) -> Resource:
         """A request for ``LABEL.DOMAIN``: that key's app with the path untouched (no
-        prefix, no route cookie); ``/monitor:progress/`` is the waiting page's."""
+        prefix, no route cookie); ``/monitor:progress/`` is the waiting page's, and with
+        accounts ``/auth:ticket`` signs the browser in there."""
         raw, _ = split_uri_cached(request.uri)
+        gate = self.gate
+        if gate is not None:
+            setattr(request, APP_HOST_ATTR, label)  # a browser signs in on the main host
+            if raw.segment.startswith("auth:"):
+                self._begin(request, "auth", raw.segment[5:])
+                return gate.app_page(request, label, raw.segment[5:])
         if raw.segment == "monitor:progress":
             plan = self._plan(raw.segment)
             if plan is not None:
