@@ -563,3 +563,63 @@ class AppHostSignInTests(SynchronousTestCase):
         status, _, body = self.get(f"{other}.apps.example.org", "/api/contents", bearer)
         self.assertEqual(status, 403)
         self.assertIn(b"may not run image other/lab:1", body)
+
+
+class MonitorLinksTests(SynchronousTestCase):
+    """``/monitor:broker/``'s ``Apps`` and the home page link each app at its public URL."""
+
+    def broker(self, *segments: str) -> Any:
+        from dockerspaces.broker.snapshot import ContainerView
+
+        views = [
+            ContainerView(
+                f"c{i}", "local", 9100 + i, spec(s).key, spec(s).display, "idle", 0, spec(s), (), "alice"
+            )
+            for i, s in enumerate(segments)
+        ]
+
+        class Broker:
+            def snapshot(self) -> dict[str, Any]:
+                return {"Queues": {}}
+
+            def containers(self) -> list[Any]:
+                return views
+
+        return Broker()
+
+    def routes(self, apps: AppHosts, broker: Any) -> Routes:
+        c = Config(app_domain=apps.domain, public_url=apps.public_url)
+        return Routes(c, proxy=None, broker=broker, policy=None, profiles=Profiles(c, apps))  # type: ignore[arg-type]
+
+    def test_main_host_links_only_without_env(self) -> None:
+        broker = self.broker("y:acme:web:1:80", JUPYTER_A, "x:acme:worker:1:3")
+        apps = self.routes(AppHosts(), broker).snapshot()["Apps"]
+        self.assertEqual(
+            apps,
+            [
+                {"Key": spec("y:acme:web:1:80").display, "Link": "/y:acme:web:1:80/", "Host": None},
+                {"Key": spec(JUPYTER_A).display, "Link": None, "Host": None},  # env values stay out
+            ],
+        )
+
+    def test_app_hosts_linked_with_env_too(self) -> None:
+        broker = self.broker(JUPYTER_A)
+        (entry,) = self.routes(AppHosts("apps.localhost"), broker).snapshot()["Apps"]
+        label = app_label(spec(JUPYTER_A))
+        self.assertEqual(entry["Host"], f"{label}.apps.localhost")
+        self.assertIsNone(entry["Link"])  # no origin known and env values: no link
+        (entry,) = self.routes(AppHosts("apps.example.org", "https://s.example.org:8443"), broker).snapshot()[
+            "Apps"
+        ]
+        self.assertEqual(entry["Link"], f"https://{label}.apps.example.org:8443/")
+        self.assertNotIn("s3cr3t", str(entry))
+
+    def test_home_page_rows(self) -> None:
+        from dockerspaces.app import user_containers
+
+        broker = self.broker("y:acme:web:1:80", JUPYTER_A)
+        rows = user_containers(broker, "alice", AppHosts("apps.example.org", "https://s.example.org"))
+        label = app_label(spec(JUPYTER_A))
+        self.assertEqual(rows[1][2], f"https://{label}.apps.example.org/")
+        self.assertEqual(user_containers(broker, "alice")[0][2], "/y:acme:web:1:80/")
+        self.assertIsNone(user_containers(broker, "alice")[1][2])
