@@ -376,6 +376,17 @@ def _set_cookie(
     request.responseHeaders.addRawHeader(b"set-cookie", b"; ".join(parts))
 
 
+def _session_and_go(request: Request, session: str, lifetime: float, location: str) -> None:
+    """Finish a sign-in: the session cookie, then 303 to ``location`` (a path here)."""
+    if done_or_gone(request):
+        return
+    _set_cookie(request, SESSION_COOKIE, session.encode(), int(lifetime), secure=request.isSecure())
+    request.setResponseCode(303)
+    request.setHeader(b"location", location.encode())
+    request.setHeader(b"cache-control", b"no-store")
+    request.finish()
+
+
 def _safe_next(target: str) -> str:
     """Only a path on this site (no scheme, no host, no ``//``)."""
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
@@ -519,13 +530,24 @@ def _login_form(request: Request, next_url: str, error: str = "", status: int = 
     )
 
 
-class _Login(Resource):
+class _GatePage(Resource):
+    """A page of the gate's own."""
+
     isLeaf = True
 
     def __init__(self, gate: AuthGate):
         super().__init__()
         self.gate = gate
 
+    def identity(self, request: Request) -> Identity:
+        """The identity the gate let through (pages behind ``guard`` only)."""
+        identity = identity_of(request)
+        if identity is None:  # pragma: no cover - the gate let it through
+            raise AssertionError("a guarded page without an identity")
+        return identity
+
+
+class _Login(_GatePage):
     def render_GET(self, request: Request) -> bytes:
         """The form (``?next=`` where to go afterwards)."""
         args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
@@ -556,19 +578,7 @@ class _Login(Resource):
             return gate.service.create_session(identity.user, gate.session_lifetime).addCallback(cookie)
 
         def cookie(session: str) -> None:
-            if done_or_gone(request):
-                return
-            _set_cookie(
-                request,
-                SESSION_COOKIE,
-                session.encode(),
-                int(gate.session_lifetime),
-                secure=request.isSecure(),
-            )
-            request.setResponseCode(303)
-            request.setHeader(b"location", next_url.encode())
-            request.setHeader(b"cache-control", b"no-store")
-            request.finish()
+            _session_and_go(request, session, gate.session_lifetime, next_url)
 
         def refused(f: Failure) -> None:
             if done_or_gone(request):
@@ -586,13 +596,7 @@ class _Login(Resource):
         return NOT_DONE_YET
 
 
-class _Logout(Resource):
-    isLeaf = True
-
-    def __init__(self, gate: AuthGate):
-        super().__init__()
-        self.gate = gate
-
+class _Logout(_GatePage):
     def render_GET(self, request: Request) -> bytes:
         """A confirmation form (a GET never changes state)."""
         token = _csrf(request)
@@ -627,20 +631,13 @@ class _Logout(Resource):
         return NOT_DONE_YET
 
 
-class _Handoff(Resource):
+class _Handoff(_GatePage):
     """``/auth:handoff?to=LABEL&path=PATH`` on the main host, signed in: 303 to the app
     host's ``/auth:ticket`` with a one-time ticket."""
 
-    isLeaf = True
-
-    def __init__(self, gate: AuthGate):
-        super().__init__()
-        self.gate = gate
-
     def render_GET(self, request: Request) -> bytes:
         """The redirect, or 404 for an app host nobody knows."""
-        identity = identity_of(request)
-        assert identity is not None  # noqa: S101 - the gate let it through
+        identity = self.identity(request)
         args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
         label = args.get("to", [""])[0]
         origin = self.gate.app_origin(label)
@@ -675,20 +672,9 @@ class _Ticket(Resource):
         path = _safe_next(args.get("path", ["/"])[0])
 
         def cookie(session: str) -> None:
-            if done_or_gone(request):
-                return
-            _set_cookie(
-                request,
-                SESSION_COOKIE,
-                session.encode(),
-                int(gate.session_lifetime),
-                secure=request.isSecure(),
-            )
-            request.setResponseCode(303)
-            request.setHeader(b"location", path.encode())
-            request.setHeader(b"cache-control", b"no-store")
+            # (no Referer from the next page: this URL held the ticket)
             request.setHeader(b"referrer-policy", b"no-referrer")
-            request.finish()
+            _session_and_go(request, session, gate.session_lifetime, path)
 
         def failed(f: Failure) -> None:
             log.failure("signing in on an app host failed", f)
@@ -700,17 +686,10 @@ class _Ticket(Resource):
         return NOT_DONE_YET
 
 
-class _Home(Resource):
-    isLeaf = True
-
-    def __init__(self, gate: AuthGate):
-        super().__init__()
-        self.gate = gate
-
+class _Home(_GatePage):
     def render_GET(self, request: Request) -> bytes:
         """The signed-in user's page."""
-        identity = identity_of(request)
-        assert identity is not None  # noqa: S101 - the gate let it through
+        identity = self.identity(request)
         rows = "".join(
             "<tr><td>"
             + (
