@@ -60,12 +60,13 @@ PLAN_CACHE = 1024
 class _Plan:
     """A route segment parsed once: what to dispatch, and how to log it."""
 
-    __slots__ = ("display", "kind", "leaf", "prefix", "redirect", "route")
+    __slots__ = ("display", "job", "kind", "leaf", "prefix", "redirect", "route")
 
     def __init__(self, route: Route, prefix: bytes):
         self.route = route
         self.prefix = prefix
         self.leaf: Resource | None = None  # a host: route's shared resource
+        self.job = route if isinstance(route, JobSpec) else None
         # x:/y:/host:/shost: without a slash after the segment get a 308 to add it
         self.redirect = isinstance(route, (JobSpec, HostTarget))
         if isinstance(route, JobSpec):
@@ -98,7 +99,7 @@ class Root(Resource):
         # app on the main host are sent there; every x:/y: request tells it how
         # clients reach us (the public URL its containers are told)
         self.apps = apps
-        self.app_hosts = apps is not None and apps.domain is not None
+        self.app_hosts = apps if apps is not None and apps.domain is not None else None
         self.gate = gate  # --auth accounts: every routed request is checked by it
         self.route_cookies = route_cookies  # the proxy's: dsroute references it handed out
         self.config = config
@@ -134,11 +135,11 @@ class Root(Resource):
         return plan
 
     def _resolve(self, request: Request) -> Resource:
-        apps = self.apps
-        if self.app_hosts and apps is not None:
-            label = apps.label_of(request.requestHeaders.getRawHeaders(b"host", [None])[0])
+        hosts = self.app_hosts
+        if hosts is not None:
+            label = hosts.label_of(request.requestHeaders.getRawHeaders(b"host", [None])[0])
             if label is not None:
-                return self._app_host(request, apps, label)
+                return self._app_host(request, hosts, label)
         raw, forward_path = split_uri_cached(request.uri)
         if self.gate is not None and raw.segment.startswith("auth:"):
             self._begin(request, "auth", raw.segment[5:])
@@ -152,26 +153,34 @@ class Root(Resource):
             return ErrorResource(400, f"bad route {raw.segment[:200]!r}: {e}")
         if plan is None:
             return self._fallback(request, raw.rest, raw.query)
-        route = plan.route
-        if apps is not None and isinstance(route, JobSpec):
-            if (
-                self.app_hosts
-                and not route.worker
-                and request.method in (b"GET", b"HEAD")
-                and wants_html(request)
-            ):
-                # a browser: to the app's own host, path and query kept (API clients
-                # are served where they are)
-                location = apps.redirect_to(request, route, forward_path)
-                if location is not None:
-                    self._begin(request, plan.kind, plan.display)
-                    return RedirectResource(location, 307)
-            apps.note(request, route)
+        if plan.job is not None and self.apps is not None:
+            sent = self._to_app_host(request, plan, plan.job, self.apps, forward_path)
+            if sent is not None:
+                return sent
         if plan.redirect and not raw.rest and request.method in (b"GET", b"HEAD"):
             self._begin(request, plan.kind, plan.display)
             location = plan.prefix + b"/" + (b"?" + raw.query if raw.query else b"")
             return RedirectResource(location, 308)
         return self._dispatch(request, plan, forward_path, cookie=True)
+
+    def _to_app_host(
+        self, request: Request, plan: _Plan, spec: JobSpec, apps: AppHosts, path: bytes
+    ) -> Resource | None:
+        """An x:/y: request on the main host: a browser's is sent to the app's own host
+        (``--app-domain``; path and query kept, API clients are served where they are);
+        every other one notes how it reached us (the public URL of the key)."""
+        if (
+            self.app_hosts is not None
+            and not spec.worker
+            and request.method in (b"GET", b"HEAD")
+            and wants_html(request)
+        ):
+            location = apps.redirect_to(request, spec, path)
+            if location is not None:
+                self._begin(request, plan.kind, plan.display)
+                return RedirectResource(location, 307)
+        apps.note(request, spec)
+        return None
 
     def _begin(self, request: Request, kind: str, display: str) -> None:
         """Log and count this request when it ends (the recorder's route info)."""
