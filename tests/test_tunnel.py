@@ -82,6 +82,23 @@ class TakeoverTests(SynchronousTestCase):
         # the HTTP channel never sees anything again
         self.assertEqual(channel._dataBuffer, [])
 
+    def test_logged_once_when_the_tunnel_closes(self) -> None:
+        """A tunnelled request reaches the site's request log (and so the access log
+        and metrics) once, when the tunnel closes: status 101, the bytes relayed."""
+        logged: list[Any] = []
+        h = ProxyHarness()
+        h.site.on_request_logged = logged.append
+        _, ct = h.client(UPGRADE)
+        p, _ = h.accept()
+        p.dataReceived(SWITCH + b"hello")
+        self.assertEqual(logged, [])  # open: not over yet
+        side = ct.protocol
+        p.connectionLost(Failure(ierror.ConnectionDone()))
+        side.connectionLost(Failure(ierror.ConnectionDone()))
+        (request,) = logged
+        self.assertEqual((request.code, request.sentLength), (101, len(b"hello")))
+        self.assertEqual(request.uri, UPGRADE.split(b" ")[1])
+
     def test_refused_upgrade_passed_back(self) -> None:
         h, _, ct, p, bt = self.upgraded()
         p.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")

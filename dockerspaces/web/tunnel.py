@@ -208,6 +208,17 @@ def switching_head(reason: bytes, headers: Headers, upgrade: bytes) -> bytes:
     return b"".join(out)
 
 
+def logged(request: Any, status: int, sent: int) -> None:
+    """A tunnelled request is over: hand it to the site's request log as twisted.web
+    does for a finished one (its HTTP channel, taken over, never finishes it), with
+    the switching status and the bytes that went to the client."""
+    request.code = status
+    request.sentLength = sent
+    site = getattr(request, "site", None)
+    if site is not None:
+        site.log(request)
+
+
 def start_tunnel(
     ex: TunnelledExchange,
     conn: BackendConnection,
@@ -227,6 +238,7 @@ def start_tunnel(
 
     def closed(splice: Splice) -> None:
         ex.end("tunnel-closed", bytes_out=splice.bytes_to_client)
+        logged(request, status, splice.bytes_to_client)
 
     transport: Any = channel.transport
     if transport is None:  # the client went while the backend answered
