@@ -78,6 +78,7 @@ EXIT = "dockerspaces-test/exit:1"
 DEAF = "dockerspaces-test/deaf:1"
 WORKER = "dockerspaces-test/worker:1"
 WSAPP = "dockerspaces-test/wsapp:1"
+JUPYTER = "dockerspaces-test/jupyter:1"
 
 TTS_PORT = 5002
 WEB_PORT = 8080
@@ -483,36 +484,66 @@ def ensure_test_images(*tags: str) -> None:
     _done.add(BASE)
 
 
-def ensure_wsapp_image() -> str:
-    """Build :data:`WSAPP` unless present and current (blocking; needs the python3 base
-    image, which ``ensure_pybase`` makes by debootstrap once or skips the test)."""
-    if WSAPP in _done:
-        return WSAPP
+def _ensure_on_pybase(tag: str, body: str, files: dict[str, str], timeout: int = 300) -> str:
+    """Build ``tag`` ``FROM`` the python3 base image with Dockerfile lines ``body`` and
+    the context ``files`` unless present and current (blocking; the base is made by
+    ``ensure_pybase`` with debootstrap once, or the test skips)."""
+    if tag in _done:
+        return tag
     from .test_dockerfile import ensure_pybase  # lazily: that module imports this one
 
     base = ensure_pybase()
-    client = docker_client(timeout=300)
+    client = docker_client(timeout=timeout)
     try:
         base_id = client.inspect_image(base)["Id"]
-        dockerfile = (
-            f"FROM {base}\nCOPY wsapp.py /wsapp.py\n"
-            f"ENV PORT={WEB_PORT}\nEXPOSE {WEB_PORT}\n" + _LABELS + 'CMD ["python3", "-u", "/wsapp.py"]\n'
-        )
-        digest = hashlib.sha256((base_id + dockerfile + _WSAPP).encode()).hexdigest()[:16]
+        dockerfile = f"FROM {base}\n" + body + _LABELS
+        content = json.dumps(sorted(files.items()))
+        digest = hashlib.sha256((base_id + dockerfile + content).encode()).hexdigest()[:16]
         with open(_LOCK_PATH, "a") as lockf:
             fcntl.flock(lockf, fcntl.LOCK_EX)
             try:
-                if _current_hash(client, WSAPP) != digest:
-                    context = tempfile.mkdtemp(prefix="ds-test-wsapp-")
+                if _current_hash(client, tag) != digest:
+                    context = tempfile.mkdtemp(prefix="ds-test-pybase-image-")
                     try:
-                        with open(os.path.join(context, "wsapp.py"), "w") as f:
-                            f.write(_WSAPP)
-                        _build(client, context, WSAPP, digest, dockerfile)
+                        for name, text in files.items():
+                            with open(os.path.join(context, name), "w") as f:
+                                f.write(text)
+                        _build(client, context, tag, digest, dockerfile)
                     finally:
                         shutil.rmtree(context, ignore_errors=True)
             finally:
                 fcntl.flock(lockf, fcntl.LOCK_UN)
     finally:
         client.close()
-    _done.add(WSAPP)
-    return WSAPP
+    _done.add(tag)
+    return tag
+
+
+def ensure_wsapp_image() -> str:
+    """Build :data:`WSAPP` unless present and current (see :func:`_ensure_on_pybase`)."""
+    body = f"COPY wsapp.py /wsapp.py\nENV PORT={WEB_PORT}\nEXPOSE {WEB_PORT}\n"
+    return _ensure_on_pybase(WSAPP, body + 'CMD ["python3", "-u", "/wsapp.py"]\n', {"wsapp.py": _WSAPP})
+
+
+#: an empty notebook (nbformat 4) the Jupyter image serves as ``t.ipynb``
+_NOTEBOOK = json.dumps(
+    {
+        "cells": [],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+)
+
+
+def ensure_jupyter_image() -> str:
+    """Build :data:`JUPYTER` (Debian's ``jupyter-notebook``, notebook 6, on the python3
+    base; ``/srv/nb/t.ipynb`` an empty notebook) unless present and current. The
+    command comes from the test's profile. The first build installs from Debian's
+    mirror (a few minutes); later runs find it cached."""
+    body = (
+        "RUN apt-get update && apt-get install -y --no-install-recommends jupyter-notebook "
+        "python3-ipykernel && rm -rf /var/lib/apt/lists/*\n"
+        "COPY t.ipynb /srv/nb/t.ipynb\nEXPOSE 8888\n"
+    )
+    return _ensure_on_pybase(JUPYTER, body, {"t.ipynb": _NOTEBOOK}, timeout=1200)
