@@ -77,13 +77,6 @@ class Browser:
 
         return eventually(page, timeout, "Chromium's DevTools endpoint", interval=0.2)
 
-    def new_tab(self) -> str:
-        """Open another page (a tab of the same browser, sharing its cookies): its
-        DevTools websocket URL."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return str(json.loads(r.read())["webSocketDebuggerUrl"])
-
     def close(self) -> None:
         self.proc.terminate()
         try:
