@@ -113,6 +113,7 @@ class Routes:
             allow_image=self.config.allow_image,
             waiting=self.waiting,
             worker_post_only=self.config.worker_post_only,
+            cookie_paths=self.profiles is None or self.profiles.cookie_paths(spec),
         )
 
     def host(self, target: HostTarget, prefix: bytes, path: bytes, cookie: bool) -> Resource:

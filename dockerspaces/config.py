@@ -55,9 +55,13 @@ class ImageProfile:
     prefix: str = "strip"
     command: tuple[str, ...] | None = None  # may use {public_path} and {public_url}
     env: tuple[tuple[str, str], ...] = ()  # the same; added to the container's env
+    # "prefix": a stripped app's Set-Cookie paths put under its prefix (apps kept
+    # apart); "as-sent": passed on (one app whose pages use absolute URLs, docs/apps.md)
+    cookie_path: str = "prefix"
 
 
 PREFIX_MODES = ("strip", "keep")
+COOKIE_PATHS = ("prefix", "as-sent")
 
 
 def parse_app_domain(text: str) -> str:

@@ -16,6 +16,7 @@ from attrs import frozen
 
 from .config import (
     AUTH_MODES,
+    COOKIE_PATHS,
     LOG_FORMATS,
     PREFIX_MODES,
     PULL_POLICIES,
@@ -345,6 +346,7 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
         "prefix",
         "command",
         "env",
+        "cookie-path",
     }
     for k in entry:
         if k.replace("_", "-") not in known:
@@ -356,6 +358,11 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
     prefix = e.get("prefix", "strip")
     if prefix not in PREFIX_MODES:
         raise ConfigError(f'config: {where}: \'prefix\' must be "strip" or "keep", not {prefix!r}')
+    cookie_path = e.get("cookie-path", "prefix")
+    if cookie_path not in COOKIE_PATHS:
+        raise ConfigError(
+            f'config: {where}: \'cookie-path\' must be "prefix" or "as-sent", not {cookie_path!r}'
+        )
     command = e.get("command")
     if command is not None and (
         not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command)
@@ -391,6 +398,7 @@ def _profile(entry: RawValue, i: int) -> ImageProfile:
             prefix=str(prefix),
             command=None if command is None else tuple(command),
             env=tuple((str(k), str(v)) for k, v in env.items()),
+            cookie_path=str(cookie_path),
         )
     except (TypeError, ValueError) as ex:
         raise ConfigError(f"config: {where}: {ex}") from None

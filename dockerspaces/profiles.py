@@ -54,6 +54,12 @@ class Profiles:
         p = self.profile_for(spec)
         return p is not None and p.prefix == "keep"
 
+    def cookie_paths(self, spec: JobSpec) -> bool:
+        """False when ``spec``'s profile says ``cookie-path = "as-sent"``: a stripped
+        app's ``Set-Cookie`` paths are passed on, not put under its prefix."""
+        p = self.profile_for(spec)
+        return p is None or p.cookie_path == "prefix"
+
     def kept_prefix(self, spec: JobSpec) -> bytes:
         """The prefix a ``keep`` app is forwarded under (its public path less the
         trailing slash: every spelling of the key reaches it the same way)."""

@@ -364,6 +364,7 @@ class ConfigTests(SynchronousTestCase):
             ('command = ["--base={publicpath}"]', "only {public_path} and {public_url}"),
             ('env = { A = "{" }', "only {public_path}"),
             ('ready-path = "{nope}"', "only {public_path}"),
+            ('cookie-path = "root"', "'cookie-path' must be"),
         ):
             with self.assertRaises(ConfigError) as e:
                 self.load(f'[[profile]]\nimage = "a"\n{body}\n')
@@ -418,6 +419,39 @@ class CookiePathTests(SynchronousTestCase):
         ct, _ = h.answer(answer)
         _, headers = head_of(ct.value())
         self.assertEqual(values(headers, b"set-cookie"), [b"a=1; Path=/", b"b=2"])
+
+    def test_as_sent_when_the_profile_says_so(self) -> None:
+        """``cookie-path = "as-sent"``: one stripped app whose pages use absolute URLs
+        keeps its cookies on ``/`` (they go with its Referer/dsroute-routed requests)."""
+        calls: list[dict[str, Any]] = []
+
+        class FakeProxy:
+            def forward(self, request: Any, backend: Any, path: bytes, **kw: Any) -> int:
+                calls.append(kw)
+                return 1
+
+        class Lease:
+            endpoint = "tcp:127.0.0.1:9100"
+            queued_for = 0.0
+
+        profiles = (
+            ImageProfile("acme/dash:*", cookie_path="as-sent"),
+            ImageProfile("acme/*"),
+        )
+        c = Config(profiles=profiles)
+        routes = Routes(c, proxy=FakeProxy(), broker=None, policy=None, profiles=Profiles(c))  # type: ignore[arg-type]
+        for seg, want in (("y:acme:dash:1:80", False), ("y:acme:web:1:80", True), ("y:other:x:1:80", True)):
+            job = routes.job(spec(seg), b"/" + seg.encode(), b"/")
+            assert isinstance(job, JobResource)
+            job._forward(request(b"/" + seg.encode() + b"/", b"front"), Lease())
+            self.assertEqual(calls[-1]["cookie_paths"], want, seg)
+        h = ProxyHarness()
+        h.prefix = self.P
+        real = h.proxy.forward
+        h.proxy.forward = lambda *a, **kw: real(*a, **{**kw, "cookie_paths": False})  # type: ignore[method-assign]
+        ct, _ = h.answer(b"HTTP/1.1 200 OK\r\nSet-Cookie: _xsrf=1; Path=/\r\nContent-Length: 0\r\n\r\n")
+        _, headers = head_of(ct.value())
+        self.assertEqual(values(headers, b"set-cookie"), [b"_xsrf=1; Path=/"])
 
     def test_own_cookies_never_forwarded_and_no_dsroute_without_prefix(self) -> None:
         h = ProxyHarness()

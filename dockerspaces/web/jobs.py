@@ -79,8 +79,10 @@ class JobResource(Resource):
         allow_image: tuple[str, ...],
         waiting: WaitingRoom | None = None,
         worker_post_only: bool = False,
+        cookie_paths: bool = True,
     ):
         super().__init__()
+        self.cookie_paths = cookie_paths  # Set-Cookie paths under the prefix (Proxy.forward)
         self.worker_post_only = worker_post_only
         self.waiting = waiting  # a pages.WaitingRoom: browsers get the waiting page
         self.spec, self.prefix, self.path = spec, prefix, path
@@ -169,6 +171,7 @@ class JobResource(Resource):
             # a request with a body that nothing answered may go elsewhere as well
             # if its container had exited before it was sent
             died_before=lambda when: lease.died_before(when, EXIT_GRACE),
+            cookie_paths=self.cookie_paths,
         )
 
     def _retry(self, request: Request, lease: Any, attempt: int, failed: bool = True) -> None:

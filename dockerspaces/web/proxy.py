@@ -145,8 +145,11 @@ class _Exchange:
         external: bool = False,
         cors: bool = True,
         died_before: Callable[[float], Deferred[bool]] | None = None,
+        cookie_paths: bool = True,
     ):
         self.proxy = proxy
+        # the prefix the backend's Set-Cookie paths are put under (b"": as sent)
+        self.cookie_prefix = prefix if cookie_paths else b""
         self.cors = cors
         self.retry_unforwarded = retry_unforwarded
         self.confirm_close = confirm_close
@@ -274,12 +277,12 @@ class _Exchange:
             drop = drop | {lk for lk in grouped if lk.startswith(b"access-control-")}
             if cors and b"vary" in grouped:  # merged with ours below
                 drop = drop | {b"vary"}
-        prefix = self.prefix
+        cookie_prefix = self.cookie_prefix
         if (
             raw is not None
             and len(drop) == len(HOP_BY_HOP)
             and b"location" not in grouped
-            and not (prefix and b"set-cookie" in grouped)
+            and not (cookie_prefix and b"set-cookie" in grouped)
         ):
             # nothing to rewrite, only the standard hop-by-hop lines to leave out:
             # the block as received, less those lines
@@ -288,14 +291,14 @@ class _Exchange:
         else:
             if b"location" in grouped:
                 headers = [
-                    (k, rewrite_location(v, prefix=prefix, backend_host=self.backend_host))
+                    (k, rewrite_location(v, prefix=self.prefix, backend_host=self.backend_host))
                     if k.lower() == b"location"
                     else (k, v)
                     for k, v in headers
                 ]
-            if prefix and b"set-cookie" in grouped:  # the app's cookies under its prefix
+            if cookie_prefix and b"set-cookie" in grouped:  # the app's cookies under its prefix
                 headers = [
-                    (k, rewrite_cookie_path(v, prefix=prefix)) if k.lower() == b"set-cookie" else (k, v)
+                    (k, rewrite_cookie_path(v, prefix=cookie_prefix) if k.lower() == b"set-cookie" else v)
                     for k, v in headers
                 ]
             lines = [b"%s: %s\r\n" % kv for kv in headers if kv[0].lower() not in drop]
@@ -669,6 +672,7 @@ class Proxy:
         external: bool = False,
         cors: bool = True,
         died_before: Callable[[float], Deferred[bool]] | None = None,
+        cookie_paths: bool = True,
     ) -> int:
         """Forward ``request`` to ``backend`` as ``path``; returns ``NOT_DONE_YET``.
 
@@ -689,6 +693,8 @@ class Proxy:
         target) keeps the client's ``Authorization`` from the backend; dockerspaces'
         own cookies and token never reach any backend. ``cors`` False (the Docker
         API) sends no CORS headers at all, neither ours (``--cors``) nor the backend's.
+        ``cookie_paths`` (with a ``prefix``) puts the ``Path`` of the backend's
+        ``Set-Cookie`` answers under the prefix; False passes them as sent.
         """
         _Exchange(
             self,
@@ -704,6 +710,7 @@ class Proxy:
             external,
             cors,
             died_before,
+            cookie_paths,
         ).start()
         return NOT_DONE_YET
 
