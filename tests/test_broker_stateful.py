@@ -153,6 +153,20 @@ class BrokerMachine(RuleBasedStateMachine):
         """An engine stops (or starts again) answering."""
         self.h.engines[host].set_down(down)
 
+    @rule(host=st.sampled_from(["h0", "h1"]), slots=st.integers(0, 3))
+    def resize(self, host: str, slots: int) -> None:
+        """A host's slot count changes (a swarm node's label)."""
+        self.h.broker.resize_host(host, slots)
+
+    @rule(host=st.sampled_from(["h0", "h1"]), leave=st.booleans())
+    def leave_or_join(self, host: str, leave: bool) -> None:
+        """A host leaves (a node drained) or joins again."""
+        if leave:
+            self.h.broker.remove_host(host, "test")
+        elif host not in self.h.broker.host_slots():
+            hc = next(c for c in self.h.hosts if c.name == host)
+            self.h.broker.add_host(hc, self.h.engines[host])
+
     @rule(dt=st.sampled_from([0.5, 1, 2, 5, 12]))
     def advance(self, dt: float) -> None:
         """Time passes."""
@@ -173,9 +187,7 @@ class BrokerMachine(RuleBasedStateMachine):
             assert (c.host, c.port) not in seen, (c.host, c.port)
             seen.add((c.host, c.port))
         for e in self.h.engines.values():
-            for port in range(9100, 9102):
-                assert len(e.running_on(port)) <= 1
-            for port in range(9200, 9202):
+            for port in (*range(9100, 9104), *range(9200, 9204)):
                 assert len(e.running_on(port)) <= 1
 
     @invariant()
@@ -207,6 +219,10 @@ class BrokerMachine(RuleBasedStateMachine):
         """Bring hosts back, finish everything, drain: nothing waits, nothing is orphaned."""
         for e in self.h.engines.values():
             e.set_down(False)
+        for hc in self.h.hosts:  # every host back, at its size
+            if hc.name not in self.h.broker.host_slots():
+                self.h.broker.add_host(hc, self.h.engines[hc.name])
+            self.h.broker.resize_host(hc.name, hc.slots)
         for _ in range(3):
             self.h.clock.advance(5)
         for r in self._held():

@@ -140,6 +140,30 @@ class Broker:
             d.addBoth(one)
         return done
 
+    def add_host(self, config: HostConfig, engine: IEngine) -> Deferred[None]:
+        """A host joins while running (a swarm node): its containers are reconciled,
+        then its slots used; fires once reconciled."""
+        return self.hosts.add(config, engine)
+
+    def resize_host(self, name: str, slots: int) -> None:
+        """Host ``name`` has ``slots`` slots from now (a node's label changed): slots
+        beyond take nothing new and go once their containers have stopped."""
+        for h in self.state.hosts:
+            if h.name == name and not h.leaving:
+                self.hosts.resize(h, slots)
+
+    def remove_host(self, name: str, reason: str) -> None:
+        """Host ``name`` leaves (a node drained, down or gone): its idle containers and
+        workers stop, busy ones once their requests end; forgotten once empty."""
+        for h in list(self.state.hosts):
+            if h.name == name and not h.leaving:
+                self.hosts.remove(h, reason)
+
+    def host_slots(self) -> dict[str, int]:
+        """The hosts in use and their slot counts (retired slots and leaving hosts
+        not counted)."""
+        return {h.name: sum(1 for s in h.slots if not s.retired) for h in self.state.hosts if not h.leaving}
+
     @property
     def quotas(self) -> Quotas:
         """Per-user holds and waiting requests (read only: tests, dashboards)."""

@@ -21,9 +21,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..engine.interface import ContainerEvent, ContainerHandle, EngineUnreachable, OwnedContainer
+from ..config import HostConfig
+from ..engine.interface import ContainerEvent, ContainerHandle, EngineUnreachable, IEngine, OwnedContainer
 from .effects import entry
-from .model import BUSY, GONE, IDLE, WORKER, Container, HostState
+from .model import BUSY, GONE, IDLE, STARTING, WORKER, Container, HostState, Slot
 from .parts import AdmissionPart, LeasesPart, LifecyclePart, PlacementPart
 from .state import BrokerState, warn
 
@@ -126,6 +127,70 @@ class Hosts:
             self._reconcile(h)
         elif not ok and h.up:
             self.host_down(h, "engine does not answer ping")
+
+    # -- hosts that come and go (swarm nodes) ----------------------------------------
+    @entry
+    def add(self, config: HostConfig, engine: IEngine) -> Deferred[None]:
+        """A host joins: watched, its labelled containers reconciled, then its slots
+        used. A host of that name still leaving comes back, resized."""
+        for h in self.st.hosts:
+            if h.name == config.name:
+                h.leaving = False
+                h.config, h.engine = config, engine
+                self.resize(h, config.slots)
+                return succeed(None) if h.up else self._reconcile(h)
+        h = HostState(config=config, engine=engine, since=self.st.clock.seconds(), up=False)
+        self.st.add_slots(h, range(config.slots))
+        self.st.hosts.append(h)
+        engine.watch(self._watcher(h))
+        self.placement.slots_changed()
+        return self._reconcile(h)
+
+    @entry
+    def resize(self, h: HostState, slots: int) -> None:
+        """``h`` has ``slots`` slots from now: new ones are free at once; those beyond
+        take nothing new, their idle containers stop, busy ones stop once idle (workers
+        run on), and each goes once empty."""
+        have = {s.index: s for s in h.slots}
+        for i in range(slots):
+            s = have.get(i)
+            if s is not None and s.retired:
+                s.retired = False
+                self.placement.slot_freed(s)
+        self.st.add_slots(h, range(max(have, default=-1) + 1, slots))
+        for s in list(h.slots):
+            if s.index >= slots and not s.retired:
+                self._retire(s)
+        self.placement.slots_changed()
+
+    @entry
+    def remove(self, h: HostState, reason: str) -> None:
+        """``h`` leaves (a node drained, down or gone): it takes nothing new, its idle
+        containers and workers are stopped, busy ones once idle; gone once empty."""
+        warn("host {host} leaves: {reason}", host=h.name, reason=reason)
+        h.leaving = True
+        h.last_error = reason
+        for s in list(h.slots):
+            c = s.container
+            if c is not None and c.state == WORKER:
+                self.lifecycle.stop(c, self.st.settings.stop)
+            if not s.retired:
+                self._retire(s)
+        if not h.slots and h in self.st.hosts:
+            self.st.hosts.remove(h)
+        self.placement.slots_changed()
+        self._consider_waiting()
+
+    def _retire(self, s: Slot) -> None:
+        s.retired = True
+        s.host.free.pop(s, None)
+        c = s.container
+        if c is not None and c.state in (IDLE, BUSY, STARTING):
+            c.suspect = True  # no new leases; stopped when its last one ends
+            if c.state == IDLE:
+                self.lifecycle.stop(c, self.st.settings.stop)
+        if s.empty:
+            self.st.drop_slot(s)
 
     def engine_failed(self, h: HostState, f: Failure) -> None:
         """An engine call failed: EngineUnreachable marks the host down (ping recovers)."""

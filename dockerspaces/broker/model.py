@@ -110,6 +110,7 @@ class HostState:
     pinging: bool = False
     reconciling: bool = False
     last_error: str | None = None
+    leaving: bool = False  # removed (a swarm node gone): dropped once its slots are empty
 
     @property
     def name(self) -> str:
@@ -130,6 +131,7 @@ class Slot:
     last_error: str | None = None
     blocked_until: float = 0.0  # quarantined (port taken by something else) until then
     clearing: int = 0  # containers of ours found on this port, being removed
+    retired: bool = False  # beyond its host's slot count now: dropped once empty
 
     @property
     def ref_info(self) -> str:
@@ -138,13 +140,19 @@ class Slot:
 
     def takes_new(self, now: float) -> bool:
         """True when a new container may be placed here: empty, no container of ours
-        being cleared from its port, not quarantined."""
+        being cleared from its port, not quarantined, not retired."""
         return (
-            self.container is None
+            not self.retired
+            and self.container is None
             and self.evicting is None
             and not self.clearing
             and self.blocked_until <= now
         )
+
+    @property
+    def empty(self) -> bool:
+        """No container in it, none leaving it, none of ours being cleared from its port."""
+        return self.container is None and self.evicting is None and not self.clearing
 
 
 @define(eq=False)

@@ -107,6 +107,9 @@ class PlacementPart(Protocol):
     def feed(self) -> None:
         """Give free and evictable slots to the claimants waiting for one."""
 
+    def slots_changed(self) -> None:
+        """Slots came or went: recount GPUs, feed the waiting."""
+
 
 class LeasesPart(Protocol):
     """Leases on running containers (:class:`~dockerspaces.broker.leases.Leases`)."""

@@ -377,7 +377,7 @@ class Placement:
             del best.free[slot]
             return slot
         for c in self.lru:
-            if c.key is not k and c.slot.host.up and (fits is None or fits(c.slot)):
+            if c.key is not k and c.slot.host.up and not c.slot.retired and (fits is None or fits(c.slot)):
                 slot = c.slot
                 self.lifecycle.stop(c, self.settings.stop, evict=True)
                 return slot
@@ -391,10 +391,21 @@ class Placement:
         """``s`` may have become free (its container gone, its port cleared, its
         quarantine over): if it takes a new container, it joins its host's free slots
         and those waiting for a slot are fed."""
+        if s.retired:
+            if s.empty:
+                self.st.drop_slot(s)
+            return
         if s.takes_new(self.st.clock.seconds()):
             s.host.free[s] = None
             if self.hungry:
                 self.feed()
+
+    def slots_changed(self) -> None:
+        """Slots came or went (a host joined or was resized): GPU accounting and
+        those waiting for capacity follow."""
+        self._gpuless = any(s.info.gpu is None for s in self.st.slots)
+        if self.hungry:
+            self.feed()
 
     def feed(self) -> None:
         """Capacity appeared: give it to those waiting for it, oldest first, round robin."""

@@ -68,18 +68,33 @@ class BrokerState:
         self.slot_by_port: dict[tuple[str, int], Slot] = {}
         for hc in hosts:
             h = HostState(config=hc, engine=engines[hc.name], since=now)
-            for i in range(hc.slots):
-                s = Slot(SlotInfo(hc.name, hc.start_port + i, hc.gpu_for(i)), h, i, since=now)
-                h.slots.append(s)
-                h.free[s] = None
-                self.slots.append(s)
-                self.slot_by_port[(hc.name, s.info.port)] = s
+            self.add_slots(h, range(hc.slots))
             self.hosts.append(h)
         self.keys: dict[str, KeyState] = {}
         self.by_id: dict[str, Container] = {}
         self.draining = False
         self.removals = 0  # removals under way of containers no slot tracks any more
         self._seq = 0
+
+    def add_slots(self, h: HostState, indexes: range) -> None:
+        """New free slots on ``h``: ports ``start_port + index``, GPUs round-robin."""
+        hc, now = h.config, self.clock.seconds()
+        for i in indexes:
+            s = Slot(SlotInfo(hc.name, hc.start_port + i, hc.gpu_for(i)), h, i, since=now)
+            h.slots.append(s)
+            h.free[s] = None
+            self.slots.append(s)
+            self.slot_by_port[(hc.name, s.info.port)] = s
+
+    def drop_slot(self, s: Slot) -> None:
+        """Forget an empty retired slot; its host too once it is leaving and has none."""
+        h = s.host
+        h.free.pop(s, None)
+        h.slots.remove(s)
+        self.slots.remove(s)
+        self.slot_by_port.pop((h.name, s.info.port), None)
+        if h.leaving and not h.slots:
+            self.hosts.remove(h)
 
     def tick(self) -> int:
         """The next stamp of the one counter ordering arrivals and services (fair share
