@@ -192,6 +192,7 @@ class Config:
     target: int = 5
     start_port: int = 9100
     cluster: tuple[tuple[int, int, str], ...] = ()
+    swarm: str | None = None  # a swarm manager's URL: its ready nodes are the hosts
     gpu: int = 0  # GPUs per host; -1: one GPU per slot (the original's boolean)
     source: int = 15
     queue: int = 1000

@@ -192,6 +192,12 @@ OPTIONS: tuple[Opt, ...] = (
         "PORT:SLOTS:URL, one engine each (repeatable)",
         multi=True,
     ),
+    Opt(
+        "swarm",
+        "swarm",
+        lambda v: validate_engine_url(str(v), "--swarm"),
+        "a Docker Swarm manager: every ready node is a host (slots from its dockerspaces.slots label)",
+    ),
     Opt("gpu", "gpu", parse_gpu, "GPUs per host, round-robin over slots; true = one per slot"),
     Opt("source", "source", _int("source", 1), "x: requests and worker launches admitted at once"),
     Opt("queue", "queue", _int("queue"), "requests waiting for admission beyond --source"),
@@ -482,6 +488,8 @@ def _check(config: Config) -> None:
             "--app-domain with --auth accounts needs --public-url (the main host's "
             "scheme://host[:port], where browsers sign in before going to an app's host)"
         )
+    if config.swarm and config.cluster:
+        raise ConfigError("--swarm and --cluster: give one (a swarm's nodes are its hosts)")
     if config.gpu == -1 and not config.cluster and config.target == 0:
         raise ConfigError("--gpu true: one GPU per slot needs --target > 0")
     hosts = config.hosts()

@@ -123,6 +123,8 @@ class Defaults(SynchronousTestCase):
             # issue 14: apps on their own hosts, the public URL
             "app-domain",
             "public-url",
+            # issue 17: a swarm's nodes as hosts
+            "swarm",
         }
         self.assertEqual(names, spec_names)
 
