@@ -347,6 +347,7 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
             containers=lambda user: user_containers(broker, user, apps),
             public_url=config.public_url,
             app_origin=apps.origin_of,
+            app_domain=config.app_domain,
         )
     else:
         warn_if_exposed(config.ports)

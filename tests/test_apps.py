@@ -492,6 +492,7 @@ class AppHostSignInTests(SynchronousTestCase):
             self.clock,
             public_url=self.apps.public_url,
             app_origin=self.apps.origin_of,
+            app_domain="apps.example.org",
         )
         config = Config(app_domain="apps.example.org", public_url=self.apps.public_url, auth="accounts")
         root = Root(config, Routes(), gate=self.gate, apps=self.apps)  # type: ignore[arg-type]
@@ -542,6 +543,13 @@ class AppHostSignInTests(SynchronousTestCase):
         self.assertEqual(status, 403)
         status, _, _ = self.get(self.app_host, ticket_path)
         self.assertEqual(status, 403)  # used up by the wrong host's try
+
+    def test_sign_in_form_may_lead_on_to_app_hosts(self) -> None:
+        """CSP form-action governs a form's redirects too: the sign-in form's answer
+        goes on (through /auth:handoff) to an app host, so those are allowed."""
+        _, headers, _ = self.get("spaces.example.org", "/auth:login?next=%2F")
+        (csp,) = headers["content-security-policy"]
+        self.assertIn("form-action 'self' *.apps.example.org:*", csp)
 
     def test_ticket_sets_the_app_hosts_own_session(self) -> None:
         ticket = self.gate.ticket("alice", self.label)

@@ -178,6 +178,7 @@ class AuthGate:
         containers: Callable[[str], list[tuple[str, str, str | None]]] | None = None,
         public_url: str | None = None,
         app_origin: Callable[[str], str | None] | None = None,
+        app_domain: str | None = None,
     ):
         self.service = service
         self.portal = portal
@@ -191,6 +192,9 @@ class AuthGate:
         # origin by its label (None: no such app), the tickets handed out
         self.public_url = public_url
         self.app_origin = app_origin or (lambda label: None)
+        # where a sign-in form's answer may lead (CSP form-action covers redirects):
+        # here, and with app hosts on to theirs (the hand-off after a sign-in)
+        self.form_action = b"'self'" + (b" *." + app_domain.encode("ascii") + b":*" if app_domain else b"")
         self._tickets: dict[str, tuple[str, str, float]] = {}
 
     # -- the gate --------------------------------------------------------------------
@@ -461,13 +465,16 @@ _STYLE = (
 )
 
 
-def _page(request: Request, title: str, body: str, status: int = 200) -> bytes:
+def _page(
+    request: Request, title: str, body: str, status: int = 200, form_action: bytes = b"'self'"
+) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"text/html; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-frame-options", b"DENY")
     request.setHeader(
-        b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; form-action " + form_action,
     )
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}"
@@ -511,7 +518,9 @@ def _fields(request: Request) -> dict[str, str] | None:
     return {k: v[0] for k, v in parsed.items()}
 
 
-def _login_form(request: Request, next_url: str, error: str = "", status: int = 200) -> bytes:
+def _login_form(
+    request: Request, next_url: str, error: str = "", status: int = 200, form_action: bytes = b"'self'"
+) -> bytes:
     token = _csrf(request)
     err = f"<p class=err>{html.escape(error)}</p>" if error else ""
     return _page(
@@ -527,6 +536,7 @@ def _login_form(request: Request, next_url: str, error: str = "", status: int = 
             "<button type=submit>Sign in</button></form>"
         ),
         status,
+        form_action,
     )
 
 
@@ -551,7 +561,7 @@ class _Login(_GatePage):
     def render_GET(self, request: Request) -> bytes:
         """The form (``?next=`` where to go afterwards)."""
         args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
-        return _login_form(request, _safe_next(args.get("next", ["/"])[0]))
+        return _login_form(request, _safe_next(args.get("next", ["/"])[0]), form_action=self.gate.form_action)
 
     def render_POST(self, request: Request) -> Any:
         """Check the form; on success a session cookie and a 303 to ``next``."""
@@ -561,13 +571,17 @@ class _Login(_GatePage):
             return write_error(request, 413, "the sign-in form is too large")
         next_url = _safe_next(fields.get("next", "/"))
         if not _form_ok(request, fields):
-            return _login_form(request, next_url, "The form expired; please try again.", 403)
+            return _login_form(
+                request, next_url, "The form expired; please try again.", 403, gate.form_action
+            )
         user = fields.get("user", "")
         keys = ["a:" + _client(request), "u:" + user]
         wait = gate.throttle.retry_after(*keys)
         if wait is not None:
             request.setHeader(b"retry-after", str(wait).encode())
-            return _login_form(request, next_url, f"Too many failed sign-ins; try again in {wait} s.", 429)
+            return _login_form(
+                request, next_url, f"Too many failed sign-ins; try again in {wait} s.", 429, gate.form_action
+            )
         d = gate.portal.login(
             UsernamePassword(user.encode(), fields.get("password", "").encode()), None, IIdentity
         )
@@ -585,10 +599,12 @@ class _Login(_GatePage):
                 return
             if f.check(UnauthorizedLogin):
                 gate.throttle.failed(*keys)
-                body = _login_form(request, next_url, "Wrong user or password.", 401)
+                body = _login_form(request, next_url, "Wrong user or password.", 401, gate.form_action)
             else:
                 log.failure("signing in failed", f)
-                body = _login_form(request, next_url, "Signing in failed; see the log.", 500)
+                body = _login_form(
+                    request, next_url, "Signing in failed; see the log.", 500, gate.form_action
+                )
             request.write(body)
             request.finish()
 
