@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from attrs import define, field
 from twisted.application import strports
@@ -25,6 +25,8 @@ from .config import Config, HostConfig
 from .engine.auth import RegistryAuth
 from .engine.engine import Engine, EngineService
 from .engine.interface import IEngine, RunOptions
+from .engine.swarm import NodeInfo, SwarmManager, SwarmManagerService, SwarmNodeEngine, host_for_node
+from .engine.swarmhosts import SwarmHosts
 from .hostguard import HostPolicyService, host_policy, warn_refused_root
 from .logoutput import TextObserver
 from .metrics import Metrics
@@ -282,12 +284,39 @@ def build_engines(config: Config, reactor: Reactor) -> tuple[list[HostConfig], d
     return hosts, engines
 
 
+def build_swarm(config: Config, reactor: Reactor, broker: Broker) -> tuple[SwarmManager, SwarmHosts]:
+    """``--swarm``: the manager's connection and the service keeping the broker's hosts
+    equal to the swarm's ready nodes (each a :class:`SwarmNodeEngine`)."""
+    url = config.swarm
+    if url is None:  # pragma: no cover - only called with --swarm
+        raise ValueError("build_swarm needs --swarm")
+    manager = SwarmManager(reactor, url, config.instance_name(), extra_headers=None)
+    auth = RegistryAuth.from_config(config)
+    nodes: dict[str, str] = {}  # host name -> node id
+
+    def make_host(node: NodeInfo, slots: int, gpus: int, name: str) -> tuple[HostConfig, IEngine]:
+        host = host_for_node(node, url, config.start_port, slots, gpus, name=name)
+        nodes[name] = node.id
+        return host, SwarmNodeEngine(manager, node, host, stop_grace=config.stop, auth=auth)
+
+    hosts = SwarmHosts(
+        manager,
+        broker,
+        reactor,
+        make_host,
+        default_slots=config.target,
+        default_gpus=config.gpu,
+        forget=lambda name: manager.forget_node(nodes.pop(name, "")),
+    )
+    return manager, hosts
+
+
 def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = None) -> MultiService:
     """The whole service tree for ``config``; ``log_out`` is where log lines go (see
     :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
     observer = logs.setup_logging(config.log_format, log_out, reactor)
     top = logs.ObservedMultiService(observer)
-    hosts, engines = build_engines(config, reactor)
+    hosts, engines = build_engines(config, reactor) if not config.swarm else ([], {})
     engine_services = MultiService()
     engine_services.setServiceParent(top)
     for e in engines.values():
@@ -309,11 +338,18 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
         on_container=container_hook(metrics, accounts),
     )
     BrokerService(broker, config.keep_containers, reactor).setServiceParent(top)
+    # engines the health page pings and whose networks host: may not reach
+    watched: dict[str, IEngine] = dict(engines)
+    if config.swarm:
+        manager, swarm_hosts = build_swarm(config, reactor, broker)
+        SwarmManagerService(manager).setServiceParent(engine_services)
+        swarm_hosts.setServiceParent(top)  # after the broker: it adds the nodes' hosts
+        watched["swarm-manager"] = cast(IEngine, manager)  # ping() and networks() only
     proxy = Proxy(reactor, cors=config.cors)
     ProxyService(proxy).setServiceParent(top)
     apps.known = lambda: [v.spec for v in broker.containers() if v.spec is not None]
     policy = host_policy(config, hosts, reactor)
-    HostPolicyService(policy, engines, reactor).setServiceParent(top)
+    HostPolicyService(policy, watched, reactor).setServiceParent(top)
     if config.root is not None:
         warn_refused_root(policy, config.root)
     autoscale = build_autoscaler(config.config, broker, engines, reactor) if config.config else None
@@ -326,10 +362,10 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
         broker,
         policy,
         reactor=reactor,
-        engines=dict(engines),
+        engines=watched,
         waiting=waiting,
         metrics=metrics,
-        has_slots=any(h.slots > 0 for h in hosts),
+        has_slots=bool(config.swarm) or any(h.slots > 0 for h in hosts),
         docker_api_resource=(DockerApiResource.from_config(config, proxy) if config.docker_api else None),
         autoscale=autoscale,
         profiles=profiles,
