@@ -211,3 +211,168 @@ class SwarmAdoption(SwarmCase):
         self.assertEqual(self.services(second), before)
         second.stop()
         eventually(lambda: self.services(second) == [], 30, "nothing left behind")
+
+
+class SecondNode:
+    """A second Docker engine joined to the swarm as a worker: ``dockerd`` with its own
+    data root, exec root and socket, in a network namespace of its own reached over a
+    veth pair (``10.231.0.1`` here, ``10.231.0.2`` there); the test images loaded into
+    it (it cannot pull). ``ip netns exec`` would remount ``/sys`` and hide the cgroup
+    mounts dockerd needs: the daemon enters only the network namespace (``nsenter``)."""
+
+    NS = "dsn2"
+    HOST_IP, NODE_IP = "10.231.0.1", "10.231.0.2"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.sock = f"unix://{root}/docker.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why a second node cannot be made here (None: it can)."""
+        import os
+        import shutil
+
+        if os.geteuid() != 0:
+            return "a second dockerd in a network namespace needs root"
+        for tool in ("ip", "nsenter", "dockerd"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed"
+        return None
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        self.stop()  # what an interrupted run may have left
+        self._run("ip", "netns", "add", self.NS)
+        self._run("ip", "link", "add", "dsv0", "type", "veth", "peer", "name", "dsv1")
+        self._run("ip", "link", "set", "dsv1", "netns", self.NS)
+        self._run("ip", "addr", "add", f"{self.HOST_IP}/24", "dev", "dsv0")
+        self._run("ip", "link", "set", "dsv0", "up")
+        for argv in (
+            ["ip", "addr", "add", f"{self.NODE_IP}/24", "dev", "dsv1"],
+            ["ip", "link", "set", "dsv1", "up"],
+        ):
+            self._run("ip", "netns", "exec", self.NS, *argv)
+        self._run("ip", "netns", "exec", self.NS, "ip", "link", "set", "lo", "up")
+        log = open(f"{self.root}/dockerd.log", "wb")  # noqa: SIM115 - the daemon's, closed with it
+        self.proc = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/var/run/netns/{self.NS}",
+                "dockerd",
+                "--data-root",
+                f"{self.root}/data",
+                "--exec-root",
+                f"{self.root}/exec",
+                "-H",
+                self.sock,
+                "--pidfile",
+                f"{self.root}/docker.pid",
+                "--bip",
+                "172.31.250.1/24",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        eventually(
+            lambda: self.docker("info", "--format", "{{.ServerVersion}}", check=False) != "", 60, "dockerd 2"
+        )
+
+    def docker(self, *args: str, check: bool = True) -> str:
+        """The docker CLI against the second engine."""
+        return _docker("-H", self.sock, *args, check=check)
+
+    def load(self, *images: str) -> None:
+        """Copy images from the first engine (no registry needed)."""
+        save = subprocess.Popen(["docker", "save", *images], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["docker", "-H", self.sock, "load"], stdin=save.stdout, check=True, capture_output=True
+        )
+        save.wait(60)
+
+    def stop(self) -> None:
+        """Leave the swarm, stop the daemon, remove the namespace and the veth pair."""
+        if self.proc is not None:
+            self.docker("swarm", "leave", "--force", check=False)
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        subprocess.run(["ip", "netns", "del", self.NS], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", "dsv0"], capture_output=True, check=False)
+
+
+class SwarmTwoNodes(SwarmCase):
+    """A real second node: joining adds its slots, draining takes them away, coming
+    back returns them, leaving the swarm removes its host -- while running."""
+
+    skip = docker_available() or SecondNode.missing()
+
+    def setUp(self) -> None:
+        import shutil
+        import tempfile
+
+        ensure_test_images(TTS, WEB)
+        if swarm_state() == "active":
+            raise AssertionError("the engine is in a swarm already: this test makes its own")
+        root = tempfile.mkdtemp(prefix="ds-node2-")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.node2 = SecondNode(root)
+        self.addCleanup(self.node2.stop)
+        self.node2.start()
+        self.node2.load(TTS)
+        _docker("swarm", "init", "--advertise-addr", SecondNode.HOST_IP)
+        self.addCleanup(_docker, "network", "rm", "docker_gwbridge", check=False)
+        self.addCleanup(_docker, "swarm", "leave", "--force", check=False)
+        self.node = _docker("node", "ls", "--format", "{{.ID}}").splitlines()[0]
+        _docker("node", "update", "--label-add", "dockerspaces.slots=1", self.node)
+        token = _docker("swarm", "join-token", "-q", "worker")
+        self.node2.docker("swarm", "join", "--token", token, f"{SecondNode.HOST_IP}:2377")
+        self.node2_id = self.node2.docker("info", "--format", "{{.Swarm.NodeID}}")
+        _docker("node", "update", "--label-add", "dockerspaces.slots=2", self.node2_id)
+        self.srv = Server("--swarm", "unix:///var/run/docker.sock", slots=1)
+        self.addCleanup(self.cleanup, self.srv)
+        self.srv.start()
+
+    def hosts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.slots(self.srv):
+            out[s["RefInfo"].split(":")[0]] = out.get(s["RefInfo"].split(":")[0], 0) + 1
+        return out
+
+    def test_node_joins_drains_returns_leaves(self) -> None:
+        eventually(lambda: self.hosts() == {"10.231.0.1": 1, "10.231.0.2": 2}, 30, "both nodes' slots")
+        # three keys at once: one slot here, two on the second node
+        segs = [
+            "x:selmaproject:tts:777:5002",
+            "x:selmaproject:tts:777:5002:N=2",
+            "x:selmaproject:tts:777:5002:N=3",
+        ]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda seg: self.srv.get(f"/{seg}/cgi-bin/sleep?1")[0], segs))
+        self.assertEqual(got, [200, 200, 200])
+        on_node2 = self.node2.docker(
+            "ps", "-q", "--filter", f"label=dockerspaces.instance={self.srv.instance}"
+        )
+        self.assertEqual(len(on_node2.split()), 2)
+        _docker("node", "update", "--availability", "drain", self.node2_id)
+        eventually(lambda: self.hosts() == {"10.231.0.1": 1}, 30, "the drained node's host gone")
+        eventually(
+            lambda: (
+                self.node2.docker("ps", "-q", "--filter", f"label=dockerspaces.instance={self.srv.instance}")
+                == ""
+            ),
+            30,
+            "its idle containers stopped",
+        )
+        _docker("node", "update", "--availability", "active", self.node2_id)
+        eventually(lambda: self.hosts() == {"10.231.0.1": 1, "10.231.0.2": 2}, 30, "back")
+        self.node2.docker("swarm", "leave", "--force")
+        eventually(lambda: self.hosts() == {"10.231.0.1": 1}, 60, "the node that left")
