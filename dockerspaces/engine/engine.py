@@ -46,12 +46,6 @@ from .auth import RegistryAuth
 from .errors import explanation, is_not_found, pull_error, status_of, translate
 from .events import EVENT_KINDS, EventWatcher, docker_time, event_from_docker
 from .interface import (
-    LABEL_DISPLAY,
-    LABEL_HOST,
-    LABEL_INSTANCE,
-    LABEL_KEY,
-    LABEL_SLOT,
-    LABEL_SPEC,
     ContainerEvent,
     ContainerHandle,
     ContainerRemoved,
@@ -64,6 +58,7 @@ from .interface import (
     RunOptions,
     SlotInfo,
     container_env,
+    container_labels,
 )
 from .probe import ProbeResult, probe_agent, probe_status_line
 from .pull import PULL_POLICIES, Pulls
@@ -177,16 +172,7 @@ class Engine:
 
     def labels_for(self, spec: JobSpec, slot: SlotInfo) -> dict[str, str]:
         """The labels a container for ``spec`` in ``slot`` carries."""
-        return {
-            LABEL_INSTANCE: self.instance,
-            LABEL_HOST: self.name,
-            LABEL_SLOT: str(slot.port),
-            LABEL_KEY: spec.key,
-            LABEL_DISPLAY: spec.display,
-            # without env values (they are secrets); adoption takes key and display
-            # from their own labels
-            LABEL_SPEC: JobSpec(spec.mode, spec.name, spec.tag, spec.port).segment(),
-        }
+        return container_labels(self.instance, self.name, spec, slot)
 
     def container_name(self, slot: SlotInfo) -> str:
         """A fresh container name ``ds-<instance>-<host>-<slotport>-<shortid>``."""

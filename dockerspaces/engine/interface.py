@@ -51,6 +51,20 @@ class RunOptions:
     env: tuple[tuple[str, str], ...] = ()  # added to the spec's env (these win)
 
 
+def container_labels(instance: str, host: str, spec: JobSpec, slot: SlotInfo) -> dict[str, str]:
+    """The labels every container (or swarm service) of this instance carries: whose it
+    is, where, and its key -- the spec without env values (they are secrets; adoption
+    takes key and display from their own labels)."""
+    return {
+        LABEL_INSTANCE: instance,
+        LABEL_HOST: host,
+        LABEL_SLOT: str(slot.port),
+        LABEL_KEY: spec.key,
+        LABEL_DISPLAY: spec.display,
+        LABEL_SPEC: JobSpec(spec.mode, spec.name, spec.tag, spec.port).segment(),
+    }
+
+
 def container_env(spec: JobSpec, options: RunOptions) -> dict[str, str]:
     """The environment a container of ``spec`` gets: the spec's (the URL's) env, then
     the profile's and the public path and URL (these win over the URL's)."""

@@ -71,12 +71,8 @@ from .engine import WORKER_SETTLE, network_from_docker
 from .errors import explanation, is_not_found, pull_error, status_of
 from .events import docker_time
 from .interface import (
-    LABEL_DISPLAY,
     LABEL_HOST,
     LABEL_INSTANCE,
-    LABEL_KEY,
-    LABEL_SLOT,
-    LABEL_SPEC,
     ContainerEvent,
     ContainerExited,
     ContainerHandle,
@@ -90,6 +86,7 @@ from .interface import (
     RunOptions,
     SlotInfo,
     container_env,
+    container_labels,
 )
 from .probe import ProbeResult, probe_agent, probe_status_line
 from .readiness import LOG_TAIL_LINES
@@ -664,16 +661,8 @@ class SwarmNodeEngine:
     # --------------------------------------------------------------------- create
 
     def labels_for(self, spec: JobSpec, slot: SlotInfo) -> dict[str, str]:
-        """The labels a service for ``spec`` in ``slot`` carries (those of
-        :meth:`Engine.labels_for <dockerspaces.engine.engine.Engine.labels_for>`)."""
-        return {
-            LABEL_INSTANCE: self.instance,
-            LABEL_HOST: self.name,
-            LABEL_SLOT: str(slot.port),
-            LABEL_KEY: spec.key,
-            LABEL_DISPLAY: spec.display,
-            LABEL_SPEC: JobSpec(spec.mode, spec.name, spec.tag, spec.port).segment(),
-        }
+        """The labels a service for ``spec`` in ``slot`` carries (a container's)."""
+        return container_labels(self.instance, self.name, spec, slot)
 
     def service_name(self, slot: SlotInfo) -> str:
         """A fresh service name ``ds-<instance>-<host>-<slotport>-<shortid>``: letters,
