@@ -345,9 +345,6 @@ class Engine:
         not treq, so that it tests the very transport the engine's calls take (a
         UNIX socket, ssh, TLS with client certificates, a peer's token header)."""
 
-        def ping_sync(client: DockerClient) -> bool:
-            return bool(client.ping())
-
         d = self._threads.run(ping_sync)
         d.addTimeout(self._connect_timeout, self._reactor)
         d.addErrback(lambda _f: False)
@@ -355,10 +352,6 @@ class Engine:
 
     def networks(self) -> Deferred[list[NetworkInfo]]:
         """Every network of the engine with its IPAM address ranges."""
-
-        def networks_sync(client: DockerClient) -> list[NetworkInfo]:
-            return [network_from_docker(n) for n in client.networks() or []]
-
         return self._threads.run(networks_sync)
 
     def container_address(self, container_id: str) -> Deferred[str | None]:
@@ -410,6 +403,16 @@ def network_from_docker(info: dict[str, Any]) -> NetworkInfo:
         subnets=tuple(subnets),
         ip_ranges=tuple(ranges),
     )
+
+
+def ping_sync(client: DockerClient) -> bool:
+    """Whether the engine answers ``/_ping`` (in a pool thread)."""
+    return bool(client.ping())
+
+
+def networks_sync(client: DockerClient) -> list[NetworkInfo]:
+    """The engine's networks with their IPAM address ranges (in a pool thread)."""
+    return [network_from_docker(n) for n in client.networks() or []]
 
 
 class EngineService(Service):

@@ -67,7 +67,7 @@ from ..config import HostConfig
 from ..spec import JobSpec
 from .adopt import owned_from_docker
 from .auth import RegistryAuth, registry_of
-from .engine import WORKER_SETTLE, network_from_docker
+from .engine import WORKER_SETTLE, networks_sync, ping_sync
 from .errors import explanation, is_not_found, pull_error, status_of
 from .events import docker_time
 from .interface import (
@@ -480,21 +480,14 @@ class SwarmManager:
     def ping(self) -> Deferred[bool]:
         """True when the manager answers (within ``connect_timeout`` seconds)."""
 
-        def ping_sync(client: SwarmClient) -> bool:
-            return bool(client.ping())
-
-        d = self.run(ping_sync)
+        d = self._threads.run(ping_sync)
         d.addTimeout(self.connect_timeout, self.reactor)
         d.addErrback(lambda _f: False)
         return d
 
     def networks(self) -> Deferred[list[NetworkInfo]]:
         """The manager's networks with their IPAM address ranges."""
-
-        def networks_sync(client: SwarmClient) -> list[NetworkInfo]:
-            return [network_from_docker(n) for n in client.networks() or []]
-
-        return self.run(networks_sync)
+        return self._threads.run(networks_sync)
 
     # ------------------------------------------------------------------- poller
 
