@@ -35,16 +35,18 @@ from .spec import HostTarget, JobSpec, MonitorRoute
 from .web.accesslog import Recorder
 from .web.apphosts import AppHosts
 from .web.auth import AuthGate
+from .web.backend import Backend
 from .web.dockerapi import DockerApiResource, load_token, peer_headers
 from .web.errors import ErrorResource
 from .web.health import HealthResource, MetricsResource
-from .web.jobs import HostResource, HostRoute, JobResource
+from .web.jobs import ForwardResource, HostResource, HostRoute, JobResource
 from .web.monitor import MonitorResource
 from .web.pages import DashboardResource, ProgressBoard, ProgressResource, WaitingRoom
 from .web.proxy import Proxy
 from .web.root import Root
+from .web.routecookie import RouteCookies
 from .web.routing import HostPolicy
-from .web.site import make_site
+from .web.site import ProxySite, make_site
 
 log = Logger()
 
@@ -80,6 +82,9 @@ class Routes:
     docker_api_resource: Resource | None = None
     autoscale: Autoscaler | None = None
     profiles: Profiles | None = None  # prefix = "keep" apps (None: every app strips)
+    #: --workers child: the /monitor: routes are the broker process's (forwarded there)
+    monitor_at: Backend | None = None
+    gather: Callable[[], Deferred[Metrics]] | None = None  # metrics summed over processes
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/monitor:broker/`` JSON: the broker's, plus ``Apps`` (each app
@@ -132,12 +137,16 @@ class Routes:
 
     def monitor(self, route: MonitorRoute) -> Resource:
         """/monitor:NAME."""
+        if self.monitor_at is not None:
+            return ForwardResource(self.proxy, self.monitor_at)
         if route.name == "broker":
             return DashboardResource(MonitorResource(self.snapshot))
-        if route.name == "progress" and self.waiting is not None:
-            return ProgressResource(self.waiting.board)
+        if route.name == "progress" and isinstance(
+            board := getattr(self.waiting, "board", None), ProgressBoard
+        ):
+            return ProgressResource(board)
         if route.name == "metrics" and self.metrics is not None:
-            return MetricsResource(self.metrics, self.snapshot)
+            return MetricsResource(self.metrics, self.snapshot, gather=self.gather)
         if route.name == "health" and self.reactor is not None:
             return HealthResource(
                 self.engines, self.reactor, serving=lambda: not self.broker.snapshot().get("Draining")
@@ -311,11 +320,26 @@ def build_swarm(config: Config, reactor: Reactor, broker: Broker) -> tuple[Swarm
     return manager, hosts
 
 
-def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = None) -> MultiService:
-    """The whole service tree for ``config``; ``log_out`` is where log lines go (see
-    :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
-    observer = logs.setup_logging(config.log_format, log_out, reactor)
-    top = logs.ObservedMultiService(observer)
+@define
+class Core:
+    """The broker's side, built once per instance (the single process, or the broker's
+    process with ``--workers``)."""
+
+    observer: Any
+    broker: Broker
+    metrics: Metrics
+    accounts: AccountsService | None
+    apps: AppHosts
+    profiles: Profiles
+    policy: HostPolicy
+    watched: dict[str, IEngine]  # engines the health page pings (and host: avoids)
+    autoscale: Autoscaler | None
+    has_slots: bool
+
+
+def build_core(config: Config, reactor: Reactor, top: MultiService, observer: Any) -> Core:
+    """Engines, accounts, the broker, the swarm, the host: policy and the autoscaler,
+    as services of ``top`` (in their start order)."""
     hosts, engines = build_engines(config, reactor) if not config.swarm else ([], {})
     engine_services = MultiService()
     engine_services.setServiceParent(top)
@@ -345,8 +369,6 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
         SwarmManagerService(manager).setServiceParent(engine_services)
         swarm_hosts.setServiceParent(top)  # after the broker: it adds the nodes' hosts
         watched["swarm-manager"] = cast(IEngine, manager)  # ping() and networks() only
-    proxy = Proxy(reactor, cors=config.cors)
-    ProxyService(proxy).setServiceParent(top)
     apps.known = lambda: [v.spec for v in broker.containers() if v.spec is not None]
     policy = host_policy(config, hosts, reactor)
     HostPolicyService(policy, watched, reactor).setServiceParent(top)
@@ -355,29 +377,67 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
     autoscale = build_autoscaler(config.config, broker, engines, reactor) if config.config else None
     if autoscale is not None:
         autoscale.setServiceParent(top)
-    waiting = WaitingRoom(ProgressBoard(reactor), reactor)
+    return Core(
+        observer,
+        broker,
+        metrics,
+        accounts,
+        apps,
+        profiles,
+        policy,
+        watched,
+        autoscale,
+        has_slots=bool(config.swarm) or any(h.slots > 0 for h in hosts),
+    )
+
+
+def build_web(
+    config: Config,
+    reactor: Reactor,
+    top: MultiService,
+    core: Core,
+    *,
+    broker: Any = None,
+    waiting: WaitingRoom | None = None,
+    monitor: Backend | None = None,
+    gather: Callable[[], Deferred[Metrics]] | None = None,
+    route_cookies: RouteCookies | None = None,
+    gate: bool = True,
+) -> ProxySite:
+    """The HTTP side: proxy, routes, the root and the site (a ``ProxyService`` in
+    ``top``). ``broker``: what requests acquire from (default the core's; a
+    ``--workers`` child's ``RemoteBroker``); ``monitor``: where the ``/monitor:``
+    routes are served (a child forwards them to the broker's process); ``gate``
+    False: no sign-in here (the broker process's monitor site: its children check)."""
+    broker = broker if broker is not None else core.broker
+    apps = core.apps
+    proxy = Proxy(reactor, cors=config.cors, route_cookies=route_cookies)
+    ProxyService(proxy).setServiceParent(top)
     routes = Routes(
         config,
         proxy,
         broker,
-        policy,
+        core.policy,
         reactor=reactor,
-        engines=watched,
-        waiting=waiting,
-        metrics=metrics,
-        has_slots=bool(config.swarm) or any(h.slots > 0 for h in hosts),
+        engines=core.watched,
+        waiting=waiting if waiting is not None else WaitingRoom(ProgressBoard(reactor), reactor),
+        metrics=core.metrics,
+        has_slots=core.has_slots,
         docker_api_resource=(DockerApiResource.from_config(config, proxy) if config.docker_api else None),
-        autoscale=autoscale,
-        profiles=profiles,
+        autoscale=core.autoscale,
+        profiles=core.profiles,
+        monitor_at=monitor,
+        gather=gather,
     )
     # request lines straight into our own text log when it is the log (logs.RequestLog)
+    observer = core.observer
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
-    recorder = Recorder(reactor, metrics, request_log)
-    gate = None
-    if accounts is not None:
-        gate = AuthGate(
-            accounts,
-            make_portal(accounts),
+    recorder = Recorder(reactor, core.metrics, request_log)
+    auth = None
+    if core.accounts is not None and gate:
+        auth = AuthGate(
+            core.accounts,
+            make_portal(core.accounts),
             reactor,
             session_lifetime=config.session_lifetime,
             containers=lambda user: user_containers(broker, user, apps),
@@ -385,10 +445,8 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
             app_origin=apps.origin_of,
             app_domain=config.app_domain,
         )
-    else:
-        warn_if_exposed(config.ports)
-    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=gate, apps=apps)
-    site = make_site(
+    root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=auth, apps=apps)
+    return make_site(
         root,
         reactor,
         max_body=config.max_body,
@@ -396,6 +454,22 @@ def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = No
         on_request_lost=recorder.lost,
         on_refused=recorder.refused,
     )
+
+
+def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = None) -> MultiService:
+    """The whole service tree for ``config``; ``log_out`` is where log lines go (see
+    :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
+    observer = logs.setup_logging(config.log_format, log_out, reactor)
+    top = logs.ObservedMultiService(observer)
+    core = build_core(config, reactor, top, observer)
+    if config.auth != "accounts":
+        warn_if_exposed(config.ports)
+    if config.worker_count > 1:
+        from .procs.parent import build_parent
+
+        build_parent(config, reactor, top, core)
+        return top
+    site = build_web(config, reactor, top, core)
     for desc in config.ports:
         strports.service(desc, site).setServiceParent(top)
     return top

@@ -231,6 +231,12 @@ class Config:
     app_domain: str | None = None  # every key on its own host NAME.DOMAIN (docs/apps.md)
     public_url: str | None = None  # scheme://host[:port] clients use (else the request's)
     profiles: tuple[ImageProfile, ...] = ()
+    workers: int = 1  # proxy processes (0: one per core); > 1: a broker process + N children
+
+    @property
+    def worker_count(self) -> int:
+        """Proxy processes to run (``--workers auto``: the number of cores)."""
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     def hosts(self) -> list[HostConfig]:
         """The engines and their slots: ``--cluster`` entries, else the single ``--docker``."""

@@ -270,6 +270,59 @@ class Metrics:
         elif event == "ready" and seconds is not None:
             self.ready_seconds.observe(host, value=seconds)
 
+    # --- several processes (--workers) --------------------------------------------------
+
+    def _all(self) -> list[Counter | Gauge | Histogram]:
+        return [
+            self.requests,
+            self.in_flight,
+            self.request_seconds,
+            self.queue_seconds,
+            self.pull_seconds,
+            self.ready_seconds,
+            self.starts,
+            self.evictions,
+            self.crashes,
+            self.events,
+            self.group_requests,
+        ]
+
+    def export(self) -> dict[str, list[list[Any]]]:
+        """Every series as JSON-able lists (a child's metrics sent to the broker's
+        process, :meth:`add`)."""
+        out: dict[str, list[list[Any]]] = {}
+        for m in self._all():
+            if isinstance(m, Histogram):
+                out[m.name] = [[list(k), s.counts, s.total, s.count] for k, s in m.series.items()]
+            else:
+                out[m.name] = [[list(k), v] for k, v in m.values.items()]
+        return out
+
+    def add(self, exported: dict[str, list[list[Any]]]) -> None:
+        """Add another process's :meth:`export` into these (counters, gauges and
+        histogram buckets sum)."""
+        for m in self._all():
+            for row in exported.get(m.name, ()):
+                labels = tuple(str(x) for x in row[0])
+                if isinstance(m, Histogram):
+                    s = m.series.get(labels)
+                    if s is None:
+                        s = m.series[labels] = _HistSeries([0] * (len(m.buckets) + 1))
+                    if len(row[1]) == len(s.counts):
+                        s.counts = [a + int(b) for a, b in zip(s.counts, row[1], strict=True)]
+                    s.total += float(row[2])
+                    s.count += int(row[3])
+                else:
+                    m.values[labels] = m.values.get(labels, 0.0) + float(row[1])
+
+    def merged(self, others: Iterable[dict[str, list[list[Any]]]]) -> Metrics:
+        """A new Metrics: these plus every one of ``others`` (exports)."""
+        out = Metrics()
+        out.add(self.export())
+        for o in others:
+            out.add(o)
+        return out
+
     # --- exposition -------------------------------------------------------------------
 
     def snapshot_gauges(self, snapshot: SnapshotJSON | None) -> list[Gauge]:

@@ -54,6 +54,13 @@ def _int(name: str, low: int = 0, high: int | None = None) -> Callable[[RawValue
     return coerce
 
 
+def _workers(v: RawValue) -> int:
+    """``--workers``: a whole number >= 1, or ``auto`` (0: one per core)."""
+    if str(v).strip().lower() == "auto":
+        return 0
+    return _int("workers", 1, 256)(v)
+
+
 def _seconds(name: str) -> Callable[[RawValue], float]:
     def coerce(v: RawValue) -> float:
         try:
@@ -325,6 +332,13 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("config", "config", _str, "TOML file with any of these options"),
     Opt("log-format", "log_format", _choice("log-format", LOG_FORMATS), "text|json"),
     Opt("max-body", "max_body", _size, "largest request body (bytes, or 8GiB, 500M)"),
+    Opt(
+        "workers",
+        "workers",
+        _workers,
+        "proxy processes: 1 = one process; N > 1 or auto (one per core): the broker in "
+        "this process, the HTTP side in N children sharing the ports",
+    ),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -488,6 +502,12 @@ def _check(config: Config) -> None:
             "--app-domain with --auth accounts needs --public-url (the main host's "
             "scheme://host[:port], where browsers sign in before going to an app's host)"
         )
+    if config.worker_count > 1:
+        kinds = {d.partition(":")[0].lower() for d in config.ports}
+        if not kinds <= {"tcp", "tcp6", "ssl", "unix"}:
+            raise ConfigError(
+                "--workers: every --port must be tcp:, ssl: or unix: (children adopt the sockets)"
+            )
     if config.swarm and config.cluster:
         raise ConfigError("--swarm and --cluster: give one (a swarm's nodes are its hosts)")
     if config.gpu == -1 and not config.cluster and config.target == 0:

@@ -533,7 +533,21 @@ def _private_names() -> list[tuple[str, Any, str]]:
         ("FileDescriptor", abstract.FileDescriptor, "_writeDisconnecting"),
         ("FileDescriptor", abstract.FileDescriptor, "_writeDisconnected"),
         ("FileDescriptor", abstract.FileDescriptor, "_maybePauseProducer"),
+        ("SSL4ServerEndpoint()", _ssl_endpoint(MemoryReactor()), "_sslContextFactory"),
     ]
+
+
+def _ssl_endpoint(reactor: Any) -> Any:
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    return SSL4ServerEndpoint(reactor, 0, None)
+
+
+def tls_context_of(endpoint: Any) -> Any:
+    """The TLS context factory of an ``ssl:`` server endpoint (``serverFromString``
+    builds it from the description; the endpoint keeps it private): a ``--workers``
+    child wraps the listening socket it adopts in it."""
+    return endpoint._sslContextFactory
 
 
 def missing_names() -> list[str]:

@@ -125,6 +125,8 @@ class Defaults(SynchronousTestCase):
             "public-url",
             # issue 17: a swarm's nodes as hosts
             "swarm",
+            # issue 18: the HTTP side in N processes
+            "workers",
         }
         self.assertEqual(names, spec_names)
 

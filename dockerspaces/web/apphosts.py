@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -83,6 +84,9 @@ class AppHosts:
     #: the specs of the broker's containers (a label handed out before a restart)
     known: Callable[[], Iterable[JobSpec]] = lambda: ()
     _labels: OrderedDict[str, JobSpec] = field(factory=OrderedDict, repr=False)
+    #: --workers: told of a new label (``"app"``, label, segment) and of a key's new
+    #: origin (``"origin"``, key, JSON), for the other processes
+    noted: Callable[[str, str, str], None] | None = field(default=None, repr=False)
     _origins: dict[str, tuple[bool, bytes | None]] = field(factory=dict, repr=False)
     _suffix: bytes = field(init=False, repr=False)
 
@@ -93,6 +97,8 @@ class AppHosts:
     def remember(self, spec: JobSpec) -> str:
         """``spec``'s label, remembered so that its host routes to it."""
         label = app_label(spec)
+        if self.noted is not None and label not in self._labels:
+            self.noted("app", label, spec.segment())
         self._labels[label] = spec
         self._labels.move_to_end(label)
         while len(self._labels) > MAX_LABELS:
@@ -109,6 +115,13 @@ class AppHosts:
                 self.remember(s)
                 return s
         return None
+
+    def learn(self, label: str, spec: JobSpec) -> None:
+        """Hold a label another process handed out."""
+        if label not in self._labels:
+            self._labels[label] = spec
+            while len(self._labels) > MAX_LABELS:
+                self._labels.popitem(last=False)
 
     def label_of(self, host: bytes | None) -> str | None:
         """The label when ``host`` (a ``Host`` header) is ``LABEL.DOMAIN`` (one label,
@@ -131,7 +144,20 @@ class AppHosts:
         origins = self._origins
         if len(origins) >= MAX_ORIGINS:
             origins.clear()
-        origins[spec.key] = (request.isSecure(), request.requestHeaders.getRawHeaders(b"host", [None])[0])
+        origin = (request.isSecure(), request.requestHeaders.getRawHeaders(b"host", [None])[0])
+        if self.noted is not None and origins.get(spec.key) != origin:
+            host = origin[1]
+            self.noted(
+                "origin", spec.key, json.dumps([origin[0], None if host is None else host.decode("latin-1")])
+            )
+        origins[spec.key] = origin
+
+    def set_origin(self, key: str, secure: bool, host: bytes | None) -> None:
+        """What :meth:`note` remembers, for ``key`` (noted in a ``--workers`` child)."""
+        origins = self._origins
+        if len(origins) >= MAX_ORIGINS:
+            origins.clear()
+        origins[key] = (secure, host)
 
     def _origin(self, secure: bool, host: bytes | None, name: str | None) -> str | None:
         """``scheme://NAME[:port]`` (``name`` None: the host itself) from ``--public-url``

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..engine.interface import IEngine
 from ..metrics import CONTENT_TYPE, Metrics
+from .errors import finish_error
 from .site import done_or_gone
 
 
@@ -30,16 +31,34 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics, snapshot: Callable[[], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        metrics: Metrics,
+        snapshot: Callable[[], dict[str, Any]] | None = None,
+        gather: Callable[[], Deferred[Metrics]] | None = None,
+    ):
         super().__init__()
         self.metrics, self.snapshot = metrics, snapshot
+        self.gather = gather  # --workers: these metrics and every child's, summed
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
         """The exposition."""
-        snap = self.snapshot() if self.snapshot is not None else None
         request.setHeader(b"content-type", CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
-        return self.metrics.render(snap)
+        if self.gather is None:
+            snap = self.snapshot() if self.snapshot is not None else None
+            return self.metrics.render(snap)
+
+        def write(metrics: Metrics) -> None:
+            snap = self.snapshot() if self.snapshot is not None else None
+            if not done_or_gone(request):
+                request.write(metrics.render(snap))
+                request.finish()
+
+        self.gather().addCallback(write).addErrback(
+            lambda f: finish_error(request, 503, f"metrics: {f.getErrorMessage()}", 5)
+        )
+        return NOT_DONE_YET
 
     render_HEAD = render_GET
 

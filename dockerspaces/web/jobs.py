@@ -315,3 +315,20 @@ class HostResource(Resource):
     def render(self, request: Request) -> Any:
         """Check the host (resolving a name first), then forward."""
         return self.route.serve(request, self.path)
+
+
+class ForwardResource(Resource):
+    """Every request as it came (whole URI, no prefix) to one backend: a ``--workers``
+    child's ``/monitor:`` routes, served by the broker's process."""
+
+    isLeaf = True
+
+    def __init__(self, proxy: Proxy, backend: Backend):
+        super().__init__()
+        self.proxy, self.backend = proxy, backend
+
+    def render(self, request: Request) -> Any:
+        """Forward."""
+        return self.proxy.forward(
+            request, self.backend, request.uri, prefix=b"", host_header=None, cors=False
+        )

@@ -24,10 +24,10 @@ import json
 import secrets
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -106,11 +106,15 @@ class ProgressBoard:
 
     def new(self, display: str, url: str) -> str:
         """Register a waiting page for ``display`` that returns to ``url``; its token."""
-        self.expire()
         token = secrets.token_urlsafe(16)
+        self.add(token, display, url)
+        return token
+
+    def add(self, token: str, display: str, url: str) -> None:
+        """Register a page under a token made elsewhere (a ``--workers`` child's)."""
+        self.expire()
         now = self.clock.seconds()
         self.entries[token] = _Entry(display, url, now, now, now)
-        return token
 
     def publish(self, token: str, progress: Any) -> None:
         """Record a broker ``Progress`` (state, position, detail, current, total)."""
@@ -185,11 +189,31 @@ def waiting_page(token: str, display: str, url: str) -> bytes:
     return page.encode("utf-8")
 
 
+class Board(Protocol):
+    """What the waiting room asks of a board: :class:`ProgressBoard`, or a
+    ``--workers`` child's ``RemoteBoard`` (the broker process's board)."""
+
+    def new(self, display: str, url: str) -> str:
+        """A token for a new page."""
+
+    def callback(self, token: str) -> Callable[[Any], None]:
+        """The acquire's progress callback for the page."""
+
+    def finish(self, token: str, state: str, detail: str | None = None) -> None:
+        """The page's final state."""
+
+    def discard(self, token: str) -> None:
+        """Forget the page."""
+
+    def last_poll(self, token: str) -> float | Deferred[float | None] | None:
+        """When the page last polled."""
+
+
 @define
 class WaitingRoom:
     """Decides, per browser request, between forwarding and the waiting page."""
 
-    board: ProgressBoard
+    board: Board
     clock: Any
     page_delay: float = 1.0
     abandon_after: float = 30.0
@@ -253,9 +277,13 @@ class WaitingRoom:
             self.clock.callLater(self.abandon_after, watchdog)
 
         def watchdog() -> None:
+            if not inner.called:  # (a --workers child's board answers later)
+                last: Deferred[Any] = maybeDeferred(self.board.last_poll, token)
+                last.addCallback(judge)
+
+        def judge(last: float | None) -> None:
             if inner.called:
                 return
-            last = self.board.last_poll(token)
             if last is None or self.clock.seconds() - last >= self.abandon_after:
                 inner.cancel()  # nobody watches any more: leave the queue
             else:

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 
 from attrs import define, field
 from twisted.web.server import Request
@@ -39,6 +40,9 @@ class RouteCookies:
     key: bytes = field(factory=lambda: os.urandom(32), repr=False)
     _table: OrderedDict[bytes, str] = field(factory=OrderedDict, repr=False)
     _refs: dict[str, bytes] = field(factory=dict, repr=False)
+    #: --workers: told of every new reference (``"route"``, reference, segment), so
+    #: that the other processes know it too (:meth:`learn`)
+    noted: Callable[[str, str, str], None] | None = field(default=None, repr=False)
 
     def ref(self, segment: str) -> bytes | None:
         """The cookie value naming ``segment`` (remembered); None when it is too long."""
@@ -53,9 +57,21 @@ class RouteCookies:
                 self._refs.pop(old, None)
             self._table[ref] = segment
             self._refs[segment] = ref
+            if self.noted is not None:
+                self.noted("route", ref.decode("ascii"), segment)
         else:
             self._table.move_to_end(ref)
         return ref
+
+    def learn(self, ref: bytes, segment: str) -> None:
+        """Hold a reference another process made (same key: same reference)."""
+        if len(segment) > MAX_SEGMENT or ref in self._table:
+            return
+        while len(self._table) >= self.size:
+            _, old = self._table.popitem(last=False)
+            self._refs.pop(old, None)
+        self._table[ref] = segment
+        self._refs[segment] = ref
 
     def header(self, segment: str, secure: bool) -> bytes | None:
         """The ``Set-Cookie`` value for ``segment`` (``Secure`` on a TLS listener)."""
