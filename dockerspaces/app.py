@@ -402,13 +402,15 @@ def build_web(
     monitor: Backend | None = None,
     gather: Callable[[], Deferred[Metrics]] | None = None,
     route_cookies: RouteCookies | None = None,
-    gate: bool = True,
+    internal: bool = False,
+    ask: Callable[[str, str], Deferred[str | None]] | None = None,
 ) -> ProxySite:
     """The HTTP side: proxy, routes, the root and the site (a ``ProxyService`` in
     ``top``). ``broker``: what requests acquire from (default the core's; a
     ``--workers`` child's ``RemoteBroker``); ``monitor``: where the ``/monitor:``
-    routes are served (a child forwards them to the broker's process); ``gate``
-    False: no sign-in here (the broker process's monitor site: its children check)."""
+    routes are served (a child forwards them to the broker's process); ``internal``:
+    the broker process's monitor site for its children, which sign in, log and count
+    the requests themselves (none of that here)."""
     broker = broker if broker is not None else core.broker
     apps = core.apps
     proxy = Proxy(reactor, cors=config.cors, route_cookies=route_cookies)
@@ -432,9 +434,9 @@ def build_web(
     # request lines straight into our own text log when it is the log (logs.RequestLog)
     observer = core.observer
     request_log = logs.RequestLog(observer if isinstance(observer, TextObserver) else None)
-    recorder = Recorder(reactor, core.metrics, request_log)
+    recorder = None if internal else Recorder(reactor, core.metrics, request_log)
     auth = None
-    if core.accounts is not None and gate:
+    if core.accounts is not None and not internal:
         auth = AuthGate(
             core.accounts,
             make_portal(core.accounts),
@@ -446,13 +448,14 @@ def build_web(
             app_domain=config.app_domain,
         )
     root = Root(config, routes, recorder, route_cookies=proxy.route_cookies, gate=auth, apps=apps)
+    root.ask = ask  # a --workers child: facts another child noted, asked when missed
     return make_site(
         root,
         reactor,
         max_body=config.max_body,
-        on_request_logged=recorder.done,
-        on_request_lost=recorder.lost,
-        on_refused=recorder.refused,
+        on_request_logged=None if recorder is None else recorder.done,
+        on_request_lost=None if recorder is None else recorder.lost,
+        on_refused=None if recorder is None else recorder.refused,
     )
 
 

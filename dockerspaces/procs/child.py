@@ -160,6 +160,7 @@ def build_child(
         waiting=WaitingRoom(RemoteBoard(box), reactor),
         monitor=Backend.unix(plan.monitor),
         route_cookies=cookies,
+        ask=box.lookup,
     )
     Drain(broker, reactor).setServiceParent(top)
     for desc, fd, family in plan.ports:

@@ -64,6 +64,13 @@ class ChildBox(amp.AMP):
         if self.connected:
             self.callRemote(c.Note, table=table, key=key, value=value)
 
+    def lookup(self, table: str, key: str) -> Deferred[str | None]:
+        """A fact this child missed, asked of the broker's process (None: unknown)."""
+        if not self.connected:
+            return succeed(None)
+        d = self.callRemote(c.Lookup, table=table, key=key)
+        return d.addCallbacks(lambda r: r["value"], lambda _: None)
+
     @c.Progress.responder
     def got_progress(
         self,

@@ -71,7 +71,13 @@ def build_parent(config: Config, reactor: Any, top: MultiService, core: Core) ->
     run.setServiceParent(top)
     monitor = os.path.join(run.path, "monitor.sock")
     site = build_web(
-        config, reactor, top, core, waiting=WaitingRoom(board, reactor), gather=hub.gather_metrics, gate=False
+        config,
+        reactor,
+        top,
+        core,
+        waiting=WaitingRoom(board, reactor),
+        gather=hub.gather_metrics,
+        internal=True,
     )
     strports.service(f"unix:{monitor}:mode=600", site).setServiceParent(top)
     pool = WorkerPool(

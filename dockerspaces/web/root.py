@@ -6,10 +6,12 @@ parses ``request.uri`` itself, so the job grammar sees the raw segment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ..config import Config
 from ..spec import (
@@ -28,6 +30,7 @@ from .apphosts import AppHosts
 from .errors import ErrorResource, MethodNotAllowed, RedirectResource
 from .pages import wants_html
 from .routecookie import RouteCookies
+from .site import done_or_gone
 
 if TYPE_CHECKING:
     from .auth import AuthGate
@@ -106,6 +109,9 @@ class Root(Resource):
         self.routes = routes
         self.recorder = recorder
         self._plans: dict[str, _Plan] = {}
+        #: --workers child: asks the broker's process for a fact this process missed
+        #: (``"app"`` label, ``"route"`` reference → segment), once per request
+        self.ask: Callable[[str, str], Deferred[str | None]] | None = None
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # type: ignore[override]
         """Pick the resource for this request from its raw URI (``path`` is ignored)."""
@@ -203,6 +209,8 @@ class Root(Resource):
             if plan is not None:
                 return self._dispatch(request, plan, b"", cookie=False)
         spec = apps.lookup(label)
+        if spec is None and self._may_ask(request):
+            return self._ask_first(request, "app", label)
         if spec is None:
             self._begin(request, "none", label[:63])
             return ErrorResource(
@@ -218,6 +226,33 @@ class Root(Resource):
         if raw.query:
             path += b"?" + raw.query
         return self._dispatch(request, plan, path, cookie=False, prefix=b"")
+
+    def _may_ask(self, request: Request) -> bool:
+        return self.ask is not None and not getattr(request, _ASKED_ATTR, False)
+
+    def _ask_first(self, request: Request, table: str, key: str) -> Resource:
+        """A fact another process noted and this one missed: asked, learnt, and the
+        request routed again (answered as before when nobody knows it)."""
+        ask = self.ask
+        if ask is None:  # pragma: no cover - only called when set
+            raise AssertionError("no ask")
+        setattr(request, _ASKED_ATTR, True)
+        apps, cookies = self.apps, self.route_cookies
+
+        def learn(value: str | None) -> None:
+            if value is None:
+                return
+            if table == "app" and apps is not None:
+                try:
+                    route = parse_route(value)
+                except SpecError:
+                    return
+                if isinstance(route, JobSpec):
+                    apps.learn(key, route)
+            elif table == "route" and cookies is not None:
+                cookies.learn(key.encode("latin-1"), value)
+
+        return _AfterAsk(self, ask(table, key).addCallback(learn))
 
     def _dispatch(
         self, request: Request, plan: _Plan, path: bytes, cookie: bool, prefix: bytes | None = None
@@ -275,6 +310,10 @@ class Root(Resource):
             return self.gate.home(request)
         if segment is None and self.route_cookies is not None:
             segment = self.route_cookies.from_request(request)
+            if segment is None and self._may_ask(request):
+                ref = self.route_cookies.value_of(request)
+                if ref is not None and 0 < len(ref) <= 64:
+                    return self._ask_first(request, "route", ref.strip(b'"').decode("latin-1"))
         if segment is not None:
             try:
                 plan = self._plan(segment)
@@ -296,6 +335,34 @@ class Root(Resource):
             "no route: the path must start with /x:…, /y:…, /host:…, /shost:…, "
             "/monitor:broker or /docker:local",
         )
+
+
+#: a request whose missed fact was asked of the broker's process already
+_ASKED_ATTR = "_dockerspaces_asked"
+
+
+class _AfterAsk(Resource):
+    """Routes its request once ``asked`` fired (see :meth:`Root._ask_first`)."""
+
+    isLeaf = True
+
+    def __init__(self, root: Root, asked: Deferred[None]):
+        super().__init__()
+        self.root, self.asked = root, asked
+
+    def render(self, request: Request) -> object:
+        """Wait for the answer, then route and render as usual."""
+
+        def route(_: object) -> None:
+            if done_or_gone(request):
+                return
+            body = self.root.getChildWithDefault(b"", request).render(request)
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        self.asked.addBoth(route)
+        return NOT_DONE_YET
 
 
 class _Preflight(Resource):

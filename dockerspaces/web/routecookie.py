@@ -91,13 +91,19 @@ class RouteCookies:
 
     def from_request(self, request: Request) -> str | None:
         """The segment named by ``request``'s ``dsroute`` cookie, if any."""
+        value = self.value_of(request)
+        return None if value is None else self.segment(value)
+
+    @staticmethod
+    def value_of(request: Request) -> bytes | None:
+        """The raw value of ``request``'s ``dsroute`` cookie (None: it has none)."""
         header = request.requestHeaders.getRawHeaders(b"cookie")
         if not header:
             return None
         for line in header:
             value = cookie_value(line, COOKIE_NAME)
             if value is not None:
-                return self.segment(value)
+                return value
         return None
 
 
