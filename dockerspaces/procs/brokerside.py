@@ -98,7 +98,7 @@ class Hub:
         """The broker's containers as :class:`~.commands.Containers` JSON."""
         return json.dumps(
             [
-                [v.spec.segment(), v.display, v.state, v.owner, list(v.users)]
+                [v.id, v.spec.segment(), v.display, v.state, v.owner, list(v.users)]
                 for v in self.broker.containers()
                 if v.spec is not None
             ]

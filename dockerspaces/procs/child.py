@@ -80,6 +80,7 @@ class Drain(Service):
     def stopService(self) -> Deferred[None]:
         """Fires once idle, or after ``timeout`` seconds."""
         super().stopService()
+        self.broker.give_back_idle()
         done: Deferred[None] = Deferred()
         timer = self.reactor.callLater(self.timeout, lambda: None if done.called else done.callback(None))
 
@@ -121,7 +122,8 @@ def build_child(
     top = logs.ObservedMultiService(observer)
     metrics = Metrics()
     box = ChildBox(metrics)
-    broker = RemoteBroker(box)
+    broker = RemoteBroker(box, reactor)
+    box.on_containers = broker.containers_changed
     accounts = None
     if config.auth == "accounts":
         accounts = AccountsService(config.state, reactor, open_snapshot(config.state))

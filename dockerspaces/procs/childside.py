@@ -23,6 +23,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..broker.errors import BackendRefused, Draining
+from ..broker.model import BUSY, IDLE
 from ..broker.model import Progress as BrokerProgress
 from ..broker.quota import Owner
 from ..broker.snapshot import ContainerView
@@ -32,6 +33,9 @@ from ..spec import JobSpec, SpecError, parse_route
 from . import commands as c
 
 log = Logger()
+
+#: container states in which a y: share may still be joined
+SERVING = frozenset({BUSY, IDLE})
 
 
 class ChildBox(amp.AMP):
@@ -45,6 +49,8 @@ class ChildBox(amp.AMP):
         #: facts noted by other children, by table (see :meth:`learn`)
         self.learners: dict[str, Callable[[str, str], None]] = {}
         self.views: list[ContainerView] = []
+        #: told the ids of the containers still serving after every push
+        self.on_containers: Callable[[set[str]], None] | None = None
         self.connected = False
 
     def connectionMade(self) -> None:
@@ -99,14 +105,16 @@ class ChildBox(amp.AMP):
     def containers(self, views: bytes) -> dict[str, Any]:
         """The broker's containers now."""
         out = []
-        for segment, display, state, owner, users in json.loads(views):
+        for cid, segment, display, state, owner, users in json.loads(views):
             try:
                 spec = parse_route(segment)
             except SpecError:
                 continue
             if isinstance(spec, JobSpec):
-                out.append(ContainerView("", "", 0, spec.key, display, state, 0, spec, tuple(users), owner))
+                out.append(ContainerView(cid, "", 0, spec.key, display, state, 0, spec, tuple(users), owner))
         self.views = out
+        if self.on_containers is not None:
+            self.on_containers({v.id for v in out if v.state in SERVING})
         return {}
 
     @c.ReadMetrics.responder
@@ -167,6 +175,84 @@ class RemoteLease:
         return self.broker.ask(c.Retry, lease=self.id, failed=failed)
 
 
+#: seconds a child keeps a y: lease after its last request on it ends, so that the
+#: next request for that warm shared container needs no round trip (the broker sees
+#: the container busy that much longer: eviction waits at most this)
+Y_LINGER = 0.5
+
+
+@define(eq=False)
+class Share:
+    """A y: lease this child shares between its requests for one key and owner."""
+
+    spec: JobSpec
+    owner: Owner | None
+    lease: RemoteLease
+    users: int = 0
+    dead: bool = False  # the container failed, or the broker no longer has it
+    timer: Any = None
+
+
+@define(eq=False)
+class SharedLease:
+    """One request's part in a :class:`Share` (the API of ``broker.model.Lease``)."""
+
+    share: Share
+    broker: RemoteBroker = field(repr=False)
+    queued_for: float = 0.0
+    released: bool = False
+
+    @property
+    def endpoint(self) -> str:
+        """The container's endpoint."""
+        return self.share.lease.endpoint
+
+    @property
+    def display(self) -> str:
+        """The key, displayed."""
+        return self.share.lease.display
+
+    @property
+    def container_id(self) -> str:
+        """The container's id."""
+        return self.share.lease.container_id
+
+    def release(self) -> None:
+        """This request is done with it."""
+        if not self.released:
+            self.released = True
+            self.broker.leave(self.share)
+
+    def failed(self) -> None:
+        """The container refused or reset the request: nobody joins the share any
+        more, and the broker hears of the crash at once."""
+        if not self.released:
+            self.released = True
+            self.broker.leave(self.share, failed=True)
+
+    def confirm(self, grace: float) -> Deferred[bool]:
+        """Is the container still alive?"""
+        return self.share.lease.confirm(grace)
+
+    def died_before(self, when: float, grace: float) -> Deferred[bool]:
+        """Did its process end before ``when``?"""
+        return self.share.lease.died_before(when, grace)
+
+    def retry(self, failed: bool = True) -> Deferred[Any]:
+        """Serve the request again: with the lease itself when this request is its only
+        user (it keeps its place), else with a new acquire."""
+        if self.released:
+            return fail(BackendRefused(f"{self.display}: the container refused the request"))
+        self.released = True
+        share, broker = self.share, self.broker
+        if share.users == 1 and not share.dead:
+            share.users = 0
+            broker.unshare(share)
+            return share.lease.retry(failed)
+        broker.leave(share, failed=failed)
+        return broker.acquire(share.spec, owner=share.owner)
+
+
 class BoardCallback:
     """The progress callback of a waiting page whose board is the broker process's:
     the acquire names the token and progress goes straight to the board."""
@@ -217,8 +303,13 @@ class RemoteBroker:
     """The broker, one AMP message away (see module)."""
 
     box: ChildBox
+    #: for y: shares (None: every request asks the broker's process)
+    clock: Any = None
     held: set[int] = field(factory=set)
     asks: dict[int, Deferred[Any]] = field(factory=dict)
+    shares: dict[tuple[str, Owner | None], Share] = field(factory=dict)
+    #: requests answered from a share, without a round trip (tests, benchmarks)
+    joined: int = 0
     _next: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
 
@@ -227,8 +318,24 @@ class RemoteBroker:
         spec: JobSpec,
         progress: Callable[[BrokerProgress], None] | None = None,
         owner: Owner | None = None,
-    ) -> Deferred[RemoteLease]:
-        """A lease on a container for ``spec`` (see ``Broker.acquire``)."""
+    ) -> Deferred[Any]:
+        """A lease on a container for ``spec`` (see ``Broker.acquire``). A y: request
+        joins this child's share of a warm container when it has one (no round trip)."""
+        if spec.mode == "y" and self.clock is not None:
+            share = self.shares.get((spec.key, owner))
+            if share is not None and not share.dead:
+                share.users += 1
+                if share.timer is not None and share.timer.active():
+                    share.timer.cancel()
+                share.timer = None
+                self.joined += 1
+                return succeed(SharedLease(share, self))
+            return self._acquire(spec, progress, owner).addCallback(self._share, spec, owner)
+        return self._acquire(spec, progress, owner)
+
+    def _acquire(
+        self, spec: JobSpec, progress: Callable[[BrokerProgress], None] | None, owner: Owner | None
+    ) -> Deferred[Any]:
         board = progress.token if isinstance(progress, BoardCallback) else ""
         push = progress is not None and not board
         return self.ask(
@@ -252,6 +359,64 @@ class RemoteBroker:
     def containers(self) -> list[ContainerView]:
         """The broker's containers as last told (spec, display, state, owner, users)."""
         return self.box.views
+
+    # -- y: shares -------------------------------------------------------------------
+
+    def _share(self, lease: RemoteLease, spec: JobSpec, owner: Owner | None) -> Any:
+        key = (spec.key, owner)
+        if key in self.shares:  # two first requests raced: this one is not shared
+            return lease
+        share = self.shares[key] = Share(spec, owner, lease, users=1)
+        return SharedLease(share, self, lease.queued_for)
+
+    def unshare(self, share: Share) -> None:
+        """Nobody joins ``share`` any more."""
+        key = (share.spec.key, share.owner)
+        if self.shares.get(key) is share:
+            del self.shares[key]
+        if share.timer is not None and share.timer.active():
+            share.timer.cancel()
+        share.timer = None
+
+    def leave(self, share: Share, failed: bool = False) -> None:
+        """A request is done with ``share``; the lease goes back after
+        :data:`Y_LINGER` s without one (at once when failed or gone)."""
+        share.users -= 1
+        if failed:
+            share.dead = True
+            self.unshare(share)
+            share.lease.failed()  # the broker hears at once; the others finish as they can
+            return
+        if share.users > 0:
+            return
+        if share.dead or self.clock is None:
+            self.unshare(share)
+            share.lease.release()
+            return
+        share.timer = self.clock.callLater(Y_LINGER, self._expire, share)
+
+    def _expire(self, share: Share) -> None:
+        share.timer = None
+        if share.users == 0:
+            self.unshare(share)
+            share.lease.release()
+
+    def give_back_idle(self) -> None:
+        """Release every share no request uses (a draining child)."""
+        for share in list(self.shares.values()):
+            if share.users == 0:
+                self.unshare(share)
+                share.lease.release()
+
+    def containers_changed(self, serving: set[str]) -> None:
+        """The broker's containers now (ids of the ones still serving): a share of
+        any other container is dead (nobody joins; given back once unused)."""
+        for share in list(self.shares.values()):
+            if share.lease.container_id not in serving:
+                share.dead = True
+                self.unshare(share)
+                if share.users == 0:
+                    share.lease.release()
 
     @property
     def idle(self) -> bool:

@@ -202,7 +202,7 @@ class Lookup(amp.Command):
 
 class Containers(amp.Command):
     """The broker's containers changed (broker → child): JSON list of
-    ``[segment, display, state, owner, users]``."""
+    ``[id, segment, display, state, owner, users]``."""
 
     arguments = [(b"views", BigBytes())]
     requiresAnswer = False
