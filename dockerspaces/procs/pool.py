@@ -165,6 +165,11 @@ class WorkerPool(Service):
             self.ports.append((desc, p))
         for i in range(self.count):
             self.spawn(i)
+        # stopping from the moment the reactor is told to (before this service's turn)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
+
+    def _shutting_down(self) -> None:
+        self.stopping = True
 
     def spawn(self, index: int) -> None:
         """Start child ``index``."""
@@ -206,6 +211,10 @@ class WorkerPool(Service):
         lived = self.reactor.seconds() - proc.started
         last = self.delays.get(proc.index, 0.0)
         delay = 0.0 if lived >= SHORT_LIFE else min(MAX_DELAY, max(1.0, 2 * last))
+        if code == 0 and not signal:
+            # a clean exit is a child told to stop: when its SIGTERM came with ours
+            # (a whole process group signalled), this process stops within the second
+            delay = max(delay, 1.0)
         self.delays[proc.index] = delay
         self.restarts += 1
         log.warn(  # noqa: G010 - twisted.logger
@@ -215,7 +224,11 @@ class WorkerPool(Service):
             s=lived,
             d=delay,
         )
-        self._timers[proc.index] = self.reactor.callLater(delay, self.spawn, proc.index)
+        self._timers[proc.index] = self.reactor.callLater(delay, self._respawn, proc.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self.stopping and self.running:
+            self.spawn(index)
 
     @property
     def pids(self) -> list[int]:
