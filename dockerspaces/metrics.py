@@ -371,20 +371,7 @@ class Metrics:
 
     def render(self, snapshot: SnapshotJSON | None = None) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of every metric."""
-        metrics: list[Exposed] = [
-            self.requests,
-            self.in_flight,
-            self.request_seconds,
-            self.queue_seconds,
-            self.pull_seconds,
-            self.ready_seconds,
-            self.starts,
-            self.evictions,
-            self.crashes,
-            self.events,
-            self.group_requests,
-        ]
-        metrics += self.snapshot_gauges(snapshot)
+        metrics: list[Exposed] = [*self._all(), *self.snapshot_gauges(snapshot)]
         out: list[str] = []
         for m in metrics:
             out.extend(m.lines())

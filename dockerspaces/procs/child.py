@@ -22,7 +22,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -39,7 +38,7 @@ from ..web.backend import Backend
 from ..web.pages import WaitingRoom
 from ..web.routecookie import RouteCookies
 from .childside import ChildBox, RemoteBoard, RemoteBroker, RemoteNetworks
-from .pool import AMP_FD, ChildPlan
+from .pool import AMP_FD, ChildPlan, OneProtocol
 
 log = Logger()
 
@@ -92,14 +91,6 @@ class Drain(Service):
 
         self.broker.when_idle().addCallback(idle)
         return done
-
-
-class _One(Factory):
-    def __init__(self, protocol: ChildBox):
-        self.proto = protocol
-
-    def buildProtocol(self, addr: Any) -> ChildBox:
-        return self.proto
 
 
 def _spec(segment: str) -> JobSpec | None:
@@ -168,7 +159,7 @@ def build_child(
     for desc, fd, family in plan.ports:
         AdoptedPort(reactor, desc, fd, family, site).setServiceParent(top)
     if amp_fd is not None:
-        reactor.adoptStreamConnection(amp_fd, socket.AF_UNIX, _One(box))
+        reactor.adoptStreamConnection(amp_fd, socket.AF_UNIX, OneProtocol(box))
         os.close(amp_fd)
     return top, box
 

@@ -79,7 +79,7 @@ class _Refuse(Factory):
         return None
 
 
-class _One(Factory):
+class OneProtocol(Factory):
     """Builds one given protocol (the adopted end of a socket pair)."""
 
     def __init__(self, protocol: Protocol):
@@ -189,7 +189,9 @@ class WorkerPool(Service):
             transport = self.reactor.spawnProcess(
                 proc, self.argv[0], self.argv, env=dict(os.environ), childFDs=fds
             )
-            self.reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX, _One(self.hub.box(index)))
+            self.reactor.adoptStreamConnection(
+                mine.fileno(), socket.AF_UNIX, OneProtocol(self.hub.box(index))
+            )
         finally:
             mine.close()
             theirs.close()
