@@ -459,18 +459,25 @@ def build_web(
     )
 
 
-def build_service(config: Config, reactor: Reactor, log_out: IO[str] | None = None) -> MultiService:
+#: builds the HTTP side in other processes (``procs.parent.build_parent``)
+SplitBuilder = Callable[[Config, Reactor, MultiService, Core], object]
+
+
+def build_service(
+    config: Config, reactor: Reactor, log_out: IO[str] | None = None, *, split: SplitBuilder | None = None
+) -> MultiService:
     """The whole service tree for ``config``; ``log_out`` is where log lines go (see
-    :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer)."""
+    :func:`dockerspaces.logs.setup_logging`; None: twistd's own text observer).
+    ``split`` builds the children's side for ``--workers N`` > 1 (required then)."""
     observer = logs.setup_logging(config.log_format, log_out, reactor)
     top = logs.ObservedMultiService(observer)
     core = build_core(config, reactor, top, observer)
     if config.auth != "accounts":
         warn_if_exposed(config.ports)
     if config.worker_count > 1:
-        from .procs.parent import build_parent
-
-        build_parent(config, reactor, top, core)
+        if split is None:
+            raise ValueError("--workers > 1 needs the process split (dockerspaces.procs.parent.build_parent)")
+        split(config, reactor, top, core)
         return top
     site = build_web(config, reactor, top, core)
     for desc in config.ports:

@@ -96,9 +96,10 @@ def makeService(options: Options) -> IService:
 
     from .app import build_service
     from .logoutput import twistd_destination
+    from .procs.parent import build_parent
 
     if options.config is None:  # postOptions always sets it
         raise usage.UsageError("no configuration")
     # under twistd, ``options.parent`` holds its own options (--logfile, --nodaemon, …)
     log_out = twistd_destination(getattr(options, "parent", None))
-    return build_service(options.config, reactor, log_out)
+    return build_service(options.config, reactor, log_out, split=build_parent)
