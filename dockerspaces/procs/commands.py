@@ -25,6 +25,7 @@ their class name, status, Retry-After and message.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from twisted.protocols import amp
@@ -226,6 +227,7 @@ class ReadMetrics(amp.Command):
 # -- values on the wire --------------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)
 def spec_of(segment: str) -> JobSpec:
     """The JobSpec of an x:/y: route segment (:class:`Refused` for anything else)."""
     try:

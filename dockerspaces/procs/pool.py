@@ -150,23 +150,36 @@ class WorkerPool(Service):
 
     # -- start -----------------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """Bind every port before twistd sheds privileges (``--uid``), as
+        ``strports.service`` does."""
+        super().privilegedStartService()
+        self.bind()
+
     def startService(self) -> None:
-        """Bind every port, then start the children."""
+        """Start the children (the ports bound first, if not yet)."""
         super().startService()
-        for desc in self.config.ports:
-            d = serverFromString(self.reactor, desc).listen(_Refuse())
-            port: list[IListeningPort] = []
-            d.addCallback(port.append)
-            if not port:  # every adoptable endpoint listens at once; anything else failed
-                d.addErrback(lambda f: f.raiseException())
-                raise RuntimeError(f"--port {desc}: not bound")
-            p = port[0]
-            p.stopReading()  # type: ignore[attr-defined]
-            self.ports.append((desc, p))
+        if not self.ports:
+            self.bind()
         for i in range(self.count):
             self.spawn(i)
         # stopping from the moment the reactor is told to (before this service's turn)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
+
+    def bind(self) -> None:
+        """Listen on every ``--port`` without accepting: the children will."""
+        for desc in self.config.ports:
+            d = serverFromString(self.reactor, desc).listen(_Refuse())
+            got: list[IListeningPort | Failure] = []
+            d.addBoth(got.append)  # tcp, ssl and unix endpoints listen at once
+            if not got:
+                raise RuntimeError(f"--port {desc}: did not listen at once")
+            p = got[0]
+            if isinstance(p, Failure):
+                p.raiseException()
+                raise AssertionError("unreachable")
+            p.stopReading()  # type: ignore[attr-defined]
+            self.ports.append((desc, p))
 
     def _shutting_down(self) -> None:
         self.stopping = True
