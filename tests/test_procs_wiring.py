@@ -196,3 +196,67 @@ class RelayTests(SynchronousTestCase):
         relay = relay_to(TextObserver(LineWriter(out, reactor)))
         relay("2026-12-04T06:00:00+0000 [dockerspaces.request#info] x … -> 200")
         self.assertEqual(out.getvalue(), "2026-12-04T06:00:00+0000 [dockerspaces.request#info] x … -> 200\n")
+
+
+class _Shared:
+    """The broker's process as an AuthGate sees it (a ``ChildBox``), in memory."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+
+    def note(self, table: str, key: str, value: str) -> None:
+        self.hub.note(None, table, key, value)
+
+    def take(self, table: str, key: str) -> Any:
+        return succeed(self.hub.lookup(table, key))
+
+
+class AccountsAcrossChildrenTests(SynchronousTestCase):
+    """A ticket handed out by one child is redeemed, once, by any; a sign-out in one
+    child ends the session's cached credential in the others."""
+
+    def setUp(self) -> None:
+        from dockerspaces.accounts.identity import make_portal
+        from dockerspaces.web.auth import AuthGate
+        from tests.test_auth import FakeAccounts
+
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_800_000_000)
+        broker = Broker(self.clock, [], {}, BrokerSettings())
+        self.hub = Hub(broker, ProgressBoard(self.clock), self.clock)
+        accounts = FakeAccounts(clock=self.clock)
+        self.a = AuthGate(accounts, make_portal(accounts), self.clock, session_lifetime=60)  # type: ignore[arg-type]
+        self.b = AuthGate(accounts, make_portal(accounts), self.clock, session_lifetime=60)  # type: ignore[arg-type]
+        self.a.shared = self.b.shared = _Shared(self.hub)
+
+    def test_ticket_from_one_child_redeemed_once_in_another(self) -> None:
+        ticket = self.a.ticket("alice", "app-xyz")
+        self.assertEqual(self.successResultOf(self.b.redeem_anywhere(ticket, "app-xyz")), "alice")
+        self.assertIsNone(self.successResultOf(self.b.redeem_anywhere(ticket, "app-xyz")))
+        self.assertIsNone(self.successResultOf(self.a.redeem_anywhere(ticket, "app-xyz")))
+
+    def test_ticket_for_another_label_or_expired(self) -> None:
+        t1 = self.a.ticket("alice", "app-xyz")
+        self.assertIsNone(self.successResultOf(self.b.redeem_anywhere(t1, "app-other")))
+        t2 = self.a.ticket("alice", "app-xyz")
+        self.clock.advance(3600)
+        self.assertIsNone(self.successResultOf(self.b.redeem_anywhere(t2, "app-xyz")))
+
+    def test_sign_out_reaches_the_other_children(self) -> None:
+        """Over the wire: child A notes ``forget``; child B's learner drops the key."""
+        boxes = []
+        forgotten: list[str] = []
+        for i in range(2):
+            child = childside.ChildBox()
+            server = self.hub.box(i)
+            pump = connect(
+                server, FakeTransport(server, isServer=True), child, FakeTransport(child, isServer=False)
+            )
+            boxes.append((child, pump))
+        boxes[1][0].learners["forget"] = lambda key, _: forgotten.append(key)
+        boxes[0][0].note("forget", "Ssession-cookie", "")
+        for _, pump in boxes:
+            pump.flush()
+        for _, pump in boxes:
+            pump.flush()
+        self.assertEqual(forgotten, ["Ssession-cookie"])

@@ -34,8 +34,11 @@ log = Logger()
 
 #: facts kept per table (least recently noted go first)
 MAX_FACTS = 4096
-#: tables a child may note into (``origin`` stays here: it names a key's public URL)
-TABLES = ("route", "app", "origin")
+#: tables a child may note into: ``route`` references and ``app`` labels, and
+#: ``forget`` (a signed-out session) go to every child; ``origin`` (a key's public URL)
+#: and ``ticket`` (an app host's sign-in, taken once by whichever child) stay here
+TABLES = ("route", "app", "origin", "ticket", "forget")
+KEPT_HERE = ("origin", "ticket")
 
 
 @define(eq=False)
@@ -74,14 +77,18 @@ class Hub:
                 self.apps.set_origin(key, bool(secure), None if host is None else str(host).encode("latin-1"))
             except (ValueError, TypeError):
                 log.warn("a child noted a bad origin for a key")  # noqa: G010 - twisted.logger
+        if table in KEPT_HERE:
             return
         for b in self.boxes:
             if b is not sender and b.connected:
                 b.callRemote(c.Fact, table=table, key=key, value=value)
 
     def lookup(self, table: str, key: str) -> str | None:
-        """A fact (``app``: also a label of one of the broker's containers)."""
+        """A fact (``app``: also a label of one of the broker's containers;
+        ``ticket``: taken)."""
         t = self.tables.get(table)
+        if table == "ticket" and t is not None:
+            return t.pop(key, None)  # used once, whichever child asks
         value = t.get(key) if t is not None else None
         if value is None and table == "app":
             spec = self.apps.lookup(key)

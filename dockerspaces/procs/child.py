@@ -155,6 +155,10 @@ def build_child(
         route_cookies=cookies,
         ask=box.lookup,
     )
+    gate = site.resource.gate  # type: ignore[attr-defined]
+    if gate is not None:
+        gate.shared = box
+        box.learners["forget"] = lambda key, _: gate.forget(key.encode("latin-1"), tell=False)
     Drain(broker, reactor).setServiceParent(top)
     for desc, fd, family in plan.ports:
         AdoptedPort(reactor, desc, fd, family, site).setServiceParent(top)

@@ -77,6 +77,10 @@ class ChildBox(amp.AMP):
         d = self.callRemote(c.Lookup, table=table, key=key)
         return d.addCallbacks(lambda r: r["value"], lambda _: None)
 
+    def take(self, table: str, key: str) -> Deferred[str | None]:
+        """A fact taken from the broker's process (a ticket: used once)."""
+        return self.lookup(table, key)
+
     @c.Progress.responder
     def got_progress(
         self,

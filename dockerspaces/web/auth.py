@@ -33,17 +33,18 @@ from __future__ import annotations
 import base64
 import hmac
 import html
+import json
 import math
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
 from attrs import define, field
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -196,6 +197,9 @@ class AuthGate:
         # here, and with app hosts on to theirs (the hand-off after a sign-in)
         self.form_action = b"'self'" + (b" *." + app_domain.encode("ascii") + b":*" if app_domain else b"")
         self._tickets: dict[str, tuple[str, str, float]] = {}
+        #: --workers: the other processes (a ticket is redeemed in whichever child the
+        #: browser reaches; a sign-out ends the session's cached credential in all)
+        self.shared: SharedFacts | None = None
 
     # -- the gate --------------------------------------------------------------------
     def guard(
@@ -340,6 +344,8 @@ class AuthGate:
                 self._tickets.clear()
         ticket = secrets.token_urlsafe(32)
         self._tickets[ticket] = (user, label, now + TICKET_LIFETIME)
+        if self.shared is not None:
+            self.shared.note("ticket", ticket, json.dumps([user, label, now + TICKET_LIFETIME]))
         return ticket
 
     def redeem(self, ticket: str, label: str) -> str | None:
@@ -352,6 +358,24 @@ class AuthGate:
             return None
         return user
 
+    def redeem_anywhere(self, ticket: str, label: str) -> Deferred[str | None]:
+        """:meth:`redeem`, and with ``--workers`` a ticket handed out by another
+        process: taken from the broker's process, which holds every ticket once."""
+        shared = self.shared
+        if shared is None:
+            return succeed(self.redeem(ticket, label))
+        self._tickets.pop(ticket, None)
+
+        def check(value: str | None) -> str | None:
+            if value is None:
+                return None
+            user, for_label, until = json.loads(value)
+            if for_label != label or until < self.clock.seconds():
+                return None
+            return str(user)
+
+        return shared.take("ticket", ticket).addCallback(check)
+
     def app_page(self, request: Request, label: str, name: str) -> Resource:
         """``/auth:ticket`` on app host ``label`` (the only ``auth:`` page there)."""
         if name == "ticket":
@@ -362,9 +386,21 @@ class AuthGate:
         """``/``: who is signed in, their applications."""
         return self.guard(request, "home", None, lambda: _Home(self))
 
-    def forget(self, key: bytes) -> None:
-        """Drop a cached credential (a logged-out session)."""
+    def forget(self, key: bytes, tell: bool = True) -> None:
+        """Drop a cached credential (a logged-out session), in every process."""
         self._cache.pop(key, None)
+        if tell and self.shared is not None:
+            self.shared.note("forget", key.decode("latin-1"), "")
+
+
+class SharedFacts(Protocol):
+    """The broker's process, to a ``--workers`` child (``procs.childside.ChildBox``)."""
+
+    def note(self, table: str, key: str, value: str) -> None:
+        """Tell every process (``forget``) or the broker's process (``ticket``)."""
+
+    def take(self, table: str, key: str) -> Deferred[str | None]:
+        """A fact, taken (a ticket is used once, in whichever process)."""
 
 
 def _client(request: Request) -> str:
@@ -682,10 +718,21 @@ class _Ticket(Resource):
         """Redeem the ticket."""
         gate = self.gate
         args = parse_qs(urlsplit(request.uri.decode("latin-1")).query)
-        user = gate.redeem(args.get("t", [""])[0], self.label)
-        if user is None:
-            return write_error(request, 403, "this sign-in link was used or has expired; open the app again")
         path = _safe_next(args.get("path", ["/"])[0])
+        d = gate.redeem_anywhere(args.get("t", [""])[0], self.label)
+        d.addCallback(self._redeemed, request, path)
+        return NOT_DONE_YET
+
+    def _redeemed(self, user: str | None, request: Request, path: str) -> None:
+        gate = self.gate
+        if done_or_gone(request):
+            return
+        if user is None:
+            request.write(
+                write_error(request, 403, "this sign-in link was used or has expired; open the app again")
+            )
+            request.finish()
+            return
 
         def cookie(session: str) -> None:
             # (no Referer from the next page: this URL held the ticket)
@@ -699,7 +746,6 @@ class _Ticket(Resource):
                 request.finish()
 
         gate.service.create_session(user, gate.session_lifetime).addCallbacks(cookie, failed)
-        return NOT_DONE_YET
 
 
 class _Home(_GatePage):
