@@ -37,7 +37,7 @@ from dockerspaces.config import Config
 from dockerspaces.metrics import Metrics
 from dockerspaces.procs import commands as c
 from dockerspaces.procs import pool as poolmod
-from dockerspaces.procs.brokerside import MAX_FACTS, BrokerBox, Hub
+from dockerspaces.procs.brokerside import MAX_FACTS, NOTE_GRACE, BrokerBox, Hub
 from dockerspaces.procs.childside import (
     BoardCallback,
     ChildBox,
@@ -585,7 +585,24 @@ class SharedTests(SynchronousTestCase):
             late.box.lookup("nope", "x"),
         ]
         w.flush()
-        self.assertEqual([self.successResultOf(d) for d in asked], [A, B, None, None])
+        self.assertEqual([self.successResultOf(d) for d in asked[:2]], [A, B])
+        self.assertIsNone(self.successResultOf(asked[3]))  # no such table: at once
+        self.assertNoResult(asked[2])  # a miss is asked again NOTE_GRACE s later
+        w.tick(NOTE_GRACE)
+        w.flush()
+        self.assertIsNone(self.successResultOf(asked[2]))
+
+    def test_lookup_waits_for_a_note_on_its_way(self) -> None:
+        """A fact noted just after another child asked for it is still found."""
+        w = Wire()
+        one, other = w.connect(), w.connect()
+        asked = other.box.lookup("route", "ref2")
+        w.flush()
+        one.box.note("route", "ref2", A)
+        w.flush()
+        w.tick(NOTE_GRACE)
+        w.flush()
+        self.assertEqual(self.successResultOf(asked), A)
 
     def test_facts_are_bounded(self) -> None:
         """At most MAX_FACTS per table; the oldest go first."""

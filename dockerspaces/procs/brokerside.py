@@ -18,6 +18,7 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -32,6 +33,8 @@ from . import commands as c
 
 log = Logger()
 
+#: how long a missed fact is waited for (see :meth:`Hub.lookup_soon`)
+NOTE_GRACE = 0.05
 #: facts kept per table (least recently noted go first)
 MAX_FACTS = 4096
 #: tables a child may note into: ``route`` references and ``app`` labels, and
@@ -95,6 +98,15 @@ class Hub:
             if spec is not None:
                 value = spec.segment()
         return value
+
+    def lookup_soon(self, table: str, key: str) -> Deferred[str | None]:
+        """:meth:`lookup`; a miss is asked again :data:`NOTE_GRACE` s later, once: the
+        child that made the fact may have sent its note just as the browser reached
+        another child (the two sockets are read in either order)."""
+        value = self.lookup(table, key)
+        if value is not None or table not in ("route", "app", "ticket"):
+            return succeed(value)
+        return deferLater(self.clock, NOTE_GRACE, self.lookup, table, key)
 
     def containers_changed(self) -> None:
         """The broker's containers changed: tell every child once this turn ends."""
@@ -327,9 +339,9 @@ class BrokerBox(amp.AMP):
         return {}
 
     @c.Lookup.responder
-    def lookup(self, table: str, key: str) -> dict[str, Any]:
+    def lookup(self, table: str, key: str) -> Deferred[dict[str, Any]]:
         """A fact the child missed."""
-        return {"value": self.hub.lookup(table, key)}
+        return self.hub.lookup_soon(table, key).addCallback(lambda value: {"value": value})
 
     @c.Networks.responder
     def networks(self, engine: str) -> Deferred[dict[str, bytes]]:

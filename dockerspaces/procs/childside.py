@@ -30,6 +30,7 @@ from ..broker.snapshot import ContainerView
 from ..engine.interface import NetworkInfo
 from ..metrics import Metrics
 from ..spec import JobSpec, SpecError, parse_route
+from ..twistedseam import flush_now, is_plain_tcp
 from . import commands as c
 
 log = Logger()
@@ -66,9 +67,12 @@ class ChildBox(amp.AMP):
             self.on_lost()
 
     def note(self, table: str, key: str, value: str) -> None:
-        """Tell the broker's process (and so every other child) a fact."""
+        """Tell the broker's process (and so every other child) a fact, sent at once:
+        the answer that hands it to a browser may leave right after."""
         if self.connected:
             self.callRemote(c.Note, table=table, key=key, value=value)
+            if is_plain_tcp(self.transport):
+                flush_now(self.transport)
 
     def lookup(self, table: str, key: str) -> Deferred[str | None]:
         """A fact this child missed, asked of the broker's process (None: unknown)."""
