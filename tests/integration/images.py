@@ -53,6 +53,13 @@ script on 8080 (``DELAY`` env delays listening): ``/`` (any path) is an HTML pag
 ``hello from the page`` and writes ``echo: <answer>`` into ``<pre id=ws>``; a path
 ending in ``/ws`` with ``Upgrade: websocket`` is a hand-written RFC 6455 echo (text and
 binary messages, fragments, ping, close).
+
+:data:`BUSY` ``dockerspaces-test/busy:1`` (build it with :func:`ensure_busy_image`) is
+:data:`WEB` plus ``/cgi-bin/busy?S``: the backend reports overlap itself. It marks the
+container busy (``mkdir /tmp/busy``, atomic), sleeps S seconds (default 0.3), clears the
+mark only if it set it, and only then answers ``alone`` -- or ``overlap`` when the mark
+was there already, i.e. another request was being served by this container at the same
+time --, then ``hostname=<container hostname>``.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ DEAF = "dockerspaces-test/deaf:1"
 WORKER = "dockerspaces-test/worker:1"
 WSAPP = "dockerspaces-test/wsapp:1"
 JUPYTER = "dockerspaces-test/jupyter:1"
+BUSY = "dockerspaces-test/busy:1"
 
 TTS_PORT = 5002
 WEB_PORT = 8080
@@ -394,6 +402,16 @@ if __name__ == "__main__":
     ThreadingHTTPServer(("", port), Handler).serve_forever()
 '''
 
+_CGI_BUSY = r"""#!/bin/sh
+# busy?S: "overlap" if another request held this container's busy mark (see BUSY)
+if mkdir /tmp/busy 2>/dev/null; then seen=alone; else seen=overlap; fi
+sleep "${QUERY_STRING:-0.3}"
+[ "$seen" = alone ] && rmdir /tmp/busy
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "$seen"
+echo "hostname=$(hostname)"
+"""
+
 HASH_LABEL = "dockerspaces.test.hash"
 _LOCK_PATH = os.path.join(tempfile.gettempdir(), "dockerspaces-test-images.lock")
 _done: set[str] = set()
@@ -547,3 +565,38 @@ def ensure_jupyter_image() -> str:
         "COPY t.ipynb /srv/nb/t.ipynb\nEXPOSE 8888\n"
     )
     return _ensure_on_pybase(JUPYTER, body, {"t.ipynb": _NOTEBOOK}, timeout=1200)
+
+
+def ensure_busy_image() -> str:
+    """Build :data:`BUSY` (``FROM`` :data:`WEB`, built first) unless present and current.
+
+    Its own context and hash: the other images' hashes do not change."""
+    if BUSY in _done:
+        return BUSY
+    ensure_test_images(WEB)
+    dockerfile = (
+        f"FROM {WEB}\nCOPY cgi-busy /www/cgi-bin/busy\n"
+        'RUN ["/bin/busybox", "chmod", "755", "/www/cgi-bin/busy"]\n'
+        f"ENV DS_IMAGE={BUSY}\n" + _LABELS
+    )
+    client = docker_client(timeout=300)
+    try:
+        base_id = client.inspect_image(WEB)["Id"]
+        digest = hashlib.sha256((base_id + dockerfile + _CGI_BUSY).encode()).hexdigest()[:16]
+        with open(_LOCK_PATH, "a") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            try:
+                if _current_hash(client, BUSY) != digest:
+                    context = tempfile.mkdtemp(prefix="ds-test-busy-image-")
+                    try:
+                        with open(os.path.join(context, "cgi-busy"), "w") as f:
+                            f.write(_CGI_BUSY)
+                        _build(client, context, BUSY, digest, dockerfile)
+                    finally:
+                        shutil.rmtree(context, ignore_errors=True)
+            finally:
+                fcntl.flock(lockf, fcntl.LOCK_UN)
+    finally:
+        client.close()
+    _done.add(BUSY)
+    return BUSY

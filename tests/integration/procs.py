@@ -5,7 +5,9 @@ checkout on a free loopback port with a unique ``--instance`` (so cleanup touche
 its own containers), waits until ``/monitor:broker/`` answers (``probe=`` names another
 path, e.g. ``/monitor:health``, which stays open under ``--auth accounts``;
 ``probe_headers=`` adds credentials), and offers small blocking HTTP helpers.  Tests
-using it are blocking on purpose: the server is another process.
+using it are blocking on purpose: the server is another process.  ``workers=N`` (N > 1)
+starts it with ``--workers N``: the broker in that process, the HTTP side in N children
+(:meth:`Server.child_pids` lists them).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Server:
         extra_env: dict[str, str] | None = None,
         probe: str = "/monitor:broker/",
         probe_headers: dict[str, str] | None = None,
+        workers: int = 1,
     ):
         self.port = port or free_port()
         self.instance = instance or unique_instance("srv")
@@ -56,6 +59,7 @@ class Server:
         self.command = command
         self.env = dict(os.environ, PYTHONPATH=REPO, **(extra_env or {}))
         self.probe, self.probe_headers = probe, probe_headers
+        self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(REPO, "_trial_temp", f"server-{self.instance}.log")
 
@@ -65,6 +69,8 @@ class Server:
         own = ["--port", f"tcp:{self.port}:interface=127.0.0.1", "--instance", self.instance]
         if not any(a == "--cluster" for a in self.args):
             own += ["--target", str(self.slots), "--start-port", str(self.start_port)]
+        if self.workers != 1:
+            own += ["--workers", str(self.workers)]
         return base + own + self.args
 
     def start(self, timeout: float = 30.0) -> Server:
@@ -120,6 +126,13 @@ class Server:
         self.stop()
         remove_instance_containers(self.instance)
 
+    def child_pids(self) -> list[int]:
+        """The process ids of this process's children (with ``--workers N``: the N HTTP
+        processes; a child being replaced may be missing for a moment), from /proc."""
+        if self.proc is None:
+            return []
+        return children_of(self.proc.pid)
+
     def request(
         self,
         method: str,
@@ -169,6 +182,25 @@ class Server:
             return c.containers(all=all, filters={"label": f"dockerspaces.instance={self.instance}"})  # type: ignore[no-any-return]
         finally:
             c.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``, sorted, read off
+    ``/proc/<pid>/stat``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append(int(entry))
+    return sorted(out)
 
 
 def _free_range(n: int) -> int:

@@ -73,6 +73,7 @@ class AccountsCase(unittest.TestCase):
     timeout = 240
     slots = 2
     extra: tuple[str, ...] = ()
+    workers = 1  # the *Workers2 variants: --workers 2
 
     def setUp(self) -> None:
         ensure_test_images(TTS, WEB)
@@ -86,7 +87,14 @@ class AccountsCase(unittest.TestCase):
         test's own temp directory: a concurrent trial run in this checkout may empty
         the shared ``_trial_temp`` where :class:`Server` puts it by default."""
         srv = Server(
-            "--auth", "accounts", "--state", self.state, *extra, slots=slots, probe="/monitor:health"
+            "--auth",
+            "accounts",
+            "--state",
+            self.state,
+            *extra,
+            slots=slots,
+            probe="/monitor:health",
+            workers=self.workers,
         )
         srv.log_path = os.path.abspath(self.mktemp()) + ".log"
         self.addCleanup(srv.cleanup)
@@ -674,3 +682,9 @@ class BrowserSignIn(AccountsCase):
             seen["reopened_next"] = parse_qs(view["search"].lstrip("?")).get("next")
             seen["shot_again"] = await s.screenshot("accounts-signed-out.png")
         return seen
+
+
+class BrowserSignInWorkers2(BrowserSignIn):
+    """BrowserSignIn (its WebSocket too) with --workers 2."""
+
+    workers = 2

@@ -47,6 +47,7 @@ class AppHostSignIn(AccountsCase):
             slots=slots,
             port=self.port,
             probe="/monitor:health",
+            workers=self.workers,
         )
         srv.log_path = self.mktemp() + ".log"
         self.addCleanup(srv.cleanup)
@@ -128,3 +129,9 @@ class AppHostSignIn(AccountsCase):
             return await eventually_async(matching, timeout, what)
         except AssertionError:
             raise AssertionError(f"{what}: not within {timeout} s (last view {last[0]})") from None
+
+
+class AppHostSignInWorkers2(AppHostSignIn):
+    """AppHostSignIn (its WebSocket too) with --workers 2."""
+
+    workers = 2

@@ -108,6 +108,7 @@ class _TwoNotebooks(TestCase):
     timeout = 900  # the first build installs Jupyter from Debian's mirror; cached: ~25 s
     keep = False
     args: tuple[str, ...] = ()
+    workers = 1  # the *Workers2 variants: --workers 2
 
     def setUp(self) -> None:
         ensure_jupyter_image()
@@ -116,7 +117,7 @@ class _TwoNotebooks(TestCase):
         config = os.path.join(directory, "dockerspaces.toml")
         with open(config, "w") as f:
             f.write(profile(keep=self.keep, start_delay=START_DELAY))
-        self.srv = Server("--config", config, *self.args, slots=2)
+        self.srv = Server("--config", config, *self.args, slots=2, workers=self.workers)
         self.addCleanup(self.srv.cleanup)
         self.srv.start()
         self.browser = Browser()
@@ -267,3 +268,15 @@ class AppDomain(_TwoNotebooks):
         }
         self.check(seen, {tab: "/" for tab in TABS}, urls)
         self.assertNotIn("dsroute", seen["cookies"], seen)
+
+
+class KeepPrefixWorkers2(KeepPrefix):
+    """KeepPrefix (the kernel WebSockets too) with --workers 2."""
+
+    workers = 2
+
+
+class AppDomainWorkers2(AppDomain):
+    """AppDomain (the kernel WebSockets too) with --workers 2."""
+
+    workers = 2

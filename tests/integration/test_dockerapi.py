@@ -47,6 +47,7 @@ class CliTestCase(TestCase):
 
     skip = SKIP
     timeout = 180
+    workers = 1  # the *Workers2 variants: --workers 2
 
     def setUp(self) -> None:
         ensure_test_images(BASE)
@@ -54,7 +55,7 @@ class CliTestCase(TestCase):
         self.addCleanup(remove_containers, {"label": self.run_label})
 
     def server(self, *args: str, **kw: Any) -> Server:
-        s = Server(*args, slots=0, **kw)
+        s = Server(*args, slots=0, workers=self.workers, **kw)
         self.addCleanup(s.cleanup)
         return s.start()
 
@@ -344,13 +345,16 @@ class NothingOfOursReachesAContainer(TestCase):
 
     skip = docker_available()
     timeout = 180
+    workers = 1
 
     def setUp(self) -> None:
         ensure_test_images(TTS)
         path = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(TOKEN + "\n")
-        self.srv = Server("--docker-api", "--docker-api-token-file", path, "--cors", slots=1)
+        self.srv = Server(
+            "--docker-api", "--docker-api-token-file", path, "--cors", slots=1, workers=self.workers
+        )
         self.addCleanup(self.srv.cleanup)
         self.srv.start()
 
@@ -418,3 +422,30 @@ def _remove_image(tag: str) -> None:
         pass
     finally:
         c.close()
+
+
+# -- the same with --workers 2: the HTTP side in two children, the broker in the parent --
+
+
+class OpenRouteWorkers2(OpenRoute):
+    """OpenRoute with --workers 2."""
+
+    workers = 2
+
+
+class TokenRouteWorkers2(TokenRoute):
+    """TokenRoute with --workers 2."""
+
+    workers = 2
+
+
+class ClosedRouteWorkers2(ClosedRoute):
+    """ClosedRoute with --workers 2."""
+
+    workers = 2
+
+
+class NothingOfOursReachesAContainerWorkers2(NothingOfOursReachesAContainer):
+    """NothingOfOursReachesAContainer with --workers 2."""
+
+    workers = 2

@@ -53,6 +53,7 @@ class RoutesTestCase(TestCase):
     skip = docker_available()
     timeout = 120
     extra: tuple[str, ...] = ()
+    workers = 1  # the *Workers2 variants: --workers 2
 
     def server_args(self) -> tuple[str, ...]:
         """dockerspaces' options (the backend's port ``self.bport`` is known)."""
@@ -66,7 +67,7 @@ class RoutesTestCase(TestCase):
         self.addCleanup(self.httpd.server_close)
         self.addCleanup(self.httpd.shutdown)
         Backend.seen.clear()
-        self.srv = Server(*self.server_args(), slots=1)
+        self.srv = Server(*self.server_args(), slots=1, workers=self.workers)
         self.addCleanup(self.srv.cleanup)
         self.srv.start()
 
@@ -228,6 +229,7 @@ class DockerNetworkRefused(TestCase):
 
     skip = docker_available()
     timeout = 120
+    workers = 1
 
     def setUp(self) -> None:
         ensure_test_images(WEB)
@@ -265,7 +267,7 @@ class DockerNetworkRefused(TestCase):
         self.client.start(c["Id"])
 
     def server(self, *args: str) -> Server:
-        srv = Server(*args, slots=1)
+        srv = Server(*args, slots=1, workers=self.workers)
         self.addCleanup(srv.cleanup)
         return srv.start()
 
@@ -360,3 +362,42 @@ class NoHostRoute(RoutesTestCase):
         status, _, body = self.srv.get("/somewhere")
         self.assertEqual(status, 200)
         self.assertIn(b"path=/somewhere", body)
+
+
+# -- the same with --workers 2: the HTTP side in two children, the broker in the parent --
+
+
+class HostRouteWorkers2(HostRoute):
+    """HostRoute with --workers 2."""
+
+    workers = 2
+
+
+class LoopbackRefusedWorkers2(LoopbackRefused):
+    """LoopbackRefused with --workers 2."""
+
+    workers = 2
+
+
+class LogsAndMetricsWorkers2(LogsAndMetrics):
+    """LogsAndMetrics with --workers 2."""
+
+    workers = 2
+
+
+class DockerNetworkRefusedWorkers2(DockerNetworkRefused):
+    """DockerNetworkRefused with --workers 2."""
+
+    workers = 2
+
+
+class InputRefusalsWorkers2(InputRefusals):
+    """InputRefusals with --workers 2."""
+
+    workers = 2
+
+
+class NoHostRouteWorkers2(NoHostRoute):
+    """NoHostRoute with --workers 2."""
+
+    workers = 2

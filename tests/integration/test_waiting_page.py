@@ -31,10 +31,11 @@ class WaitingPageTests(unittest.TestCase):
 
     skip = docker_available() or _chromium_missing()
     timeout = 180
+    workers = 1  # WaitingPageTestsWorkers2: --workers 2
 
     def setUp(self) -> None:
         ensure_test_images(WEB)
-        self.server = Server(slots=2).start()
+        self.server = Server(slots=2, workers=self.workers).start()
         self.addCleanup(self.server.cleanup)
 
     def test_browser_waits_then_reaches_the_app(self) -> None:
@@ -117,3 +118,10 @@ class WaitingPageTests(unittest.TestCase):
         status, headers, body = self.server.get("/monitor:broker/")
         self.assertEqual(status, 200)
         self.assertIn("TargetSlots", json.loads(body))
+
+
+class WaitingPageTestsWorkers2(WaitingPageTests):
+    """WaitingPageTests with --workers 2: the page and its progress polls may reach
+    either child; the progress comes from the broker's process."""
+
+    workers = 2
