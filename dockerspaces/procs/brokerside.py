@@ -20,7 +20,6 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from ..broker.broker import Broker
@@ -149,7 +148,7 @@ class Hub:
         return sum(len(b.leases) for b in self.boxes)
 
 
-class BrokerBox(amp.AMP):
+class BrokerBox(c.PromptAMP):
     """The broker's end of one child's connection (see module)."""
 
     def __init__(self, hub: Hub, index: int = 0):

@@ -30,7 +30,6 @@ from ..broker.snapshot import ContainerView
 from ..engine.interface import NetworkInfo
 from ..metrics import Metrics
 from ..spec import JobSpec, SpecError, parse_route
-from ..twistedseam import flush_now, is_plain_tcp
 from . import commands as c
 
 log = Logger()
@@ -39,7 +38,7 @@ log = Logger()
 SERVING = frozenset({BUSY, IDLE})
 
 
-class ChildBox(amp.AMP):
+class ChildBox(c.PromptAMP):
     """The child's end of its connection to the broker's process."""
 
     def __init__(self, metrics: Metrics | None = None, on_lost: Callable[[], None] | None = None):
@@ -70,9 +69,7 @@ class ChildBox(amp.AMP):
         """Tell the broker's process (and so every other child) a fact, sent at once:
         the answer that hands it to a browser may leave right after."""
         if self.connected:
-            self.callRemote(c.Note, table=table, key=key, value=value)
-            if is_plain_tcp(self.transport):
-                flush_now(self.transport)
+            self.callRemote(c.Note, table=table, key=key, value=value)  # (sent at once)
 
     def lookup(self, table: str, key: str) -> Deferred[str | None]:
         """A fact this child missed, asked of the broker's process (None: unknown)."""

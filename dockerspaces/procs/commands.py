@@ -35,6 +35,7 @@ from ..broker import errors as broker_errors
 from ..broker.errors import BrokerError
 from ..broker.quota import Owner
 from ..spec import JobSpec, SpecError, parse_route
+from ..twistedseam import flush_now, is_plain_tcp
 
 #: the longest value AMP carries in one key
 CHUNK = 0xFFFF
@@ -56,6 +57,19 @@ class BigBytes(amp.Argument):
         """Join the chunks again."""
         n = int(strings[name])
         objects[nativeString(name)] = b"".join(strings[name + b".%d" % i] for i in range(n))
+
+
+class PromptAMP(amp.AMP):
+    """AMP whose every box leaves at once, not at the end of the reactor turn: a lease
+    is on a request's path, and a fact must leave before the answer that hands it to a
+    browser (the UNIX socket is written directly, as the proxy writes its answers)."""
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        """Send ``box`` now."""
+        super().sendBox(box)
+        t = self.transport
+        if is_plain_tcp(t):
+            flush_now(t)
 
 
 class Refused(Exception):
