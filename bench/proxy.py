@@ -9,6 +9,8 @@ In one run, against the same backends on loopback:
   (e) ours     wrk → dockerspaces Proxy.forward in a plain Site → (a)
   (f) app      wrk → the whole dockerspaces process, /host:127.0.0.1:PORT/ route → (a)
                (dispatch, host policy, one request log line and metrics per request)
+  (g) app-w2   (f) with ``--workers 2``: the broker process and two HTTP children
+  (h) app-auto (f) with ``--workers auto`` (one child per core)
 
 plus WebSocket echo round trips (a small Python client, N sequential round trips) direct
 to a ``websockets`` echo server and through (b), (c) and (e) (stock Twisted cannot).
@@ -22,6 +24,14 @@ median of the per-round ratios;
 with two or more cores the proxy under test is pinned to the last core and wrk, the
 backends and the echo server to the others (``--no-pin`` to turn it off), so every
 proxy gets the same one core and the load generator does not take turns with it.
+A ``--workers`` app is pinned as a whole: ``taskset`` before exec, so the broker process
+and every child it spawns share the one core the single process gets (pinned, the
+comparison is of cost on equal CPU; unpinned, of what the extra processes buy).
+
+For the app targets the small-page test also reports the CPU-seconds per request of the
+whole process tree (parent and children, ``/proc`` before and after each wrk run) and
+the ratios app-w2/chp, app-w2/app, app-w2/nginx (and the same for app-auto) per round.
+``--chp2`` runs a second configurable-http-proxy (another version) as target ``chp2``.
 
 Needs wrk, nginx (``apt-get install -y wrk nginx``) and ``npm i -g configurable-http-proxy``.
 The backends and proxies are started here with their own temp configs (no system service).
@@ -34,6 +44,7 @@ The backends and proxies are started here with their own temp configs (no system
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -217,20 +228,31 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live children (an nginx master and its worker)."""
-    total = 0.0
+    """utime + stime of ``pid`` and all its live descendants (an nginx master and its
+    worker; a ``--workers`` app's broker process and its children)."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+                stats[int(entry)] = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
-        if int(entry) == pid or int(fields[1]) == pid:
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        fields = stats.get(p)
+        if fields is not None:
             total += (int(fields[11]) + int(fields[12])) / TICK
+        todo.extend(q for q, f in stats.items() if int(f[1]) == p)
     return total
+
+
+def loadavg() -> str:
+    """The load averages now (``uptime``'s three numbers)."""
+    with open("/proc/loadavg") as f:
+        return "load " + " ".join(f.read().split()[:3])
 
 
 def wrk_cpu(
@@ -305,7 +327,7 @@ def table(title: str, rows: dict[str, tuple[float, float, float]], unit: str = "
     print(f"  {'target':10} {unit:>10} {'p50 ms':>9} {'p99 ms':>9}   ours/target")
     ours = rows.get("ours", (float("nan"),))[0]
     for name, (rps, p50, p99) in rows.items():
-        ratio = "" if name == "ours" else f"{ours / rps:6.2f}x"
+        ratio = "" if name == "ours" or "ours" not in rows else f"{ours / rps:6.2f}x"
         print(f"  {name:10} {rps:10.0f} {p50:9.2f} {p99:9.2f}   {ratio}")
 
 
@@ -319,8 +341,8 @@ def main() -> None:
     ap.add_argument("--tests", default="small,big,ws", help="comma list of small,big,ws")
     ap.add_argument(
         "--targets",
-        default="direct,nginx,chp,twisted,ours,app",
-        help="comma list of direct,nginx,chp,twisted,ours,app",
+        default="direct,nginx,chp,chp2,twisted,ours,app,app-w2,app-auto",
+        help="comma list of direct,nginx,chp,chp2,twisted,ours,app,app-w2,app-auto",
     )
     ap.add_argument(
         "--repeat", type=int, default=1, help="run the 1 MiB test this many times, targets interleaved"
@@ -333,6 +355,7 @@ def main() -> None:
         "medians of req/s and of the per-round ratios are reported",
     )
     ap.add_argument("--chp", help="the configurable-http-proxy to run (default: the one on PATH)")
+    ap.add_argument("--chp2", help="a second configurable-http-proxy (another version), target chp2")
     ap.add_argument(
         "--no-pin", action="store_true", help="do not give the proxy under test a core of its own"
     )
@@ -345,27 +368,33 @@ def main() -> None:
             sys.exit(f"{tool} not found: apt-get install -y wrk nginx")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     chp = args.chp or shutil.which("configurable-http-proxy")
-    if chp:
-        version = subprocess.run(
-            [chp, "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        print(f"configurable-http-proxy {version or '?'} ({chp})")
+    chps = {"chp": chp, "chp2": args.chp2}
+    for label, path in chps.items():
+        if path:
+            version = subprocess.run(
+                [path, "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            print(f"{label}: configurable-http-proxy {version or '?'} ({path})")
     tests = set(args.tests.split(","))
     wanted = set(args.targets.split(","))
 
     tmp = tempfile.mkdtemp(prefix="dsbench-")
     os.chmod(tmp, 0o755)  # nginx workers run as an unprivileged user
     os.makedirs(f"{tmp}/www")
-    with open(f"{tmp}/www/small", "wb") as f:
-        f.write(b"hello from nginx!!\n")  # 19 bytes
-    with open(f"{tmp}/www/big", "wb") as f:
-        f.write(os.urandom(1 << 20))
+    with open(f"{tmp}/www/small", "wb") as out:
+        out.write(b"hello from nginx!!\n")  # 19 bytes
+    with open(f"{tmp}/www/big", "wb") as out:
+        out.write(os.urandom(1 << 20))
 
-    ports = {k: free_port() for k in ("backend", "ws", "nginx", "chp", "chp_api", "twisted", "ours", "app")}
+    apps = {"app": "1", "app-w2": "2", "app-auto": "auto"}  # target -> --workers
+    ports = {
+        k: free_port()
+        for k in ("backend", "ws", "nginx", "chp", "chp_api", "chp2", "chp2_api", "twisted", "ours", *apps)
+    }
     # (f) app: the whole dockerspaces process, its real host: route (routing, request
     # log line, metrics) -- what a deployment runs; "ours" is the bare Proxy.forward.
-    prefixes = {"app": f"/host:127.0.0.1:{ports['backend']}"}
-    ws_prefixes = {"app": f"/host:127.0.0.1:{ports['ws']}"}
+    prefixes = {a: f"/host:127.0.0.1:{ports['backend']}" for a in apps}
+    ws_prefixes = {a: f"/host:127.0.0.1:{ports['ws']}" for a in apps}
     procs = Procs()
     pids: dict[str, int] = {}
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -391,18 +420,20 @@ def main() -> None:
         ours = procs.start(ours_args, env=env, role="proxy")
         pids["ours"] = ours.pid
         targets = {"direct": ports["backend"], "nginx": ports["nginx"]}
-        if chp:
-            pids["chp"] = procs.start(
+        for label, path in chps.items():
+            if not path or label not in wanted:
+                continue
+            pids[label] = procs.start(
                 [
-                    chp,
+                    path,
                     "--ip",
                     "127.0.0.1",
                     "--port",
-                    str(ports["chp"]),
+                    str(ports[label]),
                     "--api-ip",
                     "127.0.0.1",
                     "--api-port",
-                    str(ports["chp_api"]),
+                    str(ports[f"{label}_api"]),
                     "--default-target",
                     f"http://127.0.0.1:{ports['backend']}",
                     "--log-level",
@@ -411,39 +442,48 @@ def main() -> None:
                 env=dict(env, CONFIGPROXY_AUTH_TOKEN="bench"),
                 role="proxy",
             ).pid
-            targets["chp"] = ports["chp"]
-        else:
+            targets[label] = ports[label]
+        if not chp:
             print("configurable-http-proxy not found (npm i -g configurable-http-proxy): skipped")
         targets["twisted"] = ports["twisted"]
         targets["ours"] = ports["ours"]
-        pids["app"] = procs.start(
-            [
-                os.path.join(os.path.dirname(PY), "twistd"),
-                "-n",
-                "--pidfile=",
-                "--logfile",
-                f"{tmp}/app.log",
-                "dockerspaces",
-                "--port",
-                f"tcp:{ports['app']}:interface=127.0.0.1",
-                "--target",
-                "0",
-                "--allow-host",
-                "127.0.0.1",
-                "--instance",
-                "bench-proxy",
-            ],
-            env=env,
-            role="proxy",
-        ).pid
-        targets["app"] = ports["app"]
+        for app, workers in apps.items():
+            if app not in wanted and app != "app":
+                continue
+            # the twistd parent runs under taskset: with --workers its children inherit
+            # the same cores (the whole process group pinned where the single process is)
+            pids[app] = procs.start(
+                [
+                    os.path.join(os.path.dirname(PY), "twistd"),
+                    "-n",
+                    "--pidfile=",
+                    "--logfile",
+                    f"{tmp}/{app}.log",
+                    "dockerspaces",
+                    "--port",
+                    f"tcp:{ports[app]}:interface=127.0.0.1",
+                    "--target",
+                    "0",
+                    "--allow-host",
+                    "127.0.0.1",
+                    "--instance",
+                    f"bench-proxy-{app}",
+                    "--workers",
+                    workers,
+                ],
+                env=env,
+                role="proxy",
+            ).pid
+            targets[app] = ports[app]
         for p in (*targets.values(), ports["ws"]):
             wait_port(p)
-        if chp:
+        for label in chps:
+            if label not in targets:
+                continue
             import urllib.request
 
             req = urllib.request.Request(
-                f"http://127.0.0.1:{ports['chp_api']}/api/routes/ws",
+                f"http://127.0.0.1:{ports[f'{label}_api']}/api/routes/ws",
                 data=f'{{"target": "http://127.0.0.1:{ports["ws"]}"}}'.encode(),
                 headers={"Authorization": "token bench"},
                 method="POST",
@@ -455,10 +495,12 @@ def main() -> None:
             if PIN["proxy"]
             else "no pinning"
         )
-        print(f"proxy bench: {os.cpu_count()} cores ({pin}), wrk -t1, {args.seconds}s per run")
+        print(f"proxy bench: {os.cpu_count()} cores ({pin}), wrk -t1, {args.seconds}s per run; {loadavg()}")
         targets = {k: v for k, v in targets.items() if k in wanted}
         small: dict[str, tuple[float, float, float]] = {}
         small_runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
+        #: CPU-seconds per request of each app's whole process tree, per round
+        small_cpu: dict[str, list[float]] = {k: [] for k in targets if k in apps}
         big: dict[str, tuple[float, float, float]] = {}
         big_cpu: dict[str, dict[str, float]] = {}
         for name, port in targets.items():
@@ -467,9 +509,12 @@ def main() -> None:
             # every other round in reverse order: no target always runs first or last
             order = list(targets.items())
             for name, port in order if i % 2 == 0 else order[::-1]:
-                small_runs[name].append(
-                    wrk(port, prefixes.get(name, "") + "/small", args.seconds, args.connections)
-                )
+                cpu0 = cpu_seconds(pids[name]) if name in small_cpu else 0.0
+                res = wrk(port, prefixes.get(name, "") + "/small", args.seconds, args.connections)
+                small_runs[name].append(res)
+                if name in small_cpu:
+                    small_cpu[name].append((cpu_seconds(pids[name]) - cpu0) / (res[0] * args.seconds))
+            print(f"  small round {i + 1} done; {loadavg()}")
         for name, runs in small_runs.items():
             if runs:
                 small[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))  # type: ignore[assignment]
@@ -479,6 +524,40 @@ def main() -> None:
         def ratio(a: str, b: str) -> float:
             """Median over the rounds of a's req/s over b's in the same round."""
             return statistics.median(x[0] / y[0] for x, y in zip(small_runs[a], small_runs[b]))
+
+        def per_round(a: str, b: str) -> list[float]:
+            """a's req/s over b's, round by round."""
+            return [x[0] / y[0] for x, y in zip(small_runs[a], small_runs[b])]
+
+        if small_cpu.get("app"):
+            print("\n  small page, CPU-µs per request of the app's whole process tree, per round:")
+            for name, cpus in small_cpu.items():
+                rps = [1 / c for c in cpus]  # requests per CPU-second of the tree
+                print(
+                    f"  {name:8} "
+                    + " ".join(f"{c * 1e6:6.0f}" for c in cpus)
+                    + f"   median {statistics.median(cpus) * 1e6:.0f} µs"
+                    + f" = {statistics.median(rps):.0f} req per CPU-second"
+                )
+        multi = [a for a in apps if a != "app" and small_runs.get(a)]
+        if multi and small_runs.get("app"):
+            print("\n  small page, per-round ratios (median last):")
+            for a in multi:
+                for b in ("chp", "chp2", "app", "nginx"):
+                    if small_runs.get(b):
+                        per = per_round(a, b)
+                        print(
+                            f"  {a + '/' + b:16} "
+                            + " ".join(f"{x:5.2f}" for x in per)
+                            + f"   median {statistics.median(per):.2f}x"
+                        )
+                if small_cpu.get(a):
+                    per = [x / y for x, y in zip(small_cpu[a], small_cpu["app"])]
+                    print(
+                        f"  {a + ' CPU/req /app':16} "
+                        + " ".join(f"{x:5.2f}" for x in per)
+                        + f"   median {statistics.median(per):.2f}x"
+                    )
 
         big_runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
         for _ in range(args.repeat if "big" in tests else 0):
@@ -504,6 +583,9 @@ def main() -> None:
             ws_targets["chp"] = ports["chp"]
         ws_targets["ours"] = ports["ours"]
         ws_targets["app"] = ports["app"]
+        for a in apps:
+            if a != "app" and a in targets:
+                ws_targets[a] = ports[a]
         for name, port in ws_targets.items():
             if "ws" in tests and name in wanted:
                 ws[name] = ws_trips(port, args.ws_trips, ws_prefixes.get(name, ""))
@@ -556,6 +638,31 @@ def main() -> None:
                     lambda: big["app"][0] >= big["nginx"][0],
                 )
             )
+        for a in multi:
+            for b in ("chp", "chp2"):
+                if small_runs.get(b):
+                    per = per_round(a, b)
+                    every = all(x >= 1.2 for x in per)
+                    check.append(
+                        (
+                            f"small page: {a} >= 1.2x {b} (median {ratio(a, b):.2f}x, "
+                            f"{'every round' if every else 'NOT every round'}: "
+                            + " ".join(f"{x:.2f}" for x in per)
+                            + ")",
+                            functools.partial(bool, every and ratio(a, b) >= 1.2),
+                        )
+                    )
+            if small_cpu.get(a) and small_cpu.get("app"):
+                per = [x / y for x, y in zip(small_cpu[a], small_cpu["app"])]
+                every = all(x <= 1.10 for x in per)
+                med = statistics.median(per)
+                check.append(
+                    (
+                        f"small page: {a} CPU-s/request <= 1.10x app's (median {med:.2f}x, "
+                        f"{'every round' if every else 'NOT every round'})",
+                        functools.partial(bool, every and med <= 1.10),
+                    )
+                )
         print("\nbars:")
         for text, ok in check:
             print(f"  [{'ok' if ok() else 'MISSED'}] {text}")
