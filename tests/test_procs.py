@@ -35,6 +35,7 @@ from dockerspaces.broker.model import Progress
 from dockerspaces.broker.quota import Owner
 from dockerspaces.config import Config
 from dockerspaces.metrics import Metrics
+from dockerspaces.procs import childside
 from dockerspaces.procs import commands as c
 from dockerspaces.procs import pool as poolmod
 from dockerspaces.procs.brokerside import MAX_FACTS, NOTE_GRACE, BrokerBox, Hub
@@ -971,3 +972,90 @@ class PoolRestartTests(SynchronousTestCase):
         self.assertEqual(self.relayed[:3], ["one", "two", "thr"])
         self.successResultOf(proc.ended)
         self.assertEqual(self.delays(), [1.0])
+
+
+# -- parked x: leases ------------------------------------------------------------------------
+
+
+class ParkTests(SynchronousTestCase):
+    """A child keeps an x: lease LINGER seconds after its request; the broker takes it
+    back at once when another child asks for that key or when a request has to wait."""
+
+    def child(self, w: Wire) -> Child:
+        """A child whose RemoteBroker parks (it has a clock)."""
+        ch = w.connect()
+        ch.broker = RemoteBroker(ch.box, w.h.clock)
+        return ch
+
+    def served(self, w: Wire, ch: Child, segment: str) -> RemoteLease:
+        lease = self.successResultOf(w.acquire(ch, segment))
+        w.h.clock.advance(0)
+        w.flush()
+        return lease
+
+    def test_parked_lease_serves_the_next_request_without_asking(self) -> None:
+        w = Wire(slots=1)
+        one = self.child(w)
+        first = self.served(w, one, A)
+        first.release()
+        w.flush()
+        self.assertEqual(w.h.broker.state.leases, 1)  # still held: parked
+        again = self.successResultOf(one.broker.acquire(spec(A)))
+        self.assertIs(again, first)
+        self.assertEqual(one.broker.joined, 1)
+        again.release()
+        w.h.clock.advance(childside.LINGER)
+        w.flush()
+        self.assertEqual(w.h.broker.state.leases, 0)
+        self.assertEqual(w.h.starts(), 1)
+
+    def test_another_child_gets_the_parked_container(self) -> None:
+        """No second container: the parked lease comes back before the broker looks."""
+        w = Wire(slots=2)
+        one, two = self.child(w), self.child(w)
+        first = self.served(w, one, A)
+        first.release()
+        w.flush()
+        second = self.served(w, two, A)
+        self.assertEqual(second.container_id, first.container_id)
+        self.assertEqual(w.h.starts(), 1)
+        self.assertEqual(one.broker.parked, {})
+        self.assertEqual(w.h.broker.state.leases, 1)
+
+    def test_a_lease_in_use_is_not_given_back_until_its_request_ends(self) -> None:
+        w = Wire(slots=1)
+        one, two = self.child(w), self.child(w)
+        first = self.served(w, one, A)
+        waiting = w.acquire(two, A)
+        self.assertNoResult(waiting)
+        first.release()  # asked back while in use: not parked, released
+        w.flush()
+        self.assertEqual(self.successResultOf(waiting).container_id, first.container_id)
+        self.assertEqual(one.broker.parked, {})
+
+    def test_a_waiting_request_takes_back_parked_leases_of_other_keys(self) -> None:
+        """One slot: the parked A container is evicted for B at once, not after LINGER."""
+        w = Wire(slots=1)
+        one, two = self.child(w), self.child(w)
+        first = self.served(w, one, A)
+        first.release()
+        w.flush()
+        waiting = w.acquire(two, B)
+        w.h.clock.advance(0)
+        w.flush()
+        w.h.clock.advance(0)
+        w.flush()
+        self.assertEqual(one.broker.parked, {})
+        self.assertEqual(self.successResultOf(waiting).display, spec(B).display)
+
+    def test_a_draining_child_gives_parked_leases_back(self) -> None:
+        w = Wire(slots=1)
+        one = self.child(w)
+        self.served(w, one, A).release()
+        w.flush()
+        self.assertFalse(one.broker.idle)
+        done = one.broker.when_idle()
+        one.broker.give_back_idle()
+        w.flush()
+        self.successResultOf(done)
+        self.assertEqual(w.h.broker.state.leases, 0)

@@ -103,8 +103,22 @@ class ChildOverAmpTests(SynchronousTestCase):
         p.dataReceived(OK)
         self.assertTrue(t.value().endswith(b"\r\n\r\nok"))
         self.settle()
+        self.assertEqual(self.broker.state.leases, 1)  # parked for the next request
+        self.reactor.advance(childside.LINGER)
+        self.settle()
         self.assertEqual(self.broker.state.leases, 0)
         self.assertTrue(self.remote.idle)
+
+    def test_next_x_request_takes_the_parked_lease(self) -> None:
+        """Sequential x: requests of one child: one Acquire crosses, not two."""
+        for _ in range(2):
+            t = self.request(X)
+            self.backends[-1][0].dataReceived(OK)
+            self.assertTrue(t.value().endswith(b"ok"))
+            self.settle()
+        self.assertEqual(self.remote.joined, 1)
+        self.assertEqual(self.hub.messages, 1)  # one lease handed out, none released yet
+        self.assertEqual(self.engine.starts, 1)
 
     def test_y_requests_share_the_childs_lease(self) -> None:
         """The second y: request joins the share: no round trip, one broker lease;

@@ -57,6 +57,7 @@ class Hub:
     boxes: list[BrokerBox] = field(factory=list)
     tables: dict[str, OrderedDict[str, str]] = field(factory=lambda: {t: OrderedDict() for t in TABLES})
     _push: Any = None  # the pending Containers push (one per reactor turn)
+    _revoking: bool = False
     #: leases handed out and asks answered, for tests and the benchmark's message count
     messages: int = 0
 
@@ -107,6 +108,33 @@ class Hub:
             return succeed(value)
         return deferLater(self.clock, NOTE_GRACE, self.lookup, table, key)
 
+    def revoke_key(self, key: str, asker: BrokerBox) -> Deferred[None] | None:
+        """Other children's leases of ``key`` asked back (the parked ones come back);
+        None when no other child holds one."""
+        ds = [
+            b.revoke(lease_id)
+            for b in self.boxes
+            if b is not asker
+            for lease_id, k in list(b.keys.items())
+            if k == key
+        ]
+        if not ds:
+            return None
+        return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    def revoke_idle(self) -> None:
+        """A request waits: every child gives back what it keeps unused (one round at
+        a time)."""
+        if self._revoking:
+            return
+        ds = [b.revoke(lease_id) for b in self.boxes for lease_id in list(b.leases)]
+        if ds:
+            self._revoking = True
+            DeferredList(ds, consumeErrors=True).addBoth(self._revoked)
+
+    def _revoked(self, _: object) -> None:
+        self._revoking = False
+
     def containers_changed(self) -> None:
         """The broker's containers changed: tell every child once this turn ends."""
         if self._push is None or not self._push.active():
@@ -155,6 +183,7 @@ class BrokerBox(c.PromptAMP):
         super().__init__()
         self.hub, self.index = hub, index
         self.leases: dict[int, Lease] = {}
+        self.keys: dict[int, str] = {}  # each lease's key
         self.asks: dict[int, Deferred[Any]] = {}
         self._next = 0
         self.connected = False
@@ -175,6 +204,7 @@ class BrokerBox(c.PromptAMP):
             self.hub.boxes.remove(self)
         asks, self.asks = self.asks, {}
         leases, self.leases = self.leases, {}
+        self.keys = {}
         for d in asks.values():
             d.cancel()
         for lease in leases.values():
@@ -190,16 +220,17 @@ class BrokerBox(c.PromptAMP):
 
     # -- leases --------------------------------------------------------------------
 
-    def _answer(self, ask: int, d: Deferred[Lease]) -> Deferred[dict[str, Any]]:
+    def _answer(self, ask: int, d: Deferred[Lease], key: str) -> Deferred[dict[str, Any]]:
         self.asks[ask] = d
 
         def got(lease: Lease) -> dict[str, Any]:
             self.asks.pop(ask, None)
             if not self.connected:  # answered as the child went: back at once
                 lease.release()
-                raise CancelledError()
+                raise c.Refused(c.refusal(CancelledError("the child is gone"), 499))
             self._next += 1
             self.leases[self._next] = lease
+            self.keys[self._next] = key
             self.hub.messages += 1
             return {
                 "lease": self._next,
@@ -230,8 +261,18 @@ class BrokerBox(c.PromptAMP):
             cb = self.hub.board.callback(board)
         elif progress:
             cb = self._progress(ask)
-        d = maybeDeferred(self.hub.broker.acquire, c.spec_of(segment), progress=cb, owner=c.owner_of(owner))
-        return self._answer(ask, d)
+        spec, who = c.spec_of(segment), c.owner_of(owner)
+
+        def go(_: object = None) -> Deferred[Lease]:
+            d = self.hub.broker.acquire(spec, progress=cb, owner=who)
+            if not d.called:  # it waits: leases parked anywhere come back
+                self.hub.revoke_idle()
+            return d
+
+        # another child's parked x: lease of this key comes back first (else the broker
+        # would see that container busy and start another)
+        first = self.hub.revoke_key(spec.key, self) if spec.mode == "x" else None
+        return self._answer(ask, maybeDeferred(go) if first is None else first.addCallback(go), spec.key)
 
     def _progress(self, ask: int) -> Callable[[Progress], None]:
         def push(p: Progress) -> None:
@@ -248,18 +289,43 @@ class BrokerBox(c.PromptAMP):
 
         return push
 
+    def revoke(self, lease_id: int) -> Deferred[None]:
+        """Ask the child for ``lease_id`` back; released here when it was parked.
+        Fires once answered (or at once: no such lease, or no child)."""
+        done: Deferred[None] = Deferred()
+        if not self.connected or lease_id not in self.leases:
+            done.callback(None)
+            return done
+
+        def answered(r: dict[str, bool]) -> None:
+            if r["given"]:
+                held = self.leases.pop(lease_id, None)
+                self.keys.pop(lease_id, None)
+                if held is not None:
+                    held.release()
+
+        def finish(_: object) -> None:
+            if not done.called:
+                done.callback(None)
+
+        asked = self.callRemote(c.Revoke, lease=lease_id).addCallback(answered)
+        asked.addErrback(lambda f: log.debug("revoke: {e}", e=f.getErrorMessage())).addBoth(finish)
+        return done
+
     @c.Retry.responder
     def retry(self, ask: int, lease: int, failed: bool) -> Deferred[Any]:
         """``lease.retry(failed)``."""
         held = self.leases.pop(lease, None)
+        key = self.keys.pop(lease, "")
         if held is None:
             raise c.Refused(c.refusal(c.RemoteError("no such lease"), 503))
-        return self._answer(ask, maybeDeferred(held.retry, failed))
+        return self._answer(ask, maybeDeferred(held.retry, failed), key)
 
     @c.Release.responder
     def release(self, lease: int, failed: bool) -> dict[str, Any]:
         """``lease.release()`` / ``lease.failed()``."""
         held = self.leases.pop(lease, None)
+        self.keys.pop(lease, None)
         self.hub.messages += 1
         if held is not None:
             if failed:

@@ -51,6 +51,8 @@ class ChildBox(c.PromptAMP):
         self.views: list[ContainerView] = []
         #: told the ids of the containers still serving after every push
         self.on_containers: Callable[[set[str]], None] | None = None
+        #: asked by the broker to give a lease back (``RemoteBroker.revoke``)
+        self.on_revoke: Callable[[int], bool] | None = None
         self.connected = False
 
     def connectionMade(self) -> None:
@@ -81,6 +83,11 @@ class ChildBox(c.PromptAMP):
     def take(self, table: str, key: str) -> Deferred[str | None]:
         """A fact taken from the broker's process (a ticket: used once)."""
         return self.lookup(table, key)
+
+    @c.Revoke.responder
+    def got_revoke(self, lease: int) -> dict[str, bool]:
+        """The broker wants a lease back."""
+        return {"given": self.on_revoke is not None and self.on_revoke(lease)}
 
     @c.Progress.responder
     def got_progress(
@@ -146,12 +153,18 @@ class RemoteLease:
     container_id: str
     queued_for: float
     released: bool = False
+    #: an x: lease kept for the next request of the same key and owner (else None)
+    key: tuple[str, Owner | None] | None = None
+    timer: Any = field(default=None, repr=False)
 
     def release(self) -> None:
-        """Give the container back (idempotent)."""
+        """Give the container back (idempotent); an x: lease is parked first."""
         if not self.released:
             self.released = True
-            self.broker.give_back(self, False)
+            if self.key is not None:
+                self.broker.park(self)
+            else:
+                self.broker.give_back(self, False)
 
     def failed(self) -> None:
         """Give it back as crashed (refused or reset before answering)."""
@@ -180,10 +193,13 @@ class RemoteLease:
         return self.broker.ask(c.Retry, lease=self.id, failed=failed)
 
 
-#: seconds a child keeps a y: lease after its last request on it ends, so that the
-#: next request for that warm shared container needs no round trip (the broker sees
-#: the container busy that much longer: eviction waits at most this)
-Y_LINGER = 0.5
+#: seconds a child keeps a lease after its request ended (an x: lease parked, a y:
+#: share unused), so that its next request for that warm container needs no round
+#: trip. The broker sees the container busy meanwhile; it takes a parked lease back at
+#: once (:class:`~.commands.Revoke`) when another child asks for that key or when a
+#: request has to wait, so only an idle container's eviction can wait this long.
+LINGER = 0.5
+Y_LINGER = LINGER
 
 
 @define(eq=False)
@@ -308,15 +324,21 @@ class RemoteBroker:
     """The broker, one AMP message away (see module)."""
 
     box: ChildBox
-    #: for y: shares (None: every request asks the broker's process)
+    #: for parked x: leases and y: shares (None: every request asks the broker's process)
     clock: Any = None
     held: set[int] = field(factory=set)
     asks: dict[int, Deferred[Any]] = field(factory=dict)
     shares: dict[tuple[str, Owner | None], Share] = field(factory=dict)
+    parked: dict[tuple[str, Owner | None], RemoteLease] = field(factory=dict)
+    #: leases in use the broker asked back: given back when their request ends
+    revoked: set[int] = field(factory=set)
     #: requests answered from a share, without a round trip (tests, benchmarks)
     joined: int = 0
     _next: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.box.on_revoke = self.revoke
 
     def acquire(
         self,
@@ -326,6 +348,16 @@ class RemoteBroker:
     ) -> Deferred[Any]:
         """A lease on a container for ``spec`` (see ``Broker.acquire``). A y: request
         joins this child's share of a warm container when it has one (no round trip)."""
+        if spec.mode == "x" and not spec.worker and self.clock is not None:
+            key = (spec.key, owner)
+            lease = self.parked.pop(key, None)
+            if lease is not None:
+                if lease.timer is not None and lease.timer.active():
+                    lease.timer.cancel()
+                lease.timer, lease.released, lease.queued_for = None, False, 0.0
+                self.joined += 1
+                return succeed(lease)
+            return self._acquire(spec, progress, owner).addCallback(self._parkable, key)
         if spec.mode == "y" and self.clock is not None:
             share = self.shares.get((spec.key, owner))
             if share is not None and not share.dead:
@@ -364,6 +396,57 @@ class RemoteBroker:
     def containers(self) -> list[ContainerView]:
         """The broker's containers as last told (spec, display, state, owner, users)."""
         return self.box.views
+
+    # -- parked x: leases --------------------------------------------------------------
+
+    @staticmethod
+    def _parkable(lease: RemoteLease, key: tuple[str, Owner | None]) -> RemoteLease:
+        lease.key = key
+        return lease
+
+    def park(self, lease: RemoteLease) -> None:
+        """Keep ``lease`` :data:`LINGER` s for the next request of its key (given back
+        at once when asked back, or when one is parked already)."""
+        key = lease.key
+        if key is None or lease.id in self.revoked or key in self.parked or not self.box.connected:
+            self.revoked.discard(lease.id)
+            self.give_back(lease, False)
+            return
+        self.parked[key] = lease
+        lease.timer = self.clock.callLater(LINGER, self._unpark, lease)
+
+    def _unpark(self, lease: RemoteLease) -> None:
+        lease.timer = None
+        if lease.key is not None and self.parked.get(lease.key) is lease:
+            del self.parked[lease.key]
+            self.give_back(lease, False)
+
+    def revoke(self, lease_id: int) -> bool:
+        """The broker wants ``lease_id`` back: True when it was parked or an unused
+        share (now the broker's: no Release follows), else False (in use: it goes
+        back when its request ends; unknown: already on its way)."""
+        for key, lease in list(self.parked.items()):
+            if lease.id == lease_id:
+                del self.parked[key]
+                if lease.timer is not None and lease.timer.active():
+                    lease.timer.cancel()
+                lease.timer = None
+                self.held.discard(lease_id)
+                self._maybe_idle()
+                return True
+        for share in list(self.shares.values()):
+            if share.lease.id == lease_id:
+                self.unshare(share)
+                if share.users == 0:
+                    share.lease.released = True
+                    self.held.discard(lease_id)
+                    self._maybe_idle()
+                    return True
+                share.dead = True  # nobody joins; given back when its requests end
+                return False
+        if lease_id in self.held:
+            self.revoked.add(lease_id)
+        return False
 
     # -- y: shares -------------------------------------------------------------------
 
@@ -407,7 +490,10 @@ class RemoteBroker:
             share.lease.release()
 
     def give_back_idle(self) -> None:
-        """Release every share no request uses (a draining child)."""
+        """Release every parked lease and every share no request uses (a draining
+        child)."""
+        for lease in list(self.parked.values()):
+            self._unpark(lease)
         for share in list(self.shares.values()):
             if share.users == 0:
                 self.unshare(share)
@@ -416,6 +502,9 @@ class RemoteBroker:
     def containers_changed(self, serving: set[str]) -> None:
         """The broker's containers now (ids of the ones still serving): a share of
         any other container is dead (nobody joins; given back once unused)."""
+        for lease in list(self.parked.values()):
+            if lease.container_id not in serving:
+                self._unpark(lease)
         for share in list(self.shares.values()):
             if share.lease.container_id not in serving:
                 share.dead = True
@@ -506,6 +595,7 @@ class RemoteBroker:
     def give_back(self, lease: RemoteLease, failed: bool) -> None:
         """Release ``lease`` (``failed``: as crashed)."""
         self.held.discard(lease.id)
+        self.revoked.discard(lease.id)
         if self.box.connected:
             self.box.callRemote(c.Release, lease=lease.id, failed=failed)
         self._maybe_idle()

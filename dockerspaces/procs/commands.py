@@ -148,6 +148,15 @@ class DiedBefore(amp.Command):
     response = [(b"died", amp.Boolean())]
 
 
+class Revoke(amp.Command):
+    """Give ``lease`` back if no request uses it (broker → child): ``given`` True when
+    it was parked (kept after its request, :data:`~.childside.LINGER`) and is now the
+    broker's to hand on; False when in use (it comes back when its request ends)."""
+
+    arguments = [(b"lease", amp.Integer())]
+    response = [(b"given", amp.Boolean())]
+
+
 class Progress(amp.Command):
     """A waiting request's progress (broker → child)."""
 

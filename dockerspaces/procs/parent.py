@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
+from twisted.python.logfile import BaseLogFile
 
 from ..config import Config
 from ..web.pages import ProgressBoard, WaitingRoom
@@ -39,6 +40,20 @@ def relay_to(observer: Any) -> Callable[[str], None]:
 
         return write
     return lambda line: log.info("{line}", line=line)
+
+
+def shared_log_fd(observer: Any) -> int | None:
+    """The file descriptor children may write their log lines to themselves: this
+    process's log output when it is a plain stream (stdout, a journal); None for a
+    file twistd rotates (``--logfile``: lines go through this process) or no stream."""
+    out = getattr(getattr(observer, "writer", None), "out", None) or getattr(observer, "out", None)
+    if out is None or isinstance(out, BaseLogFile):
+        return None
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) else None
 
 
 class RunDir(Service):
@@ -90,6 +105,7 @@ def build_parent(config: Config, reactor: Any, top: MultiService, core: Core) ->
         engines=tuple(core.watched),
         has_slots=core.has_slots,
         relay=relay_to(core.observer),
+        log_fd=shared_log_fd(core.observer),
     )
     pool.setServiceParent(top)
     return pool

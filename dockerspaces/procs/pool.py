@@ -4,10 +4,12 @@ children that adopt those sockets, and keeps N running.
 The parent listens with the endpoint the ``--port`` description names and never
 accepts (the port stops reading at once); each child gets the sockets' file
 descriptors, a UNIX socket pair to the broker (AMP, :mod:`.brokerside`) and its
-:class:`ChildPlan` (pickled, on its stdin). A child's log lines come back on its
-stdout and go into this process's log as they are. A child that exits while running
-is replaced (at once when it lived a while, else after a growing delay); the
-listening sockets stay open meanwhile, so connections wait in their backlog.
+:class:`ChildPlan` (pickled, on its stdin). A child writes its log lines itself to
+this process's log stream when that is a plain stream (stdout, a journal); with a
+file twistd rotates they come back on a pipe and this process writes them as they are.
+A child that exits while running is replaced (at once when it lived a while, else
+after a growing delay); the listening sockets stay open meanwhile, so connections
+wait in their backlog.
 Stopping sends every child SIGTERM (each stops accepting and drains its requests)
 and waits for them to exit before the broker drains.
 """
@@ -135,11 +137,15 @@ class WorkerPool(Service):
         engines: tuple[str, ...],
         has_slots: bool,
         relay: Callable[[str], None],
+        log_fd: int | None = None,
         argv: list[str] | None = None,
     ):
         self.config, self.reactor, self.hub, self.count = config, reactor, hub, count
         self.monitor, self.cookie_key, self.engines, self.has_slots = monitor, cookie_key, engines, has_slots
         self.relay = relay
+        #: children write their log lines to this fd themselves (None: on a pipe to
+        #: ``relay``, this process writing them)
+        self.log_fd = log_fd
         self.argv = argv or [sys.executable, "-m", "dockerspaces.procs.child"]
         self.ports: list[tuple[str, IListeningPort]] = []
         self.children: dict[int, ChildProcess] = {}
@@ -188,7 +194,12 @@ class WorkerPool(Service):
         """Start child ``index``."""
         self._timers.pop(index, None)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds: dict[int, Any] = {0: "w", 1: "r", 2: 2, AMP_FD: theirs.fileno()}
+        fds: dict[int, Any] = {
+            0: "w",
+            1: "r" if self.log_fd is None else self.log_fd,
+            2: 2,
+            AMP_FD: theirs.fileno(),
+        }
         ports = []
         for n, (desc, p) in enumerate(self.ports):
             fd = AMP_FD + 1 + n
