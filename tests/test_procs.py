@@ -968,8 +968,13 @@ class PoolRestartTests(SynchronousTestCase):
         proc.childDataReceived(1, b"one\ntw")
         proc.childDataReceived(1, b"o\nthr")
         self.assertEqual(self.relayed, ["one", "two"])
+        proc.childDataReceived(1, b"")  # nothing whole: nothing relayed
+        self.assertEqual(self.relayed, ["one", "two"])
         proc.processEnded(self.killed())
         self.assertEqual(self.relayed[:3], ["one", "two", "thr"])
+        many = self.child(1)
+        many.childDataReceived(1, b"a\nb\nc")  # the whole lines of a chunk in one piece
+        self.assertEqual(self.relayed[3:], ["a\nb"])
         self.successResultOf(proc.ended)
         self.assertEqual(self.delays(), [1.0])
 

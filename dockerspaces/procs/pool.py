@@ -106,12 +106,14 @@ class ChildProcess(ProcessProtocol):
         self.pid = self.transport.pid  # type: ignore[union-attr]
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        """Its stdout: whole log lines, relayed."""
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            if line:
-                self.pool.relay(line.decode("utf-8", "replace"))
+        """Its stdout: the whole log lines in ``data``, relayed in one piece."""
+        buf = self._buf + data
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self._buf = buf
+            return
+        self._buf = buf[end + 1 :]
+        self.pool.relay(buf[:end].decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
         """Exited: the pool decides what next."""
