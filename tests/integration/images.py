@@ -510,7 +510,13 @@ def _ensure_on_pybase(tag: str, body: str, files: dict[str, str], timeout: int =
         return tag
     from .test_dockerfile import ensure_pybase  # lazily: that module imports this one
 
-    base = ensure_pybase()
+    return _ensure_from(ensure_pybase(), tag, body, files, timeout)
+
+
+def _ensure_from(base: str, tag: str, body: str, files: dict[str, str], timeout: int = 300) -> str:
+    """Build ``tag`` ``FROM`` the local image ``base`` with Dockerfile lines ``body`` and
+    the context ``files`` unless present and current (its hash covers the base's id,
+    the Dockerfile and the files; builds are serialised across processes)."""
     client = docker_client(timeout=timeout)
     try:
         base_id = client.inspect_image(base)["Id"]
@@ -521,7 +527,7 @@ def _ensure_on_pybase(tag: str, body: str, files: dict[str, str], timeout: int =
             fcntl.flock(lockf, fcntl.LOCK_EX)
             try:
                 if _current_hash(client, tag) != digest:
-                    context = tempfile.mkdtemp(prefix="ds-test-pybase-image-")
+                    context = tempfile.mkdtemp(prefix="ds-test-image-")
                     try:
                         for name, text in files.items():
                             with open(os.path.join(context, name), "w") as f:
@@ -574,29 +580,9 @@ def ensure_busy_image() -> str:
     if BUSY in _done:
         return BUSY
     ensure_test_images(WEB)
-    dockerfile = (
-        f"FROM {WEB}\nCOPY cgi-busy /www/cgi-bin/busy\n"
+    body = (
+        "COPY cgi-busy /www/cgi-bin/busy\n"
         'RUN ["/bin/busybox", "chmod", "755", "/www/cgi-bin/busy"]\n'
-        f"ENV DS_IMAGE={BUSY}\n" + _LABELS
+        f"ENV DS_IMAGE={BUSY}\n"
     )
-    client = docker_client(timeout=300)
-    try:
-        base_id = client.inspect_image(WEB)["Id"]
-        digest = hashlib.sha256((base_id + dockerfile + _CGI_BUSY).encode()).hexdigest()[:16]
-        with open(_LOCK_PATH, "a") as lockf:
-            fcntl.flock(lockf, fcntl.LOCK_EX)
-            try:
-                if _current_hash(client, BUSY) != digest:
-                    context = tempfile.mkdtemp(prefix="ds-test-busy-image-")
-                    try:
-                        with open(os.path.join(context, "cgi-busy"), "w") as f:
-                            f.write(_CGI_BUSY)
-                        _build(client, context, BUSY, digest, dockerfile)
-                    finally:
-                        shutil.rmtree(context, ignore_errors=True)
-            finally:
-                fcntl.flock(lockf, fcntl.LOCK_UN)
-    finally:
-        client.close()
-    _done.add(BUSY)
-    return BUSY
+    return _ensure_from(WEB, BUSY, body, {"cgi-busy": _CGI_BUSY})
