@@ -35,7 +35,6 @@ amp
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import shutil
 import socket
@@ -47,6 +46,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import proxy
+from bench.dispatch import latencies
 from tests.integration.images import TTS, ensure_test_images
 from tests.integration.procs import Server
 
@@ -100,24 +100,6 @@ class PinnedServer(Server):
 
     def argv(self) -> list[str]:
         return proxy._pinned("proxy", super().argv())
-
-
-def latencies(port: int, path: str, n: int) -> list[float]:
-    """n sequential GETs on one keep-alive connection; seconds each."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    out = []
-    try:
-        for _ in range(n):
-            t = time.perf_counter()
-            conn.request("GET", path, headers={"Host": "bench"})
-            r = conn.getresponse()
-            r.read()
-            if r.status != 200:
-                raise RuntimeError(f":{port}{path}: {r.status}")
-            out.append(time.perf_counter() - t)
-    finally:
-        conn.close()
-    return out
 
 
 def dispatch(args: argparse.Namespace) -> bool:
