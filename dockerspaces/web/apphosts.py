@@ -99,11 +99,14 @@ class AppHosts:
         label = app_label(spec)
         if self.noted is not None and label not in self._labels:
             self.noted("app", label, spec.segment())
+        self._keep(label, spec)
+        return label
+
+    def _keep(self, label: str, spec: JobSpec) -> None:
         self._labels[label] = spec
         self._labels.move_to_end(label)
         while len(self._labels) > MAX_LABELS:
             self._labels.popitem(last=False)
-        return label
 
     def lookup(self, label: str) -> JobSpec | None:
         """The key a label names: one handed out, else one of the broker's containers'."""
@@ -119,9 +122,7 @@ class AppHosts:
     def learn(self, label: str, spec: JobSpec) -> None:
         """Hold a label another process handed out."""
         if label not in self._labels:
-            self._labels[label] = spec
-            while len(self._labels) > MAX_LABELS:
-                self._labels.popitem(last=False)
+            self._keep(label, spec)
 
     def label_of(self, host: bytes | None) -> str | None:
         """The label when ``host`` (a ``Host`` header) is ``LABEL.DOMAIN`` (one label,
@@ -141,16 +142,12 @@ class AppHosts:
     def note(self, request: Request, spec: JobSpec) -> None:
         """Remember how this request reached us (scheme and ``Host``) for ``spec``'s key:
         the public URL a container of it is told when it starts."""
-        origins = self._origins
-        if len(origins) >= MAX_ORIGINS:
-            origins.clear()
-        origin = (request.isSecure(), request.requestHeaders.getRawHeaders(b"host", [None])[0])
-        if self.noted is not None and origins.get(spec.key) != origin:
-            host = origin[1]
+        secure, host = request.isSecure(), request.requestHeaders.getRawHeaders(b"host", [None])[0]
+        if self.noted is not None and self._origins.get(spec.key) != (secure, host):
             self.noted(
-                "origin", spec.key, json.dumps([origin[0], None if host is None else host.decode("latin-1")])
+                "origin", spec.key, json.dumps([secure, None if host is None else host.decode("latin-1")])
             )
-        origins[spec.key] = origin
+        self.set_origin(spec.key, secure, host)
 
     def set_origin(self, key: str, secure: bool, host: bytes | None) -> None:
         """What :meth:`note` remembers, for ``key`` (noted in a ``--workers`` child)."""
