@@ -52,11 +52,7 @@ class RouteCookies:
                 return None
             mac = hmac.new(self.key, segment.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()[:16]
             ref = base64.urlsafe_b64encode(mac).rstrip(b"=")
-            while len(self._table) >= self.size:
-                _, old = self._table.popitem(last=False)
-                self._refs.pop(old, None)
-            self._table[ref] = segment
-            self._refs[segment] = ref
+            self._keep(ref, segment)
             if self.noted is not None:
                 self.noted("route", ref.decode("ascii"), segment)
         else:
@@ -65,8 +61,10 @@ class RouteCookies:
 
     def learn(self, ref: bytes, segment: str) -> None:
         """Hold a reference another process made (same key: same reference)."""
-        if len(segment) > MAX_SEGMENT or ref in self._table:
-            return
+        if len(segment) <= MAX_SEGMENT and ref not in self._table:
+            self._keep(ref, segment)
+
+    def _keep(self, ref: bytes, segment: str) -> None:
         while len(self._table) >= self.size:
             _, old = self._table.popitem(last=False)
             self._refs.pop(old, None)
