@@ -67,7 +67,15 @@ class AdoptedPort(Service):
         """Stop accepting (the parent's copy stays open for the other children)."""
         super().stopService()
         port, self.port = self.port, None
-        return None if port is None else port.stopListening()  # type: ignore[return-value]
+        if port is None:
+            return None
+        if self.family == socket.AF_UNIX:
+            # not stopListening: it would unlink the path, which the parent and the
+            # other children still serve (the parent removes it last)
+            port.stopReading()  # type: ignore[attr-defined]
+            port.socket.close()  # type: ignore[attr-defined]
+            return None
+        return port.stopListening()  # type: ignore[return-value]
 
 
 class Drain(Service):
@@ -188,9 +196,16 @@ def main() -> None:
             r.stop()
 
     box.on_lost = lost
+
+    def stop_once(signum: int, frame: object) -> None:
+        # the parent's SIGTERM; a repeated one (a whole process group signalled as
+        # well) must not stop a reactor that is stopping already
+        r.callFromThread(lambda: None if stopping else r.stop())
+
+    signal.signal(signal.SIGTERM, stop_once)
     r.callWhenRunning(top.startService)
     r.addSystemEventTrigger("before", "shutdown", top.stopService)
-    r.run()
+    r.run(installSignalHandlers=False)
 
 
 if __name__ == "__main__":

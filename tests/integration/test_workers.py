@@ -310,3 +310,55 @@ class Metrics(WorkersTestCase):
             if s.name == "dockerspaces_requests_total" and s.labels == {"kind": "x", "status": "200"}
         ]
         self.assertEqual(x200, [float(n)], text.decode()[:2000])
+
+
+class TlsAndUnixListeners(WorkersTestCase):
+    """The children adopt an ``ssl:`` and a ``unix:`` listener too; a stopping child
+    leaves the UNIX socket's path to the parent, which removes it last."""
+
+    def setUp(self) -> None:
+        ensure_test_images(WEB)
+
+    def test_tls_and_unix(self) -> None:
+        import shutil
+        import ssl
+        import tempfile
+
+        from .dockerutil import free_port
+        from .test_proxy import make_certs
+
+        tmp = tempfile.mkdtemp(prefix="ds-workers-tls-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        certs = make_certs(tmp)
+        tls_port = free_port()
+        path = os.path.join(tmp, "ds.sock")
+        srv = self.server(
+            "--port",
+            f"ssl:{tls_port}:privateKey={certs['key']}:certKey={certs['cert']}:interface=127.0.0.1",
+            "--port",
+            f"unix:{path}",
+            slots=1,
+        )
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        ctx.check_hostname = False
+        for _ in range(4):  # new connections: either child may take them
+            conn = http.client.HTTPSConnection("127.0.0.1", tls_port, context=ctx, timeout=30)
+            conn.request("GET", WEB_KEY + "/index.html")
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            r.read()
+            conn.close()
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(b"GET /monitor:health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            s.close()
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:200])
+        code = srv.stop()
+        self.assertIn(code, (0, -signal.SIGTERM))
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn("Traceback", srv.output())
