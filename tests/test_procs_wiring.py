@@ -122,7 +122,7 @@ class ChildOverAmpTests(SynchronousTestCase):
 
     def test_y_requests_share_the_childs_lease(self) -> None:
         """The second y: request joins the share: no round trip, one broker lease;
-        the lease goes back Y_LINGER seconds after the last request."""
+        the lease goes back LINGER seconds after the last request."""
         t1 = self.request(Y)
         t2 = self.request(Y)
         self.assertEqual(self.remote.joined, 1)
@@ -133,7 +133,7 @@ class ChildOverAmpTests(SynchronousTestCase):
         self.assertTrue(t2.value().endswith(b"ok"))
         self.settle()
         self.assertEqual(self.broker.state.leases, 1)  # lingering
-        self.reactor.advance(childside.Y_LINGER)
+        self.reactor.advance(childside.LINGER)
         self.settle()
         self.assertEqual(self.broker.state.leases, 0)
 

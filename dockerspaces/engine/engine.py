@@ -31,7 +31,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import docker.errors  # type: ignore[import-untyped]
 from docker.types import DeviceRequest  # type: ignore[import-untyped]
@@ -415,12 +415,23 @@ def networks_sync(client: DockerClient) -> list[NetworkInfo]:
     return [network_from_docker(n) for n in client.networks() or []]
 
 
-class EngineService(Service):
-    """Owns an :class:`Engine`'s thread pool: starts it, and stops it without hanging."""
+class PoolOwner(Protocol):
+    """What owns a Docker pool: an :class:`Engine`, or a swarm's manager."""
 
-    def __init__(self, engine: Engine) -> None:
+    def start_pool(self) -> None:
+        """Start the pool (and its event thread or poller)."""
+
+    def shutdown(self) -> Deferred[None]:
+        """Close streams, then stop the pool (bounded)."""
+
+
+class EngineService(Service):
+    """Owns an engine's thread pool (any :class:`PoolOwner`, named ``name``, default
+    ``engine-NAME``): starts it, and stops it without hanging."""
+
+    def __init__(self, engine: PoolOwner, name: str | None = None) -> None:
         self.engine = engine
-        self.setName(f"engine-{engine.name}")
+        self.setName(name if name is not None else f"engine-{cast(Engine, engine).name}")
 
     def startService(self) -> None:
         """Start the engine's pool (and its event thread when watched)."""

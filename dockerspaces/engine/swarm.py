@@ -56,7 +56,6 @@ from docker.types import (  # type: ignore[import-untyped]
     TaskTemplate,
 )
 from docker.utils import parse_bytes  # type: ignore[import-untyped]
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -67,7 +66,7 @@ from ..config import HostConfig
 from ..spec import JobSpec
 from .adopt import owned_from_docker
 from .auth import RegistryAuth, registry_of
-from .engine import WORKER_SETTLE, networks_sync, ping_sync
+from .engine import WORKER_SETTLE, EngineService, networks_sync, ping_sync
 from .errors import explanation, is_not_found, pull_error, status_of
 from .events import docker_time
 from .interface import (
@@ -549,23 +548,13 @@ class SwarmManager:
                     log.failure("swarm event delivery failed")
 
 
-class SwarmManagerService(Service):
+class SwarmManagerService(EngineService):
     """Owns a :class:`SwarmManager`'s pool and poller: starts them, stops them without
-    hanging."""
+    hanging (as an engine's service does)."""
 
     def __init__(self, manager: SwarmManager) -> None:
+        super().__init__(manager, "swarm-manager")
         self.manager = manager
-        self.setName("swarm-manager")
-
-    def startService(self) -> None:
-        """Start the pool and the task poller."""
-        super().startService()
-        self.manager.start_pool()
-
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        """Stop the poller, then the pool (bounded)."""
-        super().stopService()
-        return self.manager.shutdown()
 
 
 # --------------------------------------------------------------------------- a node

@@ -199,7 +199,6 @@ class RemoteLease:
 #: once (:class:`~.commands.Revoke`) when another child asks for that key or when a
 #: request has to wait, so only an idle container's eviction can wait this long.
 LINGER = 0.5
-Y_LINGER = LINGER
 
 
 @define(eq=False)
@@ -332,7 +331,7 @@ class RemoteBroker:
     parked: dict[tuple[str, Owner | None], RemoteLease] = field(factory=dict)
     #: leases in use the broker asked back: given back when their request ends
     revoked: set[int] = field(factory=set)
-    #: requests answered from a share, without a round trip (tests, benchmarks)
+    #: requests answered from a parked lease or a share, without a round trip
     joined: int = 0
     _next: int = 0
     _idle_waiters: list[Deferred[None]] = field(factory=list)
@@ -468,7 +467,7 @@ class RemoteBroker:
 
     def leave(self, share: Share, failed: bool = False) -> None:
         """A request is done with ``share``; the lease goes back after
-        :data:`Y_LINGER` s without one (at once when failed or gone)."""
+        :data:`LINGER` s without one (at once when failed or gone)."""
         share.users -= 1
         if failed:
             share.dead = True
@@ -481,7 +480,7 @@ class RemoteBroker:
             self.unshare(share)
             share.lease.release()
             return
-        share.timer = self.clock.callLater(Y_LINGER, self._expire, share)
+        share.timer = self.clock.callLater(LINGER, self._expire, share)
 
     def _expire(self, share: Share) -> None:
         share.timer = None
